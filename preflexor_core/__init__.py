@@ -1,0 +1,16 @@
+"""preflexor: PRefLexOR (arXiv 2410.12375) from scratch on torch + triton.
+
+Public entry points: ``Llama``, ``ModelConfig``, ``Tokenizer``. See DESIGN/README for the rest.
+"""
+from .config import ModelConfig
+from .model import Llama
+
+__all__ = ["Llama", "ModelConfig", "Tokenizer"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name == "Tokenizer":
+        from .tokenizer import Tokenizer
+        return Tokenizer
+    raise AttributeError(f"module 'preflexor_core' has no attribute {name!r}")

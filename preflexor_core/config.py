@@ -1,0 +1,198 @@
+"""Model configuration: a kw_only dataclass mirroring HF ``LlamaConfig``.
+
+``ModelConfig.from_hf_dict`` / ``to_hf_dict`` round-trip a transformers ``config.json``
+for ``LlamaForCausalLM``; ``ModelConfig.preset(name)`` returns a named preset
+(exact names only: "tiny", "small", "llama-3.2-3b").
+
+    >>> cfg = ModelConfig.preset("llama-3.2-3b"); cfg.num_parameters()
+    3212749824
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+SUPPORTED_ROPE_TYPES = ("default", "llama3")
+
+# Token ids of the special tokens that ``Tokenizer.train_bpe`` places first in its vocabulary.
+# The tiny and small presets use these ids; real checkpoints bring their own in config.json.
+TRAINED_BOS_ID = 0   # <|begin_of_text|>
+TRAINED_EOS_ID = 1   # <|end_of_text|>
+TRAINED_EOT_ID = 4   # <|eot_id|>
+
+
+class ConfigError(ValueError):
+    """A config.json (or a preset name) that this package cannot honour."""
+
+
+@dataclass(kw_only=True)
+class ModelConfig:
+    """Llama architecture hyper-parameters (same names and meaning as HF ``LlamaConfig``)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_hidden_layers: int = 32
+    num_attention_heads: int = 32
+    num_key_value_heads: int | None = None     # None -> num_attention_heads (MHA)
+    head_dim: int | None = None                # None -> hidden_size // num_attention_heads
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None           # None or {"rope_type": "llama3", "factor", "low_freq_factor", ...}
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False
+    mlp_bias: bool = False
+    hidden_act: str = "silu"
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    torch_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        # Derived fields, computed once.
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ConfigError(
+                    f"hidden_size={self.hidden_size} is not divisible by num_attention_heads="
+                    f"{self.num_attention_heads}; set head_dim explicitly")
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads={self.num_attention_heads} must be a multiple of "
+                f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+        if self.hidden_act != "silu":
+            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Llama uses 'silu')")
+        if self.rope_scaling is not None:
+            rs = dict(self.rope_scaling)
+            rtype = rs.get("rope_type", rs.get("type", "default"))
+            if rtype not in SUPPORTED_ROPE_TYPES:
+                raise ConfigError(
+                    f"rope_scaling type {rtype!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+            if rtype == "llama3":
+                for key in ("factor", "low_freq_factor", "high_freq_factor",
+                            "original_max_position_embeddings"):
+                    if key not in rs:
+                        raise ConfigError(f"rope_scaling of type 'llama3' is missing key {key!r}")
+            rs["rope_type"] = rtype
+            rs.pop("type", None)
+            self.rope_scaling = rs if rtype != "default" else None
+
+    # ----------------------------------------------------------------- derived
+    @property
+    def num_kv_groups(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    def num_parameters(self) -> int:
+        """Exact parameter count of ``Llama(self)`` (no allocation)."""
+        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
+        q = self.num_attention_heads * self.head_dim
+        kv = self.num_key_value_heads * self.head_dim
+        attn = h * q + 2 * h * kv + q * h
+        if self.attention_bias:
+            attn += q + 2 * kv + h
+        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
+        layer = attn + mlp + 2 * h
+        head = 0 if self.tie_word_embeddings else v * h
+        return v * h + self.num_hidden_layers * layer + h + head
+
+    # ------------------------------------------------------------- HF round trip
+    _HF_ONLY_KEYS = ("architectures", "model_type", "transformers_version", "attention_dropout",
+                     "pretraining_tp", "use_cache", "_name_or_path", "dtype")
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
+        """Build from a transformers ``LlamaConfig`` dict; ``source`` names the file in errors."""
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        if d.get("model_type", "llama") != "llama" or not any(a == "LlamaForCausalLM" for a in archs):
+            raise ConfigError(
+                f"{source}: unsupported architecture model_type={d.get('model_type')!r} "
+                f"architectures={archs}; only Llama (LlamaForCausalLM) checkpoints are supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
+            kwargs["torch_dtype"] = d["dtype"]
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"{source}: pretraining_tp={d['pretraining_tp']} is not supported (use 1)")
+        try:
+            return cls(**kwargs)
+        except ConfigError as e:
+            raise ConfigError(f"{source}: {e}") from None
+        except TypeError as e:
+            raise ConfigError(f"{source}: {e}") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_dropout=0.0,
+                 pretraining_tp=1, use_cache=True)
+        if d["rope_scaling"] is None:
+            d.pop("rope_scaling")
+        return d
+
+    @classmethod
+    def from_json_file(cls, path: str) -> "ModelConfig":
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path}: config.json not found; a Llama checkpoint directory needs one")
+        try:
+            with open(path, encoding="utf-8") as f:
+                d = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_hf_dict(d, source=path)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n"
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ----------------------------------------------------------------- presets
+    @classmethod
+    def preset(cls, name: str) -> "ModelConfig":
+        """A named preset, looked up by exact name."""
+        if name not in PRESETS:
+            raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+        return cls(**PRESETS[name])
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        return sorted(PRESETS)
+
+
+_LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # Trains on 2 CPU cores in minutes; vocabulary from Tokenizer.train_bpe(vocab_size=4096).
+    "tiny": dict(vocab_size=4096, hidden_size=128, intermediate_size=384, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                 max_position_embeddings=1024, tie_word_embeddings=True,
+                 bos_token_id=TRAINED_BOS_ID, eos_token_id=[TRAINED_EOS_ID, TRAINED_EOT_ID],
+                 pad_token_id=TRAINED_EOS_ID),
+    # ~41M parameters.
+    "small": dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=8,
+                  num_attention_heads=8, num_key_value_heads=4, rms_norm_eps=1e-5, rope_theta=500000.0,
+                  max_position_embeddings=2048, tie_word_embeddings=True,
+                  bos_token_id=TRAINED_BOS_ID, eos_token_id=[TRAINED_EOS_ID, TRAINED_EOT_ID],
+                  pad_token_id=TRAINED_EOS_ID),
+    # The exact Llama-3.2-3B(-Instruct) shape: 3,212,749,824 parameters.
+    "llama-3.2-3b": dict(vocab_size=128256, hidden_size=3072, intermediate_size=8192, num_hidden_layers=28,
+                         num_attention_heads=24, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+                         rope_theta=500000.0, rope_scaling=dict(_LLAMA3_ROPE), max_position_embeddings=131072,
+                         tie_word_embeddings=True, bos_token_id=128000,
+                         eos_token_id=[128001, 128008, 128009], pad_token_id=None, torch_dtype="bfloat16"),
+}

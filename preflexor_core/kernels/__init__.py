@@ -1,0 +1,1 @@
+"""Kernel dispatch (filled in by the kernels module)."""
