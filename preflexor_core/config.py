@@ -124,6 +124,13 @@ class ModelConfig:
                 f"architectures={archs}; only Llama (LlamaForCausalLM) checkpoints are supported")
         names = {f.name for f in dataclasses.fields(cls)}
         kwargs = {k: v for k, v in d.items() if k in names}
+        rp = d.get("rope_parameters")          # newer transformers: theta + scaling in one dict
+        if isinstance(rp, dict):
+            rp = dict(rp)
+            if "rope_theta" in rp:
+                kwargs["rope_theta"] = rp.pop("rope_theta")
+            rtype = rp.get("rope_type", rp.get("type", "default"))
+            kwargs["rope_scaling"] = None if rtype == "default" else rp
         if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
             kwargs["torch_dtype"] = d["dtype"]
         if d.get("pretraining_tp", 1) not in (1, None):
