@@ -167,6 +167,14 @@ def build_attention_mask(attention_mask: torch.Tensor | None, T: int, S: int, of
     return allowed[:, None]                                              # (B, 1, T, S)
 
 
+def packed_causal_mask(cu_seqlens: torch.Tensor, T: int, device=None) -> torch.Tensor:
+    """Block-diagonal causal (1, 1, T, T) mask for sequences packed at boundaries ``cu_seqlens``."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seg = torch.bucketize(torch.arange(T, device=device), cu[1:-1], right=True)         # (T,)
+    pos = torch.arange(T, device=device)
+    return ((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None]))[None, None]
+
+
 class Llama(nn.Module):
     """Llama causal LM. ``Llama(cfg, device="meta")`` builds without allocating weights."""
 
@@ -214,12 +222,15 @@ class Llama(nn.Module):
     # -- forward ------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, return_hidden: bool = False,
-                kv_cache=None, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+                kv_cache=None, attn_mask: torch.Tensor | None = None,
+                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or final hidden (B, T, H) with ``return_hidden``.
 
         attention_mask: (B, T) 1 for real tokens, 0 for padding (right or left).
         position_ids:   (B, T); defaults to 0..T-1 (correct for right padding).
         kv_cache / attn_mask: used by the sampler; attn_mask is an explicit (B, 1, T, S) bool mask.
+        cu_seqlens:     (S + 1,) boundaries of sequences packed into one row (B = 1): each attends
+                        causally within its own segment only (pass position_ids restarting per segment).
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
@@ -228,8 +239,13 @@ class Llama(nn.Module):
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, H)
         cos, sin = self.rotary(position_ids, x.dtype)                                  # (B, T, D)
-        mask = attn_mask if attn_mask is not None else build_attention_mask(
-            attention_mask, T, T, device=input_ids.device)
+        if cu_seqlens is not None:
+            if B != 1:
+                raise ValueError(f"cu_seqlens needs all sequences packed into one row (batch 1); got batch {B}")
+            mask = packed_causal_mask(cu_seqlens, T, input_ids.device)
+        else:
+            mask = attn_mask if attn_mask is not None else build_attention_mask(
+                attention_mask, T, T, device=input_ids.device)
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
                 x = checkpoint(layer, x, cos, sin, mask, True, kv_cache, use_reentrant=False)
