@@ -1,0 +1,234 @@
+"""Preference-optimisation losses and masked sequence log-probabilities.
+
+What is here
+    IGNORE_INDEX                       the one label value that means "not scored" (-100)
+    logps_from_hidden(hidden, W, lab)  per-token log p(label) from final hidden states (shift applied)
+    sequence_logps(model, ids, labels) per-sequence summed (or mean) log-probs + token counts
+    orpo_loss(...)                     odds-ratio penalty of ORPO (Hong et al. 2024)
+    dpo_loss(...)                      DPO (sigmoid), IPO, hinge and EXO (pairwise) losses
+    log1mexp(x)                        stable log(1 - exp(x)) for x < 0
+    thinking_mask, thinking_mask_batch, UnclosedThinking   re-exported from ``masks.py``
+
+Label convention (used everywhere in the package): ``labels`` are *aligned to input_ids*
+(``labels[b, t]`` is either ``input_ids[b, t]`` or IGNORE_INDEX for prompt / padding /
+masked thinking). The causal shift happens here, in ``logps_from_hidden``: the hidden state
+at position t scores the label at position t + 1, so the label at position 0 is never scored.
+
+The formulas match TRL's ``ORPOTrainer`` / ``DPOTrainer`` (same inputs, same outputs); the
+code is independent.
+
+References
+    ORPO: J. Hong, N. Lee, J. Thorne, "ORPO: Monolithic Preference Optimization without
+          Reference Model", 2024 (arXiv 2403.07691).
+    DPO:  R. Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly
+          a Reward Model", NeurIPS 2023 (arXiv 2305.18290).
+    IPO:  M. G. Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
+          Preferences", 2023 (arXiv 2310.12036).
+    EXO:  H. Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
+          ICML 2024 (arXiv 2402.00856).
+
+Tests: ``python -m pytest -q tests/test_losses.py``
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+IGNORE_INDEX = -100
+
+DPO_LOSS_TYPES = ("sigmoid", "exo_pair", "ipo", "hinge")
+
+# Upper clamp for ORPO's mean log-probs: log(1 - exp(x)) diverges at x = 0 (a sequence scored with
+# probability 1, which fp32 log-softmax can return). -1e-12 is far below the resolution of fp32
+# log-probs, so every value a model can meaningfully produce passes through unchanged.
+ORPO_MAX_LOGP = -1e-12
+
+__all__ = [
+    "IGNORE_INDEX", "DPO_LOSS_TYPES", "ORPO_MAX_LOGP", "log1mexp", "logps_from_hidden",
+    "sequence_logps", "orpo_loss", "dpo_loss",
+    "thinking_mask", "thinking_mask_batch", "UnclosedThinking",
+]
+
+
+# ----------------------------------------------------------------------------- log-probs
+def _naive_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
+    """FALLBACK ONLY (used while ``kernels.linear_logprobs`` is unavailable): full fp32 logits,
+    log-softmax, gather. hidden (N, H), weight (V, H), labels (N,) -> (N,) fp32, 0 where ignored."""
+    logp = torch.log_softmax(hidden.float() @ weight.float().t(), dim=-1)            # (N, V)
+    valid = labels != ignore_index
+    picked = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)  # (N,)
+    return torch.where(valid, picked, picked.new_zeros(()))
+
+
+def _linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX):
+    try:
+        from .kernels import linear_logprobs
+    except ImportError:
+        linear_logprobs = _naive_linear_logprobs   # FALLBACK: fused kernel not importable
+    return linear_logprobs(hidden, weight, labels, ignore_index=ignore_index)
+
+
+def logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-token log-probs of the *shifted* labels.
+
+    hidden (B, T, H) final (normed) hidden states, weight (V, H) LM-head weight, labels (B, T)
+    aligned to input_ids. Returns (B, T - 1) fp32 where entry t = log p(labels[:, t + 1] |
+    tokens <= t), and 0 where that label is IGNORE_INDEX. Only labelled rows are sent to the
+    log-prob kernel, so prompt tokens cost nothing beyond the forward pass.
+    """
+    if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
+        raise ValueError(f"logps_from_hidden: expected hidden (B, T, H) and labels (B, T) with the same "
+                         f"(B, T); got hidden {tuple(hidden.shape)} and labels {tuple(labels.shape)}")
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[2]:
+        raise ValueError(f"logps_from_hidden: weight must be (V, H={hidden.shape[2]}); got {tuple(weight.shape)}")
+    h = hidden[:, :-1]                                   # (B, T-1, H) position t predicts t+1
+    lab = labels[:, 1:].to(hidden.device)                # (B, T-1)
+    valid = lab != IGNORE_INDEX                          # (B, T-1)
+    out = torch.zeros(lab.shape, dtype=torch.float32, device=hidden.device)
+    if bool(valid.any()):
+        lp = _linear_logprobs(h[valid], weight, lab[valid], ignore_index=IGNORE_INDEX)   # (N,)
+        out = out.masked_scatter(valid, lp.float())
+    return out
+
+
+def _unwrap(model):
+    """The bare Llama under DDP-style wrappers (which expose it as ``.module``)."""
+    return getattr(model, "module", model)
+
+
+def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None,
+                   average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence log-probs of the labelled tokens.
+
+    input_ids, labels: (B, T), labels aligned to input_ids (IGNORE_INDEX on prompt, padding and
+    masked thinking); attention_mask (B, T) 1 = real token. Positions where attention_mask is 0 are
+    never scored, whatever their label. Returns ``(logps, counts)``: logps (B,) fp32 = sum over
+    scored tokens of log p (or the mean when ``average``; 0 for a sequence with no scored token),
+    counts (B,) int64 = number of scored tokens.
+    """
+    if input_ids.shape != labels.shape:
+        raise ValueError(f"sequence_logps: input_ids {tuple(input_ids.shape)} and labels "
+                         f"{tuple(labels.shape)} must have the same shape (labels aligned to input_ids)")
+    if attention_mask is not None:
+        labels = labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
+    hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)    # (B, T, H)
+    tok = logps_from_hidden(hidden, _unwrap(model).output_weight, labels)            # (B, T-1)
+    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).to(tok.device)                  # (B,)
+    total = tok.sum(-1)
+    if average:
+        total = total / counts.clamp(min=1)
+    return total, counts
+
+
+# ----------------------------------------------------------------------------- ORPO
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, accurate everywhere (Maechler 2012): log(-expm1(x)) for
+    x > -ln 2, log1p(-exp(x)) otherwise. Returns -inf at x = 0 and NaN for x > 0; callers clamp."""
+    small = x > -math.log(2.0)
+    # Evaluate each branch on a safe argument so the unused branch never produces NaN gradients.
+    a = torch.log(-torch.expm1(torch.where(small, x, torch.full_like(x, -1.0))))
+    b = torch.log1p(-torch.exp(torch.where(small, torch.full_like(x, -1.0), x)))
+    return torch.where(small, a, b)
+
+
+def _as_float(x: torch.Tensor) -> torch.Tensor:
+    """Upcast to fp32 (keep fp64 if given)."""
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def orpo_loss(chosen_logps: torch.Tensor, rejected_logps: torch.Tensor, beta: float
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ORPO odds-ratio penalty (Hong et al. 2024, arXiv 2403.07691, eq. 6-7).
+
+    Inputs are per-sequence MEAN log-probs of the completion, c = log P(y_w|x), r = log P(y_l|x)
+    (each < 0). With odds(p) = p / (1 - p):
+
+        log_odds = log odds(c) - log odds(r) = (c - r) - (log(1 - e^c) - log(1 - e^r))
+        losses   = -beta * log sigmoid(log_odds)              (per example)
+        rewards  = beta * c,  beta * r                        (detached)
+
+    The full ORPO objective is ``nll_chosen + losses.mean()`` (nll_chosen = the usual mean token
+    cross-entropy of the chosen completion); this is TRL's ORPOTrainer math. Inputs are clamped
+    to <= ORPO_MAX_LOGP so a sequence of probability ~1 gives finite values and gradients.
+
+    Returns (losses, chosen_rewards, rejected_rewards, log_odds), all (B,) fp32.
+    """
+    if chosen_logps.shape != rejected_logps.shape:
+        raise ValueError(f"orpo_loss: chosen_logps {tuple(chosen_logps.shape)} and rejected_logps "
+                         f"{tuple(rejected_logps.shape)} must have the same shape")
+    c = _as_float(chosen_logps).clamp(max=ORPO_MAX_LOGP)
+    r = _as_float(rejected_logps).clamp(max=ORPO_MAX_LOGP)
+    log_odds = (c - r) - (log1mexp(c) - log1mexp(r))
+    losses = -beta * F.logsigmoid(log_odds)
+    chosen_rewards = (beta * _as_float(chosen_logps)).detach()
+    rejected_rewards = (beta * _as_float(rejected_logps)).detach()
+    return losses, chosen_rewards, rejected_rewards, log_odds
+
+
+# ----------------------------------------------------------------------------- DPO family
+def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
+             ref_chosen: torch.Tensor, ref_rejected: torch.Tensor, beta: float,
+             loss_type: str = "sigmoid", label_smoothing: float = 0.0
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DPO-family pairwise losses on SUMMED sequence log-probs (TRL's DPOTrainer math).
+
+    With h = (pc - pr) - (rc - rr) (policy log-ratio minus reference log-ratio), z = beta * h,
+    ls = label_smoothing:
+
+        sigmoid  (DPO, Rafailov et al. 2023; conservative DPO when ls > 0):
+                 -(1 - ls) * log sigmoid(z) - ls * log sigmoid(-z)
+        ipo      (IPO, Azar et al. 2023):  (h - 1 / (2 beta))^2
+        hinge    (SLiC-style):             relu(1 - z)
+        exo_pair (EXO, Ji et al. 2024, pairwise form, eps = ls in (0, 1)):
+                 sigmoid(z) (log sigmoid(z) - log(1 - eps)) + sigmoid(-z) (log sigmoid(-z) - log eps)
+                 i.e. KL(p_theta || p_target) between the policy's 2-way preference distribution
+                 and the eps-smoothed label distribution.
+
+    Rewards: chosen = beta * (pc - rc), rejected = beta * (pr - rr), detached.
+    Returns (losses, chosen_rewards, rejected_rewards), all (B,) fp32.
+    """
+    if loss_type not in DPO_LOSS_TYPES:
+        raise ValueError(f"dpo_loss: unknown loss_type {loss_type!r}; valid: {', '.join(DPO_LOSS_TYPES)}")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"dpo_loss: label_smoothing must be in [0, 1); got {label_smoothing}")
+    if loss_type == "exo_pair" and not 0.0 < label_smoothing < 1.0:
+        raise ValueError("dpo_loss: loss_type='exo_pair' needs label_smoothing (the EXO epsilon) in (0, 1), "
+                         f"got {label_smoothing}; the PRefLexOR recipe uses 5e-3")
+    if loss_type == "ipo" and beta <= 0:
+        raise ValueError(f"dpo_loss: loss_type='ipo' needs beta > 0 (target margin 1/(2 beta)); got {beta}")
+    shapes = {tuple(t.shape) for t in (policy_chosen, policy_rejected, ref_chosen, ref_rejected)}
+    if len(shapes) != 1:
+        raise ValueError(f"dpo_loss: all four log-prob tensors must have the same shape; got {sorted(shapes)}")
+    pc, pr = _as_float(policy_chosen), _as_float(policy_rejected)
+    rc, rr = _as_float(ref_chosen).detach(), _as_float(ref_rejected).detach()
+    h = (pc - pr) - (rc - rr)
+    z = beta * h
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(z) * (1.0 - label_smoothing) - F.logsigmoid(-z) * label_smoothing
+    elif loss_type == "hinge":
+        losses = torch.relu(1.0 - z)
+    elif loss_type == "ipo":
+        losses = (h - 1.0 / (2.0 * beta)) ** 2
+    else:  # exo_pair
+        eps = label_smoothing
+        losses = (torch.sigmoid(z) * (F.logsigmoid(z) - math.log1p(-eps))
+                  + torch.sigmoid(-z) * (F.logsigmoid(-z) - math.log(eps)))
+    chosen_rewards = (beta * (pc - rc)).detach()
+    rejected_rewards = (beta * (pr - rr)).detach()
+    return losses, chosen_rewards, rejected_rewards
+
+
+# ----------------------------------------------------------------------------- masks (masks.py)
+_MASK_NAMES = ("thinking_mask", "thinking_mask_batch", "UnclosedThinking", "find_thinking_spans")
+
+
+def __getattr__(name):
+    # Lazy re-export: masks.py imports IGNORE_INDEX from here, so importing it eagerly would be circular.
+    if name in _MASK_NAMES:
+        from . import masks
+        return getattr(masks, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
