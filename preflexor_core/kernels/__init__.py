@@ -1,1 +1,129 @@
-"""Kernel dispatch (filled in by the kernels module)."""
+"""Kernel dispatch: one public function per fused op, picking Triton or torch.
+
+Ops: ``flash_attention`` (and ``flash_attention_varlen`` for packed sequences) and
+``linear_logprobs``. Path selection, per call:
+
+- ``PREFLEXOR_KERNELS=reference`` -> torch: naive attention (``reference.attention_reference``) and the
+  chunked log-probs (``reference.linear_logprobs_chunked``).
+- ``PREFLEXOR_KERNELS=triton`` -> the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``
+  (the interpreter, for tests), otherwise it is an error rather than a silent change of path.
+- unset / ``auto`` / ``csrc`` (these ops have no csrc kernel) -> Triton when the tensors are on CUDA
+  and triton imports, else torch.
+
+The active path is logged once per (op, path) on the ``preflexor.kernels`` logger. Inputs are
+validated here with specific messages, whichever path runs. Kernels: FlashAttention-2 (Dao 2023).
+Tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_logprobs.py -q``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from . import _checks
+from .reference import (IGNORE_INDEX, attention_reference, attention_varlen_reference,
+                        linear_logprobs_chunked)
+
+__all__ = ["flash_attention", "flash_attention_varlen", "linear_logprobs", "active_path", "IGNORE_INDEX"]
+
+logger = logging.getLogger("preflexor.kernels")
+_logged: set[tuple[str, str]] = set()
+
+
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except Exception:  # pragma: no cover - depends on the install
+        return False
+    return True
+
+
+def active_path(op: str, device: torch.device) -> str:
+    """"triton" or "reference" for ``op`` on ``device`` under the current environment."""
+    forced = os.environ.get("PREFLEXOR_KERNELS", "").strip().lower()
+    if forced not in ("", "auto", "csrc", "reference", "triton"):
+        raise ValueError(f"PREFLEXOR_KERNELS={forced!r} is not one of reference|triton|csrc|auto")
+    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    if forced == "reference":
+        path = "reference"
+    elif forced == "triton":
+        if not _triton_importable():
+            raise RuntimeError(f"{op}: PREFLEXOR_KERNELS=triton but triton does not import; install triton "
+                               "or set PREFLEXOR_KERNELS=reference")
+        if device.type != "cuda" and not interpret:
+            raise RuntimeError(f"{op}: PREFLEXOR_KERNELS=triton with tensors on {device}; Triton runs on CPU "
+                               "only in its interpreter (set TRITON_INTERPRET=1 before importing triton)")
+        path = "triton"
+    else:
+        path = "triton" if device.type == "cuda" and _triton_importable() else "reference"
+    if (op, path) not in _logged:
+        _logged.add((op, path))
+        detail = {"triton": "Triton kernel" + (" (interpreter)" if device.type != "cuda" else ""),
+                  "reference": "torch reference" if op.startswith("flash") else "chunked torch"}[path]
+        logger.info("%s: using the %s path on %s (PREFLEXOR_KERNELS=%s)", op, detail, device.type,
+                    forced or "auto")
+    return path
+
+
+def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
+                    sm_scale: float | None = None, key_lengths: torch.Tensor | None = None,
+                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, *,
+                    block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """softmax(q k^T * sm_scale) v, differentiable in q, k, v.
+
+    q [B, Hq, T, D], k/v [B, Hkv, S, D], Hq % Hkv == 0 (GQA: query head h uses kv head h // (Hq/Hkv)).
+    ``sm_scale`` defaults to 1/sqrt(D). ``key_lengths`` [B]: keys >= length are masked (right
+    padding / per-row KV-cache length). Causal alignment is bottom-right: with L_k valid keys and
+    L_q valid queries (L_q = L_k when key_lengths is given and T == S, i.e. right-padded
+    self-attention; else T), query i sits at key position i + L_k - L_q (T == S: query i sees keys
+    0..i; decode with T new tokens at the end of an L_k-token cache: query i sits at L_k - T + i).
+    Padded query rows i >= L_q and
+    rows that see no key return zeros. With ``cu_seqlens`` the inputs are packed [total, H, D]
+    (see ``flash_attention_varlen``). ``block_m`` / ``block_n`` override the Triton tile sizes.
+    """
+    if cu_seqlens is not None:
+        if key_lengths is not None:
+            raise ValueError("flash_attention: pass either key_lengths (padded [B, H, T, D] inputs) or "
+                             "cu_seqlens (packed [total, H, D] inputs), not both")
+        return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale,
+                                      block_m=block_m, block_n=block_n)
+    path = active_path("flash_attention", q.device)
+    _checks.check_attention(q, k, v, key_lengths, triton=path == "triton")
+    if path == "reference":
+        return attention_reference(q, k, v, causal, sm_scale, key_lengths)
+    from .attention import flash_attention as _triton_flash
+    return _triton_flash(q, k, v, causal, sm_scale, key_lengths, None, None, block_m, block_n)
+
+
+def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
+                           max_seqlen: int, causal: bool = True, sm_scale: float | None = None, *,
+                           block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
+    """Attention over packed sequences: q [total, Hq, D], k/v [total, Hkv, D]; sequence i occupies
+    rows cu_seqlens[i]:cu_seqlens[i+1] (int32, [nseq + 1]); ``max_seqlen`` >= the longest one.
+    Sequences never attend to each other; ``causal`` is per sequence. Returns [total, Hq, D]."""
+    path = active_path("flash_attention", q.device)
+    _checks.check_attention_varlen(q, k, v, cu_seqlens, max_seqlen, triton=path == "triton")
+    if path == "reference":
+        return attention_varlen_reference(q, k, v, cu_seqlens, causal, sm_scale)
+    from .attention import flash_attention as _triton_flash
+    return _triton_flash(q, k, v, causal, sm_scale, None, cu_seqlens, int(max_seqlen), block_m, block_n)
+
+
+def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                    ignore_index: int = IGNORE_INDEX, *, chunk_rows: int | None = None) -> torch.Tensor:
+    """log softmax(hidden @ weight^T)[label] per row, fp32 [N] (fp64 for fp64 inputs on the torch path;
+    0 where labels == ignore_index),
+    differentiable in hidden and weight, without materialising the [N, V] logits.
+
+    hidden [N, H], weight [V, H] (same dtype), labels [N] integer. ``chunk_rows`` sets the rows per
+    recomputed chunk (default: <= 1024 rows and <= 128 MiB of fp32 logits per chunk)."""
+    _checks.check_linear_logprobs(hidden, weight, labels, ignore_index)
+    path = active_path("linear_logprobs", hidden.device)
+    if path == "triton" and hidden.dtype == torch.float64:
+        raise ValueError("linear_logprobs: the Triton kernel takes fp16/bf16/fp32, got float64 "
+                         "(use PREFLEXOR_KERNELS=reference for float64)")
+    if path == "reference":
+        return linear_logprobs_chunked(hidden, weight, labels, ignore_index, chunk_rows)
+    from .logprobs import linear_logprobs as _triton_logprobs
+    return _triton_logprobs(hidden, weight, labels, ignore_index, chunk_rows)

@@ -1,0 +1,211 @@
+"""Fused linear + log-softmax + gather in Triton: log p(label) without the [N, V] logits.
+
+``linear_logprobs(hidden [N, H], weight [V, H], labels [N])`` returns fp32 ``log p(label)`` per row
+(0 where ``labels == ignore_index``), the quantity the ORPO / DPO losses sum per sequence.
+
+Forward: one program per (token block, vocab split) computes logit tiles hidden_blk @ weight_blk^T
+(fp32 accumulation over H blocks) and keeps an online log-sum-exp over its vocab blocks (the trick of
+FlashAttention, Dao et al. 2022 / FlashAttention-2, Dao 2023, applied to the vocab axis) plus the
+label's logit; the few vocab splits are merged with a logsumexp over [splits, N] in torch.
+Backward: for each token chunk (``chunk_rows`` rows) a kernel recomputes the logit tiles and writes
+grad_logits = g * (onehot(label) - exp(logit - lse)) into a [chunk, V] buffer (input dtype); then
+grad_hidden[chunk] = grad_logits @ W and grad_W += grad_logits^T @ hidden[chunk] (fp32 accumulator
+when the GEMM backend supports fp32 output, as cuBLAS does). Peak extra memory: one [chunk, V]
+buffer, never [N, V]. Saved for backward: hidden, weight, labels, lse [N].
+
+The CPU production path is ``reference.linear_logprobs_chunked`` (same chunking, torch only).
+Run the tests: ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels_logprobs.py -q``;
+memory / speed: ``make bench``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import chunk_rows_for
+
+LOG2E = 1.4426950408889634
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# ----------------------------------------------------------------------------- kernels
+@triton.jit
+def _logit_tile(H, W, offs_n, offs_v, n_ok, v_ok, HID, stride_hn, stride_wv,
+                BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr):
+    """fp32 [BLOCK_N, BLOCK_V] tile of hidden @ weight^T."""
+    acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
+    offs_h = tl.arange(0, BLOCK_H)
+    for h0 in range(0, HID, BLOCK_H):
+        cols = h0 + offs_h
+        h_ok = cols < HID
+        hb = tl.load(H + offs_n[:, None] * stride_hn + cols[None, :], mask=n_ok[:, None] & h_ok[None, :], other=0.0)
+        wb = tl.load(W + offs_v[:, None] * stride_wv + cols[None, :], mask=v_ok[:, None] & h_ok[None, :], other=0.0)
+        acc = tl.dot(hb, tl.trans(wb), acc)
+    return acc
+
+
+@triton.jit
+def _linear_logprobs_fwd_kernel(
+    H, W, LABELS, MAX, SUMEXP, TARGET,
+    N, V, HID, V_PER_SPLIT, stride_hn, stride_wv,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """Per (token block, vocab split): running max, running sum of exp (log2 units) and label logit."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    n_ok = offs_n < N
+    labels = tl.load(LABELS + offs_n, mask=n_ok, other=-1)
+    v_lo = pid_s * V_PER_SPLIT
+    v_hi = tl.minimum(V, v_lo + V_PER_SPLIT)
+    m_i = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    s_i = tl.zeros([BLOCK_N], dtype=tl.float32)
+    tgt = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for v0 in range(v_lo, v_hi, BLOCK_V):
+        offs_v = v0 + tl.arange(0, BLOCK_V)
+        v_ok = offs_v < v_hi
+        logits = _logit_tile(H, W, offs_n, offs_v, n_ok, v_ok, HID, stride_hn, stride_wv,
+                             BLOCK_N, BLOCK_V, BLOCK_H)
+        tgt += tl.sum(tl.where(offs_v[None, :] == labels[:, None], logits, 0.0), 1)
+        z = tl.where(v_ok[None, :], logits * 1.4426950408889634, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(z, 1))                  # finite: every tile has a valid column
+        s_i = s_i * tl.math.exp2(m_i - m_new) + tl.sum(tl.math.exp2(z - m_new[:, None]), 1)
+        m_i = m_new
+    out = pid_s * N + offs_n
+    tl.store(MAX + out, m_i, mask=n_ok)
+    tl.store(SUMEXP + out, s_i, mask=n_ok)
+    tl.store(TARGET + out, tgt, mask=n_ok)
+
+
+@triton.jit
+def _linear_logprobs_bwd_kernel(
+    H, W, LABELS, LSE, G, GRAD_LOGITS,
+    N, V, HID, stride_hn, stride_wv, stride_gn,
+    BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """grad_logits tile = g * (onehot(label) - exp(logit - lse)); g is 0 on ignored rows."""
+    pid_n = tl.program_id(0)
+    pid_v = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_v = pid_v * BLOCK_V + tl.arange(0, BLOCK_V)
+    n_ok = offs_n < N
+    v_ok = offs_v < V
+    logits = _logit_tile(H, W, offs_n, offs_v, n_ok, v_ok, HID, stride_hn, stride_wv, BLOCK_N, BLOCK_V, BLOCK_H)
+    labels = tl.load(LABELS + offs_n, mask=n_ok, other=-1)
+    lse = tl.load(LSE + offs_n, mask=n_ok, other=0.0)
+    g = tl.load(G + offs_n, mask=n_ok, other=0.0)
+    p = tl.math.exp2((logits - lse[:, None]) * 1.4426950408889634)
+    onehot = (offs_v[None, :] == labels[:, None]).to(tl.float32)
+    grad = g[:, None] * (onehot - p)
+    tl.store(GRAD_LOGITS + offs_n[:, None] * stride_gn + offs_v[None, :], grad.to(GRAD_LOGITS.dtype.element_ty),
+             mask=n_ok[:, None] & v_ok[None, :])
+
+
+# ----------------------------------------------------------------------------- launchers
+def _config() -> tuple[int, int, int, int, int]:
+    """(BLOCK_N, BLOCK_V, BLOCK_H, num_warps, num_stages)."""
+    if _interpreting():
+        return 16, 32, 32, 4, 1
+    return 64, 128, 64, 8, 3
+
+
+def _num_splits(N: int, V: int, block_n: int, block_v: int, device) -> int:
+    """Vocab splits so that (token blocks x splits) fills the GPU; 2 under the interpreter (tested)."""
+    v_blocks = triton.cdiv(V, block_v)
+    if _interpreting() or device.type != "cuda":
+        return max(1, min(2, v_blocks))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = triton.cdiv(4 * sms, max(1, triton.cdiv(N, block_n)))
+    return max(1, min(want, v_blocks, 64))
+
+
+def linear_logprobs_forward(hidden, weight, labels, ignore_index, block_n=None, block_v=None, block_h=None):
+    """Returns (logp [N] fp32, lse [N] fp32, natural log)."""
+    bn, bv, bh, warps, stages = _config()
+    bn, bv, bh = block_n or bn, block_v or bv, block_h or bh
+    N, HID = hidden.shape
+    V = weight.shape[0]
+    splits = _num_splits(N, V, bn, bv, hidden.device)
+    v_per_split = triton.cdiv(triton.cdiv(V, splits), bv) * bv
+    splits = triton.cdiv(V, v_per_split)
+    mx = torch.empty(splits, N, dtype=torch.float32, device=hidden.device)
+    se = torch.empty_like(mx)
+    tgt = torch.empty_like(mx)
+    if N:
+        _linear_logprobs_fwd_kernel[(triton.cdiv(N, bn), splits)](
+            hidden, weight, labels, mx, se, tgt, N, V, HID, v_per_split, hidden.stride(0), weight.stride(0),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages,
+        )
+    lse = torch.logsumexp((mx + torch.log2(se)) / LOG2E, dim=0)               # per-split log2 -> natural
+    keep = labels != ignore_index
+    logp = torch.where(keep, tgt.sum(0) - lse, torch.zeros_like(lse))
+    return logp, lse
+
+
+def linear_logprobs_backward(grad_out, hidden, weight, labels, lse, ignore_index, need_hidden, need_weight,
+                             chunk_rows=None, block_n=None, block_v=None, block_h=None):
+    """Returns (grad_hidden or None, grad_weight or None) in the input dtypes."""
+    bn, bv, bh, warps, stages = _config()
+    bn, bv, bh = block_n or bn, block_v or bv, block_h or bh
+    N, HID = hidden.shape
+    V = weight.shape[0]
+    rows = chunk_rows_for(V, chunk_rows)
+    g = torch.where(labels != ignore_index, grad_out.float(), torch.zeros((), device=grad_out.device))
+    grad_h = torch.empty_like(hidden) if need_hidden else None
+    grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    buf = torch.empty(min(rows, max(N, 1)), V, dtype=hidden.dtype, device=hidden.device)
+    for a in range(0, N, rows):
+        b = min(N, a + rows)
+        gl = buf[: b - a]
+        h = hidden[a:b]
+        _linear_logprobs_bwd_kernel[(triton.cdiv(b - a, bn), triton.cdiv(V, bv))](
+            h, weight, labels[a:], lse[a:], g[a:], gl, b - a, V, HID, h.stride(0), weight.stride(0), gl.stride(0),
+            BLOCK_N=bn, BLOCK_V=bv, BLOCK_H=bh, num_warps=warps, num_stages=stages,
+        )
+        if need_hidden:
+            torch.matmul(gl, weight, out=grad_h[a:b])
+        if need_weight:
+            grad_w += _mm_fp32(gl.T, h)
+    return grad_h, (grad_w.to(weight.dtype) if need_weight else None)
+
+
+def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with an fp32 result; half inputs use the fp32-output GEMM where the backend has one."""
+    if a.dtype == torch.float32:
+        return a @ b
+    try:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return (a @ b).float()
+
+
+# ----------------------------------------------------------------------------- autograd
+class _LinearLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
+        hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
+        logp, lse = linear_logprobs_forward(hidden, weight, labels, ignore_index)
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.ignore_index, ctx.chunk_rows = ignore_index, chunk_rows
+        return logp
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_h or need_w):
+            return None, None, None, None, None
+        grad_h, grad_w = linear_logprobs_backward(grad_out.contiguous(), hidden, weight, labels, lse,
+                                                  ctx.ignore_index, need_h, need_w, ctx.chunk_rows)
+        return grad_h, grad_w, None, None, None
+
+
+# Positional: (hidden, weight, labels, ignore_index, chunk_rows). Inputs are validated by the public
+# dispatch in ``preflexor_core.kernels``.
+linear_logprobs = _LinearLogprobs.apply
