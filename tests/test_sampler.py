@@ -1,0 +1,255 @@
+"""Sampler: KV cache vs full recomputation, batching, seeds, stops, streaming, transformers parity, errors."""
+import pytest
+import torch
+
+from preflexor_core import Llama, ModelConfig, Tokenizer
+from preflexor_core.sampler import (Completion, KVCache, SamplingParams, decode_one_token, generate, prefill,
+                                    sample_torch)
+
+TEXTS = [
+    "Spider silk combines high strength with extensibility; its beta-sheet nanocrystals resist shear.",
+    "Nacre is 95% aragonite by volume, yet it is 3000 times tougher than aragonite alone.",
+    "Bone's hierarchy spans collagen fibrils, mineralised fibres and osteons.",
+    "Wood cells are hollow tubes whose walls hold cellulose microfibrils at an angle.",
+    "Keratin in hooves and horns absorbs impact through sacrificial bonds. Café — 你好",
+] * 20
+PROMPTS = ["Nacre is", "Spider silk combines high strength with", "Bone"]
+GREEDY = dict(temperature=0.0, stop_token_ids=[])
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.train_bpe(TEXTS, vocab_size=400)
+
+
+@pytest.fixture(scope="module")
+def model(tok):
+    torch.manual_seed(0)
+    # initializer_range 0.2: peaked logits, so greedy choices are far from numerical ties.
+    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      rms_norm_eps=1e-5, initializer_range=0.2, bos_token_id=tok.bos_token_id,
+                      eos_token_id=tok.stop_token_ids, pad_token_id=tok.pad_token_id)
+    return Llama(cfg).eval()
+
+
+def full_recompute_greedy(model, ids, steps):
+    ids = list(ids)
+    out = []
+    with torch.no_grad():
+        for _ in range(steps):
+            t = int(model(torch.tensor([ids]))[0, -1].argmax())
+            ids.append(t)
+            out.append(t)
+    return out
+
+
+# ----------------------------------------------------------------------------- KV cache
+def test_cache_logits_match_full_forward(model, tok):
+    prompts = [tok.encode(p) for p in PROMPTS]
+    cache = KVCache.for_model(model, len(prompts), 64)
+    with torch.inference_mode():
+        logits = prefill(model, cache, prompts)
+        assert cache.host_lengths == [len(p) for p in prompts]
+        assert cache.lengths.tolist() == [len(p) for p in prompts]
+        nxt = torch.tensor([3, 7, 11])
+        step = decode_one_token(model, cache, nxt)
+        for b, p in enumerate(prompts):
+            ref = model(torch.tensor([p + [int(nxt[b])]]))[0]
+            assert torch.allclose(logits[b], ref[-2], atol=1e-5)
+            assert torch.allclose(step[b], ref[-1], atol=1e-5)
+
+
+def test_cache_select_expand_and_per_row_writes():
+    cache = KVCache(1, 2, 1, 8, 2)
+    cache.set_lengths([1, 3])
+    k = torch.tensor([[[[1.0, 1.0]]], [[[2.0, 2.0]]]])              # (B=2, H=1, T=1, D=2)
+    kk, vv = cache.update(0, k, -k)
+    assert kk.shape == (2, 1, 4, 2)                                   # up to max(lengths) + T
+    assert cache.k[0, 0, 0, 1].tolist() == [1.0, 1.0] and cache.k[0, 1, 0, 3].tolist() == [2.0, 2.0]
+    assert cache.k[0, 0, 0, 3].tolist() == [0.0, 0.0]
+    cache.advance(1)
+    assert cache.host_lengths == [2, 4] and cache.lengths.tolist() == [2, 4]
+    cache.expand(2)
+    assert cache.host_lengths == [2, 2, 4, 4] and cache.batch_size == 4
+    assert cache.k[0, 3, 0, 3].tolist() == [2.0, 2.0] and cache.v[0, 1, 0, 1].tolist() == [-1.0, -1.0]
+    cache.select([2])
+    assert cache.lengths.tolist() == [4] and cache.k[0, 0, 0, 3].tolist() == [2.0, 2.0]
+    mask = KVCache(1, 2, 1, 8, 2)
+    mask.set_lengths([1, 3])
+    assert mask.decode_mask()[:, 0, 0].tolist() == [[True, True, False, False], [True, True, True, True]]
+
+
+def test_greedy_with_cache_equals_full_recompute(model, tok):
+    ids = tok.encode(PROMPTS[1])
+    out = generate(model, tok, PROMPTS[1], SamplingParams(max_new_tokens=16, **GREEDY))
+    assert len(out) == 1 and out[0].finish_reason == "length"
+    assert out[0].token_ids == full_recompute_greedy(model, ids, 16)
+    assert out[0].text == tok.decode(out[0].token_ids)
+
+
+def test_mixed_lengths_batch_equals_each_alone(model, tok):
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+    batch = generate(model, tok, PROMPTS, params)
+    assert [c.prompt_index for c in batch] == [0, 1, 2]
+    for i, p in enumerate(PROMPTS):
+        alone = generate(model, tok, [p], params)[0]
+        assert batch[i].token_ids == alone.token_ids
+        assert batch[i].token_ids == full_recompute_greedy(model, tok.encode(p), 12)
+
+
+def test_chat_input_uses_template(model, tok):
+    chat = [{"role": "user", "content": "Why is nacre tough?"}]
+    params = SamplingParams(max_new_tokens=6, **GREEDY)
+    a = generate(model, tok, chat, params)
+    b = generate(model, tok, [tok.apply_chat_template(chat, add_generation_prompt=True)], params)
+    c = generate(model, tok, [chat, "Bone"], params)
+    assert a[0].token_ids == b[0].token_ids == c[0].token_ids and len(c) == 2
+
+
+# ----------------------------------------------------------------------------- seeds / sampling
+def test_seed_reproducible_at_n_gt_1_and_batch_invariant(model, tok):
+    params = SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=123, stop_token_ids=[])
+    a = generate(model, tok, PROMPTS[:2], params)
+    b = generate(model, tok, PROMPTS[:2], params)
+    c = generate(model, tok, PROMPTS[:2], params, max_batch_size=2)
+    assert [(x.prompt_index, x.sample_index) for x in a] == [(p, s) for p in range(2) for s in range(3)]
+    assert [x.token_ids for x in a] == [x.token_ids for x in b] == [x.token_ids for x in c]
+    assert len({tuple(x.token_ids) for x in a[:3]}) > 1                 # samples of one prompt differ
+    d = generate(model, tok, PROMPTS[:2], SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=124,
+                                                         stop_token_ids=[]))
+    assert [x.token_ids for x in a] != [x.token_ids for x in d]
+
+
+def test_sample_torch_filters_and_distribution():
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
+    one = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)
+    for s in range(20):
+        assert int(sample_torch(logits, one(1.0), one(1, torch.long), one(1.0), one(s, torch.long))) == 0
+        assert int(sample_torch(logits, one(1.0), one(0, torch.long), one(0.01), one(s, torch.long))) == 0
+        assert int(sample_torch(logits, one(0.0), one(0, torch.long), one(1.0), one(s, torch.long))) == 0
+        assert int(sample_torch(logits, one(1.0), one(2, torch.long), one(1.0), one(s, torch.long))) in (0, 1)
+    N = 4000
+    rows = logits.expand(N, 5)
+    draws = sample_torch(rows, torch.ones(N), torch.zeros(N, dtype=torch.long), torch.ones(N),
+                         torch.arange(N) * 7919 + 1)
+    freq = torch.bincount(draws, minlength=5).float() / N
+    assert (freq - logits[0].softmax(-1)).abs().max() < 0.03           # ~4 sigma at N=4000
+    # top_p=0.7 keeps {0, 1} (mass before 1 = 0.55 < 0.7, before 2 = 0.84): renormalised over two tokens
+    draws = sample_torch(rows, torch.ones(N), torch.zeros(N, dtype=torch.long), torch.full((N,), 0.7),
+                         torch.arange(N) * 7919 + 1)
+    freq = torch.bincount(draws, minlength=5).float() / N
+    p01 = logits[0, :2].softmax(-1)
+    assert freq[2:].sum() == 0 and (freq[:2] - p01).abs().max() < 0.03
+
+
+# ----------------------------------------------------------------------------- stops, prepend, length
+def test_stop_string_trims_text_and_ids(model, tok):
+    ref = generate(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=12, **GREEDY))[0]
+    stop = tok.decode(ref.token_ids[2:5])
+    assert stop.strip(), "need a visible stop string"
+    streamed = []
+    out = generate(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=12, stop=[stop], **GREEDY),
+                   stream=lambda p, s, d: streamed.append(d))[0]
+    cut = ref.text.find(stop)
+    assert out.finish_reason == "stop"
+    assert out.text == ref.text[:cut] and stop not in out.text
+    assert out.token_ids == ref.token_ids[:len(out.token_ids)]
+    assert tok.decode(out.token_ids).startswith(out.text)
+    assert len(out.token_ids) <= 3 and "".join(streamed) == out.text
+
+
+def test_stop_token_ids_end_row(model, tok):
+    ref = generate(model, tok, PROMPTS[1], SamplingParams(max_new_tokens=12, **GREEDY))[0]
+    k = next(i for i in range(1, 12) if ref.token_ids[i] not in ref.token_ids[:i])
+    out = generate(model, tok, PROMPTS[1], SamplingParams(max_new_tokens=12, temperature=0.0,
+                                                          stop_token_ids=[ref.token_ids[k]]))[0]
+    assert out.finish_reason == "stop" and out.token_ids == ref.token_ids[:k]
+    assert out.text == tok.decode(ref.token_ids[:k])
+
+
+def test_max_new_tokens_and_prepend_response(model, tok):
+    out = generate(model, tok, PROMPTS[2], SamplingParams(max_new_tokens=5, **GREEDY))[0]
+    assert len(out.token_ids) == 5 and out.finish_reason == "length"
+    think = tok.token_to_id("<|thinking|>")
+    pre = generate(model, tok, PROMPTS[2], SamplingParams(max_new_tokens=5, prepend_response="<|thinking|>",
+                                                          return_logprobs=True, **GREEDY))[0]
+    direct = generate(model, tok, PROMPTS[2] + "<|thinking|>", SamplingParams(max_new_tokens=5, **GREEDY))[0]
+    assert pre.token_ids[0] == think and pre.num_forced_tokens == 1 and len(pre.token_ids) == 6
+    assert pre.token_ids[1:] == direct.token_ids
+    assert pre.text == "<|thinking|>" + direct.text and len(pre.logprobs) == 5
+
+
+def test_logprobs_and_repetition_penalty_match_recompute(model, tok):
+    ids = tok.encode(PROMPTS[0])
+    out = generate(model, tok, PROMPTS[0], SamplingParams(max_new_tokens=8, repetition_penalty=1.8,
+                                                          return_logprobs=True, **GREEDY))[0]
+    seq, want, lps = list(ids), [], []
+    with torch.no_grad():
+        for _ in range(8):
+            raw = model(torch.tensor([seq]))[0, -1]
+            pen = raw.clone()
+            for t in set(seq):
+                pen[t] = pen[t] / 1.8 if pen[t] > 0 else pen[t] * 1.8
+            t = int(pen.argmax())
+            want.append(t)
+            lps.append(float(raw.log_softmax(-1)[t]))
+            seq.append(t)
+    assert out.token_ids == want
+    assert torch.allclose(torch.tensor(out.logprobs), torch.tensor(lps), atol=1e-4)
+
+
+def test_streaming_concatenation_equals_text(model, tok):
+    got: dict[tuple[int, int], list[str]] = {}
+    outs = generate(model, tok, PROMPTS, SamplingParams(max_new_tokens=15, temperature=1.0, n=2, seed=3),
+                    stream=lambda p, s, d: got.setdefault((p, s), []).append(d))
+    assert len(outs) == 6
+    for c in outs:
+        assert "".join(got.get((c.prompt_index, c.sample_index), [])) == c.text
+        assert c.finish_reason in ("stop", "length")
+
+
+# ----------------------------------------------------------------------------- transformers parity
+def test_greedy_matches_transformers_generate(model, tok, tmp_path):
+    transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
+    model.save_pretrained(str(tmp_path))
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(tmp_path), torch_dtype=torch.float32).eval()
+    for prompt, penalty in ((PROMPTS[1], 1.0), (PROMPTS[0], 1.3)):
+        ids = tok.encode(prompt)
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                              do_sample=False, max_new_tokens=20, min_new_tokens=20, repetition_penalty=penalty,
+                              pad_token_id=0)[0, len(ids):].tolist()
+        ours = generate(model, tok, prompt, SamplingParams(max_new_tokens=20, repetition_penalty=penalty,
+                                                           **GREEDY))[0]
+        assert ours.token_ids == ref
+
+
+# ----------------------------------------------------------------------------- errors
+@pytest.mark.parametrize("kw, msg", [
+    (dict(n=0), "n must be"), (dict(temperature=-0.1), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(stop=[""]), "stop"),
+])
+def test_bad_params(kw, msg):
+    with pytest.raises(ValueError, match=msg):
+        SamplingParams(**kw)
+
+
+def test_bad_prompts_and_truncation(model, tok):
+    assert generate(model, tok, [], SamplingParams()) == []
+    with pytest.raises(ValueError, match="prompt 1 is empty"):
+        generate(model, tok, ["Bone", ""], SamplingParams(max_new_tokens=2))
+    with pytest.raises(TypeError, match="prompts"):
+        generate(model, tok, 42, SamplingParams(max_new_tokens=2))
+    long = " ".join(TEXTS[:8])
+    n = len(tok.encode(long))
+    assert n + 100 > 256
+    with pytest.raises(ValueError, match=r"max_position_embeddings=256.*truncate_prompt_left"):
+        generate(model, tok, long, SamplingParams(max_new_tokens=100))
+    out = generate(model, tok, long, SamplingParams(max_new_tokens=4, truncate_prompt_left=True, **GREEDY)
+                   if n + 4 > 256 else SamplingParams(max_new_tokens=100, truncate_prompt_left=True, **GREEDY))
+    assert isinstance(out[0], Completion) and out[0].finish_reason == "length"
+    with pytest.raises(ValueError, match="max_new_tokens=300"):
+        generate(model, tok, "Bone", SamplingParams(max_new_tokens=300, truncate_prompt_left=True))
