@@ -1,0 +1,193 @@
+"""Training data: tokenised preference pairs, padded or packed batches, and the packed LM stream.
+
+    row = {"prompt": ..., "chosen": ..., "rejected": ...}           (TRL column names)
+    ex, why = tokenize_pair(tok, row, PairFormat(mask_mode="answer_only"))   # None + reason when dropped
+    batch = collate_pairs([ex, ...], pad_id, packed=False)          # chosen rows first, then rejected
+
+Labels are aligned to input_ids (IGNORE_INDEX on the prompt, padding and masked thinking);
+the causal shift happens in ``losses.logps_from_hidden``. The end-of-turn token that closes
+each completion stays in the labels, even when the pad id equals it.
+
+Packed batches put every sequence of a micro-batch into one row (B = 1) with positions that
+restart per sequence and ``cu_seqlens`` boundaries: no compute is spent on padding. The model
+turns ``cu_seqlens`` into varlen attention (block-diagonal causal).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+from .losses import IGNORE_INDEX
+from .masks import UnclosedThinking, thinking_mask
+from .tokenizer import EOT, THINK_END, THINK_START
+
+MASK_MODES = ("none", "answer_only", "random_fraction")
+
+
+@dataclass(kw_only=True)
+class PairFormat:
+    """How a preference row becomes token ids and labels."""
+    max_length: int = 1024                 # prompt + completion, tokens
+    max_prompt_length: int = 512           # prompts are truncated from the left (BOS kept)
+    truncation_mode: str = "keep_start"    # completion: "keep_start" or "keep_end"
+    mask_mode: str = "none"                # thinking masking: none | answer_only | random_fraction
+    mask_fraction: float = 0.5             # for random_fraction
+    include_thinking_token_in_labels: bool = False
+    on_unclosed: str = "drop"              # a completion whose thinking never ends: drop | keep
+
+    def __post_init__(self):
+        if self.truncation_mode not in ("keep_start", "keep_end"):
+            raise ValueError(f"truncation_mode={self.truncation_mode!r}: use 'keep_start' or 'keep_end'")
+        if self.mask_mode not in MASK_MODES:
+            raise ValueError(f"mask_mode={self.mask_mode!r}: use one of {MASK_MODES}")
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"max_prompt_length={self.max_prompt_length} must be < max_length={self.max_length}")
+
+
+@dataclass
+class PairExample:
+    chosen_ids: list[int]
+    chosen_labels: list[int]
+    rejected_ids: list[int]
+    rejected_labels: list[int]
+    index: int = -1
+
+
+def _completion(tok, text: str, budget: int, mode: str) -> list[int]:
+    ids = tok.encode(text)
+    eot = tok.token_to_id(EOT)
+    end = eot if eot is not None else tok.eos_token_id
+    if end is not None and (not ids or ids[-1] != end):
+        ids = ids + [end]
+    if len(ids) > budget:
+        ids = ids[:budget] if mode == "keep_start" else ids[-budget:]
+    return ids
+
+
+def prompt_ids(tok, prompt: str, max_prompt_length: int) -> list[int]:
+    ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
+    if len(ids) > max_prompt_length:
+        keep_bos = bool(ids) and ids[0] == tok.bos_token_id
+        ids = ([ids[0]] if keep_bos else []) + ids[len(ids) - max_prompt_length + int(keep_bos):]
+    return ids
+
+
+def tokenize_pair(tok, row: dict, fmt: PairFormat, generator: torch.Generator | None = None,
+                  index: int = -1) -> tuple[PairExample | None, str | None]:
+    """Tokenise one row. Returns (example, None) or (None, reason) when the pair is dropped."""
+    for key in ("prompt", "chosen", "rejected"):
+        if not isinstance(row.get(key), str):
+            raise ValueError(f"preference row {index}: field {key!r} missing or not a string "
+                             f"(rows need 'prompt', 'chosen', 'rejected')")
+    p = prompt_ids(tok, row["prompt"], fmt.max_prompt_length)
+    budget = fmt.max_length - len(p)
+    out = []
+    start_id, end_id = tok.token_to_id(THINK_START), tok.token_to_id(THINK_END)
+    for key in ("chosen", "rejected"):
+        c = _completion(tok, row[key], budget, fmt.truncation_mode)
+        if not c:
+            return None, f"empty_{key}"
+        ids = p + c
+        labels = [IGNORE_INDEX] * len(p) + c
+        if fmt.mask_mode != "none":
+            if start_id is None or end_id is None:
+                raise ValueError(f"mask_mode={fmt.mask_mode!r} needs {THINK_START} and {THINK_END} in the "
+                                 f"tokenizer; add them with tok.add_special_tokens(THINKING_TOKENS)")
+            try:
+                lab = thinking_mask(ids, labels, start_id, end_id, fmt.mask_mode,
+                                    include_thinking_token_in_labels=fmt.include_thinking_token_in_labels,
+                                    fraction=fmt.mask_fraction, generator=generator, on_unclosed=fmt.on_unclosed)
+            except UnclosedThinking:
+                return None, f"unclosed_thinking_{key}"
+            labels = lab.tolist()
+        if all(x == IGNORE_INDEX for x in labels[1:]):
+            return None, f"nothing_to_score_{key}"
+        out += [ids, labels]
+    return PairExample(*out, index=index), None
+
+
+@dataclass
+class Batch:
+    """input_ids/labels/attention_mask (R, T); rows [0, n) chosen, [n, 2n) rejected (pairs) .
+    Packed: R = 1, position_ids restart per sequence, cu_seqlens (S + 1,) int32 boundaries,
+    seq_slices gives each original row's [start, end) in the packed row."""
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    n_pairs: int = 0
+
+    def to(self, device) -> "Batch":
+        mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return Batch(mv(self.input_ids), mv(self.labels), mv(self.attention_mask), mv(self.position_ids),
+                     mv(self.cu_seqlens), self.max_seqlen, self.n_pairs)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
+
+
+def collate_sequences(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, packed: bool = False) -> Batch:
+    """(ids, labels) pairs -> a padded (right) batch, or one packed row with cu_seqlens."""
+    if packed:
+        ids = [t for s, _ in seqs for t in s]
+        lab = [t for _, l in seqs for t in l]
+        lens = [len(s) for s, _ in seqs]
+        cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+        pos = torch.cat([torch.arange(n) for n in lens])
+        return Batch(torch.tensor([ids]), torch.tensor([lab]), None, pos[None], cu, max(lens))
+    T = max(len(s) for s, _ in seqs)
+    B = len(seqs)
+    input_ids = torch.full((B, T), pad_id, dtype=torch.long)
+    labels = torch.full((B, T), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((B, T), dtype=torch.long)
+    for i, (s, l) in enumerate(seqs):
+        input_ids[i, :len(s)] = torch.tensor(s)
+        labels[i, :len(l)] = torch.tensor(l)
+        mask[i, :len(s)] = 1
+    return Batch(input_ids, labels, mask)
+
+
+def collate_pairs(examples: Sequence[PairExample], pad_id: int, packed: bool = False) -> Batch:
+    seqs = [(e.chosen_ids, e.chosen_labels) for e in examples] + \
+           [(e.rejected_ids, e.rejected_labels) for e in examples]
+    b = collate_sequences(seqs, pad_id, packed)
+    b.n_pairs = len(examples)
+    return b
+
+
+def per_sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, batch: Batch
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum shifted per-token log-probs (R, T-1) into per-sequence sums and counts.
+
+    Padded batches: one sequence per row. Packed batches: per cu_seqlens segment (a sequence's
+    first token has no prediction from its predecessor's segment because its label is the
+    prompt's first token, always IGNORE_INDEX)."""
+    valid = labels[:, 1:] != IGNORE_INDEX                                  # (R, T-1)
+    if batch.cu_seqlens is None:
+        return token_logps.sum(-1), valid.sum(-1)
+    cu = batch.cu_seqlens.to(token_logps.device).long()
+    seg = torch.bucketize(torch.arange(1, token_logps.shape[1] + 1, device=cu.device), cu[1:-1], right=True)
+    n = cu.numel() - 1
+    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seg, token_logps[0])
+    counts = torch.zeros(n, dtype=torch.long, device=token_logps.device).index_add(0, seg, valid[0].long())
+    return sums, counts
+
+
+def pack_lm_stream(token_lists: Sequence[list[int]], seq_len: int, sep_id: int | None) -> torch.Tensor:
+    """Concatenate documents (each followed by ``sep_id``) and cut into (N, seq_len) blocks;
+    the tail shorter than a block is dropped."""
+    stream: list[int] = []
+    for ids in token_lists:
+        stream.extend(ids)
+        if sep_id is not None:
+            stream.append(sep_id)
+    n = len(stream) // seq_len
+    if n == 0:
+        raise ValueError(f"corpus has {len(stream)} tokens, fewer than one block of seq_len={seq_len}; "
+                         f"use a larger corpus or a smaller seq_len")
+    return torch.tensor(stream[: n * seq_len]).view(n, seq_len)
