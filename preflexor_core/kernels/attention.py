@@ -44,22 +44,24 @@ def _interpreting() -> bool:
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
 def _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr):
-    """(q_start, k_start, q_len, k_len) of batch row / packed sequence b."""
+    """(q_start, k_start, q_len, k_len) of batch row / packed sequence b, all int32 tensors (adding
+    a tensor zero keeps T or S a tensor even when Triton specialises an argument equal to 1)."""
+    zero = b * 0
     if VARLEN:
         q_start = tl.load(CU + b)
         q_len = tl.load(CU + b + 1) - q_start
         k_start = q_start
         k_len = q_len
     else:
-        q_start = 0
-        k_start = 0
+        q_start = zero
+        k_start = zero
         if HAS_KLEN:
-            k_len = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), S)
+            k_len = tl.minimum(tl.maximum(tl.load(KLEN + b).to(tl.int32), 0), S + zero)
             # T == S (self-attention): queries padded like keys; else (decode / cross): all T are real
-            q_len = tl.where(T == S, k_len, T)
+            q_len = tl.where(T == S, k_len, T + zero)
         else:
-            k_len = S
-            q_len = T
+            k_len = S + zero
+            q_len = T + zero
     return q_start, k_start, q_len, k_len
 
 
@@ -307,11 +309,16 @@ def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _config(D: int, backward: bool) -> tuple[int, int, int, int]:
+def _config(D: int, backward: bool, elem_size: int = 2) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small blocks under the interpreter (speed);
-    on GPU sized so the fp32 accumulators fit in registers for the head dim."""
+    on GPU sized so the fp32 accumulators fit in registers for the head dim and the pipelined tiles
+    fit in shared memory (fp32 inputs: half the key block, one stage less; checked by compiling for
+    sm_90 / sm_80 limits). Not autotuned."""
     if _interpreting():
         return 32, 32, 4, 1
+    if elem_size >= 4:
+        bm, bn, warps, stages = _config(D, backward)
+        return bm, max(16, bn // 2), warps, max(1, stages - 1)
     if not backward:
         if D <= 64:
             return 128, 64, 4, 3
@@ -358,7 +365,8 @@ def flash_attention_forward(q, k, v, causal, sm_scale, key_lengths=None, cu_seql
     """Launch the forward kernel. Returns (o, lse, layout, lse strides); lse is fp32 in log2 units."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     L = _Layout(q, k, key_lengths, cu_seqlens, max_seqlen)
-    bm, bn, warps, stages = _config(L.d, backward=False)
+    bm, bn, warps, stages = _config(L.d, backward=False, elem_size=q.element_size())
+    bm = min(bm, max(16, triton.next_power_of_2(L.t)))     # decode: T = 1..few needs no 128-row tile
     bm, bn = block_m or bm, block_n or bn
     o = torch.zeros_like(q)
     lse, slb, slh = L.lse_buffer(q)
@@ -378,7 +386,7 @@ def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, key_lengths=
     """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes."""
     do = _last_dim_contiguous(do)
     L = _Layout(q, k, key_lengths, cu_seqlens, max_seqlen)
-    bm, bn, warps, stages = _config(L.d, backward=True)
+    bm, bn, warps, stages = _config(L.d, backward=True, elem_size=q.element_size())
     bm, bn = block_m or bm, block_n or bn
     slb, slh = (0, lse.stride(0)) if L.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.zeros_like(lse)

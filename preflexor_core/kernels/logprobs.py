@@ -9,8 +9,8 @@ FlashAttention, Dao et al. 2022 / FlashAttention-2, Dao 2023, applied to the voc
 label's logit; the few vocab splits are merged with a logsumexp over [splits, N] in torch.
 Backward: for each token chunk (``chunk_rows`` rows) a kernel recomputes the logit tiles and writes
 grad_logits = g * (onehot(label) - exp(logit - lse)) into a [chunk, V] buffer (input dtype); then
-grad_hidden[chunk] = grad_logits @ W and grad_W += grad_logits^T @ hidden[chunk] (fp32 accumulator
-when the GEMM backend supports fp32 output, as cuBLAS does). Peak extra memory: one [chunk, V]
+grad_hidden[chunk] = grad_logits @ W and grad_W += grad_logits^T @ hidden[chunk] (an fp32 [V, H]
+accumulator, added to by an fp32-output GEMM where the backend has one, as cuBLAS does). Peak extra memory: one [chunk, V]
 buffer, never [N, V]. Saved for backward: hidden, weight, labels, lse [N].
 
 The CPU production path is ``reference.linear_logprobs_chunked`` (same chunking, torch only).
@@ -155,6 +155,8 @@ def linear_logprobs_backward(grad_out, hidden, weight, labels, lse, ignore_index
     bn, bv, bh = block_n or bn, block_v or bv, block_h or bh
     N, HID = hidden.shape
     V = weight.shape[0]
+    if chunk_rows is None and hidden.is_cuda:        # [rows, V] buffer in the input dtype, <= 256 MiB
+        chunk_rows = max(16, min(1024, (256 << 20) // (hidden.element_size() * V)))
     rows = chunk_rows_for(V, chunk_rows)
     g = torch.where(labels != ignore_index, grad_out.float(), torch.zeros((), device=grad_out.device))
     grad_h = torch.empty_like(hidden) if need_hidden else None
@@ -171,18 +173,21 @@ def linear_logprobs_backward(grad_out, hidden, weight, labels, lse, ignore_index
         if need_hidden:
             torch.matmul(gl, weight, out=grad_h[a:b])
         if need_weight:
-            grad_w += _mm_fp32(gl.T, h)
+            _addmm_fp32_(grad_w, gl.T, h)
     return grad_h, (grad_w.to(weight.dtype) if need_weight else None)
 
 
-def _mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with an fp32 result; half inputs use the fp32-output GEMM where the backend has one."""
+def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
+    """acc (fp32) += a @ b in place. Half inputs use the fp32-output GEMM (addmm out_dtype, cuBLAS)
+    so nothing is rounded to half between chunks; where the backend lacks it, a half product is
+    added (one [V, H] temporary)."""
     if a.dtype == torch.float32:
-        return a @ b
+        acc.addmm_(a, b)
+        return
     try:
-        return torch.mm(a, b, out_dtype=torch.float32)
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
     except (RuntimeError, TypeError, NotImplementedError):
-        return (a @ b).float()
+        acc += (a @ b).float()
 
 
 # ----------------------------------------------------------------------------- autograd
