@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures as cf
 import email.utils
+import functools
 import hashlib
 import json
 import os
@@ -382,6 +383,27 @@ def split_sentences(text: str) -> list[str]:
     return [" ".join(s.split()) for s in sents if s.strip()]
 
 
+def normalize_text(text: str) -> str:
+    """Words of ``text`` normalised the way graph concepts are (lowercase, plural stripped),
+    space-joined, so ``mentions(sentence, concept)`` is a word-sequence test."""
+    try:
+        from .retrieval.graph import normalize_term
+        return normalize_term(text)
+    except ImportError:  # pragma: no cover - the graph module ships with the package
+        return " ".join(_stem(w) for w in re.findall(r"[a-z0-9]+(?:[-'][a-z0-9]+)*", text.lower()))
+
+
+def mentions(normalized_text: str, concept: str) -> bool:
+    """Whether a concept term occurs as whole words in an already normalised text."""
+    c = _normalized_concept(concept)
+    return bool(c) and f" {c} " in f" {normalized_text} "
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _normalized_concept(concept: str) -> str:
+    return normalize_text(concept)
+
+
 def _hash_seed(*parts: Any) -> int:
     h = hashlib.blake2b("\x1f".join(str(p) for p in parts).encode("utf-8"), digest_size=8)
     return int.from_bytes(h.digest(), "little")
@@ -395,6 +417,11 @@ class Sentence:
     chunk_id: str
     rank: int       # rank of its chunk in the retrieval (0 = best)
     position: int   # index of the sentence inside its chunk
+    norm: str = ""  # normalize_text(text)
+
+    def __post_init__(self):
+        if not self.norm:
+            self.norm = normalize_text(self.text)
 
 
 @dataclass
@@ -411,7 +438,9 @@ class Context:
     def chunk_ids(self) -> list[str]:
         return [str(getattr(h, "chunk_id", "")) for h in self.hits]
 
-    def sentences(self) -> list[Sentence]:
+    def sentences(self, min_words: int = 5) -> list[Sentence]:
+        """The context's sentences, de-duplicated; headings (``#``) and fragments shorter than
+        ``min_words`` words are left out unless nothing else is there."""
         out, seen = [], set()
         for r, h in enumerate(self.hits):
             for p, s in enumerate(split_sentences(getattr(h, "text", str(h)))):
@@ -419,7 +448,8 @@ class Context:
                     continue
                 seen.add(s)
                 out.append(Sentence(s, str(getattr(h, "chunk_id", r)), r, p))
-        return out
+        good = [s for s in out if _is_prose(s.text, min_words)]
+        return good or out
 
     def render(self, max_chars: int = 6000) -> str:
         """Plain-text context for LLM prompts."""
@@ -440,6 +470,10 @@ class Context:
         return cls(question=question, hits=[_TextHit(p, f"context@{i}") for i, p in enumerate(paras)])
 
 
+def _is_prose(sentence: str, min_words: int = 5) -> bool:
+    return not sentence.lstrip().startswith(("#", "|", "```")) and len(sentence.split()) >= min_words
+
+
 @dataclass
 class _TextHit:
     text: str
@@ -449,13 +483,16 @@ class _TextHit:
 
 
 def concepts_of(retriever, text: str) -> list[str]:
-    """Concept terms of ``text`` from the retriever's graph, else salient content words."""
+    """Concept terms of ``text``, best first: the ones in the retriever's graph when there are
+    any, else all of its terms, else (no ``concepts_of``) its longer content words."""
     fn = getattr(retriever, "concepts_of", None)
     if fn is not None:
         try:
-            found = list(fn(text))
-        except Exception:  # a retriever without a graph (e.g. no concepts extracted)
+            found = list(fn(text, in_graph=True))
+        except TypeError:  # a retriever without the in_graph option
             found = []
+        if not found:
+            found = list(fn(text))
         if found:
             return [str(c) for c in found]
     seen, out = set(), []
@@ -468,45 +505,73 @@ def concepts_of(retriever, text: str) -> list[str]:
     return out[:8]
 
 
-def _expand(retriever, hits) -> tuple[list[str], list[list[str]]]:
-    """Neighbours and concept paths from ``retriever.expand`` (tolerant of its return shape)."""
+def chunk_concepts(retriever, hit) -> list[str]:
+    """Concepts of one chunk: its graph concepts (ranked as the graph stored them) when known."""
+    graph = getattr(retriever, "graph", None)
+    cid = getattr(hit, "chunk_id", None)
+    if graph is not None and cid is not None and hasattr(graph, "concepts_of_chunk"):
+        try:
+            found = list(graph.concepts_of_chunk(cid))
+        except KeyError:
+            found = []
+        if found:
+            return found
+    return concepts_of(retriever, getattr(hit, "text", str(hit)))
+
+
+def _expand(retriever, hits, question: str) -> tuple[list, list[str], list[list[str]]]:
+    """``retriever.expand`` -> (neighbour chunks, neighbour concept terms, concept paths)."""
     fn = getattr(retriever, "expand", None)
     if fn is None or not hits:
-        return [], []
+        return [], [], []
     try:
+        res = fn(hits, hops=1, query=question)
+    except TypeError:  # an expand without the query option
         res = fn(hits, hops=1)
-    except TypeError:
-        res = fn(hits)
-    neighbours, paths = [], []
     if isinstance(res, dict):
-        neighbours = list(res.get("neighbours", res.get("neighbors", [])))
-        paths = list(res.get("paths", []))
-    elif isinstance(res, tuple) and len(res) == 2:
-        neighbours, paths = list(res[0]), list(res[1])
+        neighbours = res.get("neighbors", res.get("neighbours", []))
+        paths = res.get("concept_paths", res.get("paths", []))
     else:
-        neighbours = list(getattr(res, "neighbours", getattr(res, "neighbors", [])) or [])
-        paths = list(getattr(res, "paths", []) or [])
-    neighbours = [n if isinstance(n, str) else str(getattr(n, "text", n)) for n in neighbours]
+        neighbours = getattr(res, "neighbors", getattr(res, "neighbours", [])) or []
+        paths = getattr(res, "concept_paths", getattr(res, "paths", [])) or []
+    chunks = [n for n in neighbours if not isinstance(n, str)]
+    terms = [n for n in neighbours if isinstance(n, str)]
     paths = [[str(c) for c in p] for p in paths if len(p) >= 2]
-    return neighbours, paths
+    return chunks, terms, paths
 
 
 def gather_context(retriever, question: str, k: int = 5, seed_hits: Sequence = (),
-                   use_rag: bool = True) -> Context:
-    """RAG context for ``question``: ``seed_hits`` (the chunks it came from) + top-``k`` search
-    hits (when ``use_rag``), de-duplicated, plus graph neighbours and concept paths."""
-    hits, seen = [], set()
-    candidates = list(seed_hits) + (list(retriever.search(question, k=k)) if use_rag else [])
-    for h in candidates:
-        cid = getattr(h, "chunk_id", id(h))
-        if cid in seen:
-            continue
-        seen.add(cid)
-        hits.append(h)
+                   use_rag: bool = True, k_graph: int = 3, k_concepts: int = 8) -> Context:
+    """RAG context for ``question``: ``seed_hits`` (the chunks it came from), the top-``k``
+    search hits and up to ``k_graph`` graph-neighbour chunks (``retriever.expand``), de-duplicated
+    in that order; the concept paths linking the question's concepts; and the concepts that
+    co-occur with them in the graph. ``use_rag=False`` keeps only ``seed_hits``."""
     qc = concepts_of(retriever, question)
-    neighbours, paths = _expand(retriever, hits) if use_rag else ([], [])
-    return Context(question=question, hits=hits, neighbours=neighbours, paths=paths,
+    candidates = list(seed_hits)
+    neighbours: list[str] = []
+    paths: list[list[str]] = []
+    if use_rag:
+        candidates += list(retriever.search(question, k=k))
+        chunks, terms, paths = _expand(retriever, _dedupe(candidates), question)
+        candidates += chunks[:k_graph]
+        neighbours = list(terms)
+        nb_fn = getattr(retriever, "neighbors_of_concept", None)
+        if nb_fn is not None:
+            for c in qc[:3]:
+                neighbours += [t for t, _ in nb_fn(c, k=k_concepts)]
+    neighbours = [t for t in dict.fromkeys(neighbours) if t not in qc][:k_concepts]
+    return Context(question=question, hits=_dedupe(candidates), neighbours=neighbours, paths=paths,
                    question_concepts=qc)
+
+
+def _dedupe(hits: Sequence) -> list:
+    out, seen = [], set()
+    for h in hits:
+        cid = getattr(h, "chunk_id", id(h))
+        if cid not in seen:
+            seen.add(cid)
+            out.append(h)
+    return out
 
 
 # ============================================================================ extractive teacher
@@ -578,36 +643,43 @@ class ExtractiveTeacher:
 
         Deterministic for (seed, chunk text, salt): the same chunk gives the same question.
         """
-        if isinstance(hits_or_chunk, str):
-            texts = [hits_or_chunk]
-        elif hasattr(hits_or_chunk, "text"):
-            texts = [hits_or_chunk.text]
-        else:
-            texts = [getattr(h, "text", str(h)) for h in hits_or_chunk]
-        text = "\n\n".join(texts)
+        if isinstance(hits_or_chunk, str) or hasattr(hits_or_chunk, "text"):
+            hits_or_chunk = [hits_or_chunk]
+        items = list(hits_or_chunk)
+        text = "\n\n".join(h if isinstance(h, str) else getattr(h, "text", "") for h in items)
         if not text.strip():
             return ""
         rng = random.Random(_hash_seed(self.seed, "question", text, salt))
-        per_text = [concepts_of(self.retriever, t) for t in texts]
-        concepts: list[str] = []
-        for cs in per_text:
-            for c in cs:
-                if c not in concepts:
-                    concepts.append(c)
+        per_text = [concepts_of(self.retriever, h) if isinstance(h, str) else chunk_concepts(self.retriever, h)
+                    for h in items]
+        concepts: list[str] = list(dict.fromkeys(c for cs in per_text for c in cs))
         if not concepts:
             return ""
-        topic_src = per_text[0] if per_text and per_text[0] else concepts
-        if len(concepts) >= 2:
-            a, b = rng.sample(concepts[: max(2, min(len(concepts), 6))], 2)
-            rest = [c for c in concepts if c not in (a, b)]
-            topic = rest[0] if rest else _topic_phrase(topic_src, a)
-            tmpl = rng.choice(QUESTION_TEMPLATES_2)
-            q = tmpl.format(a=a, b=b, topic=topic)
+        ranked = self._salient(concepts)
+        singles = [c for c in concepts if " " not in c]
+        if len(ranked) >= 2:
+            a, b = rng.sample(ranked[: min(len(ranked), 5)], 2)
+            topic = next((c for c in singles if c not in (a, b) and c not in a and c not in b), "this system")
+            q = rng.choice(QUESTION_TEMPLATES_2).format(a=a, b=b, topic=topic)
         else:
-            a = concepts[0]
-            tmpl = rng.choice(QUESTION_TEMPLATES_1)
-            q = tmpl.format(a=a, topic=_topic_phrase(topic_src, a))
+            a = ranked[0]
+            topic = next((c for c in singles if c != a and c not in a), "this system")
+            q = rng.choice(QUESTION_TEMPLATES_1).format(a=a, topic=topic)
         return q[0].upper() + q[1:]
+
+    def _salient(self, concepts: Sequence[str]) -> list[str]:
+        """Concepts ordered for questions: two-word terms, then three-word terms, then single
+        words; within each, terms found in many chunks (generic) last; else the given order."""
+        n_chunks = max(1, len(getattr(self.retriever, "chunks", []) or []))
+
+        def key(item):
+            i, c = item
+            df = _concept_df(self.retriever, c)
+            generic = df is not None and df > max(3, 0.15 * n_chunks)
+            words = c.count(" ") + 1
+            return ({2: 0, 3: 1}.get(words, 2), generic, i)
+
+        return [c for _, c in sorted(enumerate(concepts), key=key)]
 
     # ---------------------------------------------------------------- scoring helpers
     def _terms(self, question: str, ctx: Context) -> tuple[list[str], set[str]]:
@@ -615,10 +687,9 @@ class ExtractiveTeacher:
         return concepts, content_words(question)
 
     @staticmethod
-    def _overlap(sentence: str, concepts: list[str], words: set[str]) -> float:
-        low = sentence.lower()
-        score = sum(2.0 for c in concepts if c and c in low)
-        sw = content_words(sentence)
+    def _overlap(sentence: Sentence, concepts: list[str], words: set[str]) -> float:
+        score = sum(2.0 for c in concepts if mentions(sentence.norm, c))
+        sw = content_words(sentence.text)
         if sw:
             score += len(sw & words) / (1.0 + 0.05 * len(sw))
         return score
@@ -626,7 +697,7 @@ class ExtractiveTeacher:
     def _ranked(self, question: str, ctx: Context, sents: list[Sentence] | None = None) -> list[tuple[float, Sentence]]:
         concepts, words = self._terms(question, ctx)
         sents = ctx.sentences() if sents is None else sents
-        scored = [(self._overlap(s.text, concepts, words), s) for s in sents]
+        scored = [(self._overlap(s, concepts, words), s) for s in sents]
         scored.sort(key=lambda t: (-t[0], t[1].rank, t[1].position))
         return scored
 
@@ -655,10 +726,9 @@ class ExtractiveTeacher:
         if path:
             header = "Concept path: " + " -> ".join(path)
             for a, b in zip(path, path[1:]):
-                la, lb = a.lower(), b.lower()
-                best = [s for s in sents if s.text not in used and la in s.text.lower() and lb in s.text.lower()]
+                best = [s for s in sents if s.text not in used and mentions(s.norm, a) and mentions(s.norm, b)]
                 if not best:
-                    best = [s for s in sents if s.text not in used and lb in s.text.lower()]
+                    best = [s for s in sents if s.text not in used and mentions(s.norm, b)]
                 if best:
                     used.add(best[0].text)
                     steps.append(best[0].text)
@@ -679,14 +749,16 @@ class ExtractiveTeacher:
                 terms.append(c)
         if len(terms) < 3:
             for h in ctx.hits:
-                for c in concepts_of(self.retriever, getattr(h, "text", "")):
+                for c in chunk_concepts(self.retriever, h):
                     if c.lower() not in {t.lower() for t in terms}:
                         terms.append(c)
         return "\n".join(f"- {t}" for t in terms[: max(3, self.max_items + 3)])
 
     def _cued_sentences(self, question: str, ctx: Context, cues: Sequence[str], salt: str) -> str:
+        """Sentences carrying the category's cue words, ranked by cue count + question overlap."""
         ranked = self._ranked(question, ctx)
-        cued = [(sc, s) for sc, s in ranked if _has_cue(s.text, cues)]
+        cued = [(sc + 1.5 * _cue_count(s.text, cues), s) for sc, s in ranked if _cue_count(s.text, cues)]
+        cued.sort(key=lambda t: (-t[0], t[1].rank, t[1].position))
         picked = cued[: self.max_items]
         if not picked:  # nothing carries a cue word: fall back to the most relevant sentences
             picked = ranked[: min(2, len(ranked))]
@@ -697,8 +769,9 @@ class ExtractiveTeacher:
         firsts = []
         for h in ctx.hits[: self.k]:
             ss = split_sentences(getattr(h, "text", ""))
-            if ss and ss[0] not in firsts:
-                firsts.append(ss[0])
+            first = next((x for x in ss if _is_prose(x)), ss[0] if ss else "")
+            if first and first not in firsts:
+                firsts.append(first)
         return " ".join(firsts)
 
     # ---------------------------------------------------------------- answer
@@ -709,8 +782,7 @@ class ExtractiveTeacher:
         good = [t for t in ranked if t[0] > 0][:n_max]
         if len(good) < n_min:
             good = ranked[: min(n_min, len(ranked))]
-        good.sort(key=lambda t: (t[1].rank, t[1].position))
-        return " ".join(s.text for _, s in good)
+        return " ".join(s.text for _, s in good)  # most relevant first
 
     def plain_answer(self, question: str, salt: Any = "") -> str:
         """An answer *without* retrieval: the best-overlapping sentences of a few random chunks.
@@ -741,23 +813,29 @@ class ExtractiveTeacher:
         return [self.complete(m, temperature, max_tokens) for m in list_of_messages]
 
 
-def _has_cue(sentence: str, cues: Sequence[str]) -> bool:
-    words = re.findall(r"[a-z0-9]+", sentence.lower())
+def _concept_df(retriever, term: str) -> int | None:
+    """How many chunks mention ``term`` (from the retriever's graph), or None when unknown."""
+    g = getattr(getattr(retriever, "graph", None), "graph", None)
+    try:
+        return int(g.nodes[f"concept:{term}"]["df"])
+    except (AttributeError, KeyError, TypeError):
+        return None
+
+
+def _cue_count(sentence: str, cues: Sequence[str]) -> int:
+    """How many of ``cues`` occur in ``sentence``: cues of up to 5 letters must start a word
+    (or equal it, for 3-letter cues such as "may"), longer cues may occur anywhere."""
+    low = sentence.lower()
+    words = re.findall(r"[a-z0-9]+", low)
+    n = 0
     for cue in cues:
         cue = cue.lower()
-        if len(cue) <= 5:  # short cues ("may", "gpa") must start a word
+        if len(cue) <= 5:
             if any(w == cue or (len(cue) >= 4 and w.startswith(cue)) for w in words):
-                return True
-        elif cue in sentence.lower():
-            return True
-    return False
-
-
-def _topic_phrase(concepts: Sequence[str], avoid: str) -> str:
-    for c in concepts:
-        if c != avoid:
-            return c
-    return "this system"
+                n += 1
+        elif cue in low:
+            n += 1
+    return n
 
 
 def _truncate_words(text: str, max_tokens: int) -> str:
