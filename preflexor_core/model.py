@@ -14,6 +14,7 @@ Attention runs through torch SDPA on CPU and through ``kernels.flash_attention``
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -72,12 +73,26 @@ class RotaryEmbedding(nn.Module):
 
 
 # ----------------------------------------------------------------------------- attention
-def _attend(q, k, v, mask: torch.Tensor | None, causal: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class Packed:
+    """Sequences packed into one row at ``cu_seqlens`` boundaries (varlen attention on CUDA)."""
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
 
-    ``mask`` is a boolean (B, 1, T, S) "may attend" mask or None (then ``causal`` applies).
-    On CUDA with no explicit mask the Triton flash-attention kernel is used.
+    ``mask`` is a boolean (B, 1, T, S) "may attend" mask, a ``Packed`` layout (B = 1), or None
+    (then ``causal`` applies). On CUDA, None and Packed use the Triton flash-attention kernels.
     """
+    if isinstance(mask, Packed):
+        if q.is_cuda:
+            from .kernels import flash_attention_varlen
+            o = flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                       mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
+            return o.transpose(0, 1)[None]
+        mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
     if mask is None and q.is_cuda:
         from .kernels import flash_attention
         return flash_attention(q, k, v, causal=causal)
@@ -242,7 +257,11 @@ class Llama(nn.Module):
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"cu_seqlens needs all sequences packed into one row (batch 1); got batch {B}")
-            mask = packed_causal_mask(cu_seqlens, T, input_ids.device)
+            if input_ids.is_cuda:
+                cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+                mask = Packed(cu, int((cu[1:] - cu[:-1]).max()))
+            else:
+                mask = packed_causal_mask(cu_seqlens, T, input_ids.device)
         else:
             mask = attn_mask if attn_mask is not None else build_attention_mask(
                 attention_mask, T, T, device=input_ids.device)
