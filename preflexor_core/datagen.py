@@ -49,6 +49,7 @@ import re
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -378,9 +379,15 @@ def generate_pairs(retriever, teacher, policy=None, tokenizer=None, n: int = 100
 
     ``policy`` is a ``(model, tokenizer)`` pair (or a model with ``tokenizer=``) and is needed for
     ``rejected_from="policy"``. ``sampling`` is a ``sampler.SamplingParams`` (``n``, ``seed`` and
-    ``prepend_response`` are set here). ``batch_size`` questions share one ``generate`` call;
-    finished rows are written as soon as their batch is done. Returns every row of the output
-    (existing and new, ordered by index) as :class:`Pairs` with ``.stats``.
+    ``prepend_response`` are set here; default: 256 new tokens, temperature 0.8, top-p 0.9).
+    ``batch_size`` questions share one ``generate`` call (K samples each); rows are written as
+    soon as their batch is done, so a crash loses at most one batch in progress (pass
+    ``batch_size >= n`` for a single call). ``topics``: draw each row's chunks from the top search
+    hits of a random topic instead of random chunks. ``k_context``: search hits per question.
+    ``teacher_max_tokens``: reply budget of LLM teachers. ``scorer``: "embedding" (cosine with
+    the retriever's embedder), ``fn(question, reference, candidate) -> float``, an object with
+    ``score_many``, or a Teacher used as judge. Returns every row of the output file (existing and
+    new, ordered by index) as :class:`Pairs` with ``.stats`` (:class:`GenerationStats`).
     """
     t0 = time.perf_counter()
     if n < 0:
@@ -486,11 +493,18 @@ def _prepare_batch(batch, all_ids, retriever, teacher, categories, number_nodes_
         questions = dict(zip(batch, replies))
 
     prepared = []
+    replies: dict[int, list] = {}
+    if not task_sections:  # LLM teachers: every section and answer prompt of the batch at once
+        try:
+            replies = _section_replies(batch, all_ids, nodes, questions, retriever, teacher,
+                                       categories, use_rag, k_context, max_tokens, task_questions)
+        except Exception as e:
+            return [], e
     for i in batch:
         try:
             p = _prepare_row(i, all_ids[i], nodes[i], questions.get(i), retriever, teacher,
                              categories, use_rag, k_context, max_tokens, task_questions,
-                             task_sections, stats)
+                             task_sections, stats, replies.get(i))
         except TeacherError as e:
             if _is_fatal(e):
                 return prepared, e
@@ -505,27 +519,58 @@ def _prepare_batch(batch, all_ids, retriever, teacher, categories, number_nodes_
     return prepared, None
 
 
+def _row_question(i, rid, nodes, question_reply, teacher, task_questions) -> str:
+    if isinstance(question_reply, BaseException):
+        raise question_reply
+    return _clean_question(teacher.make_question(nodes, salt=rid) if task_questions else question_reply)
+
+
+def _section_prompts(question: str, ctx: Context, categories) -> list[list[dict]]:
+    rendered = ctx.render()
+    chats = [_user(CATEGORY_PROMPT.format(question=question, context=rendered, category=c,
+                                          hint=CATEGORY_HINTS.get(c, ""))) for c in categories]
+    chats.append(_user(ANSWER_PROMPT.format(context=rendered, question=question)))
+    return chats
+
+
+def _section_replies(batch, all_ids, nodes, questions, retriever, teacher, categories, use_rag,
+                     k_context, max_tokens, task_questions) -> dict[int, list]:
+    """(question, context, replies to the category + answer prompts) per row, from one
+    ``complete_many`` call; rows whose question failed are left out (``_prepare_row`` counts them)."""
+    rows, chats = [], []
+    for i in batch:
+        try:
+            q = _row_question(i, all_ids[i], nodes[i], questions.get(i), teacher, task_questions)
+        except TeacherError:
+            continue
+        if not q or not nodes[i]:
+            continue
+        ctx = gather_context(retriever, q, k=k_context, seed_hits=nodes[i], use_rag=use_rag)
+        rows.append((i, q, ctx))
+        chats += _section_prompts(q, ctx, categories)
+    flat = _complete_many(teacher, chats, temperature=0.0, max_tokens=max_tokens)
+    per = len(categories) + 1
+    return {i: [q, ctx, flat[j * per:(j + 1) * per]] for j, (i, q, ctx) in enumerate(rows)}
+
+
 def _prepare_row(i, rid, nodes, question_reply, retriever, teacher, categories, use_rag, k_context,
-                 max_tokens, task_questions, task_sections, stats) -> _Prepared | None:
+                 max_tokens, task_questions, task_sections, stats, llm=None) -> _Prepared | None:
     if not nodes:
         stats.skipped["no_nodes"] += 1
         return None
-    if isinstance(question_reply, BaseException):
-        raise question_reply
-    question = _clean_question(teacher.make_question(nodes, salt=rid) if task_questions else question_reply)
+    if llm is not None:
+        question, ctx, replies = llm
+    else:
+        question = _row_question(i, rid, nodes, question_reply, teacher, task_questions)
+        ctx = None
     if not question:
         stats.skipped["empty_question"] += 1
         return None
-    ctx = gather_context(retriever, question, k=k_context, seed_hits=nodes, use_rag=use_rag)
     if task_sections:
+        ctx = gather_context(retriever, question, k=k_context, seed_hits=nodes, use_rag=use_rag)
         texts = [teacher.fill_category(c, question, ctx) for c in categories]
         answer = teacher.answer(question, ctx)
     else:
-        rendered = ctx.render()
-        chats = [_user(CATEGORY_PROMPT.format(question=question, context=rendered, category=c,
-                                              hint=CATEGORY_HINTS.get(c, ""))) for c in categories]
-        chats.append(_user(ANSWER_PROMPT.format(context=rendered, question=question)))
-        replies = _complete_many(teacher, chats, temperature=0.0, max_tokens=max_tokens)
         for rep in replies:
             if isinstance(rep, BaseException):
                 raise rep
@@ -626,8 +671,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
         prog="python -m preflexor_core.datagen",
         description="Generate PRefLexOR preference pairs (prompt / chosen with a thinking "
                     "scratchpad / rejected) from a text corpus into a resumable JSONL file.")
-    ap.add_argument("--corpus", required=True,
-                    help="corpus: a .txt/.md/.jsonl file or a folder of them (read recursively)")
+    ap.add_argument("--corpus", required=True, nargs="+", metavar="PATH",
+                    help="corpus: .txt/.md/.jsonl files (.jsonl: one {\"text\": ...} per line) or "
+                         "folders of them (read recursively)")
     ap.add_argument("--retriever-dir", default=None,
                     help="load a saved GraphRetriever from this folder instead of building one")
     ap.add_argument("--out", default="pairs.jsonl",
@@ -683,16 +729,17 @@ def _build_retriever(args):
         emb = MiniLMEmbedder()
     else:
         emb = None
-    return GraphRetriever.build([args.corpus], embedder=emb)
+    return GraphRetriever.build([Path(p) for p in args.corpus], embedder=emb)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_arg_parser()
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not os.path.exists(args.corpus):
-        ap.error(f"--corpus {args.corpus}: no such file or directory; give a .txt/.md/.jsonl "
-                 "file or a folder of them")
+    for path in args.corpus:
+        if not os.path.exists(path):
+            ap.error(f"--corpus {path}: no such file or directory; give .txt/.md/.jsonl "
+                     "files or folders of them")
     if args.n < 0:
         ap.error(f"--n must be >= 0, got {args.n}")
     if args.k_samples < 1:
@@ -737,7 +784,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                               wrong_threshold=args.wrong_threshold, seed=args.seed,
                               out_path=args.out, sampling=sampling, progress=not args.no_progress,
                               batch_size=args.batch_size)
-    except (DatagenError, TeacherError, ValueError, FileNotFoundError) as e:
+    except (DatagenError, TeacherError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": args.out, "rows": len(rows), **rows.stats.as_dict()}))

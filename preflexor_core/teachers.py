@@ -668,8 +668,9 @@ class ExtractiveTeacher:
         return q[0].upper() + q[1:]
 
     def _salient(self, concepts: Sequence[str]) -> list[str]:
-        """Concepts ordered for questions: two-word terms, then three-word terms, then single
-        words; within each, terms found in many chunks (generic) last; else the given order."""
+        """Concepts ordered for questions: terms shared by several chunks before one-off
+        phrases; then two-word terms, three-word terms, single words; terms found in many chunks
+        (generic) last; else the given order."""
         n_chunks = max(1, len(getattr(self.retriever, "chunks", []) or []))
 
         def key(item):
@@ -677,7 +678,8 @@ class ExtractiveTeacher:
             df = _concept_df(self.retriever, c)
             generic = df is not None and df > max(3, 0.15 * n_chunks)
             words = c.count(" ") + 1
-            return ({2: 0, 3: 1}.get(words, 2), generic, i)
+            rare = df is not None and df < 2  # a one-off phrase, not a corpus concept
+            return (rare, {2: 0, 3: 1}.get(words, 2), generic, i)
 
         return [c for _, c in sorted(enumerate(concepts), key=key)]
 

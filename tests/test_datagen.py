@@ -339,6 +339,26 @@ def test_llm_style_teacher_prompts_and_cleaning(retriever):
     assert len(bad) == 0 and bad.stats.skipped["no_thinking"] == 2
 
 
+def test_http_teacher_end_to_end(retriever):
+    """An OpenAI-compatible teacher over HTTP: questions, one request per category + answer, and
+    plain answers as rejected; a request that keeps failing skips only its row."""
+    from preflexor_core.teachers import OpenAITeacher
+    from test_teachers import _Server
+    cats = ["Reasoning Steps", "Hypothesis"]
+    with _Server() as s:
+        t = OpenAITeacher(s.url, "m", concurrency=4, backoff_base=0.001)
+        rows = generate_pairs(retriever, t, n=2, categories=cats, rejected_from="teacher", progress=False)
+    assert len(rows) == 2 and len(s.bodies) == 2 + 2 * (len(cats) + 1) + 2
+    for r in rows:
+        assert r["prompt"].startswith("echo: You write exam questions") and r["teacher"] == t.name
+        assert re.findall(r"^\*\*(.+?)\*\*:", r["chosen"], flags=re.M) == cats
+        assert r["rejected"].startswith("echo: echo: You write exam questions")  # the bare question
+    with _Server(statuses=[200, 200] + [500] * 3) as s:  # the first row's first section fails
+        t = OpenAITeacher(s.url, "m", concurrency=1, max_retries=2, backoff_base=0.001)
+        rows = generate_pairs(retriever, t, n=2, categories=cats, rejected_from="teacher", progress=False)
+    assert [r["id"] for r in rows] == ["0-1"] and rows.stats.skipped["teacher_error"] == 1
+
+
 def test_argument_errors(retriever):
     t = ExtractiveTeacher(retriever)
     with pytest.raises(ValueError, match="needs policy"):
@@ -374,6 +394,12 @@ def test_tiny_policy_with_real_sampler(retriever, tmp_path):
         assert len(r["scores"]) == 3 and r["rejected_score"] == min(r["scores"])
         assert r["chosen"].startswith(THINK_START)
     assert len(read_pairs(out)) == 3
+    # the rows are what the trainer's tokenizer expects (thinking span closed, answer after it)
+    from preflexor_core.data import PairFormat, tokenize_pair
+    fmt = PairFormat(max_length=8192, max_prompt_length=512, mask_mode="answer_only")
+    for i, r in enumerate(rows):
+        ex, why = tokenize_pair(tok, r, fmt, index=i)
+        assert why is None and ex is not None
 
 
 # ============================================================================ CLI
