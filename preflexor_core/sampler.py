@@ -33,9 +33,10 @@ Choices worth knowing:
   just before it. ``token_ids`` are cut to the shortest prefix whose decoded text covers the kept
   text: equal to it when the stop string starts on a token boundary; otherwise the last kept token
   also produces the first characters of the stop string.
-- Seeds: every (prompt, sample, step) gets its own seed mixed from ``SamplingParams.seed`` (or one
-  draw from torch's global RNG when ``seed`` is None), so results do not depend on batch
-  composition, compaction or ``max_batch_size``.
+- Seeds: every (prompt, sample, step) gets its own 64-bit key mixed from ``SamplingParams.seed`` (or
+  one draw from torch's global RNG when ``seed`` is None); ``seeds_for_rows`` turns keys into the
+  per-row seeds of ``sample`` so that a row's draw does not depend on its batch index. Results
+  therefore do not depend on batch composition, compaction or ``max_batch_size``.
 
 References: the incremental detokenisation (prefix/read offsets) follows the approach of HF
 text-generation-inference / vLLM; repetition penalty follows CTRL (Keskar et al. 2019) with HF's
@@ -57,7 +58,8 @@ import torch.nn.functional as F
 from . import ops
 
 __all__ = ["KVCache", "SamplingParams", "Completion", "prefill", "decode_one_token", "sample",
-           "sample_torch", "generate", "CUDAGraphDecoder"]
+           "sample_torch", "generate", "CUDAGraphDecoder", "row_key", "seeds_for_rows",
+           "static_decode_step"]
 
 logger = logging.getLogger("preflexor.sampler")
 
@@ -261,6 +263,21 @@ def decode_one_token(model: nn.Module, cache: KVCache, last_tokens: torch.Tensor
     return logits[:, -1]                                                                          # (B, V)
 
 
+def static_decode_step(model: nn.Module, cache: KVCache, tokens: torch.Tensor, mask: torch.Tensor,
+                       arange: torch.Tensor) -> torch.Tensor:
+    """The body captured by ``CUDAGraphDecoder``: device-side only (no host reads), fixed shapes.
+
+    tokens (B,), mask (B, 1, 1, max_len) and arange (max_len,) are static buffers; the mask is
+    refreshed in place from ``cache.lengths``, which this step advances on the device (the host
+    mirror is the caller's job). Runs eagerly on any device, which is how it is tested on CPU.
+    """
+    cache._write_index = None
+    mask.copy_((arange[None, :] <= cache.lengths[:, None])[:, None, None, :])
+    logits = model(tokens[:, None], position_ids=cache.lengths[:, None], kv_cache=cache, attn_mask=mask)
+    cache.lengths.add_(1)
+    return logits[:, -1]                                                                          # (B, V)
+
+
 class CUDAGraphDecoder:
     """``decode_one_token`` captured in a CUDA graph for a fixed batch size and a static cache.
 
@@ -294,13 +311,7 @@ class CUDAGraphDecoder:
         cache._write_index = None
 
     def _step(self) -> torch.Tensor:
-        cache = self.cache
-        cache._write_index = None
-        self.mask.copy_((self._arange[None, :] <= cache.lengths[:, None])[:, None, None, :])
-        logits = self.model(self.tokens[:, None], position_ids=cache.lengths[:, None], kv_cache=cache,
-                            attn_mask=self.mask)
-        cache.lengths.add_(1)
-        return logits[:, -1]
+        return static_decode_step(self.model, self.cache, self.tokens, self.mask, self._arange)
 
     def __call__(self, last_tokens: torch.Tensor) -> torch.Tensor:
         self.tokens.copy_(last_tokens)
@@ -319,26 +330,56 @@ def _splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-def row_seed(seed: int, prompt_index: int, sample_index: int, step: int) -> int:
-    """A 63-bit seed for one (prompt, sample, step), independent of batch layout."""
+def _unxorshift(y: int, shift: int) -> int:
+    x = y
+    for _ in range(64 // shift + 1):
+        x = y ^ (x >> shift)
+    return x
+
+
+def _unsplitmix64(z: int) -> int:
+    """Inverse of ``_splitmix64`` (every step of the finaliser is a bijection on 64-bit ints)."""
+    z = _unxorshift(z, 31)
+    z = _unxorshift((z * pow(0x94D049BB133111EB, -1, 1 << 64)) & _MASK64, 27)
+    z = _unxorshift((z * pow(0xBF58476D1CE4E5B9, -1, 1 << 64)) & _MASK64, 30)
+    return (z - 0x9E3779B97F4A7C15) & _MASK64
+
+
+def row_key(seed: int, prompt_index: int, sample_index: int, step: int) -> int:
+    """A 64-bit key for one (prompt, sample, step), independent of batch layout."""
     h = _splitmix64(seed & _MASK64)
     for part in (prompt_index, sample_index, step):
         h = _splitmix64(h ^ (part & _MASK64))
-    return h >> 1
+    return h
+
+
+def seeds_for_rows(keys: Sequence[int], device: Any = None) -> torch.Tensor:
+    """int64 seeds such that the sampler's uniform for batch row b depends only on ``keys[b]``.
+
+    ``sample`` (``ops.sample`` and ``sample_torch``) draws row b's uniform from
+    splitmix64(splitmix64(seed_b) ^ b); passing seed_b = splitmix64^-1(key_b ^ b) makes that
+    splitmix64(key_b), so a row's draw does not change when compaction moves it to another index.
+    """
+    out = []
+    for b, k in enumerate(keys):
+        v = _unsplitmix64((k ^ b) & _MASK64)
+        out.append(v - (1 << 64) if v >= 1 << 63 else v)
+    return torch.tensor(out, dtype=torch.long, device=device)
 
 
 def _uniforms(seeds: torch.Tensor) -> torch.Tensor:
-    """One uniform in [0, 1) per row from its seed (splitmix64 -> 53-bit mantissa), float64."""
-    return torch.tensor([(_splitmix64(int(s)) >> 11) * 2.0 ** -53 for s in seeds.tolist()], dtype=torch.float64)
+    """Row b's uniform in [0, 1): 53 bits of splitmix64(splitmix64(seed_b) ^ b) (the ``ops.sample`` keying)."""
+    return torch.tensor([(_splitmix64(_splitmix64(int(s) & _MASK64) ^ b) >> 11) * 2.0 ** -53
+                         for b, s in enumerate(seeds.tolist())], dtype=torch.float64)
 
 
 def sample_torch(logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor,
                  seeds: torch.Tensor) -> torch.Tensor:
     """Sort-based sampling: logits (B, V), per-row temperature/top_k/top_p/seeds (B,) -> ids (B,).
 
-    temperature 0 = argmax; top_k 0 = off; top_p in (0, 1]. Each row draws one uniform from its seed
-    and inverts the CDF of its filtered distribution, so a row's result depends only on its own
-    logits, parameters and seed.
+    temperature 0 = argmax; top_k 0 = off; top_p in (0, 1]. Row b draws one uniform keyed by
+    (seeds[b], b), like ``ops.sample``, and inverts the CDF of its filtered distribution (in
+    descending-probability order). Used when ``ops`` has no ``sample``.
     """
     B, V = logits.shape
     logits = logits.float()
@@ -645,8 +686,8 @@ def _generate_rows(model, tokenizer, contexts, rows, forced, params: SamplingPar
         if params.temperature == 0:
             nxt = x.argmax(-1)
         else:
-            seeds = torch.tensor([row_seed(base_seed, rows[r][0], rows[r][1], step) for r in alive], dtype=torch.long)
-            nxt = sample(x, temperature, top_k, top_p, seeds.to(device))
+            seeds = seeds_for_rows([row_key(base_seed, rows[r][0], rows[r][1], step) for r in alive], device)
+            nxt = sample(x, temperature, top_k, top_p, seeds)
         if params.return_logprobs:
             chosen = torch.log_softmax(logits.float(), -1).gather(1, nxt[:, None])[:, 0].tolist()
         if seen is not None:

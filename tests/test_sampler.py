@@ -4,7 +4,7 @@ import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
 from preflexor_core.sampler import (Completion, KVCache, SamplingParams, decode_one_token, generate, prefill,
-                                    sample_torch)
+                                    row_key, sample, sample_torch, seeds_for_rows, static_decode_step)
 
 TEXTS = [
     "Spider silk combines high strength with extensibility; its beta-sheet nanocrystals resist shear.",
@@ -80,6 +80,24 @@ def test_cache_select_expand_and_per_row_writes():
     assert mask.decode_mask()[:, 0, 0].tolist() == [[True, True, False, False], [True, True, True, True]]
 
 
+def test_static_cache_step_equals_dynamic_decode(model, tok):
+    """The fixed-shape step that CUDA graphs capture, run eagerly on CPU."""
+    prompts = [tok.encode(p) for p in PROMPTS]
+    with torch.inference_mode():
+        dyn, sta = KVCache.for_model(model, 3, 40), KVCache.for_model(model, 3, 40)
+        tok_d = prefill(model, dyn, prompts).argmax(-1)
+        prefill(model, sta, prompts)
+        sta.static = True
+        tokens, mask, arange = torch.zeros(3, dtype=torch.long), torch.zeros(3, 1, 1, 40, dtype=torch.bool), torch.arange(40)
+        for _ in range(6):
+            ld = decode_one_token(model, dyn, tok_d)
+            tokens.copy_(tok_d)
+            ls = static_decode_step(model, sta, tokens, mask, arange)
+            assert torch.allclose(ls, ld, atol=1e-5)
+            assert sta.lengths.tolist() == dyn.lengths.tolist()
+            tok_d = ld.argmax(-1)
+
+
 def test_greedy_with_cache_equals_full_recompute(model, tok):
     ids = tok.encode(PROMPTS[1])
     out = generate(model, tok, PROMPTS[1], SamplingParams(max_new_tokens=16, **GREEDY))
@@ -96,6 +114,21 @@ def test_mixed_lengths_batch_equals_each_alone(model, tok):
         alone = generate(model, tok, [p], params)[0]
         assert batch[i].token_ids == alone.token_ids
         assert batch[i].token_ids == full_recompute_greedy(model, tok.encode(p), 12)
+
+
+def test_rows_finishing_early_are_compacted_without_changing_others(model, tok, monkeypatch):
+    solo = [generate(model, tok, p, SamplingParams(max_new_tokens=12, **GREEDY))[0].token_ids for p in PROMPTS]
+    stop = solo[0][2]
+    sizes = []
+    original = KVCache.select
+    monkeypatch.setattr(KVCache, "select", lambda self, rows: (sizes.append(len(rows)), original(self, rows))[1])
+    params = SamplingParams(max_new_tokens=12, temperature=0.0, stop_token_ids=[stop])
+    batch = generate(model, tok, PROMPTS, params)
+    assert sizes[0] == 3 and min(sizes) < 3                           # prefill rows, then a compaction
+    for i, ids in enumerate(solo):
+        want = ids[:ids.index(stop)] if stop in ids else ids
+        assert batch[i].token_ids == want
+        assert batch[i].finish_reason == ("stop" if stop in ids else "length")
 
 
 def test_chat_input_uses_template(model, tok):
@@ -119,6 +152,18 @@ def test_seed_reproducible_at_n_gt_1_and_batch_invariant(model, tok):
     d = generate(model, tok, PROMPTS[:2], SamplingParams(max_new_tokens=10, temperature=1.0, n=3, seed=124,
                                                          stop_token_ids=[]))
     assert [x.token_ids for x in a] != [x.token_ids for x in d]
+
+
+@pytest.mark.parametrize("fn", [sample, sample_torch], ids=["dispatch", "torch"])
+def test_row_draw_does_not_depend_on_batch_index(fn):
+    torch.manual_seed(1)
+    logits = torch.randn(6, 50)
+    keys = [row_key(5, p, 0, 0) for p in range(6)]
+    args = lambda n: (torch.ones(n), torch.zeros(n, dtype=torch.long), torch.full((n,), 0.9))
+    full = fn(logits, *args(6), seeds_for_rows(keys))
+    perm = [4, 1, 5]
+    part = fn(logits[perm], *args(3), seeds_for_rows([keys[i] for i in perm]))
+    assert part.tolist() == full[perm].tolist()
 
 
 def test_sample_torch_filters_and_distribution():
