@@ -93,6 +93,7 @@ class KVCache(nn.Module):
         self.max_len = max_len
         self.static = static
         self._write_index: torch.Tensor | None = None   # per-step scatter index, shared by all layers
+        self._span_cache: tuple[int, int] | None = None
 
     @classmethod
     def for_model(cls, model: nn.Module, batch_size: int, max_len: int, static: bool = False) -> "KVCache":
@@ -122,8 +123,7 @@ class KVCache(nn.Module):
         if self.static:
             self._scatter(kb, vb, k, v)
             return kb, vb
-        hl = self._host_lengths
-        lo, hi = min(hl), max(hl)
+        lo, hi = self._span()
         if hi + T > self.max_len:
             raise RuntimeError(f"KVCache is full: writing {T} position(s) after length {hi} exceeds "
                                f"max_len={self.max_len}; allocate a larger cache")
@@ -133,6 +133,12 @@ class KVCache(nn.Module):
         else:
             self._scatter(kb, vb, k, v)
         return kb[:, :, :hi + T], vb[:, :, :hi + T]
+
+    def _span(self) -> tuple[int, int]:
+        """(min, max) of the host lengths, computed once per step rather than once per layer."""
+        if self._span_cache is None:
+            self._span_cache = (min(self._host_lengths), max(self._host_lengths))
+        return self._span_cache
 
     def _scatter(self, kb, vb, k, v) -> None:
         B, H, T, D = k.shape
@@ -147,7 +153,7 @@ class KVCache(nn.Module):
         """Move every row forward by ``n`` positions (after all layers wrote them)."""
         self.lengths.add_(n)
         self._host_lengths = [x + n for x in self._host_lengths]
-        self._write_index = None
+        self._write_index = self._span_cache = None
 
     def set_lengths(self, lengths: Sequence[int]) -> None:
         if len(lengths) != self.batch_size:
@@ -156,7 +162,7 @@ class KVCache(nn.Module):
             raise ValueError(f"set_lengths: lengths {list(lengths)} must lie in [0, max_len={self.max_len}]")
         self._host_lengths = [int(x) for x in lengths]
         self.lengths.copy_(torch.tensor(self._host_lengths, dtype=torch.long), non_blocking=True)
-        self._write_index = None
+        self._write_index = self._span_cache = None
 
     # -- row management -----------------------------------------------------
     def select(self, rows: Sequence[int] | torch.Tensor) -> "KVCache":
@@ -178,7 +184,7 @@ class KVCache(nn.Module):
         self.k, self.v = k, v
         self.lengths = self.lengths.index_select(0, idx)
         self._host_lengths = [self._host_lengths[r] for r in rows_list]
-        self._write_index = None
+        self._write_index = self._span_cache = None
         return self
 
     reorder = select
@@ -196,10 +202,10 @@ class KVCache(nn.Module):
         None when every row has the same length (plain attention over all S keys is then exact),
         unless ``always``.
         """
-        hl = self._host_lengths
-        if not always and min(hl) == max(hl) and not self.static:
+        lo, hi = self._span()
+        if not always and lo == hi and not self.static:
             return None
-        S = self.max_len if self.static else max(hl) + 1
+        S = self.max_len if self.static else hi + 1
         s = torch.arange(S, device=self.lengths.device)
         return (s[None, :] <= self.lengths[:, None])[:, None, None, :]
 
@@ -318,7 +324,7 @@ class CUDAGraphDecoder:
         self.graph.replay()
         cache = self.cache
         cache._host_lengths = [x + 1 for x in cache._host_lengths]
-        cache._write_index = None
+        cache._write_index = cache._span_cache = None
         return self.out
 
 
