@@ -28,14 +28,18 @@ def _extensions():
     with_cuda = bool(cu) and torch.version.cuda is not None and (
         shutil.which("nvcc") is not None or cpp_extension.CUDA_HOME is not None
     ) and os.environ.get("PREFLEXOR_NO_CUDA", "0") != "1"
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    # Portable flags only (no -march=native): the wheel may run on another CPU than the build host.
+    # torch >= 2.10 headers need C++20.
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     libs = ["gomp"]
     if with_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         ext = cpp_extension.CUDAExtension(
             "preflexor_core._C", cpp + cu,
             extra_compile_args={"cxx": cxx + ["-DPREFLEXOR_WITH_CUDA"],
-                                "nvcc": ["-O3", "--use_fast_math", "-std=c++17", "-DPREFLEXOR_WITH_CUDA"]},
+                                # no --use_fast_math: sampling divides logits by the temperature and
+                                # must match the torch reference bit for bit before the selection.
+                                "nvcc": ["-O3", "-std=c++20", "-DPREFLEXOR_WITH_CUDA"]},
             libraries=libs)
     else:
         ext = cpp_extension.CppExtension(

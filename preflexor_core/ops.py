@@ -1,19 +1,62 @@
-"""Wrappers over the compiled ``preflexor_core._C`` ops with torch reference fallbacks.
+"""Wrappers over the compiled ``preflexor_core._C`` ops (csrc/) with torch reference fallbacks.
 
-    rms_norm(x, weight, eps)            -> RMSNorm in fp32, cast back (HF Llama semantics)
-    rope(q, k, cos, sin)                -> rotary embedding applied to q (B,Hq,T,D) and k (B,Hkv,T,D)
+    rms_norm(x, weight, eps)                      -> y              RMSNorm, fp32 math, HF Llama semantics
+    rms_norm_residual(x, residual, weight, eps)   -> (y, x + residual)   residual add fused with the norm
+    rope(q, k, cos, sin)                          -> (q_rot, k_rot)  rotary embedding, rotate_half convention
+    rope_(q, k, cos, sin)                         -> (q, k)          the same, in place (decoding)
+    sample(logits, temperature, top_k, top_p, seeds) -> token ids [B] int64
 
-The compiled extension is optional; without it these torch implementations run.
+Each has a torch reference (``rms_norm_reference``, ``rope_reference``, ``sample_reference``) that
+defines its semantics. The C++/CUDA kernels are ``torch.ops.preflexor.*``; this module registers
+their fake (meta) kernels and autograd formulas with ``torch.library`` so ``torch.compile`` can trace
+them and training can backprop through them.
+
+Dispatch: the compiled op when ``preflexor_core._C`` imports and has a kernel for the tensors'
+device; otherwise the torch reference, with one warning the first time. ``PREFLEXOR_KERNELS=reference``
+forces the torch path, ``PREFLEXOR_KERNELS=csrc`` makes a missing extension an error.
+
+Sampling semantics (both paths): temperature 0 is argmax (first maximal id). Otherwise
+z = logits.float() / temperature; top-k (k > 0) keeps the k largest z; top-p keeps, within the top-k
+set renormalised, the smallest prefix in descending order whose cumulative probability reaches p
+(at least one token); the token is drawn by inverse CDF over the kept tokens in token-id order with
+u = splitmix64-based uniform keyed by (seed, row index). Rows where logits / temperature overflows
+fp32 take the argmax (the temperature -> 0 limit). Ties (exactly equal z) rank by token id,
+lower id first, which is what a stable descending sort gives. Callers that decode step by step must
+change the seeds each step (e.g. seed + step), otherwise every step draws the same u.
+
+Build the extension with ``pip install --no-build-isolation -e .`` (see setup.py).
 """
 from __future__ import annotations
 
+import logging
+import os
+import warnings
+
 import torch
 
+log = logging.getLogger(__name__)
 
+try:  # the compiled extension is optional
+    from . import _C  # noqa: F401  (importing registers torch.ops.preflexor.*)
+    _HAVE_EXT = True
+    _IMPORT_ERROR: Exception | None = None
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _HAVE_EXT = False
+    _IMPORT_ERROR = exc
+
+_WARNED_FALLBACK = False
+
+
+# ----------------------------------------------------------------------------- references
 def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
+
+
+def rms_norm_residual_reference(x, residual, weight, eps):
+    h = x + residual
+    return rms_norm_reference(h, weight, eps), h
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -26,9 +69,313 @@ def rope_reference(q, k, cos, sin):
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
 
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(z: int) -> int:
+    z = (z + 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return z ^ (z >> 31)
+
+
+def uniform_for(seed: int, row: int) -> float:
+    """The uniform in [0, 1) that ``sample`` uses for ``row`` with ``seed`` (53 bits of splitmix64)."""
+    h = _splitmix64(_splitmix64(seed & _MASK64) ^ (row & _MASK64))
+    return (h >> 11) * 2.0 ** -53
+
+
+def sample_reference(logits, temperature, top_k, top_p, seeds) -> torch.Tensor:
+    """Sort-based torch sampling with the semantics of ``sample`` (see the module docstring)."""
+    logits, temperature, top_k, top_p, seeds = _check_sample_args(logits, temperature, top_k, top_p, seeds)
+    B, V = logits.shape
+    dev = logits.device
+    z = logits.float() / torch.where(temperature == 0, torch.ones_like(temperature), temperature)[:, None]
+    zs, order = torch.sort(z, dim=-1, descending=True, stable=True)     # ties: lower token id first
+    greedy = (temperature == 0) | ~torch.isfinite(zs[:, 0])             # T = 0, or logits / T overflowed
+    zs = torch.where(greedy[:, None], torch.zeros_like(zs), zs)
+    pos = torch.arange(V, device=dev)
+    k = torch.where((top_k <= 0) | (top_k >= V), torch.full_like(top_k, V), top_k)
+    e = torch.exp(zs - zs[:, :1])
+    ed = torch.where(pos[None, :] < k[:, None], e, torch.zeros_like(e)).double()
+    cum = torch.cumsum(ed, dim=-1)
+    p = top_p.double()[:, None]
+    n = (cum < p * cum[:, -1:]).sum(-1) + 1                              # smallest prefix reaching p
+    n = torch.where(top_p >= 1, k, torch.minimum(n, k))
+    w_sorted = torch.where(pos[None, :] < n[:, None], ed, torch.zeros_like(ed))
+    w = torch.zeros_like(w_sorted).scatter_(1, order, w_sorted)          # back to token-id order
+    cdf = torch.cumsum(w, dim=-1)
+    u = torch.tensor([uniform_for(int(s), b) for b, s in enumerate(seeds.tolist())],
+                     dtype=torch.float64, device=dev)
+    tok = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    last_positive = (V - 1) - torch.argmax((w.flip(-1) > 0).to(torch.int8), dim=-1)
+    tok = torch.where(tok >= V, last_positive, tok)
+    return torch.where(greedy, logits.argmax(-1), tok)
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _kernel_devices() -> frozenset[str]:
+    """Device types the compiled ops have kernels for (probed once; CUDA only in a CUDA build)."""
+    if not _HAVE_EXT:
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(dev for dev, key in (("cpu", "CPU"), ("cuda", "CUDA")) if has("preflexor::sample", key))
+
+
+_EXT_DEVICES = _kernel_devices()
+if _HAVE_EXT:
+    log.info("preflexor ops: compiled csrc kernels available for %s", sorted(_EXT_DEVICES))
+
+
+def _use_ext(op: str, device: torch.device) -> bool:
+    """True when the compiled ``op`` should run for tensors on ``device`` (reads PREFLEXOR_KERNELS per call)."""
+    global _WARNED_FALLBACK
+    mode = os.environ.get("PREFLEXOR_KERNELS", "").strip().lower()
+    if mode == "reference":
+        return False
+    if not _HAVE_EXT:
+        if mode == "csrc":
+            raise RuntimeError(f"PREFLEXOR_KERNELS=csrc but preflexor_core._C failed to import ({_IMPORT_ERROR}); "
+                               "build it with `pip install --no-build-isolation -e .`")
+        if not _WARNED_FALLBACK:
+            _WARNED_FALLBACK = True
+            warnings.warn(f"preflexor_core._C is not available ({_IMPORT_ERROR}); rms_norm / rope / sample use the "
+                          "torch reference implementations. Build it with `pip install --no-build-isolation -e .`.",
+                          RuntimeWarning, stacklevel=3)
+        return False
+    if device.type not in _EXT_DEVICES:
+        if mode == "csrc":
+            raise RuntimeError(f"PREFLEXOR_KERNELS=csrc but preflexor_core._C has no {device.type} kernel for {op}")
+        return False
+    return True
+
+
+# ----------------------------------------------------------------------------- rms_norm
+def _check_rms(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
+    if x.dim() < 1:
+        raise ValueError(f"{name}: x must have at least one dimension, got a scalar")
+    if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
+        raise ValueError(f"{name}: weight must have shape ({x.shape[-1]},) to match the last dim of x "
+                         f"{tuple(x.shape)}, got {tuple(weight.shape)}")
+    if x.device != weight.device:
+        raise ValueError(f"{name}: x is on {x.device} but weight is on {weight.device}")
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return rms_norm_reference(x, weight, eps)
+    """HF Llama RMSNorm: ``weight * (x_f32 * rsqrt(mean(x_f32^2) + eps)).to(x.dtype)``; differentiable."""
+    _check_rms(x, weight, "rms_norm")
+    if x.dtype != weight.dtype or x.shape[-1] == 0 or not _use_ext("rms_norm_forward", x.device):
+        return rms_norm_reference(x, weight, eps)
+    return torch.ops.preflexor.rms_norm_forward(x, weight, float(eps))[0]
 
 
-def rope(q, k, cos, sin):
-    return rope_reference(q, k, cos, sin)
+def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
+    """``h = x + residual; return rms_norm(h, weight, eps), h`` in one pass; differentiable."""
+    _check_rms(x, weight, "rms_norm_residual")
+    if x.shape != residual.shape:
+        raise ValueError(f"rms_norm_residual: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
+    if (x.dtype != weight.dtype or residual.dtype != x.dtype or x.shape[-1] == 0
+            or residual.device != x.device or not _use_ext("rms_norm_residual_forward", x.device)):
+        return rms_norm_residual_reference(x, residual, weight, eps)
+    y, h, _ = torch.ops.preflexor.rms_norm_residual_forward(x, residual, weight, float(eps))
+    return y, h
+
+
+# ----------------------------------------------------------------------------- rope
+def _check_rope(q, k, cos, sin, name: str) -> None:
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{name}: q and k must be 4-D (B, H, T, D), got {tuple(q.shape)} and {tuple(k.shape)}")
+    B, _, T, D = q.shape
+    if k.shape[0] != B or k.shape[2] != T or k.shape[3] != D:
+        raise ValueError(f"{name}: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on B, T and D")
+    if D % 2:
+        raise ValueError(f"{name}: head dim must be even, got {D}")
+    if cos.shape != sin.shape or cos.dim() != 3 or cos.shape[0] not in (1, B) or tuple(cos.shape[1:]) != (T, D):
+        raise ValueError(f"{name}: cos {tuple(cos.shape)} and sin {tuple(sin.shape)} must both be (B or 1, T, D) "
+                         f"= ({B}, {T}, {D})")
+    if not (q.device == k.device == cos.device == sin.device):
+        raise ValueError(f"{name}: q, k, cos, sin must be on one device, got {q.device}, {k.device}, "
+                         f"{cos.device}, {sin.device}")
+
+
+def _rope_ext_ok(q, k, cos, sin) -> bool:
+    return (q.dtype == k.dtype == cos.dtype == sin.dtype and not cos.requires_grad and not sin.requires_grad
+            and _use_ext("rope", q.device))
+
+
+def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """Rotary embedding ``x * cos + rotate_half(x) * sin`` on q (B,Hq,T,D), k (B,Hkv,T,D); differentiable in q, k."""
+    _check_rope(q, k, cos, sin, "rope")
+    if not _rope_ext_ok(q, k, cos, sin):
+        return rope_reference(q, k, cos, sin)
+    return torch.ops.preflexor.rope(q, k, cos, sin)
+
+
+def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+    """In-place ``rope`` (for decoding); returns (q, k)."""
+    _check_rope(q, k, cos, sin, "rope_")
+    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
+    if needs_grad or q.stride(-1) != 1 or k.stride(-1) != 1 or not _rope_ext_ok(q, k, cos, sin):
+        qo, ko = rope(q, k, cos, sin)
+        q.copy_(qo)
+        k.copy_(ko)
+        return q, k
+    torch.ops.preflexor.rope_(q, k, cos, sin)
+    return q, k
+
+
+# ----------------------------------------------------------------------------- sampling
+def _row_param(v, B: int, dev: torch.device, dtype: torch.dtype, name: str) -> torch.Tensor:
+    t = torch.as_tensor(v, device=dev)
+    if dtype == torch.int64 and t.is_floating_point():
+        raise ValueError(f"sample: {name} must be integers, got dtype {t.dtype}")
+    t = t.to(device=dev, dtype=dtype)
+    if t.dim() == 0:
+        t = t.expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"sample: {name} must be a scalar or have shape ({B},) (one per logits row), got {tuple(t.shape)}")
+    return t.contiguous()
+
+
+def _check_sample_args(logits, temperature, top_k, top_p, seeds):
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        raise ValueError(f"sample: logits must be a floating [B, V] tensor, got "
+                         f"{getattr(logits, 'shape', type(logits))} {getattr(logits, 'dtype', '')}")
+    B, V = logits.shape
+    if V == 0:
+        raise ValueError("sample: logits has an empty vocabulary dimension")
+    dev = logits.device
+    temperature = _row_param(temperature, B, dev, torch.float32, "temperature")
+    top_k = _row_param(top_k, B, dev, torch.int64, "top_k")
+    top_p = _row_param(top_p, B, dev, torch.float32, "top_p")
+    seeds = _row_param(seeds, B, dev, torch.int64, "seeds")
+    if B == 0:
+        return logits, temperature, top_k, top_p, seeds
+    if not bool((temperature >= 0).all()):                       # also catches NaN
+        raise ValueError(f"sample: temperature must be >= 0 (0 = greedy), got {temperature.tolist()}")
+    if bool((top_k < 0).any()):
+        raise ValueError(f"sample: top_k must be >= 0 (0 = disabled), got {top_k.tolist()}")
+    if not bool(((top_p > 0) & (top_p <= 1)).all()):
+        raise ValueError(f"sample: top_p must be in (0, 1] (1 = disabled), got {top_p.tolist()}")
+    row_max = logits.max(-1).values                               # NaN propagates through max
+    if bool(row_max.isnan().any()):
+        rows = row_max.isnan().nonzero().flatten().tolist()
+        raise ValueError(f"sample: logits contain NaN in rows {rows}")
+    if bool((row_max == float("inf")).any()):
+        raise ValueError("sample: logits contain +inf; mask with -inf or large finite values instead")
+    if bool((row_max == float("-inf")).any()):
+        raise ValueError("sample: a logits row is entirely -inf; no token can be drawn")
+    return logits, temperature, top_k, top_p, seeds
+
+
+def sample(logits: torch.Tensor, temperature, top_k, top_p, seeds) -> torch.Tensor:
+    """Draw one token id per row of ``logits`` [B, V]; parameters are scalars or [B] tensors.
+
+    temperature 0 = argmax, top_k 0 = off, top_p 1 = off; deterministic for given seeds.
+    """
+    logits, temperature, top_k, top_p, seeds = _check_sample_args(logits, temperature, top_k, top_p, seeds)
+    if logits.shape[0] == 0:
+        return torch.empty(0, dtype=torch.int64, device=logits.device)
+    if not _use_ext("sample", logits.device):
+        return sample_reference(logits, temperature, top_k, top_p, seeds)
+    return torch.ops.preflexor.sample(logits, temperature, top_k, top_p, seeds)
+
+
+# ----------------------------------------------------------------------------- torch.library registrations
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """dtype of the saved rstd: fp64 for fp64 inputs, fp32 otherwise (as in csrc/rmsnorm_cpu.cpp)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _register() -> None:
+    lib = "preflexor::"
+
+    @torch.library.register_fake(lib + "rms_norm_forward")
+    def _(x, weight, eps):
+        rows = x.numel() // x.shape[-1]
+        return x.new_empty(x.shape), x.new_empty((rows,), dtype=_acc_dtype(x))
+
+    @torch.library.register_fake(lib + "rms_norm_residual_forward")
+    def _(x, residual, weight, eps):
+        rows = x.numel() // x.shape[-1]
+        return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((rows,), dtype=_acc_dtype(x))
+
+    @torch.library.register_fake(lib + "rms_norm_backward")
+    def _(grad_y, x, weight, rstd):
+        return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+    def _like_out(t):                      # mirrors the C++ output allocation
+        t = t if t.stride(-1) == 1 else t.contiguous()
+        out = torch.empty_like(t)
+        return out if out.stride(-1) == 1 else t.new_empty(t.shape)
+
+    @torch.library.register_fake(lib + "rope")
+    def _(q, k, cos, sin):
+        return _like_out(q), _like_out(k)
+
+    @torch.library.register_fake(lib + "rope_backward")
+    def _(grad_q, grad_k, cos, sin):
+        return _like_out(grad_q), _like_out(grad_k)
+
+    @torch.library.register_fake(lib + "rope_")
+    def _(q, k, cos, sin):
+        return None
+
+    @torch.library.register_fake(lib + "sample")
+    def _(logits, temperature, top_k, top_p, seeds):
+        return logits.new_empty((logits.shape[0],), dtype=torch.int64)
+
+    # ---- autograd
+    def rms_setup(ctx, inputs, output):
+        x, weight, _ = inputs
+        _, rstd = output
+        ctx.save_for_backward(x, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+
+    def rms_backward(ctx, grad_y, _grad_rstd):
+        x, weight, rstd = ctx.saved_tensors
+        if grad_y is None:
+            return None, None, None
+        gx, gw = torch.ops.preflexor.rms_norm_backward(grad_y, x, weight, rstd)
+        return gx, gw, None
+
+    torch.library.register_autograd(lib + "rms_norm_forward", rms_backward, setup_context=rms_setup)
+
+    def rmsr_setup(ctx, inputs, output):
+        _, _, weight, _ = inputs
+        _, h, rstd = output
+        ctx.save_for_backward(h, weight, rstd)
+        ctx.mark_non_differentiable(rstd)
+
+    def rmsr_backward(ctx, grad_y, grad_h, _grad_rstd):
+        h, weight, rstd = ctx.saved_tensors
+        if grad_y is None:
+            g, gw = grad_h, None
+        else:
+            g, gw = torch.ops.preflexor.rms_norm_backward(grad_y, h, weight, rstd)
+            if grad_h is not None:
+                g = g + grad_h
+        return g, g, gw, None
+
+    torch.library.register_autograd(lib + "rms_norm_residual_forward", rmsr_backward, setup_context=rmsr_setup)
+
+    def rope_setup(ctx, inputs, output):
+        q, k, cos, sin = inputs
+        ctx.save_for_backward(cos, sin)
+        ctx.q_meta = (q.shape, q.dtype, q.device)
+        ctx.k_meta = (k.shape, k.dtype, k.device)
+
+    def rope_backward(ctx, grad_q, grad_k):
+        cos, sin = ctx.saved_tensors
+        if grad_q is None:
+            grad_q = torch.zeros(ctx.q_meta[0], dtype=ctx.q_meta[1], device=ctx.q_meta[2])
+        if grad_k is None:
+            grad_k = torch.zeros(ctx.k_meta[0], dtype=ctx.k_meta[1], device=ctx.k_meta[2])
+        gq, gk = torch.ops.preflexor.rope_backward(grad_q, grad_k, cos, sin)
+        return gq, gk, None, None
+
+    torch.library.register_autograd(lib + "rope", rope_backward, setup_context=rope_setup)
+
+
+if _HAVE_EXT:
+    _register()

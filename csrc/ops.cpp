@@ -1,0 +1,49 @@
+// Operator registry of the preflexor extension (`preflexor_core._C`): the TORCH_LIBRARY schemas of
+// every op, their CPU kernels, their CUDA kernels when built with PREFLEXOR_WITH_CUDA, and the empty
+// Python module init so that `import preflexor_core._C` loads the library and registers the ops.
+// Autograd formulas and fake (meta) kernels are registered from Python in preflexor_core/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(preflexor, m) {
+  m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
+  m.def(
+      "rms_norm_residual_forward(Tensor x, Tensor residual, Tensor weight, float eps)"
+      " -> (Tensor y, Tensor new_residual, Tensor rstd)");
+  m.def(
+      "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd)"
+      " -> (Tensor grad_x, Tensor grad_weight)");
+  m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
+  m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor grad_q_in, Tensor grad_k_in)");
+  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
+  m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(preflexor, CPU, m) {
+  m.impl("rms_norm_forward", &preflexor::rms_norm_forward_cpu);
+  m.impl("rms_norm_residual_forward", &preflexor::rms_norm_residual_forward_cpu);
+  m.impl("rms_norm_backward", &preflexor::rms_norm_backward_cpu);
+  m.impl("rope", &preflexor::rope_cpu);
+  m.impl("rope_backward", &preflexor::rope_backward_cpu);
+  m.impl("rope_", &preflexor::rope_inplace_cpu);
+  m.impl("sample", &preflexor::sample_cpu);
+}
+
+#ifdef PREFLEXOR_WITH_CUDA
+TORCH_LIBRARY_IMPL(preflexor, CUDA, m) {
+  m.impl("rms_norm_forward", &preflexor::rms_norm_forward_cuda);
+  m.impl("rms_norm_residual_forward", &preflexor::rms_norm_residual_forward_cuda);
+  m.impl("rms_norm_backward", &preflexor::rms_norm_backward_cuda);
+  m.impl("rope", &preflexor::rope_cuda);
+  m.impl("rope_backward", &preflexor::rope_backward_cuda);
+  m.impl("rope_", &preflexor::rope_inplace_cuda);
+  m.impl("sample", &preflexor::sample_cuda);
+}
+#endif
+
+// `import preflexor_core._C` only needs a module object; the ops live in torch.ops.preflexor.
+static struct PyModuleDef preflexor_module = {PyModuleDef_HEAD_INIT, "_C", "preflexor compiled ops", -1, nullptr};
+
+PyMODINIT_FUNC PyInit__C(void) { return PyModule_Create(&preflexor_module); }
