@@ -7,7 +7,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "cuda_utils.cuh"
+#include "cuda_utils.h"
 #include "ops.h"
 
 namespace preflexor {
@@ -16,7 +16,7 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t>
-__global__ void rms_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+__global__ void __launch_bounds__(kThreads) rms_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
                                    const scalar_t* __restrict__ w, scalar_t* __restrict__ y,
                                    scalar_t* __restrict__ h_out, acc_t<scalar_t>* __restrict__ rstd, int64_t H,
                                    acc_t<scalar_t> eps) {
@@ -53,7 +53,7 @@ __global__ void rms_forward_kernel(const scalar_t* __restrict__ x, const scalar_
 }
 
 template <typename scalar_t>
-__global__ void rms_backward_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
+__global__ void __launch_bounds__(kThreads) rms_backward_kernel(const scalar_t* __restrict__ gy, const scalar_t* __restrict__ x,
                                     const scalar_t* __restrict__ w, const acc_t<scalar_t>* __restrict__ rstd,
                                     scalar_t* __restrict__ gx, acc_t<scalar_t>* __restrict__ partial, int64_t rows,
                                     int64_t H) {

@@ -13,7 +13,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 
-#include "cuda_utils.cuh"
+#include "cuda_utils.h"
 #include "ops.h"
 
 namespace preflexor {
@@ -42,7 +42,7 @@ struct Shared {
 };
 
 template <typename T>
-__global__ void sample_kernel(const T* __restrict__ logits, const float* __restrict__ temperature,
+__global__ void __launch_bounds__(kThreads) sample_kernel(const T* __restrict__ logits, const float* __restrict__ temperature,
                               const int64_t* __restrict__ top_k, const float* __restrict__ top_p,
                               const int64_t* __restrict__ seeds, float* __restrict__ e_ws,
                               uint32_t* __restrict__ key_ws, int64_t* __restrict__ out, int64_t V) {

@@ -1,6 +1,6 @@
-// Device helpers shared by the preflexor CUDA kernels: warp/block reductions and a block-wide
-// exclusive scan. Every reduction combines partial results in a fixed order, so results are
-// deterministic run to run. Block sizes must be multiples of 32 (at most 1024).
+// Device helpers shared by the preflexor CUDA kernels (included only from the .cu files): warp/block
+// reductions and a block-wide exclusive scan. Every reduction combines partial results in a fixed
+// order, so results are deterministic run to run. Block sizes must be multiples of 32 (at most 1024).
 #pragma once
 
 #include <cuda_runtime.h>
