@@ -196,7 +196,8 @@ def chunk_text(text: str, source: str, max_tokens: int = 200, overlap: int = 1,
     ``max_tokens`` tokens. Consecutive chunks share up to ``overlap`` trailing sentences
     (``overlap_unit="sentences"``) or the trailing whole sentences that hold at most ``overlap``
     tokens (``overlap_unit="tokens"``); overlap is reduced when it would not leave room for a new
-    sentence, and every chunk starts at a later sentence than the one before it.
+    sentence, and every chunk starts at a later sentence than the one before it. A single word
+    that alone exceeds ``max_tokens`` (possible with a model tokenizer) becomes its own chunk.
     """
     if max_tokens < 1:
         raise ValueError(f"max_tokens must be >= 1, got {max_tokens}")

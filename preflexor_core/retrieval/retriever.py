@@ -43,7 +43,8 @@ from .chunking import (SUPPORTED_SUFFIXES, Chunk, CorpusError, Document, Tokeniz
                        read_path)
 from .embedding import Embedder, default_embedder, embedder_from_name
 from .graph import KnowledgeGraph, chunk_node, concept_node, extract_concepts, normalize_term
-from .index import EXACT_THRESHOLD, load_index, make_index
+from .index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, EXACT_THRESHOLD, load_index,
+                    make_index)
 
 FORMAT_VERSION = 1
 
@@ -121,16 +122,19 @@ class GraphRetriever:
     @classmethod
     def build(cls, texts_or_paths, embedder: Embedder | None = None, *, chunk_tokens: int = 200,
               overlap: int = 1, overlap_unit: str = "sentences", tokenizer: Tokenizer | None = None,
-              exact: bool | None = None, exact_threshold: int = EXACT_THRESHOLD, hnsw_M: int = 16,
-              ef_construction: int = 200, ef_search: int = 128, sim_threshold: float = 0.6,
+              exact: bool | None = None, exact_threshold: int = EXACT_THRESHOLD, hnsw_M: int = DEFAULT_M,
+              ef_construction: int = DEFAULT_EF_CONSTRUCTION, ef_search: int = DEFAULT_EF_SEARCH,
+              sim_threshold: float = 0.6,
               sim_neighbors: int = 5, max_concepts: int = 12, batch_size: int = 64) -> "GraphRetriever":
         """Chunk, embed, index and graph ``texts_or_paths`` (see the module docstring)."""
+        if isinstance(texts_or_paths, (str, os.PathLike)):
+            texts_or_paths = [texts_or_paths]
+        texts_or_paths = list(texts_or_paths)
         docs = collect_documents(texts_or_paths)
         chunks = chunk_documents(docs, max_tokens=chunk_tokens, overlap=overlap,
                                  overlap_unit=overlap_unit, tokenizer=tokenizer)
         if not chunks:
-            n_in = 1 if isinstance(texts_or_paths, (str, os.PathLike)) else len(texts_or_paths)
-            raise CorpusError(f"empty corpus: the {n_in} input(s) produced no text chunks (no "
+            raise CorpusError(f"empty corpus: the {len(texts_or_paths)} input(s) produced no text chunks (no "
                               f"non-blank text, or folders without {'/'.join(SUPPORTED_SUFFIXES)} "
                               "files); pass texts or files with content")
         ids = [c.chunk_id for c in chunks]
