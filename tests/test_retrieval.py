@@ -199,6 +199,16 @@ def test_bert_folder_with_prefix_and_cls_pooling(tmp_path):
     np.testing.assert_allclose(cls_emb.encode(sents[1:]), want, atol=1e-5)
 
 
+@needs_weights
+def test_minilm_progress_bar_on_large_inputs(capsys):
+    emb = MiniLMEmbedder()
+    x = emb.encode([f"t{i}" for i in range(1001)], batch_size=256)
+    assert x.shape == (1001, 384)
+    assert "embedding (all-MiniLM-L6-v2)" in capsys.readouterr().err
+    emb.encode(["a", "b"])
+    assert "embedding" not in capsys.readouterr().err
+
+
 def test_minilm_folder_errors(tmp_path):
     with pytest.raises(EmbedderError, match="missing config.json"):
         MiniLMEmbedder(tmp_path)
@@ -295,6 +305,20 @@ def test_index_save_load_ids_and_clamping(tmp_path, kind):
     assert back.query(x[:1], 10_000)[0].shape == (1, 300)
     with pytest.raises(ValueError, match=r"expected shape \[n, 16\]"):
         idx.query(np.zeros((1, 8)), 3)
+
+
+def test_exact_index_blocked_queries_match(monkeypatch):
+    from preflexor_core.retrieval import index as index_mod
+
+    rng = np.random.default_rng(3)
+    idx = ExactIndex(32)
+    idx.add(rng.standard_normal((500, 32)))
+    q = rng.standard_normal((37, 32))
+    whole = idx.query(q, 7)
+    monkeypatch.setattr(index_mod, "EXACT_BLOCK_ELEMENTS", 500 * 5)  # 5 queries per block
+    blocked = idx.query(q, 7)
+    np.testing.assert_array_equal(whole[0], blocked[0])
+    np.testing.assert_allclose(whole[1], blocked[1], atol=1e-6)
 
 
 def test_make_index_threshold():

@@ -42,6 +42,7 @@ EXACT_THRESHOLD = 5000
 DEFAULT_M = 32
 DEFAULT_EF_CONSTRUCTION = 200
 DEFAULT_EF_SEARCH = 64
+EXACT_BLOCK_ELEMENTS = 1 << 26  # max query x corpus similarities held at once by ExactIndex
 
 
 def _as_matrix(x, dim: int, what: str) -> np.ndarray:
@@ -90,7 +91,7 @@ class ExactIndex:
         if k <= 0:
             return np.zeros((q.shape[0], 0), np.int64), np.zeros((q.shape[0], 0), np.float32)
         # queries in blocks so that the (block, N) similarity matrix stays around 256 MB
-        block = max(1, min(q.shape[0], (1 << 26) // max(1, len(self))))
+        block = max(1, min(q.shape[0], EXACT_BLOCK_ELEMENTS // max(1, len(self))))
         ids, sims = zip(*(self._query_block(q[i:i + block], k) for i in range(0, q.shape[0], block)))
         return np.concatenate(ids), np.concatenate(sims)
 
