@@ -24,6 +24,8 @@ HELP = {
     "teacher": "'extractive' (offline, grounded in the corpus), an OpenAI-compatible base URL (http...), "
                "or a checkpoint directory",
     "teacher_model": "model name sent to an HTTP teacher (API key from $OPENAI_API_KEY)",
+    "embedder": "retriever embedder: auto (the bundled MiniLM weights when installed, else character hashing), "
+                "minilm or hashing",
     "out": "run directory (stage outputs, pairs.jsonl, log.jsonl, plots/, checkpoints/)",
     "seed": "random seed (data order, sampling, initialisation)",
     "device": "auto (cuda if available), cpu or cuda",

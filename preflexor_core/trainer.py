@@ -68,6 +68,7 @@ class TrainConfig:
     corpus: str | None = None          # file or folder (.txt/.md/.jsonl); default: the shipped corpus
     teacher: str = "extractive"        # extractive | http(s)://... OpenAI-compatible URL | checkpoint dir
     teacher_model: str = "gpt-4o-mini"  # model name sent to an HTTP teacher
+    embedder: str = "auto"             # retriever embedder: auto (bundled MiniLM, else hashing) | minilm | hashing
     out: str = "runs/demo"
     seed: int = 42
     device: str = "auto"               # auto | cpu | cuda
@@ -133,6 +134,8 @@ class TrainConfig:
                      "sft_steps", "sft_seq_len", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.embedder not in ("auto", "minilm", "hashing"):
+            raise ValueError(f"embedder={self.embedder!r}: use auto, minilm or hashing")
         if self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r} must be >= 0 (0 = full fine-tuning)")
 
@@ -276,22 +279,20 @@ class Trainer:
         if self._retriever is None:
             from .retrieval import GraphRetriever
             rdir = self.out / "retriever"
-            if self.dist.is_main and not (rdir / "meta.json").exists() and not self._retriever_saved(rdir):
-                r = GraphRetriever.build(self.corpus_files())
+            if self.dist.is_main and not (rdir / "meta.json").exists():
+                from .retrieval.embedding import HashingEmbedder, MiniLMEmbedder
+                emb = {"auto": None, "hashing": HashingEmbedder, "minilm": MiniLMEmbedder}[self.cfg.embedder]
+                r = GraphRetriever.build(self.corpus_files(), embedder=emb() if emb else None)
                 r.save(str(rdir))
             D.barrier()
             self._retriever = GraphRetriever.load(str(rdir))
         return self._retriever
 
-    @staticmethod
-    def _retriever_saved(rdir: Path) -> bool:
-        return rdir.is_dir() and any(rdir.iterdir())
-
     def teacher(self):
         if self._teacher is None:
-            from .teachers import make_teacher
-            self._teacher = make_teacher(self.cfg.teacher, retriever=self.retriever(), seed=self.cfg.seed,
-                                         model_name=self.cfg.teacher_model)
+            from .teachers import teacher_from_spec
+            self._teacher = teacher_from_spec(self.cfg.teacher, retriever=self.retriever(), seed=self.cfg.seed,
+                                              model=self.cfg.teacher_model)
         return self._teacher
 
     def tokenizer(self) -> Tokenizer:
@@ -565,10 +566,11 @@ class StageRun:
     def generate(self, iteration: int) -> list[dict]:
         """Rank 0 generates (or reloads) this iteration's pairs; all ranks receive the same rows."""
         rows = None
+        self.t.retriever()            # collective (built on rank 0, loaded everywhere): call on every rank
         if self.t.dist.is_main:
             from .datagen import generate_pairs
-            pairs_path = self.t.out / "pairs.jsonl"
-            tag = f"s{self.stage}-i{iteration:03d}"
+            pairs_path = self.t.out / "pairs.jsonl"       # one append-only file; row ids are f"{seed}-{i}"
+            seed = self.cfg.seed * 1000 + int(self.stage) * 100 + iteration
             was_training = self.base.training
             self.base.eval()
             rows = generate_pairs(
@@ -576,10 +578,9 @@ class StageRun:
                 n=self.cfg.pairs_per_iteration, number_nodes_to_get=self.cfg.number_nodes_to_get,
                 rejected_from="policy", with_thinking=self.stage == "2",
                 k_samples=self.cfg.k_samples if self.stage == "2" else 1,
-                seed=self.cfg.seed * 1000 + int(self.stage) * 100 + iteration, out_path=str(pairs_path),
-                id_prefix=tag, sampling=self._sampling_params(), progress=self.cfg.progress,
-                extra_metadata={"stage": int(self.stage), "iteration": iteration})
+                seed=seed, out_path=str(pairs_path), sampling=self._sampling_params(), progress=self.cfg.progress)
             self.base.train(was_training)
+            rows = [dict(r) for r in rows if str(r["id"]).startswith(f"{seed}-")]
         return D.broadcast_object(rows)
 
     def _sampling_params(self):

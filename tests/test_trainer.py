@@ -99,3 +99,78 @@ def test_config_validation():
     c = TrainConfig()
     assert (c.orpo_beta, c.dpo_beta, c.dpo_loss_type, c.label_smoothing, c.mask_mode) == \
         (0.1, 0.5, "exo_pair", 5e-3, "answer_only")
+
+
+def pref_cfg(corpus, out, **kw):
+    base = dict(model="tiny", corpus=corpus, out=str(out), embedder="hashing", sft_steps=4, sft_seq_len=32,
+                sft_batch_size=2, tokenizer_vocab_size=320, progress=False, seed=5, iterations=2,
+                pairs_per_iteration=4, n_steps=2, batch_size=2, k_samples=2, sample_max_new_tokens=12,
+                max_length=256, max_prompt_length=96, on_unclosed="keep")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_stages_1_and_2_on_the_fly(corpus, tmp_path):
+    out = tmp_path / "run"
+    Trainer(pref_cfg(corpus, out, stage="all")).run()
+    rows = [json.loads(l) for l in open(out / "log.jsonl")]
+    s1 = [r for r in rows if r.get("stage") == 1 and "loss" in r]
+    s2 = [r for r in rows if r.get("stage") == 2 and "loss" in r]
+    assert len(s1) == 4 and len(s2) == 4
+    for r in s1:
+        for k in ("loss", "nll", "rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                  "log_odds", "grad_norm", "lr", "tokens_per_s"):
+            assert k in r and r[k] == r[k], k
+    assert all("log_odds" not in r for r in s2)
+    datasets = [r for r in rows if r.get("event") == "dataset"]
+    assert len(datasets) == 4 and all(d["kept"] > 0 for d in datasets)
+    pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
+    assert len(pairs) == 16 and len({p["id"] for p in pairs}) == 16
+    assert all(p["prompt"].endswith("Use <|thinking|>.") and p["chosen"].startswith("<|thinking|>") for p in pairs)
+    for s in ("stage1", "stage2"):
+        assert (out / s / "DONE").exists() and (out / s / "model.safetensors").exists()
+    assert (out / "plots" / "stage1.png").exists() and (out / "plots" / "stage2.png").exists()
+    transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "stage2"))
+    assert hf.config.vocab_size > 0
+
+
+def test_stage1_resume_is_bit_identical(corpus, tmp_path):
+    Trainer(pref_cfg(corpus, tmp_path / "a0", stage="0")).run()
+    import shutil
+    shutil.copytree(tmp_path / "a0", tmp_path / "b0")
+    Trainer(pref_cfg(corpus, tmp_path / "a0", stage="1")).run()
+    Trainer(pref_cfg(corpus, tmp_path / "b0", stage="1", max_steps=3, save_every=1)).run()
+    assert len(losses(tmp_path / "b0", stage=1)) == 3
+    Trainer(pref_cfg(corpus, tmp_path / "b0", stage="1", resume=True)).run()
+    assert losses(tmp_path / "a0", stage=1) == losses(tmp_path / "b0", stage=1)
+
+
+def test_stage2_with_lora_reference_is_adapter_disabled(corpus, tmp_path):
+    out = tmp_path / "run"
+    Trainer(pref_cfg(corpus, out, stage="0")).run()
+    Trainer(pref_cfg(corpus, out, stage="2", lora_r=4, lora_alpha=8, iterations=1)).run()
+    assert (out / "stage2" / "adapter" / "adapter_model.safetensors").exists()
+    cfg = json.loads((out / "stage2" / "adapter" / "adapter_config.json").read_text())
+    assert cfg["r"] == 4 and cfg["peft_type"] == "LORA"
+    from safetensors.torch import load_file
+    sd = load_file(str(out / "stage2" / "model.safetensors"))
+    assert not any("lora" in k for k in sd)                      # merged for export
+    first = [r for r in map(json.loads, open(out / "log.jsonl")) if r.get("stage") == 2 and "loss" in r][0]
+    # step 1: policy == reference (B = 0), so the margin is exactly 0
+    assert abs(first["rewards/margins"]) < 1e-6
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_two_ranks_identical_weights(corpus, tmp_path):
+    out = tmp_path / "run"
+    Trainer(pref_cfg(corpus, out, stage="0")).run()
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "helpers", "ddp_stage1.py"), corpus, str(out)]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    w0 = torch.load(out / "rank0.pt")
+    w1 = torch.load(out / "rank1.pt")
+    assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert len(losses(out, stage=1)) == 2
