@@ -27,6 +27,21 @@ $(STAMP): requirements.txt requirements-test.txt setup.py $(CSRC)
 test: install
 	$(PY) -m pytest -q tests --ignore=tests/gpu --ignore=tests/benchmarks $(PYTEST_ARGS)
 
+DEMO := runs/demo
+Q1 := Why is nacre so much tougher than the aragonite it is made of?
+Q2 := How does the hierarchical structure of bone contribute to its toughness?
+
+demo: install
+	$(PY) train.py --stage all --out $(DEMO)
+	$(PY) -m preflexor_core.datagen --corpus $$($(PY) -c "from preflexor_core.trainer import shipped_corpus_files as f; print(' '.join(f()))") \
+		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens 768 \
+		--teacher-max-items 2 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
+	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens 768 \
+		--question "$(Q1)" --question "$(Q2)" --json $(DEMO)/infer_trace.json
+	$(PY) -m preflexor_core.evaluation --run $(DEMO) --pairs $(DEMO)/heldout_pairs.jsonl --log $(DEMO)/log.jsonl \
+		--max-new-tokens 768 --out $(DEMO)/report
+	@echo; echo "== demo summary ($(DEMO)) =="; sed -n '1,/^## Examples/p' $(DEMO)/report/report.md | head -n 30
+
 bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only $(PYTEST_ARGS)
 

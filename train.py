@@ -24,6 +24,8 @@ HELP = {
     "teacher": "'extractive' (offline, grounded in the corpus), an OpenAI-compatible base URL (http...), "
                "or a checkpoint directory",
     "teacher_model": "model name sent to an HTTP teacher (API key from $OPENAI_API_KEY)",
+    "teacher_max_items": "extractive teacher: sentences or items per thinking category (shorter thinking trains faster)",
+    "teacher_answer_sentences": "extractive teacher: at most this many corpus sentences in the chosen answer",
     "embedder": "retriever embedder: auto (the bundled MiniLM weights when installed, else character hashing), "
                 "minilm or hashing",
     "out": "run directory (stage outputs, pairs.jsonl, log.jsonl, plots/, checkpoints/)",
@@ -43,7 +45,10 @@ HELP = {
     "grad_accum": "micro-batches per optimizer step",
     "k_samples": "stage 2: policy samples per question; the lowest-scored becomes the rejected answer",
     "number_nodes_to_get": "corpus nodes sampled per generated question",
-    "sample_max_new_tokens": "max new tokens when sampling rejected answers from the policy",
+    "sample_max_new_tokens": "stage 1: max new tokens when sampling rejected answers (no thinking) from the policy",
+    "thinking_max_new_tokens": "stage 2: max new tokens when sampling rejected answers (thinking + answer); "
+                               "thinking cut off by this cap is handled by --on-unclosed",
+    "gen_batch_size": "questions per sampler call while generating pairs",
     "sample_temperature": "temperature when sampling rejected answers",
     "sample_top_p": "top-p when sampling rejected answers",
     "orpo_beta": "ORPO odds-ratio weight (paper: 0.1)",

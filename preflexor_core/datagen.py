@@ -711,6 +711,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--temperature", type=float, default=0.8, help="policy temperature (default: %(default)s)")
     ap.add_argument("--batch-size", type=int, default=8, help="questions per generate call (default: %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="row ids and all random choices (default: %(default)s)")
+    ap.add_argument("--teacher-max-items", type=int, default=5,
+                    help="extractive teacher: sentences or items per thinking category (default: %(default)s)")
+    ap.add_argument("--teacher-answer-sentences", type=int, default=4,
+                    help="extractive teacher: at most this many sentences in the chosen answer (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap
 
@@ -764,8 +768,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         kw = {}
         if spec.startswith(("http://", "https://")):
             kw = dict(api_key_env=args.api_key_env, concurrency=args.concurrency)
-        teacher = teacher_from_spec(spec, retriever=retriever, model=args.teacher_model,
-                                    seed=args.seed, **kw)
+        if spec == "extractive":
+            from .teachers import ExtractiveTeacher
+            teacher = ExtractiveTeacher(retriever, seed=args.seed, max_items=args.teacher_max_items,
+                                        max_answer_sentences=args.teacher_answer_sentences)
+        else:
+            teacher = teacher_from_spec(spec, retriever=retriever, model=args.teacher_model,
+                                        seed=args.seed, **kw)
         policy = None
         sampling = None
         if rejected_from == "policy":

@@ -360,13 +360,8 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoRAConfig | No
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(
             json.dumps(_peft_config_dict(cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
-        old = None
-        if path.exists():
-            old = path.parent / f".{path.name}.old-{os.getpid()}"
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        from .checkpoint import atomic_replace_dir
+        atomic_replace_dir(str(tmp), str(path), carry_over=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -611,7 +611,7 @@ class ExtractiveTeacher:
     sentences retrieved for the last user message).
     """
 
-    def __init__(self, retriever, seed: int = 0, k: int = 5, max_items: int = 5):
+    def __init__(self, retriever, seed: int = 0, k: int = 5, max_items: int = 5, max_answer_sentences: int = 4):
         if retriever is None or not hasattr(retriever, "search"):
             raise TypeError("ExtractiveTeacher needs a retriever with .search(query, k) "
                             "(e.g. GraphRetriever.build(texts))")
@@ -619,6 +619,9 @@ class ExtractiveTeacher:
         self.seed = int(seed)
         self.k = int(k)
         self.max_items = int(max_items)
+        if max_items < 1 or max_answer_sentences < 1:
+            raise ValueError(f"max_items={max_items} and max_answer_sentences={max_answer_sentences} must be >= 1")
+        self.max_answer_sentences = int(max_answer_sentences)
         self.name = f"extractive(seed={self.seed})"
 
     def __repr__(self) -> str:
@@ -769,7 +772,7 @@ class ExtractiveTeacher:
 
     def _background(self, ctx: Context) -> str:
         firsts = []
-        for h in ctx.hits[: self.k]:
+        for h in ctx.hits[: min(self.k, self.max_items)]:
             ss = split_sentences(getattr(h, "text", ""))
             first = next((x for x in ss if _is_prose(x)), ss[0] if ss else "")
             if first and first not in firsts:
@@ -777,8 +780,10 @@ class ExtractiveTeacher:
         return " ".join(firsts)
 
     # ---------------------------------------------------------------- answer
-    def answer(self, question: str, context=None, n_min: int = 2, n_max: int = 4) -> str:
-        """2-4 context sentences with the highest overlap with the question's concepts."""
+    def answer(self, question: str, context=None, n_min: int = 2, n_max: int | None = None) -> str:
+        """2 to ``max_answer_sentences`` context sentences with the highest overlap with the question's concepts."""
+        n_max = self.max_answer_sentences if n_max is None else n_max
+        n_min = min(n_min, n_max)
         ctx = self._as_context(question, context)
         ranked = self._ranked(question, ctx)
         good = [t for t in ranked if t[0] > 0][:n_max]

@@ -68,6 +68,8 @@ class TrainConfig:
     corpus: str | None = None          # file or folder (.txt/.md/.jsonl); default: the shipped corpus
     teacher: str = "extractive"        # extractive | http(s)://... OpenAI-compatible URL | checkpoint dir
     teacher_model: str = "gpt-4o-mini"  # model name sent to an HTTP teacher
+    teacher_max_items: int = 2         # extractive teacher: sentences / items per thinking category
+    teacher_answer_sentences: int = 2  # extractive teacher: max sentences in the chosen answer
     embedder: str = "auto"             # retriever embedder: auto (bundled MiniLM, else hashing) | minilm | hashing
     out: str = "runs/demo"
     seed: int = 42
@@ -83,12 +85,14 @@ class TrainConfig:
     # -- on-the-fly preference loop (stages 1 and 2)
     iterations: int = 3                # dataset regenerations per stage
     pairs_per_iteration: int = 64
-    n_steps: int = 16                  # optimizer steps per generated dataset
+    n_steps: int = 32                  # optimizer steps per generated dataset
     batch_size: int = 4                # pairs per micro-batch per rank
     grad_accum: int = 1
     k_samples: int = 2                 # policy samples per question in stage 2 (the worst is kept)
     number_nodes_to_get: int = 3
-    sample_max_new_tokens: int = 160
+    sample_max_new_tokens: int = 160   # stage 1 rejected answers (no thinking)
+    thinking_max_new_tokens: int = 768  # stage 2 rejected answers (thinking + answer)
+    gen_batch_size: int = 32           # questions per sampler call during pair generation
     sample_temperature: float = 0.8
     sample_top_p: float = 0.9
     # -- stage 1: ORPO (paper: beta 0.1, lr 5e-5 with LoRA / 5e-6 full)
@@ -104,7 +108,7 @@ class TrainConfig:
     include_thinking_token_in_labels: bool = False
     on_unclosed: str = "drop"          # stage-2 completions whose thinking never ends: drop | keep
     # -- lengths
-    max_length: int = 512
+    max_length: int = 1024
     max_prompt_length: int = 128
     truncation_mode: str = "keep_start"
     # -- optimisation
@@ -130,7 +134,7 @@ class TrainConfig:
             raise ValueError(f"dpo_loss_type={self.dpo_loss_type!r}: use sigmoid, exo_pair, ipo or hinge")
         if self.schedule not in ("constant", "cosine"):
             raise ValueError(f"schedule={self.schedule!r}: use constant or cosine")
-        for name in ("iterations", "pairs_per_iteration", "n_steps", "batch_size", "grad_accum", "k_samples",
+        for name in ("gen_batch_size", "thinking_max_new_tokens", "sample_max_new_tokens", "teacher_max_items", "teacher_answer_sentences", "iterations", "pairs_per_iteration", "n_steps", "batch_size", "grad_accum", "k_samples",
                      "sft_steps", "sft_seq_len", "sft_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
@@ -290,9 +294,14 @@ class Trainer:
 
     def teacher(self):
         if self._teacher is None:
-            from .teachers import teacher_from_spec
-            self._teacher = teacher_from_spec(self.cfg.teacher, retriever=self.retriever(), seed=self.cfg.seed,
-                                              model=self.cfg.teacher_model)
+            from .teachers import ExtractiveTeacher, teacher_from_spec
+            if self.cfg.teacher == "extractive":
+                self._teacher = ExtractiveTeacher(self.retriever(), seed=self.cfg.seed,
+                                                  max_items=self.cfg.teacher_max_items,
+                                                  max_answer_sentences=self.cfg.teacher_answer_sentences)
+            else:
+                self._teacher = teacher_from_spec(self.cfg.teacher, retriever=self.retriever(), seed=self.cfg.seed,
+                                                  model=self.cfg.teacher_model)
         return self._teacher
 
     def tokenizer(self) -> Tokenizer:
@@ -578,14 +587,16 @@ class StageRun:
                 n=self.cfg.pairs_per_iteration, number_nodes_to_get=self.cfg.number_nodes_to_get,
                 rejected_from="policy", with_thinking=self.stage == "2",
                 k_samples=self.cfg.k_samples if self.stage == "2" else 1,
-                seed=seed, out_path=str(pairs_path), sampling=self._sampling_params(), progress=self.cfg.progress)
+                seed=seed, out_path=str(pairs_path), sampling=self._sampling_params(), progress=self.cfg.progress,
+                batch_size=self.cfg.gen_batch_size)
             self.base.train(was_training)
             rows = [dict(r) for r in rows if str(r["id"]).startswith(f"{seed}-")]
         return D.broadcast_object(rows)
 
     def _sampling_params(self):
         from .sampler import SamplingParams
-        return SamplingParams(max_new_tokens=self.cfg.sample_max_new_tokens, temperature=self.cfg.sample_temperature,
+        cap = self.cfg.thinking_max_new_tokens if self.stage == "2" else self.cfg.sample_max_new_tokens
+        return SamplingParams(max_new_tokens=cap, temperature=self.cfg.sample_temperature,
                               top_p=self.cfg.sample_top_p)
 
     @torch.no_grad()

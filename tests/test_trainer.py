@@ -104,7 +104,7 @@ def test_config_validation():
 def pref_cfg(corpus, out, **kw):
     base = dict(model="tiny", corpus=corpus, out=str(out), embedder="hashing", sft_steps=4, sft_seq_len=32,
                 sft_batch_size=2, tokenizer_vocab_size=320, progress=False, seed=5, iterations=2,
-                pairs_per_iteration=4, n_steps=2, batch_size=2, k_samples=2, sample_max_new_tokens=12,
+                pairs_per_iteration=4, n_steps=2, batch_size=2, k_samples=2, sample_max_new_tokens=12, thinking_max_new_tokens=12,
                 max_length=256, max_prompt_length=96, on_unclosed="keep")
     base.update(kw)
     return TrainConfig(**base)

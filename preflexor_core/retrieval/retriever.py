@@ -285,13 +285,8 @@ class GraphRetriever:
             if self.embeddings is not None:
                 np.save(tmp / "embeddings.npy", self.embeddings)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            old = None
-            if path.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-                os.replace(path, old / "x")
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
+            from ..checkpoint import atomic_replace_dir
+            atomic_replace_dir(str(tmp), str(path), carry_over=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

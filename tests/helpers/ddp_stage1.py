@@ -8,7 +8,7 @@ from preflexor_core.trainer import StageRun, TrainConfig, Trainer
 
 corpus, out = sys.argv[1], sys.argv[2]
 cfg = TrainConfig(stage="1", model="tiny", corpus=corpus, out=out, embedder="hashing", progress=False, seed=5,
-                  iterations=1, pairs_per_iteration=4, n_steps=2, batch_size=1, sample_max_new_tokens=12,
+                  iterations=1, pairs_per_iteration=4, n_steps=2, batch_size=1, sample_max_new_tokens=12, thinking_max_new_tokens=12,
                   max_length=256, max_prompt_length=96, tokenizer_vocab_size=320)
 captured = {}
 orig = StageRun.save_final
