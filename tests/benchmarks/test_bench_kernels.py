@@ -60,6 +60,7 @@ def _attn_impl(name):
     return lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
 
+@pytest.mark.gpu
 @needs_cuda
 @pytest.mark.parametrize("impl", ["triton", "sdpa"])
 @pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
@@ -114,6 +115,7 @@ def _logprob_impl(name):
     return linear_logprobs_chunked
 
 
+@pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["chunked", "naive"])
 def test_bench_logprobs_time(benchmark, impl):
     """fwd+bwd time; CPU: N=1024, H=512, V=32000 fp32 (2-core friendly); CUDA: N=8192, H=3072, V=128256 bf16."""

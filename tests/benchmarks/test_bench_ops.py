@@ -118,6 +118,7 @@ def test_sample_cpu_csrc(benchmark, B):
 
 
 # ----------------------------------------------------------------------------- GPU
+@pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.benchmark(group="rms_norm fwd cuda [4096,3072] fp32")
 def test_rms_norm_fwd_cuda_csrc(benchmark):
@@ -134,6 +135,7 @@ def test_rms_norm_fwd_cuda_csrc(benchmark):
     benchmark.extra_info["achieved_GBps"] = round(moved / benchmark.stats.stats.median / 1e9, 1)
 
 
+@pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.benchmark(group="rms_norm fwd+bwd cuda [4096,3072] fp32")
 def test_rms_norm_fwd_bwd_cuda_csrc(benchmark):
@@ -148,6 +150,7 @@ def test_rms_norm_fwd_bwd_cuda_csrc(benchmark):
     benchmark.extra_info["achieved_GBps"] = round(moved / benchmark.stats.stats.median / 1e9, 1)
 
 
+@pytest.mark.gpu
 @needs_cuda_ext
 @pytest.mark.parametrize("B", [1, 32])
 def test_sample_cuda_csrc(benchmark, B):

@@ -118,6 +118,7 @@ def test_bench_decode_vs_transformers(benchmark, pair, batch, threads):
     assert [c.token_ids for c in result] == ref
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (llama-3.2-3b shape in bf16)")
 @pytest.mark.parametrize("batch", [1, 16])
 def test_bench_gpu_llama32_3b(benchmark, batch):
