@@ -21,7 +21,7 @@ On disk the adapter keys get PEFT's ``base_model.model.`` prefix.
 
 The LM head is not adaptable: ``Llama.forward`` and ``losses.sequence_logps`` read
 ``model.output_weight`` directly, which a module wrapper cannot intercept, so
-``include_head=True`` raises NotImplementedError (train the head fully instead).
+``include_head=True`` adapts an untied ``lm_head`` (no dropout on it; it is read as a matrix).
 
 Tests: ``python -m pytest -q tests/test_lora.py``
 """
@@ -123,6 +123,13 @@ class LoRALinear(nn.Module):
             self.weight.sub_(self.delta_weight().to(self.weight.dtype))
             self.merged = False
 
+    def effective_weight(self) -> torch.Tensor:
+        """The (out, in) weight this module applies: base + update unless merged or disabled
+        (differentiable in the adapters; used where a layer is read as a matrix, e.g. the LM head)."""
+        if self.merged or self.disabled:
+            return self.weight
+        return self.weight + self.delta_weight().to(self.weight.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         if self.merged or self.disabled:
@@ -221,11 +228,12 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if lora_modules(model):
         raise ValueError("apply_lora: the model already has LoRA adapters; call merge_lora(model) first "
                          "or load new weights with load_adapter")
+    head = getattr(model, "lm_head", None) if cfg.include_head else None
     if cfg.include_head:
-        raise NotImplementedError(
-            "LoRAConfig(include_head=True) is not supported: Llama.forward and sequence_logps use "
-            "model.output_weight directly, so a wrapped lm_head would be bypassed. Set include_head=False "
-            "(and unfreeze the head yourself if it must train).")
+        if not isinstance(head, nn.Linear):
+            raise ValueError("apply_lora: include_head=True needs an untied nn.Linear lm_head; this model ties its "
+                             "head to the embedding (use include_embeddings on an untied model, or "
+                             "include_head=False)")
     targets = [(n, m) for n, m in model.named_modules()
                if isinstance(m, nn.Linear) and n.rpartition(".")[2] in cfg.target_modules
                and n.rpartition(".")[2] != "lm_head"]
@@ -249,6 +257,10 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
         _set_submodule(model, name, LoRALinear(lin, cfg.r, cfg.alpha, cfg.dropout))
     if emb is not None:
         model.model.embed_tokens = LoRAEmbedding(emb, cfg.r, cfg.alpha)
+    if head is not None:
+        # The head is read as a weight matrix (Llama.output_weight -> effective_weight()), so input
+        # dropout cannot apply to it: its adapter is built without dropout.
+        model.lm_head = LoRALinear(head, cfg.r, cfg.alpha, 0.0)
     model.disable_adapters = functools.partial(disable_adapters, model)
     model.lora_trainable_parameters = count_trainable_parameters(model)
     return model
@@ -313,15 +325,18 @@ def _config_from_model(model: nn.Module) -> LoRAConfig:
     if not mods:
         raise ValueError("the model has no LoRA adapters")
     first = next(iter(mods.values()))
-    targets = tuple(sorted({n.rpartition(".")[2] for n, m in mods.items() if isinstance(m, LoRALinear)}))
+    targets = tuple(sorted({n.rpartition(".")[2] for n, m in mods.items()
+                            if isinstance(m, LoRALinear) and n != "lm_head"}))
     drop = next((m.lora_dropout.p for m in mods.values() if isinstance(m, LoRALinear)
                  and isinstance(m.lora_dropout, nn.Dropout)), 0.0)
     return LoRAConfig(r=first.r, alpha=first.alpha, dropout=drop, target_modules=targets,
-                      include_embeddings=any(isinstance(m, LoRAEmbedding) for m in mods.values()))
+                      include_embeddings=any(isinstance(m, LoRAEmbedding) for m in mods.values()),
+                      include_head="lm_head" in mods)
 
 
 def _peft_config_dict(cfg: LoRAConfig, base_model_name_or_path: str | None) -> dict:
-    targets = list(cfg.target_modules) + (["embed_tokens"] if cfg.include_embeddings else [])
+    targets = (list(cfg.target_modules) + (["embed_tokens"] if cfg.include_embeddings else [])
+               + (["lm_head"] if cfg.include_head else []))
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

@@ -220,8 +220,11 @@ class Llama(nn.Module):
     # -- helpers ------------------------------------------------------------
     @property
     def output_weight(self) -> torch.Tensor:
-        """The (V, H) LM-head weight (the embedding when tied)."""
-        return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        """The (V, H) LM-head weight (the embedding when tied; base + LoRA update for an adapted head)."""
+        if self.lm_head is None:
+            return self.model.embed_tokens.weight
+        effective = getattr(self.lm_head, "effective_weight", None)
+        return effective() if effective is not None else self.lm_head.weight
 
     @property
     def device(self) -> torch.device:

@@ -188,8 +188,8 @@ def test_load_adapter_mismatch_is_reported(tmp_path):
 def test_bad_configs_raise():
     with pytest.raises(ValueError, match="no nn.Linear matches"):
         apply_lora(tiny_model(), LoRAConfig(target_modules=("qkv",)))
-    with pytest.raises(NotImplementedError, match="include_head"):
-        apply_lora(tiny_model(), LoRAConfig(include_head=True))
+    with pytest.raises(ValueError, match="include_head=True needs an untied"):
+        apply_lora(tiny_model(tie=True), LoRAConfig(include_head=True))
     with pytest.raises(ValueError, match="tied"):
         apply_lora(tiny_model(tie=True), LoRAConfig(include_embeddings=True))
     with pytest.raises(ValueError, match="r must be"):
@@ -258,3 +258,31 @@ def test_adapter_loads_in_peft(tmp_path):
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(pm(x).logits, model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_head_lora_trains_merges_and_round_trips(tmp_path):
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=("q_proj",), include_head=True))
+    assert isinstance(model.lm_head, LoRALinear) and model.lm_head.lora_B.weight.requires_grad
+    randomize_lora(model)
+    x = torch.randint(0, 50, (2, 9))
+    base_w = model.lm_head.weight.detach().clone()
+    with torch.no_grad():
+        out = model(x)
+        hidden = model(x, return_hidden=True)
+    # the head update is applied both in forward and through output_weight (used by the log-prob kernel)
+    assert torch.allclose(out, hidden @ model.output_weight.detach().T, atol=1e-5)
+    assert not torch.allclose(model.output_weight.detach(), base_w)
+    with disable_adapters(model), torch.no_grad():
+        assert torch.allclose(model.output_weight, base_w)
+    model(x).sum().backward()
+    assert model.lm_head.lora_A.weight.grad is not None and model.lm_head.weight.grad is None
+    save_adapter(model, tmp_path / "a", base_model_name_or_path="tiny")
+    cfg = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert "lm_head" in cfg["target_modules"]
+    from safetensors.torch import load_file
+    assert "base_model.model.lm_head.lora_A.weight" in load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    merged = merge_lora(model)
+    with torch.no_grad():
+        assert torch.allclose(merged(x), out, atol=1e-5)
+    assert set(merged.state_dict()) == set(tiny_model().state_dict())
