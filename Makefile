@@ -35,7 +35,7 @@ demo: install
 	$(PY) train.py --stage all --out $(DEMO)
 	$(PY) -m preflexor_core.datagen --corpus $$($(PY) -c "from preflexor_core.trainer import shipped_corpus_files as f; print(' '.join(f()))") \
 		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens 768 \
-		--teacher-max-items 2 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
+		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
 	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens 768 \
 		--question "$(Q1)" --question "$(Q2)" --json $(DEMO)/infer_trace.json
 	$(PY) -m preflexor_core.evaluation --run $(DEMO) --pairs $(DEMO)/heldout_pairs.jsonl --log $(DEMO)/log.jsonl \

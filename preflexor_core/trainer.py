@@ -68,7 +68,7 @@ class TrainConfig:
     corpus: str | None = None          # file or folder (.txt/.md/.jsonl); default: the shipped corpus
     teacher: str = "extractive"        # extractive | http(s)://... OpenAI-compatible URL | checkpoint dir
     teacher_model: str = "gpt-4o-mini"  # model name sent to an HTTP teacher
-    teacher_max_items: int = 2         # extractive teacher: sentences / items per thinking category
+    teacher_max_items: int = 1         # extractive teacher: sentences / items per thinking category
     teacher_answer_sentences: int = 2  # extractive teacher: max sentences in the chosen answer
     embedder: str = "auto"             # retriever embedder: auto (bundled MiniLM, else hashing) | minilm | hashing
     out: str = "runs/demo"
@@ -77,15 +77,15 @@ class TrainConfig:
     resume: bool = False
     max_steps: int | None = None       # stop after this many optimizer steps in a stage (for experiments)
     # -- stage 0 (causal LM, packed)
-    sft_steps: int = 300
+    sft_steps: int = 500
     sft_seq_len: int = 256
     sft_batch_size: int = 16
     sft_lr: float = 3e-3
     tokenizer_vocab_size: int | None = None   # default: the preset's vocab_size
     # -- on-the-fly preference loop (stages 1 and 2)
-    iterations: int = 3                # dataset regenerations per stage
+    iterations: int = 6                # dataset regenerations per stage
     pairs_per_iteration: int = 64
-    n_steps: int = 32                  # optimizer steps per generated dataset
+    n_steps: int = 48                  # optimizer steps per generated dataset
     batch_size: int = 4                # pairs per micro-batch per rank
     grad_accum: int = 1
     k_samples: int = 2                 # policy samples per question in stage 2 (the worst is kept)
@@ -106,7 +106,8 @@ class TrainConfig:
     mask_mode: str = "answer_only"     # answer_only | random_fraction | none
     mask_fraction: float = 0.5
     include_thinking_token_in_labels: bool = False
-    on_unclosed: str = "drop"          # stage-2 completions whose thinking never ends: drop | keep
+    on_unclosed: str | None = None     # stage-2 completions whose thinking never ends: drop | keep
+                                       # (None: drop, or keep for a preset trained from scratch)
     # -- lengths
     max_length: int = 1024
     max_prompt_length: int = 128
@@ -140,12 +141,23 @@ class TrainConfig:
                 raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
         if self.embedder not in ("auto", "minilm", "hashing"):
             raise ValueError(f"embedder={self.embedder!r}: use auto, minilm or hashing")
+        if self.on_unclosed not in (None, "drop", "keep"):
+            raise ValueError(f"on_unclosed={self.on_unclosed!r}: use drop or keep")
         if self.lora_r < 0:
             raise ValueError(f"lora_r={self.lora_r} must be >= 0 (0 = full fine-tuning)")
 
     @property
     def from_scratch(self) -> bool:
         return self.model in PRESETS
+
+    @property
+    def unclosed_policy(self) -> str:
+        """Explicit flag, else "drop" (the paper's masking needs a closed thinking span); a tiny
+        model trained from scratch rarely closes its thinking early in stage 2, so its unclosed
+        samples are kept whole as rejected answers (DPO then pushes those samples down)."""
+        if self.on_unclosed is not None:
+            return self.on_unclosed
+        return "keep" if self.from_scratch else "drop"
 
     def lr_for(self, stage: str) -> float:
         """Stage learning rate: explicit flag, else the paper's value (LoRA / full), else a from-scratch value."""
@@ -155,7 +167,7 @@ class TrainConfig:
         if explicit is not None:
             return explicit
         if self.from_scratch:        # a tiny model trained from scratch needs far larger steps
-            return 1e-3 if stage == "1" else 2e-4
+            return 1e-3 if stage == "1" else 2e-5
         if stage == "1":
             return 5e-5 if self.lora_r else 5e-6
         return 1e-6
@@ -430,7 +442,7 @@ class StageRun:
                               mask_mode=self.cfg.mask_mode if stage == "2" else "none",
                               mask_fraction=self.cfg.mask_fraction,
                               include_thinking_token_in_labels=self.cfg.include_thinking_token_in_labels,
-                              on_unclosed=self.cfg.on_unclosed)
+                              on_unclosed=self.cfg.unclosed_policy)
 
     @property
     def rank(self) -> int:
@@ -644,9 +656,13 @@ class StageRun:
             self.t.log.write({"stage": int(self.stage), "iteration": it, "event": "dataset", "pairs": len(rows),
                               "kept": len(examples), "dropped": dropped})
             if not examples:
-                raise RuntimeError(f"stage {self.stage} iteration {it}: every generated pair was dropped ({dropped}); "
-                                   f"with mask_mode={cfg.mask_mode!r} unclosed thinking drops pairs — raise "
-                                   f"--sample-max-new-tokens or pass --on-unclosed keep")
+                log.warning("stage %s iteration %d: every generated pair was dropped (%s); skipping this dataset. "
+                            "Unclosed thinking drops pairs with --on-unclosed drop: raise --thinking-max-new-tokens "
+                            "or pass --on-unclosed keep", self.stage, it, dropped)
+                self.pos["iteration"] += 1
+                self.pos["step"] = 0
+                self.save_checkpoint()
+                continue
             ref_c = ref_r = None
             if self.stage == "2":
                 ref_c, ref_r = self.reference_logps(examples)
