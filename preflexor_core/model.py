@@ -96,13 +96,10 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     if mask is None and q.is_cuda:
         from .kernels import flash_attention
         return flash_attention(q, k, v, causal=causal)
-    groups = q.shape[1] // k.shape[1]
-    if groups > 1:
-        k = k.repeat_interleave(groups, dim=1)                          # (B, Hq, S, D)
-        v = v.repeat_interleave(groups, dim=1)
+    gqa = q.shape[1] != k.shape[1]          # SDPA maps query head h to kv head h // (Hq / Hkv) itself
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 class Attention(nn.Module):

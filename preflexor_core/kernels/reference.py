@@ -35,7 +35,7 @@ IGNORE_INDEX = -100
 # Rows of fp32 logits per chunk in the chunked log-prob path: at most this many rows and at most
 # this many bytes for one [rows, V] fp32 buffer.
 CHUNK_ROWS = 1024
-CHUNK_BYTES = 128 * 1024 * 1024
+CHUNK_BYTES = 32 * 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- attention
