@@ -75,7 +75,7 @@ HELP = {
     "lora_alpha": "LoRA alpha (paper: 64)",
     "lora_dropout": "LoRA dropout",
     "save_every": "optimizer steps between checkpoints (0: at the end of each iteration)",
-    "fsdp": "shard with FSDP2 instead of DDP under torchrun",
+    "fsdp": "shard with FSDP2 instead of DDP under torchrun (not supported yet: exits with an error under torchrun)",
     "progress": "show progress bars",
 }
 
@@ -109,7 +109,7 @@ def main(argv=None) -> int:
         return 2
     try:
         summary = train_main(cfg)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, NotImplementedError) as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
     print(f"done: outputs in {cfg.out}" + (f"; {summary}" if summary else ""))

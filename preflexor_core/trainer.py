@@ -265,6 +265,11 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dist = D.init_distributed(cfg.device)
+        if cfg.fsdp and self.dist.enabled:
+            D.shutdown()
+            raise NotImplementedError(
+                "--fsdp: FSDP2 training is not supported yet (rank-0 policy sampling, the LM-head read of the "
+                "log-prob kernel and checkpoint saving need gathered parameters); run without --fsdp (DDP)")
         self.device = self.dist.device
         self.out = Path(cfg.out)
         if self.dist.is_main:
