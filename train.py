@@ -75,7 +75,8 @@ HELP = {
     "lora_alpha": "LoRA alpha (paper: 64)",
     "lora_dropout": "LoRA dropout",
     "save_every": "optimizer steps between checkpoints (0: at the end of each iteration)",
-    "fsdp": "shard with FSDP2 instead of DDP under torchrun (not supported yet: exits with an error under torchrun)",
+    "fsdp": "shard with FSDP2 (fully_shard per block) instead of DDP under torchrun; full fine-tuning only "
+            "(not with --lora-r); resume needs the same number of ranks",
     "progress": "show progress bars",
 }
 

@@ -265,11 +265,9 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.dist = D.init_distributed(cfg.device)
-        if cfg.fsdp and self.dist.enabled:
+        if cfg.fsdp and self.dist.enabled and cfg.lora_r:
             D.shutdown()
-            raise NotImplementedError(
-                "--fsdp: FSDP2 training is not supported yet (rank-0 policy sampling, the LM-head read of the "
-                "log-prob kernel and checkpoint saving need gathered parameters); run without --fsdp (DDP)")
+            raise NotImplementedError("--fsdp with --lora-r is not supported yet; use DDP (no --fsdp) for LoRA")
         self.device = self.dist.device
         self.out = Path(cfg.out)
         if self.dist.is_main:
@@ -432,6 +430,7 @@ class StageRun:
         self.t, self.cfg, self.stage = trainer, trainer.cfg, stage
         self.tok, self.ref, self.lora_cfg = tok, ref, lora_cfg
         self.base = model
+        self.fsdp = self.cfg.fsdp and trainer.dist.enabled
         self.model = D.wrap_model(model, trainer.dist, fsdp=self.cfg.fsdp)
         self.ckpt_dir = trainer.out / "checkpoints" / f"stage{stage}"
         self.final_dir = trainer.out / f"stage{stage}"
@@ -457,19 +456,41 @@ class StageRun:
     def world(self) -> int:
         return self.t.dist.world_size
 
+    # -- full (unsharded) weights -------------------------------------------------
+    def full_state(self) -> dict[str, torch.Tensor]:
+        """The model's full state dict on every rank (FSDP2 shards are all-gathered: collective)."""
+        return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+                for k, v in self.base.state_dict().items()}
+
+    def plain_model(self, state: dict[str, torch.Tensor] | None = None) -> Llama:
+        """An unsharded Llama with the current weights (the model itself unless FSDP2 shards it)."""
+        if not self.fsdp:
+            return self.base
+        model = Llama(self.base.config, device="meta")
+        model.load_state_dict(state if state is not None else self.full_state(), assign=True)
+        return model
+
     # -- checkpoints ----------------------------------------------------------
     def save_checkpoint(self) -> None:
+        """Atomic checkpoint: full weights + trainer state (rank 0); under FSDP2 each rank also
+        writes its optimizer shard. Collective: every rank calls it."""
         from safetensors.torch import save_file
-        if not self.t.dist.is_main:
+        state = self.full_state() if self.fsdp else None
+        tmp = None
+        if self.t.dist.is_main:
+            self.ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
+            tmp = tempfile.mkdtemp(prefix=f"stage{self.stage}.tmp-", dir=self.ckpt_dir.parent)
+        if self.fsdp:
+            tmp = D.broadcast_object(tmp)
+            torch.save(self.opt.state_dict(), os.path.join(tmp, f"optimizer-rank{self.rank}.pt"))
             D.barrier()
-            return
-        self.ckpt_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f"stage{self.stage}.tmp-", dir=self.ckpt_dir.parent)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.base.state_dict().items()}
-        save_file(state, os.path.join(tmp, "model.safetensors"))
-        torch.save({"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "rng": _rng_state(),
-                    "position": dict(self.pos), "config": asdict(self.cfg)}, os.path.join(tmp, "trainer_state.pt"))
-        atomic_replace_dir(tmp, str(self.ckpt_dir), carry_over=False)
+        if self.t.dist.is_main:
+            state = state if state is not None else self.base.state_dict()
+            save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+            torch.save({"optimizer": None if self.fsdp else self.opt.state_dict(), "scheduler": self.sched.state_dict(),
+                        "rng": _rng_state(), "position": dict(self.pos), "config": asdict(self.cfg),
+                        "world_size": self.world}, os.path.join(tmp, "trainer_state.pt"))
+            atomic_replace_dir(tmp, str(self.ckpt_dir), carry_over=False)
         D.barrier()
 
     def load_checkpoint(self) -> bool:
@@ -477,12 +498,22 @@ class StageRun:
         if not (self.ckpt_dir / "trainer_state.pt").exists():
             return False
         sd = load_file(str(self.ckpt_dir / "model.safetensors"), device=str(self.t.device))
-        missing, unexpected = self.base.load_state_dict(sd, strict=False)
+        if self.fsdp:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+            set_model_state_dict(self.base, sd, options=StateDictOptions(full_state_dict=True))
+            sd = {k: v for k, v in sd.items() if k not in self.base.state_dict()}
+        missing, unexpected = ([], []) if self.fsdp else self.base.load_state_dict(sd, strict=False)
         if missing or unexpected:
             raise RuntimeError(f"{self.ckpt_dir}/model.safetensors does not match the model being trained "
                                f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it made with other "
                                f"--model/--lora-r flags? Remove {self.ckpt_dir} to start the stage over")
         st = torch.load(self.ckpt_dir / "trainer_state.pt", map_location="cpu", weights_only=False)
+        if self.fsdp:
+            if st.get("world_size") != self.world:
+                raise RuntimeError(f"{self.ckpt_dir} was written by {st.get('world_size')} FSDP2 ranks; resume with "
+                                   f"the same --nproc_per_node (now {self.world})")
+            st["optimizer"] = torch.load(self.ckpt_dir / f"optimizer-rank{self.rank}.pt", map_location="cpu",
+                                         weights_only=False)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
         _set_rng_state(st["rng"])
@@ -491,8 +522,9 @@ class StageRun:
         return True
 
     def save_final(self) -> None:
+        state = self.full_state() if self.fsdp else None       # collective under FSDP2
         if self.t.dist.is_main:
-            model = self.base
+            model = self.plain_model(state)
             if self.lora_cfg is not None:
                 from .lora import merge_lora, save_adapter
                 save_adapter(model, str(self.final_dir / "adapter"), self.lora_cfg)
@@ -593,20 +625,23 @@ class StageRun:
         """Rank 0 generates (or reloads) this iteration's pairs; all ranks receive the same rows."""
         rows = None
         self.t.retriever()            # collective (built on rank 0, loaded everywhere): call on every rank
+        state = self.full_state() if self.fsdp else None        # collective under FSDP2
         if self.t.dist.is_main:
             from .datagen import generate_pairs
+            policy = self.plain_model(state)
             pairs_path = self.t.out / "pairs.jsonl"       # one append-only file; row ids are f"{seed}-{i}"
             seed = self.cfg.seed * 1000 + int(self.stage) * 100 + iteration
-            was_training = self.base.training
-            self.base.eval()
+            was_training = policy.training
+            policy.eval()
             rows = generate_pairs(
-                self.t.retriever(), self.t.teacher(), policy=(self.base, self.tok), tokenizer=self.tok,
+                self.t.retriever(), self.t.teacher(), policy=(policy, self.tok), tokenizer=self.tok,
                 n=self.cfg.pairs_per_iteration, number_nodes_to_get=self.cfg.number_nodes_to_get,
                 rejected_from="policy", with_thinking=self.stage == "2",
                 k_samples=self.cfg.k_samples if self.stage == "2" else 1,
                 seed=seed, out_path=str(pairs_path), sampling=self._sampling_params(), progress=self.cfg.progress,
                 batch_size=self.cfg.gen_batch_size)
-            self.base.train(was_training)
+            policy.train(was_training)
+            del policy
             rows = [dict(r) for r in rows if str(r["id"]).startswith(f"{seed}-")]
         return D.broadcast_object(rows)
 

@@ -161,16 +161,34 @@ def test_stage2_with_lora_reference_is_adapter_disabled(corpus, tmp_path):
     assert abs(first["rewards/margins"]) < 1e-6
 
 
-@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
-def test_torchrun_two_ranks_identical_weights(corpus, tmp_path):
-    out = tmp_path / "run"
-    Trainer(pref_cfg(corpus, out, stage="0")).run()
+def _torchrun_stage1(corpus, out, *flags):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           os.path.join(ROOT, "tests", "helpers", "ddp_stage1.py"), corpus, str(out)]
+           os.path.join(ROOT, "tests", "helpers", "ddp_stage1.py"), corpus, str(out), *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    w0 = torch.load(out / "rank0.pt")
-    w1 = torch.load(out / "rank1.pt")
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_two_ranks_identical_weights_ddp_and_fsdp(corpus, tmp_path):
+    import shutil
+    out = tmp_path / "run"
+    Trainer(pref_cfg(corpus, out, stage="0")).run()
+    shutil.copytree(out, tmp_path / "fsdp")
+    shutil.copytree(out, tmp_path / "fsdp_resumed")
+    _torchrun_stage1(corpus, out)                                   # DDP
+    w0, w1 = torch.load(out / "rank0.pt"), torch.load(out / "rank1.pt")
     assert w0.keys() == w1.keys() and all(torch.equal(w0[k], w1[k]) for k in w0)
     assert len(losses(out, stage=1)) == 2
+    _torchrun_stage1(corpus, tmp_path / "fsdp", "fsdp")             # FSDP2: same math, sharded
+    f0, f1 = torch.load(tmp_path / "fsdp" / "rank0.pt"), torch.load(tmp_path / "fsdp" / "rank1.pt")
+    assert all(torch.equal(f0[k], f1[k]) for k in f0)
+    assert all(torch.allclose(f0[k], w0[k], atol=1e-5) for k in w0)     # reduction order differs from DDP
+    assert losses(tmp_path / "fsdp", stage=1) == pytest.approx(losses(out, stage=1), abs=1e-5)
+    # FSDP2 checkpoint (full weights + per-rank optimizer shards) and exact resume
+    _torchrun_stage1(corpus, tmp_path / "fsdp_resumed", "fsdp", "stop1")
+    assert (tmp_path / "fsdp_resumed" / "checkpoints" / "stage1" / "optimizer-rank1.pt").exists()
+    _torchrun_stage1(corpus, tmp_path / "fsdp_resumed", "fsdp", "resume")
+    assert losses(tmp_path / "fsdp_resumed", stage=1) == losses(tmp_path / "fsdp", stage=1)
+    r0 = torch.load(tmp_path / "fsdp_resumed" / "rank0.pt")
+    assert all(torch.equal(r0[k], f0[k]) for k in f0)

@@ -1,4 +1,5 @@
-"""Run 2 steps of stage 1 under torchrun, then save each rank's weights (for tests/test_trainer.py)."""
+"""Run 2 steps of stage 1 under torchrun (DDP, or FSDP2 with a third argument "fsdp"), then save each
+rank's full weights (for tests/test_trainer.py)."""
 import os
 import sys
 
@@ -7,15 +8,18 @@ import torch
 from preflexor_core.trainer import StageRun, TrainConfig, Trainer
 
 corpus, out = sys.argv[1], sys.argv[2]
+flags = set(sys.argv[3:])                      # "fsdp", "stop1" (stop after 1 step), "resume"
+fsdp = "fsdp" in flags
 cfg = TrainConfig(stage="1", model="tiny", corpus=corpus, out=out, embedder="hashing", progress=False, seed=5,
                   iterations=1, pairs_per_iteration=4, n_steps=2, batch_size=1, sample_max_new_tokens=12, thinking_max_new_tokens=12,
-                  max_length=256, max_prompt_length=96, tokenizer_vocab_size=320)
+                  max_length=256, max_prompt_length=96, tokenizer_vocab_size=320, fsdp=fsdp,
+                  save_every=1, max_steps=1 if "stop1" in flags else None, resume="resume" in flags)
 captured = {}
 orig = StageRun.save_final
 
 
 def save_final(self):
-    captured["model"] = self.base
+    captured["state"] = {k: v.cpu() for k, v in self.full_state().items()}     # collective under FSDP2
     orig(self)
 
 
@@ -23,7 +27,7 @@ StageRun.save_final = save_final
 trainer = Trainer(cfg)
 trainer.run()
 rank = trainer.dist.rank
-torch.save({k: v.detach().cpu() for k, v in captured["model"].state_dict().items()},
-           os.path.join(out, f"rank{rank}.pt"))
+if "state" in captured:
+    torch.save(captured["state"], os.path.join(out, f"rank{rank}.pt"))
 torch.distributed.barrier()
 torch.distributed.destroy_process_group()
