@@ -135,7 +135,8 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        from . import ops
+        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):
@@ -177,6 +178,12 @@ def build_attention_mask(attention_mask: torch.Tensor | None, T: int, S: int, of
         key_ok = attention_mask.to(device=device, dtype=torch.bool)[:, None, :S]    # (B, 1, S)
         allowed = allowed & (key_ok | (s[None, None, :] == t_abs))
     return allowed[:, None]                                              # (B, 1, T, S)
+
+
+def _right_padded(attention_mask: torch.Tensor) -> bool:
+    """True when every row is ones followed by zeros (right padding, or none)."""
+    m = attention_mask.to(torch.bool)
+    return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, T: int, device=None) -> torch.Tensor:
@@ -263,6 +270,11 @@ class Llama(nn.Module):
             else:
                 mask = packed_causal_mask(cu_seqlens, T, input_ids.device)
         else:
+            if attn_mask is None and attention_mask is not None and _right_padded(attention_mask):
+                # Padding only after each row's tokens: plain causal attention is exact for every real
+                # position (pads come later), lets SDPA / flash attention skip the explicit mask, and
+                # keeps no (B, H, T, T) attention matrix for the backward. Pad positions are ignored.
+                attention_mask = None
             mask = attn_mask if attn_mask is not None else build_attention_mask(
                 attention_mask, T, T, device=input_ids.device)
         for layer in self.model.layers:

@@ -33,6 +33,7 @@ import os
 import warnings
 
 import torch
+import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
@@ -379,3 +380,38 @@ def _register() -> None:
 
 if _HAVE_EXT:
     _register()
+
+
+# ----------------------------------------------------------------------------- SwiGLU
+class _SwiGLU(torch.autograd.Function):
+    """silu(gate) * up that saves only its two inputs for the backward (eager autograd also keeps
+    silu(gate), one more (tokens, intermediate) tensor per layer). Backward, with s = sigmoid(g):
+    d/dg = dy * up * s * (1 + g * (1 - s)),  d/dup = dy * g * s."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, dy):
+        gate, up = ctx.saved_tensors
+        g = gate.float()
+        s = torch.sigmoid(g)
+        dyf = dy.float()
+        d_gate = (dyf * up.float() * s * (1 + g * (1 - s))).to(gate.dtype) if ctx.needs_input_grad[0] else None
+        d_up = (dyf * g * s).to(up.dtype) if ctx.needs_input_grad[1] else None
+        return d_gate, d_up
+
+
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    return F.silu(gate) * up
+
+
+def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up (Llama's MLP activation) with a memory-lean backward."""
+    if gate.shape != up.shape:
+        raise ValueError(f"swiglu: gate {tuple(gate.shape)} and up {tuple(up.shape)} must have the same shape")
+    if torch.is_grad_enabled() and (gate.requires_grad or up.requires_grad):
+        return _SwiGLU.apply(gate, up)
+    return F.silu(gate) * up
