@@ -25,10 +25,9 @@ import logging
 import math
 import os
 import random
-import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -40,7 +39,7 @@ from .checkpoint import atomic_replace_dir
 from .config import ModelConfig, PRESETS
 from .data import (Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, per_sequence_logps,
                    tokenize_pair)
-from .losses import IGNORE_INDEX, dpo_loss, logps_from_hidden, orpo_loss
+from .losses import dpo_loss, logps_from_hidden, orpo_loss
 from .model import Llama
 from .tokenizer import THINKING_TOKENS, Tokenizer, resize_token_embeddings
 
@@ -388,39 +387,8 @@ class Trainer:
         run.train()
 
     def plot(self) -> None:
-        try:
-            from .evaluation import plot_training_log
-        except ImportError:
-            plot_training_log = _plot_log
+        from .evaluation import plot_training_log
         plot_training_log(str(self.out / "log.jsonl"), str(self.out / "plots"))
-
-
-def _plot_log(log_path: str, out_dir: str) -> list[str]:
-    """PNG curves of loss, nll, reward accuracy and margins per stage from log.jsonl."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    if not os.path.exists(log_path):
-        return []
-    rows = [json.loads(l) for l in open(log_path, encoding="utf-8") if l.strip()]
-    written = []
-    for stage in sorted({r["stage"] for r in rows if "stage" in r}):
-        rs = [r for r in rows if r.get("stage") == stage and "loss" in r]
-        keys = [k for k in ("loss", "nll", "rewards/accuracies", "rewards/margins") if any(k in r for r in rs)]
-        if not rs or not keys:
-            continue
-        fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3))
-        for ax, k in zip(np.atleast_1d(axes), keys):
-            pts = [(r["global_step"], r[k]) for r in rs if k in r]
-            ax.plot([p[0] for p in pts], [p[1] for p in pts])
-            ax.set_title(f"stage {stage}: {k}")
-            ax.set_xlabel("step")
-        fig.tight_layout()
-        path = os.path.join(out_dir, f"stage{stage}.png")
-        fig.savefig(path, dpi=80)
-        plt.close(fig)
-        written.append(path)
-    return written
 
 
 class StageRun:
