@@ -96,6 +96,14 @@ def test_config_validation():
     assert TrainConfig(model="some/dir", lora_r=64).lr_for("1") == 5e-5
     assert TrainConfig(model="some/dir").lr_for("1") == 5e-6
     assert TrainConfig(model="some/dir").lr_for("2") == 1e-6
+    assert (TrainConfig().lr_for("1"), TrainConfig().lr_for("2")) == (2e-3, 2e-5)
+    with pytest.raises(ValueError, match="iterations=0 must be >= 1"):
+        TrainConfig(iterations=0)
+    # rounds of on-the-fly data: an explicit flag sets both stages; by default a preset trained from
+    # scratch gets 18 ORPO rounds (it must learn the thinking format), everything else 6
+    assert [TrainConfig().iterations_for(s) for s in "12"] == [18, 6]
+    assert [TrainConfig(model="some/dir").iterations_for(s) for s in "12"] == [6, 6]
+    assert [TrainConfig(iterations=3).iterations_for(s) for s in "12"] == [3, 3]
     c = TrainConfig()
     assert (c.orpo_beta, c.dpo_beta, c.dpo_loss_type, c.label_smoothing, c.mask_mode) == \
         (0.1, 0.5, "exo_pair", 5e-3, "answer_only")

@@ -52,16 +52,20 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module", params=["tiny", "small"])
+@pytest.fixture(scope="module", params=[("tiny", "float32"), ("small", "float32"), ("small", "bfloat16")],
+                ids=lambda p: f"{p[0]}-{p[1]}")
 def pair(request, tmp_path_factory):
+    """The same checkpoint loaded by both sides in the same dtype (bf16: AVX512-BF16 matmuls where the CPU has them)."""
     transformers = pytest.importorskip("transformers", reason="transformers is the outside reference")
+    preset, dtype_name = request.param
+    dtype = getattr(torch, dtype_name)
     torch.manual_seed(0)
-    cfg = ModelConfig.preset(request.param)
+    cfg = ModelConfig.preset(preset)
     ours = Llama(cfg).eval()
-    d = tmp_path_factory.mktemp(f"ckpt-{request.param}")
+    d = tmp_path_factory.mktemp(f"ckpt-{preset}")
     ours.save_pretrained(str(d))
-    hf = transformers.LlamaForCausalLM.from_pretrained(str(d), torch_dtype=torch.float32).eval()
-    return request.param, ours, hf
+    hf = transformers.LlamaForCausalLM.from_pretrained(str(d), dtype=dtype).eval()
+    return preset, dtype_name, ours.to(dtype), hf
 
 
 def _best(fn, times):
@@ -72,7 +76,7 @@ def _best(fn, times):
 
 @pytest.mark.parametrize("batch", [1, 16])
 def test_bench_decode_vs_transformers(benchmark, pair, batch, threads):
-    preset, ours, hf = pair
+    preset, dtype_name, ours, hf = pair
     tok = IdTokenizer()
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(10, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g)
@@ -103,19 +107,25 @@ def test_bench_decode_vs_transformers(benchmark, pair, batch, threads):
     ours_dec, hf_dec = steps / max(oN - o1, 1e-9), steps / max(hN - h1, 1e-9)
     ours_pre, hf_pre = batch * PROMPT_LEN / o1, batch * PROMPT_LEN / h1
     benchmark.extra_info.update(
-        preset=preset, batch=batch, threads=threads, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
+        preset=preset, dtype=dtype_name, batch=batch, threads=threads, prompt_len=PROMPT_LEN, new_tokens=NEW_TOKENS,
         ours_decode_tok_s=round(ours_dec, 1), hf_decode_tok_s=round(hf_dec, 1),
         decode_ratio=round(ours_dec / hf_dec, 3),
         ours_prefill_tok_s=round(ours_pre, 1), hf_prefill_tok_s=round(hf_pre, 1),
         prefill_ratio=round(ours_pre / hf_pre, 3))
-    print(f"\n[{preset} B={batch} threads={threads}] decode: ours {ours_dec:.0f} tok/s, transformers {hf_dec:.0f} "
+    print(f"\n[{preset} {dtype_name} B={batch} threads={threads}] decode: ours {ours_dec:.0f} tok/s, transformers {hf_dec:.0f} "
           f"tok/s, ratio {ours_dec / hf_dec:.2f}; prefill: ours {ours_pre:.0f}, transformers {hf_pre:.0f}, "
           f"ratio {ours_pre / hf_pre:.2f}")
     # the timed benchmark itself: one full generate call of ours
     result = benchmark.pedantic(run_ours, args=(NEW_TOKENS,), rounds=1, iterations=1)
-    # our greedy output equals transformers' greedy output on the same checkpoint
+    # fp32: our greedy output equals transformers' greedy output on the same checkpoint. In bf16 the two
+    # sum in different orders, so near-ties may flip; the first step must agree on most rows.
     ref = run_hf(NEW_TOKENS)[:, PROMPT_LEN:].tolist()
-    assert [c.token_ids for c in result] == ref
+    if dtype_name == "float32":
+        assert [c.token_ids for c in result] == ref
+    else:
+        first = sum(c.token_ids[0] == r[0] for c, r in zip(result, ref)) / batch
+        benchmark.extra_info["bf16_first_token_agreement"] = first
+        assert first >= 0.5
 
 
 @pytest.mark.gpu
