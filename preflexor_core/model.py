@@ -285,7 +285,11 @@ class Llama(nn.Module):
         x = self.model.norm(x)                                                         # (B, T, H)
         if return_hidden:
             return x
-        return F.linear(x, self.output_weight)                                        # (B, T, V)
+        return self.project_logits(x)                                                 # (B, T, V)
+
+    def project_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., H) -> logits (..., V) through the LM head."""
+        return F.linear(hidden, self.output_weight)
 
     # -- checkpoints (implemented in checkpoint.py) --------------------------
     @classmethod

@@ -298,3 +298,90 @@ def test_bad_prompts_and_truncation(model, tok):
     assert isinstance(out[0], Completion) and out[0].finish_reason == "length"
     with pytest.raises(ValueError, match="max_new_tokens=300"):
         generate(model, tok, "Bone", SamplingParams(max_new_tokens=300, truncate_prompt_left=True))
+
+
+# ----------------------------------------------------------------------------- oneDNN packed linears (CPU)
+def _linears(model):
+    return [m for m in model.modules() if type(m) is torch.nn.Linear]
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_cpu_packed_linears_match_f_linear_and_restore(model, dtype, tol):
+    from preflexor_core.sampler import cpu_packed_linears
+    m = Llama(model.config).eval().to(dtype)
+    m.load_state_dict(model.state_dict())
+    x = torch.randn(3, 5, m.config.hidden_size).to(dtype)
+    lin = _linears(m)[0]
+    want_lin, want_head = lin(x), m.project_logits(x)
+    with torch.inference_mode(), cpu_packed_linears(m) as packed:
+        assert packed
+        assert "forward" in lin.__dict__ and "project_logits" in m.__dict__
+        got_lin, got_head = lin(x), m.project_logits(x)
+    for got, want in ((got_lin, want_lin), (got_head, want_head)):
+        assert got.dtype == dtype and got.shape == want.shape
+        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+    # leaving the block restores the class methods and bit-identical outputs
+    assert "forward" not in lin.__dict__ and "project_logits" not in m.__dict__
+    assert torch.equal(lin(x), want_lin) and torch.equal(m.project_logits(x), want_head)
+
+
+def test_cpu_packing_keeps_greedy_outputs_and_can_be_turned_off(model, tok, monkeypatch):
+    from preflexor_core import sampler
+    calls = []
+    real = sampler._packed_linear
+    monkeypatch.setattr(sampler, "_packed_linear", lambda w, b: calls.append(w.shape) or real(w, b))
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+    packed = [c.token_ids for c in generate(model, tok, PROMPTS, params)]
+    n_linears = len(_linears(model))
+    assert len(calls) == n_linears + 1          # every projection and the LM head
+    monkeypatch.setenv("PREFLEXOR_CPU_PACK", "0")
+    plain = [c.token_ids for c in generate(model, tok, PROMPTS, params)]
+    assert len(calls) == n_linears + 1 and packed == plain
+    monkeypatch.setenv("PREFLEXOR_CPU_PACK", "auto")
+    monkeypatch.setattr(sampler, "CPU_PACK_MAX_BYTES", 1024)   # copies too large for "auto"
+    assert [c.token_ids for c in generate(model, tok, PROMPTS, params)] == plain
+    assert len(calls) == n_linears + 1
+    monkeypatch.setenv("PREFLEXOR_CPU_PACK", "yes")
+    with pytest.raises(ValueError, match="PREFLEXOR_CPU_PACK='yes'"):
+        generate(model, tok, PROMPTS, params)
+
+
+def test_cpu_packing_with_lora_adapters_uses_the_adapted_weights(model, tok, monkeypatch):
+    from preflexor_core.lora import LoRAConfig, apply_lora, disable_adapters
+    torch.manual_seed(1)
+    m = Llama(model.config.replace(tie_word_embeddings=False)).eval()   # an untied head, adapted too
+    apply_lora(m, LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), include_head=True))
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.normal_(0, 0.5)   # a non-zero update, so the adapters change the outputs
+    params = SamplingParams(max_new_tokens=12, **GREEDY)
+    packed = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
+    monkeypatch.setenv("PREFLEXOR_CPU_PACK", "0")
+    assert packed == [c.token_ids for c in generate(m, tok, PROMPTS, params)]
+    with disable_adapters(m):   # the adapters matter: without them greedy output differs
+        assert packed != [c.token_ids for c in generate(m, tok, PROMPTS, params)]
+
+
+def test_cpu_packed_weights_are_reused_until_the_weights_change(model, tok, monkeypatch):
+    import gc
+    from preflexor_core import sampler
+    m = Llama(model.config).eval()
+    m.load_state_dict(model.state_dict())
+    params = SamplingParams(max_new_tokens=8, **GREEDY)
+    w, emb = m.model.layers[0].mlp.down_proj.weight, m.output_weight             # a projection, the head
+    before = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
+    packed_w, packed_emb = sampler._PACKED[id(w)][2], sampler._PACKED[id(emb)][2]
+    assert [c.token_ids for c in generate(m, tok, PROMPTS, params)] == before
+    assert sampler._PACKED[id(w)][2] is packed_w                   # unchanged weights: no repack
+    with torch.no_grad():
+        emb.mul_(-1.0)                                             # in place, like an optimizer step
+    after = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
+    assert sampler._PACKED[id(w)][2] is packed_w
+    assert sampler._PACKED[id(emb)][2] is not packed_emb           # the changed one was repacked
+    monkeypatch.setenv("PREFLEXOR_CPU_PACK", "0")
+    assert after == [c.token_ids for c in generate(m, tok, PROMPTS, params)] and after != before
+    n = len(sampler._PACKED)
+    del m, w, emb, packed_w, packed_emb
+    gc.collect()
+    assert len(sampler._PACKED) < n                                # entries go away with their weights
