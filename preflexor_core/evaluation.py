@@ -135,14 +135,18 @@ def _refs(reference: str | Sequence[str]) -> list[str]:
     return refs
 
 
-def _f1_tokens(pred: list[str], gold: list[str]) -> float:
+def _f_measure(matched: int, pred: list[str], gold: list[str]) -> float:
+    """F1 of ``matched`` tokens out of ``pred`` (precision) and ``gold`` (recall); empty vs empty is 1."""
     if not pred or not gold:
         return float(pred == gold)
-    same = sum((Counter(pred) & Counter(gold)).values())
-    if same == 0:
+    if matched == 0:
         return 0.0
-    p, r = same / len(pred), same / len(gold)
+    p, r = matched / len(pred), matched / len(gold)
     return 2 * p * r / (p + r)
+
+
+def _f1_tokens(pred: list[str], gold: list[str]) -> float:
+    return _f_measure(sum((Counter(pred) & Counter(gold)).values()), pred, gold)
 
 
 def token_f1(prediction: str, reference: str | Sequence[str]) -> float:
@@ -165,13 +169,7 @@ def lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
 
 
 def _rouge_l_tokens(pred: list[str], gold: list[str]) -> float:
-    if not pred or not gold:
-        return float(pred == gold)
-    lcs = lcs_length(pred, gold)
-    if lcs == 0:
-        return 0.0
-    p, r = lcs / len(pred), lcs / len(gold)
-    return 2 * p * r / (p + r)
+    return _f_measure(lcs_length(pred, gold), pred, gold)
 
 
 def rouge_l(prediction: str, reference: str | Sequence[str]) -> float:

@@ -23,8 +23,8 @@ Pieces (small functions, all run under ``torch.inference_mode()``):
 - ``cpu_packed_linears``: on CPU, during ``generate``, the plain ``nn.Linear`` layers and the LM
   head run through oneDNN on weights reordered into its blocked layout (``torch.ops.mkldnn``, the
   kernels behind torch.compile's CPU weight freezing) instead of ``F.linear`` (MKL). Same precision
-  as the model (fp32 or bf16), only the summation order differs. On the 2-core AMD EPYC this was
-  built on, the `small` preset's fp32 decode ran 1.7x (batch 1) and 2.3x (batch 16) faster. The
+  as the model (fp32 or bf16), only the summation order differs (README, CPU benchmarks: the `small`
+  preset's fp32 decode went from 1.05x / 1.08x to 2.0x / 2.2x transformers' at batch 1 / 16). The
   packed copies are kept while their weights are unchanged (a version-counter check repacks after
   an optimizer step), so they cost one extra copy of those weights; ``PREFLEXOR_CPU_PACK=0`` turns
   packing off, ``auto`` (default) packs up to ``CPU_PACK_MAX_BYTES`` of weights.
@@ -75,7 +75,7 @@ __all__ = ["KVCache", "SamplingParams", "Completion", "prefill", "decode_one_tok
 logger = logging.getLogger("preflexor.sampler")
 
 StreamCallback = Callable[[int, int, str], None]
-_MASK64 = (1 << 64) - 1
+_MASK64, _splitmix64 = ops._MASK64, ops._splitmix64     # the hash behind ops.sample's uniforms
 
 
 # ----------------------------------------------------------------------------- KV cache
@@ -286,15 +286,16 @@ def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[
 @contextlib.contextmanager
 def cpu_packed_linears(model: nn.Module):
     """Within the block, the model's plain ``nn.Linear`` layers and its LM head (``project_logits``)
-    compute with oneDNN on weights reordered once at entry. The packed weights are a snapshot: use it
-    only where the weights do not change (inference). A no-op off CPU, for dtypes other than fp32 /
+    compute with oneDNN on weights reordered at entry (or reused from an earlier entry while a weight
+    is unchanged). The packed weights are a snapshot: use it only where the weights do not change
+    inside the block (inference). A no-op off CPU, for dtypes other than fp32 /
     bf16, without oneDNN, with ``PREFLEXOR_CPU_PACK=0``, or (``auto``) when the copies would exceed
     ``CPU_PACK_MAX_BYTES``. Yields whether it packed."""
     mode = _pack_mode()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     head = getattr(model, "output_weight", None) if hasattr(model, "project_logits") else None
     params = [m.weight for m in linears] + ([head] if head is not None else [])
-    usable = (mode != "0" and params and torch.backends.mkldnn.is_available()
+    usable = (mode != "0" and bool(params) and torch.backends.mkldnn.is_available()
               and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params)
               and hasattr(torch.ops.mkldnn, "_linear_pointwise"))
     if usable and mode == "auto":
@@ -417,13 +418,6 @@ class CUDAGraphDecoder:
 
 
 # ----------------------------------------------------------------------------- sampling
-def _splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
-
-
 def _unxorshift(y: int, shift: int) -> int:
     x = y
     for _ in range(64 // shift + 1):
