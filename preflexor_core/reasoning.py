@@ -64,14 +64,14 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol, Sequence, runtime_checkable
 
-from .tokenizer import (REFLECT_END, REFLECT_START, THINK_END, THINK_START, TRAINED_SPECIAL_TOKENS)
+from .tokenizer import (REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_INSTRUCTION,
+                        TRAINED_SPECIAL_TOKENS)
 
 __all__ = ["Spans", "extract_spans", "strip_special_tokens", "Policy", "Critic", "ModelCritic",
            "TeacherCritic", "GraphCritic", "IterationTrace", "QuestionTrace", "InferConfig",
            "recursive_response", "recursive_response_from_thinking", "make_critic", "check_endpoint",
-           "CriticUnreachableError", "thinking_prompt", "THINKING_SUFFIX", "MODES"]
+           "CriticUnreachableError", "thinking_prompt", "MODES"]
 
-THINKING_SUFFIX = " Use <|thinking|>."
 MODES = ("reflect", "from-thinking")
 _SPECIALS = tuple(sorted(set(TRAINED_SPECIAL_TOKENS), key=len, reverse=True))
 _SPECIAL_RE = re.compile("|".join(re.escape(t) for t in _SPECIALS))
@@ -241,7 +241,7 @@ def _as_policy(policy) -> Policy:
 
 def thinking_prompt(question: str) -> list[dict]:
     """The chat the policy answers: the question plus the instruction to think (as in training)."""
-    return [{"role": "user", "content": question.strip() + THINKING_SUFFIX}]
+    return [{"role": "user", "content": question.strip() + THINKING_INSTRUCTION}]
 
 
 # ============================================================================ critics

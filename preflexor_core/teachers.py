@@ -46,11 +46,10 @@ import urllib.request
 from dataclasses import dataclass, field
 from typing import Any, Protocol, Sequence, runtime_checkable
 
-from .tokenizer import THINK_END, THINK_START
+from .tokenizer import THINK_END, THINK_START, THINKING_INSTRUCTION
 
 Messages = Sequence[dict]
 
-THINKING_INSTRUCTION = " Use <|thinking|>."  # appended to training prompts (datagen)
 
 # The paper's thinking categories (PRefLexOR, Sec. 2.2).
 DEFAULT_CATEGORIES = ("Reasoning Steps", "Relevant Materials or Concepts", "Design Principles",

@@ -23,6 +23,8 @@ BOS, EOS, START_HEADER, END_HEADER, EOT = (
     "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
 THINK_START, THINK_END, REFLECT_START, REFLECT_END = "<|thinking|>", "<|/thinking|>", "<|reflect|>", "<|/reflect|>"
 THINKING_TOKENS = [THINK_START, THINK_END, REFLECT_START, REFLECT_END]
+# Appended to a question to ask for the thinking format (training prompts and inference alike).
+THINKING_INSTRUCTION = " Use <|thinking|>."
 # Order matters: train_bpe gives these ids 0..8 (see config.TRAINED_*_ID).
 TRAINED_SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, *THINKING_TOKENS]
 
