@@ -19,7 +19,7 @@ from typing import Sequence
 
 import torch
 
-from .losses import IGNORE_INDEX
+from .kernels import IGNORE_INDEX
 from .masks import UnclosedThinking, thinking_mask
 from .tokenizer import EOT, THINK_END, THINK_START
 
@@ -158,24 +158,6 @@ def collate_pairs(examples: Sequence[PairExample], pad_id: int, packed: bool = F
     b = collate_sequences(seqs, pad_id, packed)
     b.n_pairs = len(examples)
     return b
-
-
-def per_sequence_logps(token_logps: torch.Tensor, labels: torch.Tensor, batch: Batch
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum shifted per-token log-probs (R, T-1) into per-sequence sums and counts.
-
-    Padded batches: one sequence per row. Packed batches: per cu_seqlens segment (a sequence's
-    first token has no prediction from its predecessor's segment because its label is the
-    prompt's first token, always IGNORE_INDEX)."""
-    valid = labels[:, 1:] != IGNORE_INDEX                                  # (R, T-1)
-    if batch.cu_seqlens is None:
-        return token_logps.sum(-1), valid.sum(-1)
-    cu = batch.cu_seqlens.to(token_logps.device).long()
-    seg = torch.bucketize(torch.arange(1, token_logps.shape[1] + 1, device=cu.device), cu[1:-1], right=True)
-    n = cu.numel() - 1
-    sums = torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, seg, token_logps[0])
-    counts = torch.zeros(n, dtype=torch.long, device=token_logps.device).index_add(0, seg, valid[0].long())
-    return sums, counts
 
 
 def pack_lm_stream(token_lists: Sequence[list[int]], seq_len: int, sep_id: int | None) -> torch.Tensor:

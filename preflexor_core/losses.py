@@ -1,31 +1,13 @@
 """Preference-optimisation losses and masked sequence log-probabilities.
 
-What is here
-    IGNORE_INDEX                       the one label value that means "not scored" (-100)
-    logps_from_hidden(hidden, W, lab)  per-token log p(label) from final hidden states (shift applied)
-    sequence_logps(model, ids, labels) per-sequence summed (or mean) log-probs + token counts
-    orpo_loss(...)                     odds-ratio penalty of ORPO (Hong et al. 2024)
-    dpo_loss(...)                      DPO (sigmoid), IPO, hinge and EXO (pairwise) losses
-    log1mexp(x)                        stable log(1 - exp(x)) for x < 0
-    thinking_mask, thinking_mask_batch, UnclosedThinking   re-exported from ``masks.py``
+``sequence_logps`` / ``forward_logps``: per-sequence summed (or mean) label log-probs of padded
+rows or packed (``cu_seqlens``) segments; ``orpo_loss``; ``dpo_loss`` (sigmoid, IPO, hinge, EXO).
+Labels are aligned to input_ids (IGNORE_INDEX on prompt, padding, masked thinking); the causal
+shift happens in ``logps_from_hidden``. IGNORE_INDEX lives in ``kernels``; the thinking masks in
+``masks`` (both re-exported here). The formulas match TRL's ORPO/DPO trainers; the code is our own.
 
-Label convention (used everywhere in the package): ``labels`` are *aligned to input_ids*
-(``labels[b, t]`` is either ``input_ids[b, t]`` or IGNORE_INDEX for prompt / padding /
-masked thinking). The causal shift happens here, in ``logps_from_hidden``: the hidden state
-at position t scores the label at position t + 1, so the label at position 0 is never scored.
-
-The formulas match TRL's ``ORPOTrainer`` / ``DPOTrainer`` (same inputs, same outputs); the
-code is independent.
-
-References
-    ORPO: J. Hong, N. Lee, J. Thorne, "ORPO: Monolithic Preference Optimization without
-          Reference Model", 2024 (arXiv 2403.07691).
-    DPO:  R. Rafailov et al., "Direct Preference Optimization: Your Language Model is Secretly
-          a Reward Model", NeurIPS 2023 (arXiv 2305.18290).
-    IPO:  M. G. Azar et al., "A General Theoretical Paradigm to Understand Learning from Human
-          Preferences", 2023 (arXiv 2310.12036).
-    EXO:  H. Ji et al., "Towards Efficient Exact Optimization of Language Model Alignment",
-          ICML 2024 (arXiv 2402.00856).
+References: ORPO, Hong et al. 2024 (arXiv 2403.07691); DPO, Rafailov et al. 2023 (arXiv 2305.18290);
+IPO, Azar et al. 2023 (arXiv 2310.12036); EXO, Ji et al. 2024 (arXiv 2402.00856).
 
 Tests: ``python -m pytest -q tests/test_losses.py``
 """
@@ -36,7 +18,8 @@ import math
 import torch
 import torch.nn.functional as F
 
-IGNORE_INDEX = -100
+from .kernels import IGNORE_INDEX, linear_logprobs
+from .masks import UnclosedThinking, find_thinking_spans, thinking_mask, thinking_mask_batch
 
 DPO_LOSS_TYPES = ("sigmoid", "exo_pair", "ipo", "hinge")
 
@@ -47,30 +30,12 @@ ORPO_MAX_LOGP = -1e-12
 
 __all__ = [
     "IGNORE_INDEX", "DPO_LOSS_TYPES", "ORPO_MAX_LOGP", "log1mexp", "logps_from_hidden",
-    "sequence_logps", "orpo_loss", "dpo_loss",
-    "thinking_mask", "thinking_mask_batch", "UnclosedThinking",
+    "sequence_logps", "forward_logps", "orpo_loss", "dpo_loss",
+    "thinking_mask", "thinking_mask_batch", "find_thinking_spans", "UnclosedThinking",
 ]
 
 
 # ----------------------------------------------------------------------------- log-probs
-def _naive_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                           ignore_index: int = IGNORE_INDEX) -> torch.Tensor:
-    """FALLBACK ONLY (used while ``kernels.linear_logprobs`` is unavailable): full fp32 logits,
-    log-softmax, gather. hidden (N, H), weight (V, H), labels (N,) -> (N,) fp32, 0 where ignored."""
-    logp = torch.log_softmax(hidden.float() @ weight.float().t(), dim=-1)            # (N, V)
-    valid = labels != ignore_index
-    picked = logp.gather(-1, torch.where(valid, labels, 0).unsqueeze(-1)).squeeze(-1)  # (N,)
-    return torch.where(valid, picked, picked.new_zeros(()))
-
-
-def _linear_logprobs(hidden, weight, labels, ignore_index=IGNORE_INDEX):
-    try:
-        from .kernels import linear_logprobs
-    except ImportError:
-        linear_logprobs = _naive_linear_logprobs   # FALLBACK: fused kernel not importable
-    return linear_logprobs(hidden, weight, labels, ignore_index=ignore_index)
-
-
 def logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-token log-probs of the *shifted* labels.
 
@@ -89,7 +54,7 @@ def logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     valid = lab != IGNORE_INDEX                          # (B, T-1)
     out = torch.zeros(lab.shape, dtype=torch.float32, device=hidden.device)
     if bool(valid.any()):
-        lp = _linear_logprobs(h[valid], weight, lab[valid], ignore_index=IGNORE_INDEX)   # (N,)
+        lp = linear_logprobs(h[valid], weight, lab[valid], ignore_index=IGNORE_INDEX)    # (N,)
         out = out.masked_scatter(valid, lp.float())
     return out
 
@@ -100,28 +65,47 @@ def _unwrap(model):
 
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
-                   attention_mask: torch.Tensor | None = None,
-                   average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+                   attention_mask: torch.Tensor | None = None, average: bool = False, *,
+                   position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-probs of the labelled tokens.
 
-    input_ids, labels: (B, T), labels aligned to input_ids (IGNORE_INDEX on prompt, padding and
-    masked thinking); attention_mask (B, T) 1 = real token. Positions where attention_mask is 0 are
-    never scored, whatever their label. Returns ``(logps, counts)``: logps (B,) fp32 = sum over
-    scored tokens of log p (or the mean when ``average``; 0 for a sequence with no scored token),
-    counts (B,) int64 = number of scored tokens.
+    input_ids, labels: (R, T), labels aligned to input_ids (IGNORE_INDEX on prompt, padding and
+    masked thinking); attention_mask (R, T) 1 = real token (positions where it is 0 are never
+    scored). Padded: one sequence per row. Packed: R = 1 with ``cu_seqlens`` (S + 1,) boundaries
+    and ``position_ids`` restarting per sequence; a segment's first label is its prompt's first
+    token (IGNORE_INDEX), so no sequence is scored from its predecessor. Returns ``(logps, counts)``,
+    (S,) fp32 sums over scored tokens of log p (the mean when ``average``; 0 when nothing is
+    scored) and (S,) int64 numbers of scored tokens; S = R when not packed.
     """
     if input_ids.shape != labels.shape:
         raise ValueError(f"sequence_logps: input_ids {tuple(input_ids.shape)} and labels "
                          f"{tuple(labels.shape)} must have the same shape (labels aligned to input_ids)")
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
-    hidden = model(input_ids, attention_mask=attention_mask, return_hidden=True)    # (B, T, H)
-    tok = logps_from_hidden(hidden, _unwrap(model).output_weight, labels)            # (B, T-1)
-    counts = (labels[:, 1:] != IGNORE_INDEX).sum(-1).to(tok.device)                  # (B,)
-    total = tok.sum(-1)
+    hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                   return_hidden=True, cu_seqlens=cu_seqlens)                         # (R, T, H)
+    tok = logps_from_hidden(hidden, _unwrap(model).output_weight, labels)            # (R, T-1)
+    valid = (labels[:, 1:] != IGNORE_INDEX).to(tok.device)                           # (R, T-1)
+    if cu_seqlens is None:
+        total, counts = tok.sum(-1), valid.sum(-1)
+    else:
+        if tok.shape[0] != 1:
+            raise ValueError(f"sequence_logps: a packed batch (cu_seqlens given) has one row; got {tok.shape[0]}")
+        cu = cu_seqlens.to(tok.device).long()
+        seg = torch.bucketize(torch.arange(1, tok.shape[1] + 1, device=tok.device), cu[1:-1], right=True)
+        n = cu.numel() - 1
+        total = tok.new_zeros(n).index_add(0, seg, tok[0])
+        counts = torch.zeros(n, dtype=torch.long, device=tok.device).index_add(0, seg, valid[0].long())
     if average:
         total = total / counts.clamp(min=1)
     return total, counts
+
+
+def forward_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sequence_logps`` of a padded or packed ``data.Batch``: (summed logps, counts) per sequence."""
+    return sequence_logps(model, batch.input_ids, batch.labels, batch.attention_mask,
+                          position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
 
 
 # ----------------------------------------------------------------------------- ORPO
@@ -220,15 +204,3 @@ def dpo_loss(policy_chosen: torch.Tensor, policy_rejected: torch.Tensor,
     chosen_rewards = (beta * (pc - rc)).detach()
     rejected_rewards = (beta * (pr - rr)).detach()
     return losses, chosen_rewards, rejected_rewards
-
-
-# ----------------------------------------------------------------------------- masks (masks.py)
-_MASK_NAMES = ("thinking_mask", "thinking_mask_batch", "UnclosedThinking", "find_thinking_spans")
-
-
-def __getattr__(name):
-    # Lazy re-export: masks.py imports IGNORE_INDEX from here, so importing it eagerly would be circular.
-    if name in _MASK_NAMES:
-        from . import masks
-        return getattr(masks, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -31,7 +31,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .losses import IGNORE_INDEX
+from .kernels import IGNORE_INDEX
 
 MASK_MODES = ("answer_only", "random_fraction", "none")
 UNCLOSED_POLICIES = ("drop", "keep")

@@ -37,9 +37,8 @@ import torch
 from . import distributed as D
 from .checkpoint import atomic_replace_dir
 from .config import ModelConfig, PRESETS
-from .data import (Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, per_sequence_logps,
-                   tokenize_pair)
-from .losses import dpo_loss, logps_from_hidden, orpo_loss
+from .data import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
+from .losses import dpo_loss, forward_logps, orpo_loss
 from .model import Llama
 from .tokenizer import THINKING_TOKENS, Tokenizer, resize_token_embeddings
 
@@ -230,15 +229,7 @@ class JsonlLog:
             f.flush()
 
 
-# ----------------------------------------------------------------------------- forward helpers
-def forward_logps(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-sequence summed label log-probs and label counts for a padded or packed batch."""
-    hidden = model(batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
-                   return_hidden=True, cu_seqlens=batch.cu_seqlens)                       # (R, T, H)
-    tok = logps_from_hidden(hidden, D.unwrap(model).output_weight, batch.labels)          # (R, T-1)
-    return per_sequence_logps(tok, batch.labels, batch)
-
-
+# ----------------------------------------------------------------------------- objectives
 def orpo_objective(model, batch: Batch, beta: float) -> tuple[torch.Tensor, dict]:
     """ORPO (Hong et al. 2024): NLL(chosen) + mean(-beta * log sigmoid(log odds ratio))."""
     sums, counts = forward_logps(model, batch)
