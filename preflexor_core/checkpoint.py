@@ -1,18 +1,15 @@
-"""HF-compatible Llama checkpoints: safetensors load/save, sharding, atomic writes.
+"""HF-compatible Llama checkpoints: safetensors load/save and sharding (transformers' layout:
+config.json, generation_config.json, model.safetensors or shards + model.safetensors.index.json).
 
-Layout (same as transformers' ``LlamaForCausalLM.save_pretrained``)::
+Loading builds the model on the meta device and fills it one tensor at a time (weights are never
+held twice). Saving is atomic (``io.atomic_dir``); files of the old directory that a save does not
+produce (tokenizer.json, ...) are carried over. This module knows no model class: ``Llama``
+passes itself in (``Llama.from_pretrained`` / ``save_pretrained`` are the entry points).
 
-    dir/config.json  generation_config.json
-    dir/model.safetensors                                   (one file), or
-    dir/model-00001-of-0000N.safetensors ... + model.safetensors.index.json
-
-Loading builds the model on the meta device and fills it one tensor at a time, so
-the weights are never held twice. Saving writes to a temporary sibling directory and
-renames it into place; files of the old directory that this save does not produce
-(tokenizer.json, ...) are carried over.
-
-    model = load_pretrained("ckpt", dtype=torch.bfloat16, device="cuda")
+    model = load_pretrained("ckpt", Llama, dtype=torch.bfloat16, device="cuda")
     save_pretrained(model, "out", max_shard_size="2GB")
+
+Tests: ``python -m pytest -q tests/test_checkpoint.py``
 """
 from __future__ import annotations
 
@@ -20,14 +17,13 @@ import json
 import logging
 import os
 import re
-import shutil
-import tempfile
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from .config import ModelConfig
+from .io import atomic_dir, fsync_write
 
 log = logging.getLogger("preflexor.checkpoint")
 
@@ -105,14 +101,12 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- load
-def load_pretrained(path: str, dtype: Any = None, device: Any = "cpu"):
-    """Load an HF Llama directory into ``Llama``.
+def load_pretrained(path: str, model_cls: Callable[..., nn.Module], dtype: Any = None, device: Any = "cpu"):
+    """Load an HF Llama directory into ``model_cls(config, device="meta")`` (normally ``Llama``).
 
     dtype: None keeps each tensor's stored dtype; otherwise every tensor is cast to it.
     device: where parameters end up; tensors are moved one at a time.
     """
-    from .model import Llama
-
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
     cfg = ModelConfig.from_json_file(os.path.join(path, "config.json"))
@@ -120,7 +114,7 @@ def load_pretrained(path: str, dtype: Any = None, device: Any = "cpu"):
     device = torch.device(device)
     files = _weight_files(path)
 
-    model = Llama(cfg, device="meta")
+    model = model_cls(cfg, device="meta")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     seen: set[str] = set()
     for fn in files:
@@ -165,35 +159,6 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
     return shards
 
 
-def atomic_replace_dir(tmp: str, final: str, carry_over: bool = True, keep=None) -> None:
-    """Move the finished ``tmp`` directory to ``final``. Files of an existing ``final``
-    that ``tmp`` lacks are copied in first when ``carry_over`` (and ``keep(name)`` is true)."""
-    if os.path.isdir(final):
-        if carry_over:
-            for name in os.listdir(final):
-                src, dst = os.path.join(final, name), os.path.join(tmp, name)
-                if os.path.exists(dst) or (keep is not None and not keep(name)):
-                    continue
-                if os.path.isdir(src):
-                    shutil.copytree(src, dst)
-                else:
-                    shutil.copy2(src, dst)
-        old = final.rstrip("/") + f".old-{os.getpid()}"
-        os.rename(final, old)
-        os.rename(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(tmp, final)
-
-
-def fsync_write(path: str, data: str | bytes) -> None:
-    mode = "wb" if isinstance(data, bytes) else "w"
-    with open(path, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def save_pretrained(model, path: str, max_shard_size: int | str = "5GB", dtype: Any = None) -> None:
     """Write ``model`` as an HF Llama directory (atomic: temp dir, then rename)."""
     from safetensors.torch import save_file
@@ -209,10 +174,8 @@ def save_pretrained(model, path: str, max_shard_size: int | str = "5GB", dtype: 
             raise ValueError(f"cannot save {k!r}: it is on the meta device (load or initialise weights first)")
         state[k] = v.detach().to(device="cpu", dtype=dtype or v.dtype).contiguous()
     out_dtype = dtype or next(iter(state.values())).dtype
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=os.path.basename(path.rstrip("/")) + ".tmp-", dir=parent)
-    try:
+    # Old weight files must not survive next to the new ones (a shard count change would mix them).
+    with atomic_dir(path, carry_over=True, keep=lambda name: not _WEIGHT_FILE.match(name)) as tmp:
         shards = _shard(state, max_bytes)
         if len(shards) == 1:
             save_file(shards[0], os.path.join(tmp, SAFE_SINGLE), metadata={"format": "pt"})
@@ -233,8 +196,3 @@ def save_pretrained(model, path: str, max_shard_size: int | str = "5GB", dtype: 
         if cfg.pad_token_id is not None:
             gen["pad_token_id"] = cfg.pad_token_id
         fsync_write(os.path.join(tmp, "generation_config.json"), json.dumps(gen, indent=2) + "\n")
-        # Old weight files must not survive next to the new ones (a shard count change would mix them).
-        atomic_replace_dir(tmp, path, keep=lambda name: not _WEIGHT_FILE.match(name))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

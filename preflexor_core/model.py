@@ -22,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
 
 
@@ -294,11 +295,9 @@ class Llama(nn.Module):
     # -- checkpoints (implemented in checkpoint.py) --------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: Any = "cpu") -> "Llama":
-        from .checkpoint import load_pretrained
-        return load_pretrained(path, dtype=dtype, device=device)
+        return load_pretrained(path, cls, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:
-        from .checkpoint import save_pretrained
         save_pretrained(self, path, max_shard_size=max_shard_size, dtype=dtype)
 
     def resize_token_embeddings(self, new_vocab_size: int) -> None:

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from . import distributed as D
-from .checkpoint import atomic_replace_dir
+from .io import atomic_replace_dir
 from .config import ModelConfig, PRESETS
 from .data import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
 from .losses import dpo_loss, forward_logps, orpo_loss

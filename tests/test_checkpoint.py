@@ -104,6 +104,24 @@ def test_save_failure_leaves_old_checkpoint(tmp_path, monkeypatch):
     assert sorted(os.listdir(tmp_path)) == ["ckpt"]
 
 
+def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
+    from preflexor_core.io import atomic_dir
+    d = tmp_path / "out"
+    with atomic_dir(d) as tmp:
+        open(os.path.join(tmp, "a.txt"), "w").write("1")
+    with atomic_dir(d) as tmp:                          # no carry-over: a.txt goes, b.txt comes
+        open(os.path.join(tmp, "b.txt"), "w").write("2")
+    assert sorted(os.listdir(d)) == ["b.txt"]
+    with pytest.raises(RuntimeError, match="half"):
+        with atomic_dir(d, carry_over=True) as tmp:
+            open(os.path.join(tmp, "c.txt"), "w").write("3")
+            raise RuntimeError("half written")
+    assert sorted(os.listdir(d)) == ["b.txt"] and sorted(os.listdir(tmp_path)) == ["out"]
+    with atomic_dir(d, carry_over=True) as tmp:         # carry-over keeps b.txt next to c.txt
+        open(os.path.join(tmp, "c.txt"), "w").write("3")
+    assert sorted(os.listdir(d)) == ["b.txt", "c.txt"]
+
+
 # ------------------------------------------------------------------ errors
 @pytest.fixture
 def saved(tmp_path):

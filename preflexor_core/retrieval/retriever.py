@@ -285,7 +285,7 @@ class GraphRetriever:
             if self.embeddings is not None:
                 np.save(tmp / "embeddings.npy", self.embeddings)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            from ..checkpoint import atomic_replace_dir
+            from ..io import atomic_replace_dir
             atomic_replace_dir(str(tmp), str(path), carry_over=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
