@@ -4,16 +4,26 @@
 for ``LlamaForCausalLM``; ``ModelConfig.preset(name)`` returns a named preset
 (exact names only: "tiny", "small", "llama-3.2-3b").
 
+Every field is validated when a config is built (kwargs, HF dict or file): types, ranges, head
+divisibility, rope scaling shape; a bad one raises ``ConfigError`` naming the file, field, value and
+what is allowed.
+
     >>> cfg = ModelConfig.preset("llama-3.2-3b"); cfg.num_parameters()
     3212749824
+
+Tests: ``python -m pytest -q tests/test_config.py tests/test_model.py``.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Mapping
+
+from .errors import PreflexorError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3")
 
@@ -24,8 +34,78 @@ TRAINED_EOS_ID = 1   # <|end_of_text|>
 TRAINED_EOT_ID = 4   # <|eot_id|>
 
 
-class ConfigError(ValueError):
-    """A config.json (or a preset name) that this package cannot honour."""
+class ConfigError(PreflexorError, ValueError):
+    """A config.json, a config field or a preset name that this package cannot honour."""
+
+
+class UnknownPresetError(ConfigError, KeyError):
+    """``ModelConfig.preset`` got a name that is not a preset (a KeyError too, for older callers)."""
+
+    __str__ = Exception.__str__       # KeyError would quote the message
+
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
+_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+_ROPE_EXAMPLE = '{"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, ...}'
+
+
+def _show(value: Any) -> str:
+    """A value as it reads in config.json (null, [..], "text"), cut to 60 characters."""
+    try:
+        text = json.dumps(value, sort_keys=True)
+    except (TypeError, ValueError):
+        text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _bad(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"{name} is {_show(value)}, expected {expected}")
+
+
+def _int(name: str, value: Any, minimum: int | None, *, optional: bool = False) -> int | None:
+    what = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
+    if value is None and optional:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise _bad(name, value, what)
+    if minimum is not None and value < minimum:
+        raise _bad(name, value, what)
+    return int(value)
+
+
+def _real(name: str, value: Any, minimum: float, *, strict: bool) -> float:
+    what = f"a number {'>' if strict else '>='} {minimum:g}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise _bad(name, value, what)
+    if value < minimum or (strict and value == minimum):
+        raise _bad(name, value, what)
+    return float(value)
+
+
+def _validate_rope_scaling(rs: Any, *, name: str = "rope_scaling") -> dict | None:
+    """Check the dict's shape; return it normalised ("type" -> "rope_type"), or None for default RoPE."""
+    if rs is None:
+        return None
+    if not isinstance(rs, Mapping):
+        raise _bad(name, rs, f"an object like {_ROPE_EXAMPLE} or null")
+    rs = dict(rs)
+    rtype = rs.get("rope_type", rs.get("type", "default"))
+    if not isinstance(rtype, str) or rtype not in SUPPORTED_ROPE_TYPES:
+        raise ConfigError(f"{name} type {rtype!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
+    rs["rope_type"] = rtype
+    rs.pop("type", None)
+    if rtype == "default":
+        return None
+    for key in _LLAMA3_KEYS:
+        if key not in rs:
+            raise ConfigError(f"{name} of type 'llama3' is missing key {key!r}; it needs {list(_LLAMA3_KEYS)}")
+    rs["factor"] = _real(f"{name}.factor", rs["factor"], 0.0, strict=True)
+    rs["low_freq_factor"] = _real(f"{name}.low_freq_factor", rs["low_freq_factor"], 0.0, strict=True)
+    rs["high_freq_factor"] = _real(f"{name}.high_freq_factor", rs["high_freq_factor"],
+                                   rs["low_freq_factor"], strict=True)
+    rs["original_max_position_embeddings"] = _int(f"{name}.original_max_position_embeddings",
+                                                  rs["original_max_position_embeddings"], 1)
+    return rs
 
 
 @dataclass(kw_only=True)
@@ -54,6 +134,7 @@ class ModelConfig:
     torch_dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        self._validate_fields()
         # Derived fields, computed once.
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -69,22 +150,32 @@ class ModelConfig:
                 f"num_key_value_heads={self.num_key_value_heads} (grouped-query attention)")
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
+
+    def _validate_fields(self) -> None:
+        """Types and ranges of every field, one ``ConfigError`` naming the field, its value and what is allowed."""
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "max_position_embeddings"):
+            setattr(self, name, _int(name, getattr(self, name), 1))
+        for name in ("num_key_value_heads", "head_dim"):
+            setattr(self, name, _int(name, getattr(self, name), 1, optional=True))
+        self.rms_norm_eps = _real("rms_norm_eps", self.rms_norm_eps, 0.0, strict=True)
+        self.rope_theta = _real("rope_theta", self.rope_theta, 0.0, strict=True)
+        self.initializer_range = _real("initializer_range", self.initializer_range, 0.0, strict=False)
+        for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "true or false")
         if self.hidden_act != "silu":
             raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Llama uses 'silu')")
-        if self.rope_scaling is not None:
-            rs = dict(self.rope_scaling)
-            rtype = rs.get("rope_type", rs.get("type", "default"))
-            if rtype not in SUPPORTED_ROPE_TYPES:
-                raise ConfigError(
-                    f"rope_scaling type {rtype!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-            if rtype == "llama3":
-                for key in ("factor", "low_freq_factor", "high_freq_factor",
-                            "original_max_position_embeddings"):
-                    if key not in rs:
-                        raise ConfigError(f"rope_scaling of type 'llama3' is missing key {key!r}")
-            rs["rope_type"] = rtype
-            rs.pop("type", None)
-            self.rope_scaling = rs if rtype != "default" else None
+        self.bos_token_id = _int("bos_token_id", self.bos_token_id, 0, optional=True)
+        self.pad_token_id = _int("pad_token_id", self.pad_token_id, None, optional=True)
+        eos = self.eos_token_id
+        if isinstance(eos, (list, tuple)):
+            self.eos_token_id = [_int(f"eos_token_id[{i}]", e, 0) for i, e in enumerate(eos)]
+        else:
+            self.eos_token_id = _int("eos_token_id", eos, 0, optional=True)
+        if not isinstance(self.torch_dtype, str) or self.torch_dtype.removeprefix("torch.") not in TORCH_DTYPES:
+            raise _bad("torch_dtype", self.torch_dtype, f"one of {list(TORCH_DTYPES)}")
+        self.rope_scaling = _validate_rope_scaling(self.rope_scaling)
 
     # ----------------------------------------------------------------- derived
     @property
@@ -116,31 +207,47 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
-        """Build from a transformers ``LlamaConfig`` dict; ``source`` names the file in errors."""
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
-        if d.get("model_type", "llama") != "llama" or not any(a == "LlamaForCausalLM" for a in archs):
-            raise ConfigError(
-                f"{source}: unsupported architecture model_type={d.get('model_type')!r} "
-                f"architectures={archs}; only Llama (LlamaForCausalLM) checkpoints are supported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        rp = d.get("rope_parameters")          # newer transformers: theta + scaling in one dict
-        if isinstance(rp, dict):
-            rp = dict(rp)
-            if "rope_theta" in rp:
-                kwargs["rope_theta"] = rp.pop("rope_theta")
-            rtype = rp.get("rope_type", rp.get("type", "default"))
-            kwargs["rope_scaling"] = None if rtype == "default" else rp
-        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
-            kwargs["torch_dtype"] = d["dtype"]
-        if d.get("pretraining_tp", 1) not in (1, None):
-            raise ConfigError(f"{source}: pretraining_tp={d['pretraining_tp']} is not supported (use 1)")
+        """Build from a transformers ``LlamaConfig`` dict; ``source`` names the file in errors.
+
+        Every field is validated (type, range, head divisibility, rope scaling shape); a bad one raises
+        ``ConfigError("<source>: <field> is <value>, expected <allowed>")``. Unknown keys are ignored.
+        """
         try:
-            return cls(**kwargs)
+            return cls(**cls._hf_kwargs(d))
         except ConfigError as e:
             raise ConfigError(f"{source}: {e}") from None
         except TypeError as e:
             raise ConfigError(f"{source}: {e}") from None
+
+    @classmethod
+    def _hf_kwargs(cls, d: Any) -> dict[str, Any]:
+        if not isinstance(d, Mapping):
+            raise ConfigError(f"the top level is {_show(d)}, expected an object of LlamaConfig fields "
+                              '({"model_type": "llama", "hidden_size": ..., ...})')
+        archs = d.get("architectures") or ["LlamaForCausalLM"]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise _bad("architectures", archs, 'a list of class names like ["LlamaForCausalLM"]')
+        if d.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
+            raise ConfigError(
+                f"unsupported architecture model_type={d.get('model_type')!r} "
+                f"architectures={archs}; only Llama (LlamaForCausalLM) checkpoints are supported")
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in names}
+        rp = d.get("rope_parameters")          # newer transformers: theta + scaling in one dict
+        if rp is not None:
+            if not isinstance(rp, Mapping):
+                raise _bad("rope_parameters", rp, 'an object like {"rope_theta": 500000.0, "rope_type": "default"}')
+            rp = dict(rp)
+            if "rope_theta" in rp:
+                kwargs["rope_theta"] = rp.pop("rope_theta")
+            kwargs["rope_scaling"] = _validate_rope_scaling(rp, name="rope_parameters")
+        if kwargs.get("torch_dtype", "") is None:
+            del kwargs["torch_dtype"]           # null: the default
+        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
+            kwargs["torch_dtype"] = d["dtype"]
+        if d.get("pretraining_tp", 1) not in (1, None):
+            raise ConfigError(f"pretraining_tp={d['pretraining_tp']} is not supported (use 1)")
+        return kwargs
 
     def to_hf_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -159,6 +266,8 @@ class ModelConfig:
                 d = json.load(f)
         except json.JSONDecodeError as e:
             raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a config.json is a JSON file") from None
         return cls.from_hf_dict(d, source=path)
 
     def to_json_string(self) -> str:
@@ -172,7 +281,7 @@ class ModelConfig:
     def preset(cls, name: str) -> "ModelConfig":
         """A named preset, looked up by exact name."""
         if name not in PRESETS:
-            raise KeyError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
+            raise UnknownPresetError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls(**PRESETS[name])
 
     @staticmethod

@@ -1,0 +1,149 @@
+"""The project's error base class, the CLI wrapper that turns its errors into one line, and --device checks.
+
+``PreflexorError`` is the base that the package's own error classes share (``ConfigError``,
+``DeviceError``, ...). ``run_cli(main)`` runs a CLI's ``main(argv)``: bad input (a project error or
+an OS error such as a missing or unwritable file) prints ``error: <message>`` on one line to stderr
+and gives exit code 2; a traceback is for bugs only, and ``PREFLEXOR_DEBUG=1`` shows it for the
+errors above too. ``check_device("cuda")`` refuses a device this torch cannot use, before any work.
+
+    sys.exit(run_cli(main))                  # the last line of a CLI
+    device = check_device(args.device)       # "auto" passes through; "bogus" / "cuda" on CPU-only torch -> DeviceError
+
+Tests: ``python -m pytest -q tests/test_cli_errors.py``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Sequence
+
+__all__ = ["PreflexorError", "DeviceError", "register_error", "is_project_error", "run_cli",
+           "check_device", "DEBUG_ENV", "EXIT_BAD_INPUT"]
+
+DEBUG_ENV = "PREFLEXOR_DEBUG"
+EXIT_BAD_INPUT = 2            # argparse's code for a usage error; the CLIs use it for every bad input
+SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
+
+
+class PreflexorError(Exception):
+    """Base of the project's own errors: a message that says what was wrong, where, and what to do."""
+
+
+class DeviceError(PreflexorError, ValueError):
+    """A --device this torch build or this machine cannot provide."""
+
+
+# Error classes that predate PreflexorError, named by (module, class) and looked up only in modules
+# already imported (an instance of a class can only exist once its module is loaded), so importing
+# this file imports nothing heavy. Each of them is raised for bad input (files, flags, servers),
+# never for a bug. masks.UnclosedThinking is left out on purpose: it is control flow, caught inside.
+_KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
+    ("preflexor_core.checkpoint", "CheckpointError"),
+    ("preflexor_core.datagen", "DatagenError"),
+    ("preflexor_core.evaluation", "EvaluationInputError"),
+    ("preflexor_core.reasoning", "CriticUnreachableError"),
+    ("preflexor_core.retrieval.chunking", "CorpusError"),
+    ("preflexor_core.retrieval.embedding", "EmbedderError"),
+    ("preflexor_core.retrieval.retriever", "EmbedderMismatchError"),
+    ("preflexor_core.teachers", "TeacherError"),
+    ("preflexor_core.tokenizer", "TokenizerError"),
+)
+# OSError (missing file, permission denied, disk full, connection refused) is about the user's
+# environment, and its message names the file or address; so it also counts as bad input.
+_ENVIRONMENT_ERRORS: tuple[type[BaseException], ...] = (OSError,)
+_registered: list[type[BaseException]] = []
+
+
+def register_error(cls: type[BaseException]) -> type[BaseException]:
+    """Mark an error class (e.g. a CLI's own ``InputError``) as bad input for ``run_cli``; usable as a decorator."""
+    if not (isinstance(cls, type) and issubclass(cls, BaseException)):
+        raise TypeError(f"register_error expects an exception class, got {cls!r}")
+    if cls not in _registered:
+        _registered.append(cls)
+    return cls
+
+
+def _project_error_classes() -> tuple[type[BaseException], ...]:
+    found: list[type[BaseException]] = [PreflexorError, *_ENVIRONMENT_ERRORS, *_registered]
+    for module, name in _KNOWN_ERRORS:
+        cls = getattr(sys.modules.get(module), name, None)
+        if isinstance(cls, type) and issubclass(cls, BaseException):
+            found.append(cls)
+    return tuple(found)
+
+
+def is_project_error(exc: BaseException, extra: Sequence[type[BaseException]] = ()) -> bool:
+    """True when ``exc`` reports bad input (see ``run_cli``), False for anything that is a bug."""
+    return isinstance(exc, _project_error_classes() + tuple(extra))
+
+
+def _one_line(exc: BaseException) -> str:
+    msg = Exception.__str__(exc) if isinstance(exc, KeyError) else str(exc)   # KeyError quotes its message
+    msg = " ".join(msg.split())
+    return msg or type(exc).__name__
+
+
+def _debug() -> bool:
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def run_cli(main_fn: Callable[..., int | None], argv: Sequence[str] | None = None, *,
+            errors: Sequence[type[BaseException]] = ()) -> int:
+    """Run ``main_fn(argv)`` and return its exit code; bad input -> ``error: <message>`` on stderr, code 2.
+
+    ``errors`` adds a CLI's own input-error classes. ``PREFLEXOR_DEBUG=1`` re-raises them instead, so the
+    traceback shows. Any other exception propagates with its traceback (a bug). ``SystemExit`` (argparse)
+    becomes its code; Ctrl-C prints ``error: interrupted`` and gives 130.
+    """
+    try:
+        code = main_fn(argv)
+    except SystemExit as e:
+        if e.code is None or isinstance(e.code, int):
+            return int(e.code or 0)
+        print(e.code, file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        if _debug():
+            raise
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if _debug() or not is_project_error(e, errors):
+            raise
+        print(f"error: {_one_line(e)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    return 0 if code is None else int(code)
+
+
+def check_device(spec: str | None, *, flag: str = "--device") -> str | None:
+    """Validate a device string before any work starts; return it unchanged.
+
+    ``None`` and ``"auto"`` pass through (the caller picks cuda when available, else cpu). Anything
+    else must be ``cpu`` or ``cuda[:N]`` that this torch build and machine provide; otherwise
+    ``DeviceError`` names the flag, the value and what to pass instead.
+    """
+    if spec is None or spec == "auto":
+        return spec
+    import torch
+
+    allowed = "expected auto, cpu, cuda or cuda:N"
+    if not isinstance(spec, str):
+        raise DeviceError(f"{flag} {spec!r}: not a device string; {allowed}")
+    try:
+        dev = torch.device(spec)
+    except (RuntimeError, ValueError):
+        raise DeviceError(f"{flag} {spec!r}: not a device; {allowed}") from None
+    if dev.type not in SUPPORTED_DEVICE_TYPES:
+        raise DeviceError(f"{flag} {spec!r}: device type {dev.type!r} is not supported; {allowed}")
+    if dev.type == "cuda":
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise DeviceError(f"{flag} {spec!r}: this torch build ({torch.__version__}) has no CUDA support; "
+                              f"use {flag} cpu, or install a CUDA build of torch")
+        if not torch.cuda.is_available():
+            raise DeviceError(f"{flag} {spec!r}: torch sees no CUDA device (driver missing or "
+                              f"CUDA_VISIBLE_DEVICES empty); use {flag} cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise DeviceError(f"{flag} {spec!r}: only {count} CUDA device(s) visible "
+                              f"(cuda:0..cuda:{count - 1}); pick one of them")
+    return spec
