@@ -4,7 +4,7 @@ import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
 from preflexor_core.sampler import (Completion, KVCache, SamplingParams, decode_one_token, generate, prefill,
-                                    row_key, sample, sample_torch, seeds_for_rows, static_decode_step)
+                                    row_key, sample, seeds_for_rows, static_decode_step)
 
 TEXTS = [
     "Spider silk combines high strength with extensibility; its beta-sheet nanocrystals resist shear.",
@@ -154,39 +154,15 @@ def test_seed_reproducible_at_n_gt_1_and_batch_invariant(model, tok):
     assert [x.token_ids for x in a] != [x.token_ids for x in d]
 
 
-@pytest.mark.parametrize("fn", [sample, sample_torch], ids=["dispatch", "torch"])
-def test_row_draw_does_not_depend_on_batch_index(fn):
+def test_row_draw_does_not_depend_on_batch_index():
     torch.manual_seed(1)
     logits = torch.randn(6, 50)
     keys = [row_key(5, p, 0, 0) for p in range(6)]
     args = lambda n: (torch.ones(n), torch.zeros(n, dtype=torch.long), torch.full((n,), 0.9))
-    full = fn(logits, *args(6), seeds_for_rows(keys))
+    full = sample(logits, *args(6), seeds_for_rows(keys))
     perm = [4, 1, 5]
-    part = fn(logits[perm], *args(3), seeds_for_rows([keys[i] for i in perm]))
+    part = sample(logits[perm], *args(3), seeds_for_rows([keys[i] for i in perm]))
     assert part.tolist() == full[perm].tolist()
-
-
-def test_sample_torch_filters_and_distribution():
-    torch.manual_seed(0)
-    logits = torch.tensor([[2.0, 1.0, 0.5, 0.0, -1.0]])
-    one = lambda v, dt=torch.float32: torch.tensor([v], dtype=dt)
-    for s in range(20):
-        assert int(sample_torch(logits, one(1.0), one(1, torch.long), one(1.0), one(s, torch.long))) == 0
-        assert int(sample_torch(logits, one(1.0), one(0, torch.long), one(0.01), one(s, torch.long))) == 0
-        assert int(sample_torch(logits, one(0.0), one(0, torch.long), one(1.0), one(s, torch.long))) == 0
-        assert int(sample_torch(logits, one(1.0), one(2, torch.long), one(1.0), one(s, torch.long))) in (0, 1)
-    N = 4000
-    rows = logits.expand(N, 5)
-    draws = sample_torch(rows, torch.ones(N), torch.zeros(N, dtype=torch.long), torch.ones(N),
-                         torch.arange(N) * 7919 + 1)
-    freq = torch.bincount(draws, minlength=5).float() / N
-    assert (freq - logits[0].softmax(-1)).abs().max() < 0.03           # ~4 sigma at N=4000
-    # top_p=0.7 keeps {0, 1} (mass before 1 = 0.55 < 0.7, before 2 = 0.84): renormalised over two tokens
-    draws = sample_torch(rows, torch.ones(N), torch.zeros(N, dtype=torch.long), torch.full((N,), 0.7),
-                         torch.arange(N) * 7919 + 1)
-    freq = torch.bincount(draws, minlength=5).float() / N
-    p01 = logits[0, :2].softmax(-1)
-    assert freq[2:].sum() == 0 and (freq[:2] - p01).abs().max() < 0.03
 
 
 # ----------------------------------------------------------------------------- stops, prepend, length
@@ -326,10 +302,10 @@ def test_cpu_packed_linears_match_f_linear_and_restore(model, dtype, tol):
 
 
 def test_cpu_packing_keeps_greedy_outputs_and_can_be_turned_off(model, tok, monkeypatch):
-    from preflexor_core import sampler
+    from preflexor_core.sampler import cpu_pack
     calls = []
-    real = sampler._packed_linear
-    monkeypatch.setattr(sampler, "_packed_linear", lambda w, b: calls.append(w.shape) or real(w, b))
+    real = cpu_pack._packed_linear
+    monkeypatch.setattr(cpu_pack, "_packed_linear", lambda w, b: calls.append(w.shape) or real(w, b))
     params = SamplingParams(max_new_tokens=12, **GREEDY)
     packed = [c.token_ids for c in generate(model, tok, PROMPTS, params)]
     n_linears = len(_linears(model))
@@ -338,7 +314,7 @@ def test_cpu_packing_keeps_greedy_outputs_and_can_be_turned_off(model, tok, monk
     plain = [c.token_ids for c in generate(model, tok, PROMPTS, params)]
     assert len(calls) == n_linears + 1 and packed == plain
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "auto")
-    monkeypatch.setattr(sampler, "CPU_PACK_MAX_BYTES", 1024)   # copies too large for "auto"
+    monkeypatch.setattr(cpu_pack, "CPU_PACK_MAX_BYTES", 1024)   # copies too large for "auto"
     assert [c.token_ids for c in generate(model, tok, PROMPTS, params)] == plain
     assert len(calls) == n_linears + 1
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "yes")
@@ -365,23 +341,23 @@ def test_cpu_packing_with_lora_adapters_uses_the_adapted_weights(model, tok, mon
 
 def test_cpu_packed_weights_are_reused_until_the_weights_change(model, tok, monkeypatch):
     import gc
-    from preflexor_core import sampler
+    from preflexor_core.sampler import cpu_pack
     m = Llama(model.config).eval()
     m.load_state_dict(model.state_dict())
     params = SamplingParams(max_new_tokens=8, **GREEDY)
     w, emb = m.model.layers[0].mlp.down_proj.weight, m.output_weight             # a projection, the head
     before = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
-    packed_w, packed_emb = sampler._PACKED[id(w)][2], sampler._PACKED[id(emb)][2]
+    packed_w, packed_emb = cpu_pack._PACKED[id(w)][2], cpu_pack._PACKED[id(emb)][2]
     assert [c.token_ids for c in generate(m, tok, PROMPTS, params)] == before
-    assert sampler._PACKED[id(w)][2] is packed_w                   # unchanged weights: no repack
+    assert cpu_pack._PACKED[id(w)][2] is packed_w                   # unchanged weights: no repack
     with torch.no_grad():
         emb.mul_(-1.0)                                             # in place, like an optimizer step
     after = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
-    assert sampler._PACKED[id(w)][2] is packed_w
-    assert sampler._PACKED[id(emb)][2] is not packed_emb           # the changed one was repacked
+    assert cpu_pack._PACKED[id(w)][2] is packed_w
+    assert cpu_pack._PACKED[id(emb)][2] is not packed_emb           # the changed one was repacked
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "0")
     assert after == [c.token_ids for c in generate(m, tok, PROMPTS, params)] and after != before
-    n = len(sampler._PACKED)
+    n = len(cpu_pack._PACKED)
     del m, w, emb, packed_w, packed_emb
     gc.collect()
-    assert len(sampler._PACKED) < n                                # entries go away with their weights
+    assert len(cpu_pack._PACKED) < n                                # entries go away with their weights

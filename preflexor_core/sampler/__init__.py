@@ -1,0 +1,23 @@
+"""KV-cached, batched text generation for ``Llama``: the sampler used by datagen and inference.
+
+    from preflexor_core.sampler import generate, SamplingParams
+    outs = generate(model, tok, ["Why is nacre tough?"],
+                    SamplingParams(max_new_tokens=128, temperature=0.7, top_p=0.9, n=4, seed=0,
+                                   stop=["\\n\\n"], prepend_response="<|thinking|>"))
+    outs[0].text, outs[0].token_ids, outs[0].finish_reason          # prompt-major, sample-minor
+
+Rooms: ``kv_cache`` (KVCache), ``generate`` (SamplingParams, Completion, prefill,
+decode_one_token, generate), ``sampling`` (seeds, repetition penalty; the draw is ``ops.sample``),
+``detokenize`` (incremental text, stop strings), ``prompts``, ``cpu_pack`` (oneDNN weight packing
+on CPU), ``cuda_graph`` (the decode step as a CUDA graph).
+Tests: ``python -m pytest tests/test_sampler.py -q``.
+"""
+from .cpu_pack import cpu_packed_linears
+from .cuda_graph import CUDAGraphDecoder, static_decode_step
+from .generate import Completion, SamplingParams, decode_one_token, generate, prefill
+from .kv_cache import KVCache
+from .sampling import apply_repetition_penalty, row_key, sample, seeds_for_rows
+
+__all__ = ["KVCache", "SamplingParams", "Completion", "prefill", "decode_one_token", "sample", "generate",
+           "CUDAGraphDecoder", "static_decode_step", "row_key", "seeds_for_rows", "apply_repetition_penalty",
+           "cpu_packed_linears"]
