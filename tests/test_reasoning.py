@@ -1,4 +1,4 @@
-"""Tests for recursive reflective reasoning (preflexor_core/reasoning.py) and the infer.py CLI.
+"""Tests for recursive reflective reasoning (preflexor_core/reasoning/) and the infer.py CLI.
 
 Fixtures are built here: a small byte-level BPE tokenizer, a tiny random Llama saved as a
 checkpoint, and a GraphRetriever over a few sentences with the hashing embedder. A random model
@@ -24,6 +24,9 @@ from preflexor_core.reasoning import (GraphCritic, Policy, QuestionTrace, check_
                                       CriticUnreachableError, extract_spans, make_critic,
                                       recursive_response, recursive_response_from_thinking,
                                       strip_special_tokens)
+from preflexor_core.reasoning.cli import InputError, read_questions
+from preflexor_core.retrieval import GraphRetriever
+from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.sampler import SamplingParams
 from preflexor_core.tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_TOKENS
 
@@ -77,11 +80,7 @@ def model_dir(model, tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def retriever():
-    from preflexor_core import retrieval
-    if not hasattr(retrieval, "GraphRetriever"):
-        pytest.skip("preflexor_core.retrieval.GraphRetriever is not importable in this checkout")
-    from preflexor_core.retrieval.embedding import HashingEmbedder
-    return retrieval.GraphRetriever.build(list(CORPUS), embedder=HashingEmbedder(128))
+    return GraphRetriever.build(list(CORPUS), embedder=HashingEmbedder(128))
 
 
 @pytest.fixture(scope="module")
@@ -438,11 +437,11 @@ def test_infer_cli_in_process_questions_file_and_depth0(model_dir, tmp_path, cap
     assert "[question 2 | iteration 1 | think]" in capsys.readouterr().out
     txt = tmp_path / "qs.txt"
     txt.write_text("first question\n\n second question \n")
-    assert infer.read_questions(str(txt)) == ["first question", "second question"]
+    assert read_questions(str(txt)) == ["first question", "second question"]
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"q": "x"}\n')
-    with pytest.raises(infer.InputError, match="bad.jsonl:1"):
-        infer.read_questions(str(bad))
+    with pytest.raises(InputError, match="bad.jsonl:1"):
+        read_questions(str(bad))
 
 
 def test_infer_cli_same_critic_in_process(model_dir, tmp_path):

@@ -1,0 +1,223 @@
+"""What ``infer.py`` runs: its config (every default), input checks, critic choice, streaming, output.
+
+``infer.py`` only parses flags into :class:`InferConfig` and calls :func:`main`. Bad input is
+reported with a specific message and exit code 2. Method: PRefLexOR, arXiv 2410.12375.
+Tests: ``python -m pytest -q tests/test_reasoning.py -k infer``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+
+from .critics import CriticUnreachableError, make_critic
+from .loop import recursive_response
+from .policy import Policy
+
+__all__ = ["InferConfig", "InputError", "DEMO_MODEL_DIRS", "DEMO_COMMAND", "read_questions", "resolve_model",
+           "check_inputs", "build_critic", "main"]
+
+DEMO_MODEL_DIRS = ("runs/demo/stage2", "runs/demo/stage1", "runs/demo/stage0")
+DEMO_COMMAND = "`make demo` (or `python train.py --stage all`)"
+
+
+@dataclass(kw_only=True)
+class InferConfig:
+    """Every default of ``infer.py`` (the CLI only parses flags into this)."""
+
+    questions: list[str] = field(default_factory=list)
+    questions_file: str | None = None     # .txt (one per line) or .jsonl ("question" field)
+    model: str | None = None              # None -> the embedded demo checkpoint (DEMO_MODEL_DIRS)
+    retriever: str = "runs/demo/retriever"
+    critic: str | None = None             # None -> graph when the retriever exists, else same
+    critic_model: str | None = None
+    reflect_depth: int = 3
+    mode: str = "reflect"
+    integrate: bool = True
+    max_new_tokens: int = 256
+    temperature: float = 0.1
+    top_p: float = 0.9
+    top_k: int = 50
+    seed: int = 0
+    stream: bool = False
+    json: str | None = None
+    device: str = "cpu"
+    critic_timeout: float = 60.0
+    check_timeout: float = 3.0
+
+
+class InputError(ValueError):
+    """Bad command-line input: reported with exit code 2."""
+
+
+def read_questions(path: str) -> list[str]:
+    """Questions from a .txt file (one per line, blank lines skipped) or .jsonl ("question" field)."""
+    if not os.path.isfile(path):
+        raise InputError(f"--questions file not found: {path}")
+    out = []
+    with open(path, encoding="utf-8") as f:
+        if path.endswith(".jsonl"):
+            for n, line in enumerate(f, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+                q = row.get("question") if isinstance(row, dict) else None
+                if not isinstance(q, str) or not q.strip():
+                    raise InputError(f"{path}:{n}: needs a non-empty string field 'question'")
+                out.append(q.strip())
+        else:
+            out = [line.strip() for line in f if line.strip()]
+    if not out:
+        raise InputError(f"--questions file {path} holds no questions")
+    return out
+
+
+def resolve_model(model: str | None) -> str:
+    """``model``, checked to be a checkpoint dir; None -> the first demo checkpoint that exists."""
+    hint = f"create the demo checkpoint with {DEMO_COMMAND}, or pass --model DIR"
+    if model is None:
+        for d in DEMO_MODEL_DIRS:
+            if os.path.isfile(os.path.join(d, "config.json")):
+                return d
+        raise InputError(f"no model: the embedded demo checkpoint ({' / '.join(DEMO_MODEL_DIRS)}) does not "
+                         f"exist in {os.getcwd()}; {hint}")
+    if not os.path.isdir(model):
+        raise InputError(f"model dir not found: {model}; {hint}")
+    for need in ("config.json", "tokenizer.json"):
+        if not os.path.isfile(os.path.join(model, need)):
+            raise InputError(f"model dir {model} has no {need}; expected a checkpoint dir written by "
+                             f"train.py (config.json, *.safetensors, tokenizer.json); {hint}")
+    return model
+
+
+def check_inputs(cfg: InferConfig) -> None:
+    """Validate ``cfg`` and fill in what it leaves open (questions from the file, critic, model)."""
+    if cfg.questions_file:
+        cfg.questions = cfg.questions + read_questions(cfg.questions_file)
+    if not cfg.questions:
+        raise InputError("no question: pass --question \"...\" (repeatable) or --questions FILE")
+    for i, q in enumerate(cfg.questions):
+        if not q.strip():
+            raise InputError(f"question {i + 1} is empty: give --question a non-empty text")
+    cfg.questions = [q.strip() for q in cfg.questions]
+    if cfg.reflect_depth < 0:
+        raise InputError(f"--reflect-depth must be >= 0 (0 = a single pass), got {cfg.reflect_depth}")
+    if cfg.max_new_tokens < 1:
+        raise InputError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
+    if cfg.temperature < 0:
+        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if not 0 < cfg.top_p <= 1:
+        raise InputError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if cfg.top_k < 0:
+        raise InputError(f"--top-k must be >= 0 (0 = off), got {cfg.top_k}")
+    if cfg.critic is None:
+        cfg.critic = "graph" if os.path.isdir(cfg.retriever) else "same"
+    if cfg.critic == "graph" and cfg.reflect_depth > 0 and not os.path.isdir(cfg.retriever):
+        raise InputError(f"--critic graph needs a retriever dir, but {cfg.retriever} does not exist "
+                         f"({DEMO_COMMAND} writes runs/demo/retriever); pass --retriever DIR or --critic same")
+    c = cfg.critic
+    if c not in ("same", "graph") and not c.startswith(("http://", "https://")) and not os.path.isdir(c):
+        raise InputError(f"--critic {c!r} is not same, graph, an http(s):// URL or an existing checkpoint dir")
+    cfg.model = resolve_model(cfg.model)
+
+
+def build_critic(cfg: InferConfig, policy: Policy):
+    """The critic ``cfg.critic`` names (None at depth 0); loading failures raise :class:`InputError`."""
+    if cfg.reflect_depth == 0:
+        return None
+    retriever = None
+    if cfg.critic == "graph":
+        from ..retrieval import GraphRetriever
+        try:
+            retriever = GraphRetriever.load(cfg.retriever)
+        except (OSError, ValueError, KeyError) as e:
+            raise InputError(f"could not load the retriever in {cfg.retriever} ({type(e).__name__}: {e}); "
+                             f"rebuild it ({DEMO_COMMAND} writes runs/demo/retriever) or pass --critic same") from None
+    try:
+        return make_critic(cfg.critic, policy=policy, retriever=retriever, critic_model=cfg.critic_model,
+                           max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, timeout=cfg.critic_timeout,
+                           check_timeout=cfg.check_timeout)
+    except CriticUnreachableError as e:
+        raise InputError(f"{e}; start the server or choose another --critic (graph, same or a checkpoint dir)") from None
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
+class _Streamer:
+    """Prints policy text as it is generated, readable for a batch: in every step the first
+    question's tokens are printed live, the other questions' text of that step is printed as a
+    block once the next step starts (steps run one after another), or at :meth:`flush`."""
+
+    def __init__(self, out=None):
+        self.out = out if out is not None else sys.stdout   # looked up now: stdout may be redirected
+        self.step = None        # (iteration, step name) now streaming
+        self.live = None        # question printed live in this step
+        self.held: dict[int, str] = {}
+
+    def _header(self, q: int) -> None:
+        it, name = self.step
+        self.out.write(f"\n[question {q + 1} | iteration {it} | {name}] ")
+
+    def flush(self) -> None:
+        for q in sorted(self.held):
+            self._header(q)
+            self.out.write(self.held[q])
+        self.held = {}
+        self.out.flush()
+
+    def __call__(self, q: int, iteration: int, step: str, delta: str) -> None:
+        if (iteration, step) != self.step:
+            self.flush()
+            self.step, self.live = (iteration, step), q
+            self._header(q)
+        if q == self.live:
+            self.out.write(delta)
+            self.out.flush()
+        else:
+            self.held[q] = self.held.get(q, "") + delta
+
+
+def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
+    options = {k: v for k, v in vars(cfg).items() if k != "questions"}
+    options["critic_name"] = getattr(critic, "name", None)
+    doc = {"options": options, "elapsed_s": elapsed, "questions": [tr.to_dict() for tr in traces]}
+    os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+    tmp = cfg.json + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        json.dump(doc, f, indent=2, ensure_ascii=False)
+    os.replace(tmp, cfg.json)
+    print(f"trace written to {cfg.json}")
+
+
+def main(cfg: InferConfig) -> int:
+    """Run inference for ``cfg``: print each answer, write the trace JSON; 2 on bad input."""
+    from ..sampler import SamplingParams
+    try:
+        check_inputs(cfg)
+        policy = Policy.from_pretrained(cfg.model, device=cfg.device)
+        critic = build_critic(cfg, policy)
+    except InputError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
+    sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                              top_k=cfg.top_k, seed=cfg.seed)
+    streamer = _Streamer() if cfg.stream else None
+    t0 = time.perf_counter()
+    traces = recursive_response(policy, critic, cfg.questions, depth=cfg.reflect_depth, sampling=sampling,
+                                mode=cfg.mode, integrate=cfg.integrate, stream=streamer)
+    elapsed = time.perf_counter() - t0
+    if streamer is not None:
+        streamer.flush()
+        print("\n")
+    for i, tr in enumerate(traces, start=1):
+        print(f"Question {i}: {tr.question}")
+        print(f"Answer ({len(tr.iterations)} iteration(s){', integrated' if tr.integrated else ''}): "
+              f"{tr.final_answer or '(empty)'}\n")
+    if cfg.json:
+        _write_json(cfg, critic, traces, elapsed)
+    return 0
