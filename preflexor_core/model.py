@@ -295,6 +295,9 @@ class Llama(nn.Module):
     # -- checkpoints (implemented in checkpoint.py) --------------------------
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: Any = "cpu") -> "Llama":
+        if str(path).endswith(".gguf"):
+            from .gguf import load_gguf_model
+            return load_gguf_model(path, dtype=dtype, device=device, model_cls=cls)
         return load_pretrained(path, cls, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:

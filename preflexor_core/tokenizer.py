@@ -63,6 +63,9 @@ class Tokenizer:
     # -- construction -------------------------------------------------------
     @classmethod
     def from_pretrained(cls, path: str) -> "Tokenizer":
+        if str(path).endswith(".gguf"):
+            from .gguf import load_gguf_tokenizer
+            return load_gguf_tokenizer(path)
         from tokenizers import Tokenizer as TK
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):

@@ -1,0 +1,20 @@
+"""GGUF (llama.cpp's file format) in and out for Llama-architecture models.
+
+    model = load_gguf_model("m.gguf")          # Llama.from_pretrained("m.gguf") dispatches here
+    tok = load_gguf_tokenizer("m.gguf")        # Tokenizer.from_pretrained("m.gguf") dispatches here
+    write_gguf(model, tok, "out.gguf", dtype="q8_0")
+
+reader.py (header checks, config, dequantization), tokenizer.py (BPE from metadata),
+writer.py (model + tokenizer -> .gguf), layout.py (names, q/k row order).
+Tests: .venv/bin/python -m pytest -q tests/test_gguf.py tests/test_convert.py
+"""
+from .reader import SUPPORTED_TYPES, GGUFError, load_gguf_model, open_gguf, read_metadata
+from .tokenizer import load_gguf_tokenizer, tokenizer_from_metadata
+
+__all__ = ["GGUFError", "SUPPORTED_TYPES", "load_gguf_model", "load_gguf_tokenizer", "open_gguf",
+           "read_metadata", "tokenizer_from_metadata", "write_gguf"]
+
+
+def write_gguf(*args, **kwargs):
+    from .writer import write_gguf as _write
+    return _write(*args, **kwargs)

@@ -1,0 +1,182 @@
+"""Read a llama.cpp GGUF file into ``Llama``: header checks, ModelConfig from metadata, dequantization.
+
+Uses the ``gguf`` package (llama.cpp's own reader, pinned in requirements.txt) for parsing and
+its ``gguf.quants.dequantize`` for the block formats. Metadata keys follow llama.cpp's GGUF spec
+(``llama.embedding_length``, ``llama.attention.head_count`` ...). q/k rows are put back in HF
+order (layout.py); a missing ``output.weight`` means a tied head.
+
+    model = load_gguf_model("model.gguf", dtype=torch.float32)   # or Llama.from_pretrained("model.gguf")
+
+Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..config import ConfigError, ModelConfig
+from . import layout
+
+# Tensor types this loader dequantizes (all covered by tests/test_gguf.py).
+SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
+
+
+class GGUFError(ValueError):
+    """A GGUF file that cannot be used; the message names the file and what is wrong."""
+
+
+def open_gguf(path: str):
+    """A ``gguf.GGUFReader`` over ``path`` after checking the magic and that no tensor runs past the end."""
+    import gguf
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: GGUF file not found")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (wrong magic: starts with {magic!r}, expected b'GGUF'); "
+                        f"pass a .gguf file written by llama.cpp or gguf's GGUFWriter")
+    try:
+        reader = gguf.GGUFReader(path)
+    except ValueError as e:
+        if "GGMLQuantizationType" in str(e):
+            raise GGUFError(f"{path}: a tensor has an unknown quant type ({e}); supported types: "
+                            f"{', '.join(SUPPORTED_TYPES)}") from None
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({size} bytes; the reader failed with: {e}); "
+                        f"re-download or re-convert it") from None
+    except Exception as e:  # memmap / struct errors on a cut-off header
+        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {type(e).__name__}: {e}); "
+                        f"re-download or re-convert it") from None
+    for t in reader.tensors:
+        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
+            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to "
+                            f"{t.data_offset + t.n_bytes}, the file has {size}; re-download or re-convert it")
+    return reader
+
+
+def read_metadata(reader) -> dict[str, Any]:
+    """All key/value metadata of the file as Python values (arrays as lists)."""
+    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+
+
+def _llama3_rope(freqs: np.ndarray, theta: float, head_dim: int, path: str) -> dict:
+    """Recover Llama-3 rope_scaling from llama.cpp's ``rope_freqs`` divisors (standard Llama-3.x values)."""
+    from ..model import rope_inv_freq
+    factor = float(freqs.max())
+    for lo, hi, ctx in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)):
+        rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
+              "original_max_position_embeddings": ctx}
+        base = ModelConfig(hidden_size=head_dim, num_attention_heads=1, rope_theta=theta)
+        want = rope_inv_freq(base) / rope_inv_freq(base.replace(rope_scaling=rs))
+        if want.shape == freqs.shape and np.allclose(want.numpy(), freqs, rtol=1e-4):
+            return rs
+    raise GGUFError(f"{path}: rope_freqs.weight does not match Llama-3 rope scaling with low/high freq factors "
+                    f"1/4; other per-frequency rope factors are not supported")
+
+
+def config_from_gguf(meta: dict[str, Any], reader, path: str, dtype: torch.dtype) -> ModelConfig:
+    """ModelConfig from ``llama.*`` / ``tokenizer.ggml.*`` metadata and the tensor list."""
+    arch = meta.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(f"{path}: unsupported architecture general.architecture={arch!r}; only 'llama' "
+                        f"GGUF files load (Llama 2/3, SmolLM2, TinyLlama ...)")
+
+    def get(key: str, default: Any = ...):
+        v = meta.get(f"llama.{key}", default)
+        if v is ...:
+            raise GGUFError(f"{path}: metadata key 'llama.{key}' is missing; a llama GGUF needs it")
+        return v
+
+    tensors = {t.name: t for t in reader.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{path}: no tensor 'token_embd.weight'; not a complete llama model file")
+    hidden, heads = int(get("embedding_length")), int(get("attention.head_count"))
+    head_dim = int(get("attention.key_length", hidden // heads))
+    if int(get("rope.dimension_count", head_dim)) != head_dim:
+        raise GGUFError(f"{path}: llama.rope.dimension_count={get('rope.dimension_count')} differs from the head "
+                        f"size {head_dim}; partial rotary embeddings are not supported")
+    theta = float(get("rope.freq_base", 10000.0))
+    rope_scaling = None
+    stype, sfactor = get("rope.scaling.type", "none"), get("rope.scaling.factor", None)
+    if stype not in ("none", None) or sfactor not in (None, 0.0, 1.0):
+        raise GGUFError(f"{path}: rope scaling type {stype!r} (factor {sfactor}) is not supported; "
+                        f"supported: none, and Llama-3 scaling via rope_freqs.weight")
+    if layout.ROPE_FREQS in tensors:
+        rope_scaling = _llama3_rope(np.asarray(tensors[layout.ROPE_FREQS].data, np.float32), theta, head_dim, path)
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = int(tensors["token_embd.weight"].shape[1])
+    if tokens is not None and len(tokens) != vocab:
+        raise GGUFError(f"{path}: {len(tokens)} tokens in tokenizer.ggml.tokens but token_embd.weight has "
+                        f"{vocab} rows")
+    eos = meta.get("tokenizer.ggml.eos_token_id")
+    eot = meta.get("tokenizer.ggml.eot_token_id")
+    eos_ids = [i for i in dict.fromkeys([eos, eot]) if i is not None]
+    try:
+        return ModelConfig(
+            vocab_size=vocab, hidden_size=hidden, intermediate_size=int(get("feed_forward_length")),
+            num_hidden_layers=int(get("block_count")), num_attention_heads=heads,
+            num_key_value_heads=int(get("attention.head_count_kv", heads)), head_dim=head_dim,
+            rms_norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)), rope_theta=theta,
+            rope_scaling=rope_scaling, max_position_embeddings=int(get("context_length", 2048)),
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            bos_token_id=meta.get("tokenizer.ggml.bos_token_id"),
+            eos_token_id=(eos_ids[0] if len(eos_ids) == 1 else eos_ids) or None,
+            pad_token_id=meta.get("tokenizer.ggml.padding_token_id"),
+            torch_dtype=str(dtype).replace("torch.", ""))
+    except ConfigError as e:
+        raise GGUFError(f"{path}: {e}") from None
+
+
+def dequantize(t, path: str) -> torch.Tensor:
+    """One GGUF tensor -> fp32 torch tensor in row-major (PyTorch) shape."""
+    import gguf
+    if t.tensor_type.name not in SUPPORTED_TYPES:
+        raise GGUFError(f"{path}: tensor {t.name!r} has quant type {t.tensor_type.name}, which is not supported; "
+                        f"supported: {', '.join(SUPPORTED_TYPES)} (re-quantize with llama-quantize)")
+    shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+    arr = gguf.quants.dequantize(np.asarray(t.data), t.tensor_type)
+    return torch.from_numpy(np.array(arr, dtype=np.float32).reshape(shape))
+
+
+def _default_dtype(device: torch.device) -> torch.dtype:
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def load_gguf_model(path: str, dtype: Any = None, device: Any = "cpu", model_cls=None):
+    """Load a llama GGUF file as ``model_cls`` (default ``Llama``); dtype None = bf16 on CUDA, fp32 otherwise."""
+    from ..checkpoint import _resolve_dtype
+    if model_cls is None:
+        from ..model import Llama as model_cls
+    device = torch.device(device)
+    dtype = _resolve_dtype(dtype) or _default_dtype(device)
+    reader = open_gguf(path)
+    cfg = config_from_gguf(read_metadata(reader), reader, path, dtype)
+    model = model_cls(cfg, device="meta")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    state: dict[str, torch.Tensor] = {}
+    for t in reader.tensors:
+        if t.name == layout.ROPE_FREQS:
+            continue
+        name = layout.hf_name(t.name)
+        if name is None or name not in expected:
+            raise GGUFError(f"{path}: unexpected tensor {t.name!r} (not part of a llama model with this metadata)")
+        w = dequantize(t, path)
+        if tuple(w.shape) != expected[name]:
+            raise GGUFError(f"{path}: tensor {t.name!r} has shape {tuple(w.shape)}, expected {expected[name]} "
+                            f"from the llama.* metadata")
+        heads = layout.rotary_heads(name, cfg.num_attention_heads, cfg.num_key_value_heads)
+        if heads is not None:
+            w = layout.from_gguf_rows(w, heads)
+        state[name] = w.to(device=device, dtype=dtype).contiguous()
+    missing = sorted(set(expected) - set(state))
+    if missing:
+        names = [layout.gguf_name(m) for m in missing[:5]]
+        raise GGUFError(f"{path}: missing tensors {', '.join(names)}"
+                        + (f" ... ({len(missing)} in all)" if len(missing) > 5 else ""))
+    model.load_state_dict(state, strict=True, assign=True)
+    return model

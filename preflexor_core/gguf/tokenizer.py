@@ -1,0 +1,116 @@
+"""Tokenizer from GGUF metadata (``tokenizer.ggml.*``): byte-level BPE built with ``tokenizers``.
+
+Supported: ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) with the pre-tokenizer splits of
+the ``tokenizer.ggml.pre`` names below (llama.cpp's llama-vocab.cpp defines them: ``llama-bpe`` is
+Llama-3's regex with whole-word vocabulary lookups first; ``smollm`` / ``starcoder`` split digits
+one by one, then apply GPT-2's regex; ``gpt2`` is GPT-2's regex alone). CONTROL tokens become
+special tokens, USER_DEFINED ones added tokens. bos/eos/pad ids, ``add_bos_token`` and
+``tokenizer.chat_template`` are carried over. ``pre_tokenizer_name`` is the reverse lookup the
+writer uses. Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
+"""
+from __future__ import annotations
+
+import inspect
+import json
+from typing import Any
+
+from ..tokenizer import LLAMA3_PATTERN, Tokenizer
+from .reader import GGUFError, open_gguf, read_metadata
+
+TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
+LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx")
+DIGITS_GPT2_PRES = ("smollm", "starcoder", "refact", "codeshell")
+GPT2_PRES = ("gpt2", "mpt", "olmo")
+SUPPORTED_PRES = LLAMA3_PRES + DIGITS_GPT2_PRES + GPT2_PRES
+
+
+def _pre_tokenizer(pre: str, path: str):
+    from tokenizers import Regex, pre_tokenizers as pt
+    if pre in LLAMA3_PRES:
+        return pt.Sequence([pt.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+                            pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+    if pre in DIGITS_GPT2_PRES:
+        return pt.Sequence([pt.Digits(individual_digits=True),
+                            pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
+    if pre in GPT2_PRES:
+        return pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)
+    raise GGUFError(f"{path}: tokenizer.ggml.pre={pre!r} is not supported; supported pre-tokenizers: "
+                    f"{', '.join(SUPPORTED_PRES)}")
+
+
+def pre_tokenizer_name(tk) -> str:
+    """The ``tokenizer.ggml.pre`` name of a ``tokenizers.Tokenizer``'s pre-tokenizer (ValueError if none fits)."""
+    pre = json.loads(tk.to_str()).get("pre_tokenizer") or {}
+    parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
+    kinds = [p.get("type") for p in parts]
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_PATTERN \
+            and not parts[1].get("use_regex", True):
+        return "llama-bpe"
+    if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
+        return "smollm"
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
+        return "gpt2"
+    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent in this converter; "
+                     f"supported: Llama-3 regex split (llama-bpe), digits + GPT-2 byte level (smollm), "
+                     f"GPT-2 byte level (gpt2)")
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], path: str) -> Tokenizer:
+    """Build our ``Tokenizer`` from GGUF metadata (see the module docstring for what is supported)."""
+    from tokenizers import AddedToken, Tokenizer as TK, decoders, models
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        raise GGUFError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.model is missing)")
+    if kind == "llama":
+        raise GGUFError(f"{path}: tokenizer.ggml.model='llama' (a sentencepiece vocabulary) is not supported; "
+                        f"only byte-level BPE ('gpt2') vocabularies load; use the HF folder's tokenizer.json")
+    if kind != "gpt2":
+        raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported; only byte-level BPE ('gpt2')")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    merges = meta.get("tokenizer.ggml.merges")
+    if not tokens or merges is None:
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges missing; a BPE vocabulary needs both")
+    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
+    pre = meta.get("tokenizer.ggml.pre", "default")
+    pre_tok = _pre_tokenizer(pre, path)
+    pairs = []
+    for m in merges:
+        a, sep, b = m.partition(" ")
+        if not sep:
+            raise GGUFError(f"{path}: tokenizer.ggml.merges entry {m!r} is not two tokens separated by a space")
+        pairs.append((a, b))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tk = TK(models.BPE(vocab=vocab, merges=pairs, dropout=None, fuse_unk=False, byte_fallback=False,
+                       ignore_merges=pre in LLAMA3_PRES))
+    tk.pre_tokenizer = pre_tok
+    tk.decoder = decoders.ByteLevel()
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+    user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
+    if control:
+        tk.add_special_tokens(control)
+    if user:
+        tk.add_tokens(user)
+
+    def tok(key: str) -> str | None:
+        i = meta.get(f"tokenizer.ggml.{key}")
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    kw: dict[str, Any] = dict(bos_token=tok("bos_token_id"), eos_token=tok("eos_token_id"),
+                              pad_token=tok("padding_token_id"))
+    ctx = meta.get(f"{meta.get('general.architecture', 'llama')}.context_length")
+    if isinstance(ctx, int):
+        kw["model_max_length"] = ctx
+    template = meta.get("tokenizer.chat_template")
+    takes_template = "chat_template" in inspect.signature(Tokenizer.__init__).parameters
+    if takes_template and template is not None:
+        kw["chat_template"] = template
+    out = Tokenizer(tk, **kw)
+    if not takes_template:
+        out.chat_template = template
+    out.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    return out
+
+
+def load_gguf_tokenizer(path: str) -> Tokenizer:
+    """``Tokenizer`` from a .gguf file's metadata."""
+    return tokenizer_from_metadata(read_metadata(open_gguf(path)), str(path))
