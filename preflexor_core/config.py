@@ -1,12 +1,10 @@
 """Model configuration: a kw_only dataclass mirroring HF ``LlamaConfig``.
 
-``ModelConfig.from_hf_dict`` / ``to_hf_dict`` round-trip a transformers ``config.json``
-for ``LlamaForCausalLM``; ``ModelConfig.preset(name)`` returns a named preset
-(exact names only: "tiny", "small", "llama-3.2-3b").
-
-Every field is validated when a config is built (kwargs, HF dict or file): types, ranges, head
-divisibility, rope scaling shape; a bad one raises ``ConfigError`` naming the file, field, value and
-what is allowed.
+``ModelConfig.from_hf_dict`` / ``to_hf_dict`` round-trip a transformers ``config.json`` for
+``LlamaForCausalLM``; ``ModelConfig.preset(name)`` returns a named preset (exact names only: "tiny",
+"small", "llama-3.2-3b"). Every field is validated when a config is built (kwargs, HF dict or file):
+types, ranges, head divisibility, rope scaling shape; a bad one raises ``ConfigError`` naming the
+file, the field, the value and what is allowed.
 
     >>> cfg = ModelConfig.preset("llama-3.2-3b"); cfg.num_parameters()
     3212749824

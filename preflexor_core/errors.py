@@ -33,21 +33,12 @@ class DeviceError(PreflexorError, ValueError):
     """A --device this torch build or this machine cannot provide."""
 
 
-# Error classes that predate PreflexorError, named by (module, class) and looked up only in modules
-# already imported (an instance of a class can only exist once its module is loaded), so importing
-# this file imports nothing heavy. Each of them is raised for bad input (files, flags, servers),
-# never for a bug. masks.UnclosedThinking is left out on purpose: it is control flow, caught inside.
-_KNOWN_ERRORS: tuple[tuple[str, str], ...] = (
-    ("preflexor_core.checkpoint", "CheckpointError"),
-    ("preflexor_core.datagen", "DatagenError"),
-    ("preflexor_core.evaluation", "EvaluationInputError"),
-    ("preflexor_core.reasoning", "CriticUnreachableError"),
-    ("preflexor_core.retrieval.chunking", "CorpusError"),
-    ("preflexor_core.retrieval.embedding", "EmbedderError"),
-    ("preflexor_core.retrieval.retriever", "EmbedderMismatchError"),
-    ("preflexor_core.teachers", "TeacherError"),
-    ("preflexor_core.tokenizer", "TokenizerError"),
-)
+# Error classes that predate PreflexorError (CheckpointError, TokenizerError, DatagenError,
+# TeacherError, EvaluationInputError, CorpusError, EmbedderError, GGUFError, ...) are recognised by
+# the package's naming rule rather than by a list that would go stale as modules move: a class
+# defined inside preflexor_core whose name ends in "Error" reports bad input (a file, a flag, a
+# server), never a bug. Internal control-flow exceptions are named otherwise (masks.UnclosedThinking).
+_PACKAGE = __name__.split(".")[0]
 # OSError (missing file, permission denied, disk full, connection refused) is about the user's
 # environment, and its message names the file or address; so it also counts as bad input.
 _ENVIRONMENT_ERRORS: tuple[type[BaseException], ...] = (OSError,)
@@ -63,18 +54,16 @@ def register_error(cls: type[BaseException]) -> type[BaseException]:
     return cls
 
 
-def _project_error_classes() -> tuple[type[BaseException], ...]:
-    found: list[type[BaseException]] = [PreflexorError, *_ENVIRONMENT_ERRORS, *_registered]
-    for module, name in _KNOWN_ERRORS:
-        cls = getattr(sys.modules.get(module), name, None)
-        if isinstance(cls, type) and issubclass(cls, BaseException):
-            found.append(cls)
-    return tuple(found)
+def _is_package_error_class(cls: type) -> bool:
+    module = getattr(cls, "__module__", "") or ""
+    return (module == _PACKAGE or module.startswith(_PACKAGE + ".")) and cls.__name__.endswith("Error")
 
 
 def is_project_error(exc: BaseException, extra: Sequence[type[BaseException]] = ()) -> bool:
     """True when ``exc`` reports bad input (see ``run_cli``), False for anything that is a bug."""
-    return isinstance(exc, _project_error_classes() + tuple(extra))
+    if isinstance(exc, (PreflexorError, *_ENVIRONMENT_ERRORS, *_registered, *extra)):
+        return True
+    return any(_is_package_error_class(c) for c in type(exc).__mro__)
 
 
 def _one_line(exc: BaseException) -> str:
