@@ -225,11 +225,11 @@ class Llama(nn.Module):
     # -- helpers ------------------------------------------------------------
     @property
     def output_weight(self) -> torch.Tensor:
-        """The (V, H) LM-head weight (the embedding when tied; base + LoRA update for an adapted head)."""
-        if self.lm_head is None:
-            return self.model.embed_tokens.weight
-        effective = getattr(self.lm_head, "effective_weight", None)
-        return effective() if effective is not None else self.lm_head.weight
+        """The (V, H) LM-head weight (the embedding when tied; with adapters, the weight they apply:
+        base + LoRA update, or trainable token rows written in)."""
+        head = self.model.embed_tokens if self.lm_head is None else self.lm_head
+        effective = getattr(head, "effective_weight", None)
+        return effective() if effective is not None else head.weight
 
     @property
     def device(self) -> torch.device:
@@ -305,5 +305,5 @@ class Llama(nn.Module):
 
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Grow the embedding (and untied head); new rows = mean of the old rows."""
-        from .tokenizer import resize_token_embeddings
+        from .vocab import resize_token_embeddings
         resize_token_embeddings(self, new_vocab_size)
