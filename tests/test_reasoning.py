@@ -319,6 +319,18 @@ def test_graph_critic_improves_with_missing_facts_and_paths(retriever):
         assert " -> " in improved.split(GraphCritic.PATH_HEADER)[1]
 
 
+def test_graph_critic_counts_plural_mentions(retriever):
+    # concepts are stored singular ("spider silk"); the thinking's plurals mention them
+    c = GraphCritic(retriever)
+    q = "Why is nacre tough?"
+    concepts = c.relevant_concepts(q)
+    assert {"spider silk", "design principle", "hierarchical structure"} <= set(concepts)
+    fb = c.feedback(q, "Hierarchical structures and design principles of spider silks.")
+    missing = fb.split("Missing concepts: ")[1].split(". Add")[0].split(", ")
+    assert "nacre" in missing
+    assert not {"spider silk", "design principle", "hierarchical structure"} & set(missing)
+
+
 def test_graph_critic_integration_prefers_coverage(retriever):
     c = GraphCritic(retriever)
     q = "Why is nacre tough?"

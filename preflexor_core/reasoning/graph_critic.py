@@ -2,34 +2,18 @@
 
 It adds the corpus facts and concept paths that ``retrieval.GraphRetriever`` finds and the
 thinking lacks, lists missing concepts as feedback, and integrates answers by concept coverage.
-It plays the role of the critic in PRefLexOR's recursive reasoning (arXiv 2410.12375) without an LLM.
+Text is compared after ``text.normalize_text`` (as graph concepts are stored: lowercase, plurals
+stripped). It plays the critic of PRefLexOR's recursive reasoning (arXiv 2410.12375) without an LLM.
 Tests: ``python -m pytest -q tests/test_reasoning.py -k graph_critic``.
 """
 from __future__ import annotations
 
-import re
 from typing import Sequence
 
-from ..retrieval.chunking import sentence_spans
+from ..text import mentions, normalize_text, split_sentences
 from .spans import strip_special_tokens
 
 __all__ = ["GraphCritic"]
-
-_WORD = re.compile(r"[A-Za-z][A-Za-z0-9\-]*")
-
-
-def _norm(text: str) -> str:
-    return " ".join(_WORD.findall(text.lower()))
-
-
-def _sentences(text: str) -> list[str]:
-    parts = [text[s:e] for s, e in sentence_spans(text)]
-    return [" ".join(p.split()) for p in parts if p.strip()]
-
-
-def _mentions(text_norm: str, concept: str) -> bool:
-    c = _norm(concept)
-    return bool(c) and f" {c} " in f" {text_norm} "
 
 
 class GraphCritic:
@@ -93,8 +77,8 @@ class GraphCritic:
     # ---------------------------------------------------------------- Critic
     def feedback(self, question: str, thinking: str) -> str:
         concepts = self.relevant_concepts(question)
-        tn = _norm(thinking)
-        missing = [c for c in concepts if not _mentions(tn, c)]
+        tn = normalize_text(thinking)
+        missing = [c for c in concepts if not mentions(tn, c)]
         if not thinking.strip():
             return ("The thinking is empty. Reason step by step about: " + ", ".join(concepts) + "."
                     if concepts else "The thinking is empty. Reason step by step about the question.")
@@ -108,12 +92,12 @@ class GraphCritic:
         """Up to ``max_facts`` hit sentences not in the thinking; those naming wanted concepts first."""
         candidates, seen = [], set()
         for rank, h in enumerate(hits):
-            for pos, s in enumerate(_sentences(h.text)):
-                sn = _norm(s)
+            for pos, s in enumerate(split_sentences(h.text)):
+                sn = normalize_text(s)
                 if len(sn.split()) < 3 or sn in seen or sn in thinking_norm:
                     continue
                 seen.add(sn)
-                gain = sum(1 for c in wanted if _mentions(sn, c))
+                gain = sum(1 for c in wanted if mentions(sn, c))
                 candidates.append((-gain, rank, pos, s))
         return [s for *_, s in sorted(candidates)[: self.max_facts]]
 
@@ -127,10 +111,10 @@ class GraphCritic:
     def improve(self, question: str, thinking: str, feedback: str) -> str:
         thinking = strip_special_tokens(thinking)
         hits = self._search(question + " " + thinking)
-        tn = _norm(thinking)
-        wanted = [c for c in self.relevant_concepts(question, hits) if not _mentions(tn, c)]
+        tn = normalize_text(thinking)
+        wanted = [c for c in self.relevant_concepts(question, hits) if not mentions(tn, c)]
         wanted += [c for c in self._concepts(feedback) if c.lower() not in {w.lower() for w in wanted}
-                   and not _mentions(tn, c)]
+                   and not mentions(tn, c)]
         facts = self._new_facts(hits, tn, wanted)
         path = self._new_path(hits, question, thinking)
         parts = [thinking] if thinking else []
@@ -148,17 +132,17 @@ class GraphCritic:
         concepts = self.relevant_concepts(question)
 
         def covered(text: str) -> set[str]:
-            tn = _norm(text)
-            return {c.lower() for c in concepts if _mentions(tn, c)}
+            tn = normalize_text(text)
+            return {c.lower() for c in concepts if mentions(tn, c)}
 
         best_i, best = max(nonempty, key=lambda t: (len(covered(t[1])), t[0]))
-        have, best_norm, extra = covered(best), _norm(best), []
+        have, best_norm, extra = covered(best), normalize_text(best), []
         for i, a in nonempty:
             if i == best_i:
                 continue
-            for s in _sentences(a):
+            for s in split_sentences(a):
                 new = covered(s) - have
-                sn = _norm(s)
+                sn = normalize_text(s)
                 if not sn or sn in best_norm or not new:
                     continue
                 extra.append(s)
