@@ -11,8 +11,8 @@ import pytest
 
 from preflexor_core.datagen import (THINKING_INSTRUCTION, PairsFileError, answer_part,
                                     format_chosen, generate_pairs, read_pairs)
-from preflexor_core.teachers import (DEFAULT_CATEGORIES, ExtractiveTeacher, TeacherUnavailableError,
-                                     split_sentences)
+from preflexor_core.teachers import DEFAULT_CATEGORIES, ExtractiveTeacher, TeacherUnavailableError
+from preflexor_core.text import split_sentences
 from preflexor_core.tokenizer import THINK_END, THINK_START
 from test_teachers import CORPUS, build_retriever, in_corpus
 
@@ -373,7 +373,6 @@ def test_argument_errors(retriever):
 # ============================================================================ real sampler, tiny policy
 
 def test_tiny_policy_with_real_sampler(retriever, tmp_path):
-    pytest.importorskip("preflexor_core.sampler", reason="sampler not available")
     import torch
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.sampler import SamplingParams
@@ -429,7 +428,6 @@ def test_cli_bad_inputs(tmp_path):
 
 
 def test_cli_extractive_run(tmp_path):
-    build_retriever()  # skips when the retriever is not available
     corpus = tmp_path / "c.txt"
     corpus.write_text("\n\n".join(CORPUS))
     out = tmp_path / "pairs.jsonl"

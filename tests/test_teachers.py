@@ -11,8 +11,10 @@ import pytest
 
 from preflexor_core.teachers import (DEFAULT_CATEGORIES, ExtractiveTeacher, OpenAITeacher,
                                      TeacherAuthError, TeacherNotFoundError, TeacherRequestError,
-                                     TeacherUnavailableError, chat_completions_url, split_sentences,
-                                     teacher_from_spec)
+                                     TeacherUnavailableError, chat_completions_url, teacher_from_spec)
+from preflexor_core.retrieval import GraphRetriever
+from preflexor_core.retrieval.embedding import HashingEmbedder
+from preflexor_core.text import split_sentences
 
 # A small materials corpus: one paragraph per document.
 CORPUS = [
@@ -72,11 +74,7 @@ CORPUS_SENTENCES = {s for p in CORPUS for s in split_sentences(p)}
 
 def build_retriever(texts=CORPUS):
     """A GraphRetriever over the test corpus with the fast hashing embedder."""
-    retrieval = pytest.importorskip("preflexor_core.retrieval", reason="retrieval package not available")
-    if not hasattr(retrieval, "GraphRetriever"):
-        pytest.skip("GraphRetriever not available")
-    from preflexor_core.retrieval.embedding import HashingEmbedder
-    return retrieval.GraphRetriever.build(list(texts), embedder=HashingEmbedder(128))
+    return GraphRetriever.build(list(texts), embedder=HashingEmbedder(128))
 
 
 def in_corpus(sentence: str) -> bool:
@@ -345,7 +343,6 @@ def test_teacher_from_spec_errors(tmp_path):
 # ============================================================================ local checkpoint
 
 def test_local_teacher_batches_chats_through_the_sampler(tmp_path):
-    pytest.importorskip("preflexor_core.sampler", reason="sampler not available")
     import torch
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.teachers import LocalTeacher

@@ -1,0 +1,145 @@
+"""CLI of the pair generator: a corpus in, a resumable ``pairs.jsonl`` out.
+
+Run: ``python -m preflexor_core.datagen --corpus PATH --out pairs.jsonl --n 100 --teacher extractive
+[--model DIR] [--k-samples 4] [--with-thinking]``; ``--help`` lists every option. Prints one JSON
+summary line (``GenerationStats``); exit status 2 on bad input.
+
+References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.3.
+
+Tests: ``python -m pytest -q tests/test_datagen.py -k cli``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from ..retrieval import GraphRetriever
+from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
+from ..teachers import DEFAULT_CATEGORIES, TeacherError, teacher_from_spec, teacher_kind
+from .pairs_io import DatagenError
+from .pipeline import REJECTED_SOURCES, DatagenConfig, generate_pairs
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m preflexor_core.datagen",
+        description="Generate PRefLexOR preference pairs (prompt / chosen with a thinking "
+                    "scratchpad / rejected) from a text corpus into a resumable JSONL file.")
+    ap.add_argument("--corpus", required=True, nargs="+", metavar="PATH",
+                    help="corpus: .txt/.md/.jsonl files (.jsonl: one {\"text\": ...} per line) or "
+                         "folders of them (read recursively)")
+    ap.add_argument("--retriever-dir", default=None,
+                    help="load a saved GraphRetriever from this folder instead of building one")
+    ap.add_argument("--out", default="pairs.jsonl",
+                    help="output JSONL; rows already in it (same --seed) are skipped (default: %(default)s)")
+    ap.add_argument("--n", type=int, default=DatagenConfig.n, help="rows to generate: ids SEED-0 .. SEED-(n-1) (default: %(default)s)")
+    ap.add_argument("--teacher", default="extractive",
+                    help="'extractive' (offline, corpus sentences only), an http(s):// URL of an "
+                         "OpenAI-compatible server, or a checkpoint dir (default: %(default)s)")
+    ap.add_argument("--teacher-model", default=None, help="model name sent to a URL teacher")
+    ap.add_argument("--api-key-env", default="OPENAI_API_KEY",
+                    help="environment variable with the URL teacher's API key (default: %(default)s)")
+    ap.add_argument("--concurrency", type=int, default=8, help="requests in flight to a URL teacher (default: %(default)s)")
+    ap.add_argument("--model", default=None,
+                    help="policy checkpoint dir whose samples become 'rejected'; without it the "
+                         "teacher's plain answers (no context) are used")
+    ap.add_argument("--rejected-from", choices=REJECTED_SOURCES, default=None,
+                    help="source of 'rejected' (default: policy with --model, else teacher)")
+    ap.add_argument("--with-thinking", action="store_true",
+                    help="stage 2: the policy answers the thinking prompt, its response opened with <|thinking|>")
+    ap.add_argument("--k-samples", type=int, default=DatagenConfig.k_samples,
+                    help="policy samples per question; the lowest-scored is kept (default: %(default)s)")
+    ap.add_argument("--scorer", default="embedding", choices=["embedding", "judge"],
+                    help="score samples by embedding cosine to the chosen answer, or ask the teacher to judge")
+    ap.add_argument("--only-wrong", action="store_true",
+                    help="drop rows whose rejected sample scores above --wrong-threshold")
+    ap.add_argument("--wrong-threshold", type=float, default=DatagenConfig.wrong_threshold,
+                    help="score above which a rejected sample counts as right (default: %(default)s)")
+    ap.add_argument("--categories", default=",".join(DEFAULT_CATEGORIES),
+                    help="comma-separated thinking categories (default: the paper's six)")
+    ap.add_argument("--nodes", type=int, default=DatagenConfig.number_nodes_to_get, help="random chunks per question (default: %(default)s)")
+    ap.add_argument("--no-rag", action="store_true", help="use only the source chunks as context")
+    ap.add_argument("--embedder", choices=["default", "hashing", "minilm"], default="default",
+                    help="retriever embedder when building (default: MiniLM if installed, else hashing)")
+    ap.add_argument("--max-new-tokens", type=int, default=256, help="policy sample length (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=0.8, help="policy temperature (default: %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=DatagenConfig.batch_size, help="questions per generate call (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=DatagenConfig.seed, help="row ids and all random choices (default: %(default)s)")
+    ap.add_argument("--teacher-max-items", type=int, default=5,
+                    help="extractive teacher: sentences or items per thinking category (default: %(default)s)")
+    ap.add_argument("--teacher-answer-sentences", type=int, default=4,
+                    help="extractive teacher: at most this many sentences in the chosen answer (default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _build_retriever(args) -> GraphRetriever:
+    if args.retriever_dir:
+        if not os.path.isdir(args.retriever_dir):
+            raise DatagenError(f"--retriever-dir {args.retriever_dir}: no such directory")
+        return GraphRetriever.load(args.retriever_dir)
+    emb = {"hashing": HashingEmbedder, "minilm": MiniLMEmbedder}.get(args.embedder)
+    return GraphRetriever.build([Path(p) for p in args.corpus], embedder=emb() if emb else None)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_arg_parser()
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for path in args.corpus:
+        if not os.path.exists(path):
+            ap.error(f"--corpus {path}: no such file or directory; give .txt/.md/.jsonl "
+                     "files or folders of them")
+    if args.n < 0:
+        ap.error(f"--n must be >= 0, got {args.n}")
+    if args.k_samples < 1:
+        ap.error(f"--k-samples must be >= 1, got {args.k_samples}")
+    try:
+        teacher_kind(args.teacher, args.teacher_model)
+    except ValueError as e:
+        ap.error(f"--teacher {args.teacher!r}: {e}")
+    if args.model and not os.path.isdir(args.model):
+        ap.error(f"--model {args.model}: no such checkpoint directory")
+    rejected_from = args.rejected_from or ("policy" if args.model else "teacher")
+    if rejected_from == "policy" and not args.model:
+        ap.error("--rejected-from policy needs --model DIR (the policy checkpoint)")
+    categories = [c.strip() for c in args.categories.split(",") if c.strip()]
+    if not categories:
+        ap.error("--categories is empty")
+
+    try:
+        retriever = _build_retriever(args)
+        teacher = teacher_from_spec(args.teacher, retriever=retriever, model=args.teacher_model,
+                                    seed=args.seed, api_key_env=args.api_key_env,
+                                    concurrency=args.concurrency, max_items=args.teacher_max_items,
+                                    max_answer_sentences=args.teacher_answer_sentences)
+        policy = sampling = None
+        if rejected_from == "policy":
+            from ..model import Llama
+            from ..sampler import SamplingParams
+            from ..tokenizer import Tokenizer
+            policy = (Llama.from_pretrained(args.model).eval(), Tokenizer.from_pretrained(args.model))
+            sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_p=0.9, top_k=50)
+        config = DatagenConfig(
+            n=args.n, categories=categories, number_nodes_to_get=args.nodes, use_rag=not args.no_rag,
+            rejected_from=rejected_from, with_thinking=args.with_thinking, k_samples=args.k_samples,
+            scorer=teacher if args.scorer == "judge" else "embedding",
+            only_include_wrong_answers=args.only_wrong, wrong_threshold=args.wrong_threshold,
+            seed=args.seed, out_path=args.out, sampling=sampling, progress=not args.no_progress,
+            batch_size=args.batch_size)
+        rows = generate_pairs(retriever, teacher, policy=policy, config=config)
+    except (DatagenError, TeacherError, ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"out": args.out, "rows": len(rows), **rows.stats.as_dict()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

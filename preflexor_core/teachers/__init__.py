@@ -1,0 +1,21 @@
+"""Teachers: who writes the *chosen* side of a preference pair.
+
+``base`` (the ``Teacher`` protocol, errors, thinking categories), ``http`` (OpenAI-compatible
+client), ``local`` (our own checkpoint), ``extractive`` (offline, corpus sentences only) and
+``spec`` (``teacher_from_spec``). The retrieval context lives in ``retrieval.context``, the text
+helpers in ``text``.
+
+References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.2.
+
+Tests: ``python -m pytest -q tests/test_teachers.py``; run: ``python -m preflexor_core.teachers --corpus PATH``.
+"""
+from .base import (DEFAULT_CATEGORIES, Messages, Teacher, TeacherAuthError, TeacherError,
+                   TeacherNotFoundError, TeacherRequestError, TeacherUnavailableError)
+from .extractive import ExtractiveTeacher
+from .http import OpenAITeacher, chat_completions_url
+from .local import LocalTeacher
+from .spec import teacher_from_spec, teacher_kind
+
+__all__ = ["DEFAULT_CATEGORIES", "Messages", "Teacher", "TeacherError", "TeacherAuthError",
+           "TeacherNotFoundError", "TeacherRequestError", "TeacherUnavailableError", "ExtractiveTeacher",
+           "OpenAITeacher", "chat_completions_url", "LocalTeacher", "teacher_from_spec", "teacher_kind"]

@@ -1,0 +1,204 @@
+"""OpenAI-compatible chat-completions client on the standard library only (``urllib`` + ``json``).
+
+``OpenAITeacher(base_url, model)``: several requests in flight (thread pool), per-request timeout,
+retries with exponential backoff + jitter on 429 / 5xx / connection errors (``Retry-After``
+honoured), no retry on 401/403 (:class:`TeacherAuthError`) or 404 (:class:`TeacherNotFoundError`).
+``chat_completions_url`` turns ``http://h:p``, ``.../v1`` or a full URL into the endpoint URL.
+
+References: OpenAI chat-completions wire format,
+https://platform.openai.com/docs/api-reference/chat/create .
+
+Tests: ``python -m pytest -q tests/test_teachers.py`` (a fake server on 127.0.0.1).
+"""
+from __future__ import annotations
+
+import concurrent.futures as cf
+import email.utils
+import json
+import os
+import random
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Sequence
+
+from .base import (Messages, TeacherAuthError, TeacherError, TeacherNotFoundError, TeacherRequestError,
+                   TeacherUnavailableError, check_messages)
+
+
+def chat_completions_url(base_url: str) -> str:
+    """``http://h:p``, ``http://h:p/v1`` or a full ``.../chat/completions`` URL -> the endpoint URL."""
+    if not isinstance(base_url, str) or not re.match(r"^https?://[^/\s]+", base_url):
+        raise ValueError(f"base_url must be an http(s) URL like http://127.0.0.1:8000/v1, got {base_url!r}")
+    url = base_url.rstrip("/")
+    if url.endswith("/chat/completions"):
+        return url
+    if re.search(r"/v\d+$", url):
+        return url + "/chat/completions"
+    return url + "/v1/chat/completions"
+
+
+def _retry_after_seconds(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (delta-seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+class OpenAITeacher:
+    """Client for an OpenAI-compatible ``POST /v1/chat/completions`` endpoint (stdlib only).
+
+    ``api_key_env`` names the environment variable holding the key; when it is unset no
+    ``Authorization`` header is sent (local servers such as vLLM / llama.cpp need none).
+    Retries: up to ``max_retries`` more attempts after the first on 429, 5xx, timeouts and
+    connection errors, sleeping ``min(backoff_max, backoff_base * 2**attempt) * U(0.5, 1.5)`` or
+    the server's ``Retry-After`` (capped at ``backoff_max``).
+    """
+
+    RETRY_STATUS = frozenset({408, 409, 425, 429, 500, 502, 503, 504})
+
+    def __init__(self, base_url: str, model: str, api_key_env: str = "OPENAI_API_KEY",
+                 timeout: float = 60, max_retries: int = 5, concurrency: int = 8,
+                 backoff_base: float = 1.0, backoff_max: float = 60.0,
+                 extra_body: dict | None = None, seed: int | None = None):
+        if not model:
+            raise ValueError("model must name the served model (e.g. 'gpt-4o-mini' or the vLLM model id)")
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+        if max_retries < 0:
+            raise ValueError(f"max_retries must be >= 0, got {max_retries}")
+        self.url = chat_completions_url(base_url)
+        self.model = model
+        self.api_key_env = api_key_env
+        self.timeout = float(timeout)
+        self.max_retries = int(max_retries)
+        self.concurrency = int(concurrency)
+        self.backoff_base = float(backoff_base)
+        self.backoff_max = float(backoff_max)
+        self.extra_body = dict(extra_body or {})
+        self.name = f"openai:{model}@{self.url}"
+        self._rng = random.Random(seed)
+        self._rng_lock = threading.Lock()
+        self.retries = 0  # total retries performed (for logs / tests)
+        self._count_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"OpenAITeacher(url={self.url!r}, model={self.model!r}, concurrency={self.concurrency})"
+
+    # ---------------------------------------------------------------- one request
+    def _headers(self) -> dict:
+        h = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        if key:
+            h["Authorization"] = f"Bearer {key}"
+        return h
+
+    def _sleep_before_retry(self, attempt: int, retry_after: float | None) -> None:
+        if retry_after is not None:
+            delay = min(self.backoff_max, retry_after)
+        else:
+            with self._rng_lock:
+                jitter = self._rng.uniform(0.5, 1.5)
+            delay = min(self.backoff_max, self.backoff_base * (2 ** attempt)) * jitter
+        with self._count_lock:
+            self.retries += 1
+        time.sleep(delay)
+
+    def _post(self, body: dict) -> dict:
+        data = json.dumps(body).encode("utf-8")
+        last = "no attempt made"
+        for attempt in range(self.max_retries + 1):
+            retry_after = None
+            req = urllib.request.Request(self.url, data=data, headers=self._headers(), method="POST")
+            try:
+                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                    raw = resp.read()
+                try:
+                    return json.loads(raw.decode("utf-8"))
+                except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                    raise TeacherRequestError(f"{self.url}: reply is not JSON ({e}); first bytes: "
+                                              f"{raw[:200]!r}") from None
+            except urllib.error.HTTPError as e:
+                detail = _error_detail(e)
+                if e.code in (401, 403):
+                    raise TeacherAuthError(f"authentication failed: set {self.api_key_env} "
+                                           f"(HTTP {e.code} from {self.url}: {detail})") from None
+                if e.code == 404:
+                    raise TeacherNotFoundError(f"model or endpoint not found: {self.url}, "
+                                               f"model={self.model} ({detail})") from None
+                if e.code not in self.RETRY_STATUS and e.code < 500:
+                    raise TeacherRequestError(f"HTTP {e.code} from {self.url} (model={self.model}): "
+                                              f"{detail}") from None
+                last = f"HTTP {e.code}: {detail}"
+                retry_after = _retry_after_seconds(e.headers.get("Retry-After") if e.headers else None)
+            except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+                reason = getattr(e, "reason", e)
+                last = f"{type(e).__name__}: {reason}"
+            if attempt < self.max_retries:
+                self._sleep_before_retry(attempt, retry_after)
+        raise TeacherUnavailableError(f"{self.url} (model={self.model}) failed after "
+                                      f"{self.max_retries + 1} attempts; last error: {last}")
+
+    def complete(self, messages: Messages, temperature: float = 0.0, max_tokens: int = 512) -> str:
+        body = {"model": self.model, "messages": check_messages(messages),
+                "temperature": float(temperature), "max_tokens": int(max_tokens), **self.extra_body}
+        reply = self._post(body)
+        try:
+            content = reply["choices"][0]["message"]["content"]
+        except (KeyError, IndexError, TypeError):
+            raise TeacherRequestError(f"{self.url}: reply has no choices[0].message.content: "
+                                      f"{json.dumps(reply)[:300]}") from None
+        return "" if content is None else str(content)
+
+    def complete_many(self, list_of_messages: Sequence[Messages], temperature: float = 0.0,
+                      max_tokens: int = 512, return_exceptions: bool = False) -> list:
+        """Run up to ``concurrency`` requests at once; results in input order.
+
+        With ``return_exceptions=True`` a failed request gives its :class:`TeacherError` in its
+        slot instead of raising (so one bad item does not lose a batch).
+        """
+        items = list(list_of_messages)
+        if not items:
+            return []
+
+        def one(msgs):
+            try:
+                return self.complete(msgs, temperature=temperature, max_tokens=max_tokens)
+            except TeacherError as e:
+                if return_exceptions:
+                    return e
+                raise
+
+        if self.concurrency == 1 or len(items) == 1:
+            return [one(m) for m in items]
+        with cf.ThreadPoolExecutor(max_workers=min(self.concurrency, len(items)),
+                                   thread_name_prefix="teacher") as pool:
+            return list(pool.map(one, items))
+
+
+def _error_detail(e: urllib.error.HTTPError) -> str:
+    try:
+        raw = e.read()[:500].decode("utf-8", "replace")
+    except Exception:  # the body may already be closed
+        raw = ""
+    try:
+        msg = json.loads(raw).get("error", raw)
+        if isinstance(msg, dict):
+            msg = msg.get("message", msg)
+        return str(msg)[:300] or e.reason
+    except (ValueError, AttributeError):
+        return raw.strip()[:300] or str(e.reason)
