@@ -39,7 +39,7 @@ def _pre_tokenizer(pre: str, path: str):
 
 
 def pre_tokenizer_name(tk) -> str:
-    """The ``tokenizer.ggml.pre`` name of a ``tokenizers.Tokenizer``'s pre-tokenizer (ValueError if none fits)."""
+    """The ``tokenizer.ggml.pre`` name of a ``tokenizers.Tokenizer``'s pre-tokenizer (GGUFError if none fits)."""
     pre = json.loads(tk.to_str()).get("pre_tokenizer") or {}
     parts = pre.get("pretokenizers", [pre]) if pre.get("type") == "Sequence" else [pre]
     kinds = [p.get("type") for p in parts]
@@ -50,7 +50,7 @@ def pre_tokenizer_name(tk) -> str:
         return "smollm"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt2"
-    raise ValueError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent in this converter; "
+    raise GGUFError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent in this converter; "
                      f"supported: Llama-3 regex split (llama-bpe), digits + GPT-2 byte level (smollm), "
                      f"GPT-2 byte level (gpt2)")
 
