@@ -251,6 +251,53 @@ def test_torn_last_line_is_cut_and_regenerated(retriever, tmp_path):
     assert json.loads(lines[2])["chosen"] == json.loads(good[2])["chosen"]
 
 
+def test_stale_pairs_are_reused_not_regenerated(retriever, tmp_path):
+    """Resuming trusts the file: a row whose id is in range is kept byte for byte whatever made it
+    (another teacher, an older config, even a row with only an id); only missing ids are generated.
+    Every other row of the file (other seeds, beyond ``n``) stays there and is returned too, after
+    the requested ids, ordered by id (callers filter by the seed prefix)."""
+    out = tmp_path / "pairs.jsonl"
+    stale = [{"id": "0-1", "prompt": "stale prompt", "chosen": "stale chosen", "rejected": "stale rejected"},
+             {"id": "5-0", "prompt": "other seed"}, {"id": "0-7"}]
+    out.write_text("".join(json.dumps(r) + "\n" for r in stale))
+    before = _lines(out)
+    rows = generate_pairs(retriever, ExtractiveTeacher(retriever), n=3, rejected_from="teacher",
+                          out_path=out, progress=False)
+    assert rows.stats.existing == 1 and rows.stats.written == 2 and rows.stats.requested == 3
+    assert [r["id"] for r in rows] == ["0-0", "0-1", "0-2", "0-7", "5-0"]
+    assert rows[1] == stale[0] and rows[3] == stale[2] and rows[4] == stale[1]
+    lines = _lines(out)
+    assert lines[:3] == before and [json.loads(x)["id"] for x in lines[3:]] == ["0-0", "0-2"]
+    # the generated rows are those of a run without the stale file (rows depend on seed + index only)
+    fresh = generate_pairs(retriever, ExtractiveTeacher(retriever), n=3, rejected_from="teacher", progress=False)
+    drop_time = lambda r: {k: v for k, v in r.items() if k != "created"}  # noqa: E731
+    assert [drop_time(rows[0]), drop_time(rows[2])] == [drop_time(r) for r in fresh if r["id"] != "0-1"]
+    # another seed shares the file: its ids are new, the stale "5-0" is kept and nothing is rewritten
+    other = generate_pairs(retriever, ExtractiveTeacher(retriever), n=2, rejected_from="teacher",
+                           out_path=out, progress=False, seed=5)
+    assert other.stats.existing == 1 and other.stats.written == 1
+    assert [r["id"] for r in other] == ["5-0", "5-1", "0-0", "0-1", "0-2", "0-7"] and other[0] == stale[1]
+    assert _lines(out)[:5] == lines
+
+
+def test_config_object_and_keyword_options(retriever, tmp_path):
+    from preflexor_core.datagen import DatagenConfig
+    cfg = DatagenConfig(n=2, rejected_from="teacher", progress=False, seed=3, categories=["Hypothesis"])
+    a = generate_pairs(retriever, ExtractiveTeacher(retriever), config=cfg)
+    b = generate_pairs(retriever, ExtractiveTeacher(retriever), n=2, rejected_from="teacher", progress=False,
+                       seed=3, categories=["Hypothesis"])
+    key = lambda rs: [(r["id"], r["prompt"], r["chosen"], r["rejected"]) for r in rs]  # noqa: E731
+    assert key(a) == key(b) and [r["id"] for r in a] == ["3-0", "3-1"]
+    c = generate_pairs(retriever, ExtractiveTeacher(retriever), config=cfg, n=1)  # keywords override the config
+    assert key(c) == key(a)[:1] and cfg.n == 2
+    with pytest.raises(TypeError, match="unknown option.*n_pairs.*DatagenConfig fields"):
+        generate_pairs(retriever, ExtractiveTeacher(retriever), config=cfg, n_pairs=3)
+    with pytest.raises(ValueError, match="k_samples must be >= 1"):
+        DatagenConfig(k_samples=0)
+    with pytest.raises(ValueError, match="categories is empty"):
+        DatagenConfig(categories=[])
+
+
 def test_corrupt_middle_line_is_an_error(tmp_path):
     out = tmp_path / "pairs.jsonl"
     out.write_text('{"id": "0-0"}\nnot json\n{"id": "0-2"}\n')

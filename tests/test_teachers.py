@@ -340,6 +340,27 @@ def test_teacher_from_spec_errors(tmp_path):
     assert isinstance(teacher_from_spec("http://127.0.0.1:1/v1", model="m"), OpenAITeacher)
 
 
+def test_teacher_from_spec_builds_every_teacher_with_its_options(retriever):
+    """One call serves every spec: each teacher takes its own options, the others' are ignored."""
+    opts = dict(max_items=1, max_answer_sentences=2, concurrency=3, api_key_env="SOME_KEY_VAR")
+    t = teacher_from_spec("extractive", retriever=retriever, seed=5, **opts)
+    assert isinstance(t, ExtractiveTeacher) and (t.seed, t.max_items, t.max_answer_sentences) == (5, 1, 2)
+    q = "How does crack deflection relate to toughness in nacre?"
+    ctx = t.context(q)
+    assert len(split_sentences(t.answer(q, ctx))) == 2
+    assert len(t.fill_category("Hypothesis", q, ctx).splitlines()) == 1
+    assert t.answer(q, ctx) == ExtractiveTeacher(retriever, seed=5, max_answer_sentences=2).answer(q, ctx)
+    h = teacher_from_spec(" http://127.0.0.1:1/v1 ", model="m", seed=5, **opts)
+    assert isinstance(h, OpenAITeacher) and (h.concurrency, h.api_key_env) == (3, "SOME_KEY_VAR")
+    with pytest.raises(ValueError, match=r"unknown teacher option\(s\) max_itmes; options by teacher: "
+                                         r"extractive: k, max_answer_sentences, max_items"):
+        teacher_from_spec("extractive", retriever=retriever, max_itmes=1)
+    with pytest.raises(ValueError, match="needs a retriever"):
+        teacher_from_spec("extractive")
+    with pytest.raises(ValueError, match="max_items=0"):
+        teacher_from_spec("extractive", retriever=retriever, max_items=0)
+
+
 # ============================================================================ local checkpoint
 
 def test_local_teacher_batches_chats_through_the_sampler(tmp_path):
@@ -354,8 +375,8 @@ def test_local_teacher_batches_chats_through_the_sampler(tmp_path):
     torch.manual_seed(0)
     Llama(cfg).save_pretrained(str(tmp_path))
     tok.save_pretrained(str(tmp_path))
-    t = teacher_from_spec(str(tmp_path))
-    assert isinstance(t, LocalTeacher) and t.name.startswith("local:")
+    t = teacher_from_spec(str(tmp_path), seed=4, top_k=7, max_items=2)  # max_items: extractive only
+    assert isinstance(t, LocalTeacher) and t.name.startswith("local:") and (t.seed, t.top_k) == (4, 7)
     chats = [_msgs("Why is nacre tough?"), _msgs("What is silk made of?")]
     greedy = t.complete_many(chats, temperature=0.0, max_tokens=6)
     assert len(greedy) == 2 and all(isinstance(x, str) for x in greedy)
