@@ -129,7 +129,7 @@ def resize_token_embeddings(model, new_vocab_size: int) -> None:
 def _distinct(rows: torch.Tensor) -> bool:
     """No two rows equal (within fp32 rounding of their size)."""
     r = rows.float()
-    d = torch.cdist(r, r) + torch.eye(len(r), device=r.device) * float("inf")
+    d = torch.cdist(r, r).fill_diagonal_(float("inf"))
     return bool((d > 1e-6 * (1.0 + r.norm(dim=1).max())).all())
 
 

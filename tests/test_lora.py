@@ -282,7 +282,136 @@ def test_head_lora_trains_merges_and_round_trips(tmp_path):
     assert "lm_head" in cfg["target_modules"]
     from safetensors.torch import load_file
     assert "base_model.model.lm_head.lora_A.weight" in load_file(str(tmp_path / "a" / "adapter_model.safetensors"))
+    other = tiny_model()                                               # same base, fresh: reload the head adapter
+    load_adapter(other, tmp_path / "a")
+    assert isinstance(other.lm_head, LoRALinear)
+    assert torch.equal(other.lm_head.lora_B.weight, model.lm_head.lora_B.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), out)
     merged = merge_lora(model)
     with torch.no_grad():
         assert torch.allclose(merged(x), out, atol=1e-5)
     assert set(merged.state_dict()) == set(tiny_model().state_dict())
+
+
+def resized_model(seed: int = 0, tie: bool = False, extra: int = 4) -> Llama:
+    from preflexor_core.vocab import resize_token_embeddings
+    model = tiny_model(seed, tie)
+    resize_token_embeddings(model, 50 + extra)
+    return model
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_lora_on_a_resized_vocabulary_saves_loads_and_merges(tmp_path, tie):
+    model = resized_model(tie=tie)
+    rows = (50, 51, 52, 53)
+    cfg = LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "down_proj"), trainable_token_indices=rows)
+    apply_lora(model, cfg)
+    randomize_lora(model)
+    x = torch.tensor([[1, 50, 7, 53, 2, 51, 52]])
+    with torch.no_grad():
+        out = model(x)
+        assert out.shape == (1, 7, 54)
+        with model.disable_adapters():
+            base = model(x)
+    assert (out - base).abs().max() > 1e-3
+    save_adapter(model, tmp_path / "a")
+    conf = json.loads((tmp_path / "a" / ADAPTER_CONFIG_NAME).read_text())
+    from safetensors.torch import load_file
+    tensors = load_file(str(tmp_path / "a" / ADAPTER_WEIGHTS_NAME))
+    emb_key = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"
+    head_key = "base_model.model.lm_head.token_adapter.trainable_tokens_delta"
+    assert tensors[emb_key].shape == (4, 64)
+    if tie:                                      # PEFT's list form: the tied head follows the embedding rows
+        assert conf["trainable_token_indices"] == list(rows) and head_key not in tensors
+    else:
+        assert conf["trainable_token_indices"] == {"embed_tokens": list(rows), "lm_head": list(rows)}
+        assert tensors[head_key].shape == (4, 64)
+    other = resized_model(tie=tie)
+    load_adapter(other, tmp_path / "a")
+    with torch.no_grad():
+        torch.testing.assert_close(other(x), out)
+    with pytest.raises(ValueError, match="50-row table"):            # the same adapter on the old vocabulary
+        load_adapter(tiny_model(tie=tie), tmp_path / "a")
+    merge_lora(model)
+    assert set(model.state_dict()) == set(resized_model(tie=tie).state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("key,value", [("use_rslora", True), ("use_dora", True), ("rank_pattern", {"q_proj": 8}),
+                                       ("alpha_pattern", {"q_proj": 32}), ("bias", "all"),
+                                       ("modules_to_save", ["lm_head"]), ("layers_to_transform", [0])])
+def test_unsupported_peft_options_are_refused(tmp_path, key, value):
+    model = tiny_model()
+    apply_lora(model, LoRAConfig(r=4, alpha=8, target_modules=("q_proj",)))
+    save_adapter(model, tmp_path / "a")
+    f = tmp_path / "a" / ADAPTER_CONFIG_NAME
+    conf = json.loads(f.read_text())
+    load_adapter(tiny_model(), tmp_path / "a")                       # as saved: loads
+    conf[key] = value
+    f.write_text(json.dumps(conf))
+    with pytest.raises(ValueError, match=f"sets {key}=.*does not support"):
+        load_adapter(tiny_model(), tmp_path / "a")
+
+
+def test_token_row_configs_that_peft_refuses_are_refused():
+    with pytest.raises(ValueError, match="include_head=True and trainable lm_head rows"):
+        apply_lora(tiny_model(), LoRAConfig(r=2, include_head=True, trainable_token_indices={"lm_head": [3]}))
+    with pytest.raises(ValueError, match="include_embeddings=True and trainable embedding rows"):
+        apply_lora(tiny_model(), LoRAConfig(r=2, include_embeddings=True, trainable_token_indices=[3]))
+    with pytest.raises(ValueError, match="only .*embed_tokens"):
+        LoRAConfig(trainable_token_indices={"q_proj": [1]})
+    with pytest.raises(ValueError, match="distinct ids of this 50-row"):
+        apply_lora(tiny_model(), LoRAConfig(r=2, trainable_token_indices=[3, 99]))
+
+
+def _peft_setup(tmp_path, tie: bool):
+    transformers = pytest.importorskip("transformers")
+    peft = pytest.importorskip("peft")
+    base = resized_model(seed=3, tie=tie)
+    base.save_pretrained(str(tmp_path / "base"))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "base")).eval()
+    return transformers, peft, base, hf
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_our_token_row_adapter_loads_in_peft(tmp_path, tie):
+    transformers, peft, base, hf = _peft_setup(tmp_path, tie)
+    model = resized_model(seed=3, tie=tie)
+    model.new_token_ids = (50, 51, 52, 53)
+    cfg = LoRAConfig(r=4, alpha=8, include_head=not tie, trainable_token_indices=model.new_token_ids)
+    apply_lora(model, cfg)
+    randomize_lora(model, scale=0.2)
+    save_adapter(model, tmp_path / "adapter", cfg, base_model_name_or_path=str(tmp_path / "base"))
+    pm = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter")).eval()
+    x = torch.tensor([[1, 50, 7, 53, 2, 51, 52, 9]])
+    with torch.no_grad():
+        ours = model(x)
+        torch.testing.assert_close(pm(x).logits, ours, rtol=1e-4, atol=1e-4)
+        merged = pm.merge_and_unload()(x).logits                     # PEFT's merge == ours
+        torch.testing.assert_close(merge_lora(model)(x), merged, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_peft_made_adapter_with_token_rows_loads_in_ours(tmp_path, tie):
+    transformers, peft, base, hf = _peft_setup(tmp_path, tie)
+    targets = ["q_proj", "v_proj", "gate_proj"] + ([] if tie else ["lm_head"])
+    pc = peft.LoraConfig(r=4, lora_alpha=16, target_modules=targets, trainable_token_indices=[50, 52, 53])
+    pm = peft.get_peft_model(hf, pc)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if p.requires_grad:                                       # lora_A/B and the token rows
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    pm.eval()
+    pm.save_pretrained(str(tmp_path / "peft"))
+    ours = Llama.from_pretrained(str(tmp_path / "base"))
+    load_adapter(ours, tmp_path / "peft")
+    assert set(ours.model.embed_tokens.token_ids) == {50, 52, 53}
+    assert isinstance(ours.lm_head, LoRALinear) != tie
+    x = torch.tensor([[1, 50, 7, 53, 2, 51, 52, 9]])
+    with torch.no_grad():
+        expect = pm(x).logits
+        assert (expect - base(x)).abs().max() > 1e-2                  # the adapter does something
+        torch.testing.assert_close(ours(x), expect, rtol=1e-4, atol=1e-4)

@@ -161,8 +161,8 @@ class _TokenAdapter(nn.Module):
         V = weight.shape[0]
         bad = [i for i in token_indices if not 0 <= i < V]
         if bad or len(set(token_indices)) != len(token_indices):
-            raise ValueError(f"trainable token indices {list(token_indices)} must be distinct ids in [0, {V}); "
-                             f"bad: {bad or 'duplicates'}")
+            raise ValueError(f"trainable token indices {list(token_indices)} must be distinct ids of this "
+                             f"{V}-row table; bad: {bad or 'duplicates'} (was the vocabulary resized first?)")
         idx = torch.tensor(token_indices, dtype=torch.long, device=weight.device)
         slot = torch.full((V,), -1, dtype=torch.long, device=weight.device)
         slot[idx] = torch.arange(len(token_indices), device=weight.device)
