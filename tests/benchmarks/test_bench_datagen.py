@@ -13,8 +13,6 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_teachers import CORPUS, build_retriever  # noqa: E402
 
@@ -25,7 +23,6 @@ LATENCY_S = 0.2
 
 
 def test_bench_pairs_per_minute_extractive_tiny_policy(benchmark):
-    pytest.importorskip("preflexor_core.sampler", reason="sampler not available")
     import torch
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.sampler import SamplingParams
