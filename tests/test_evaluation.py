@@ -1,4 +1,4 @@
-"""Tests for preflexor_core/evaluation.py: answer metrics, format compliance, reward accuracy,
+"""Tests for preflexor_core/evaluation/: answer metrics, format compliance, reward accuracy,
 reports and plots, the CLI.
 
 Metric values are worked out by hand in the comments. The end-to-end tests use a tiny random
@@ -17,7 +17,7 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
-from preflexor_core.evaluation import (DEFAULT_QUESTIONS, EvaluationInputError, check_format, evaluate,
+from preflexor_core.evaluation import (DEFAULT_QUESTIONS, EvalConfig, EvaluationInputError, check_format, evaluate,
                                        evaluate_stages, lcs_length, load_pairs, load_questions, main,
                                        normalize_answer, plot_training_log, rouge_l, token_f1)
 from preflexor_core.teachers import DEFAULT_CATEGORIES
@@ -177,8 +177,8 @@ def _write_log(path: Path) -> None:
 
 def test_evaluate_end_to_end(run_dir):
     m0 = str(run_dir / "stage0")
-    res = evaluate(m0, str(run_dir / "questions.jsonl"), ref_model_dir=m0, pairs=str(run_dir / "pairs.jsonl"),
-                   max_new_tokens=12, progress=False)
+    res = evaluate(m0, str(run_dir / "questions.jsonl"), EvalConfig(max_new_tokens=12, progress=False),
+                   ref_model_dir=m0, pairs=str(run_dir / "pairs.jsonl"))
     m = res["metrics"]
     assert set(m) == {"format_compliance", "header_share", "thinking_closed", "answer_nonempty", "answer_f1",
                       "answer_rouge_l", "reward_accuracy", "truncated"}
@@ -196,20 +196,20 @@ def test_evaluate_end_to_end(run_dir):
 
 def test_evaluate_force_thinking_and_batching(run_dir):
     m0 = str(run_dir / "stage0")
-    a = evaluate(m0, QUESTIONS, max_new_tokens=6, force_thinking=True, batch_size=3, progress=False)
+    a = evaluate(m0, QUESTIONS, EvalConfig(max_new_tokens=6, force_thinking=True, batch_size=3, progress=False))
     assert all(r["output"].startswith(THINK_START) for r in a["outputs"])
     assert a["metrics"]["header_share"] <= 1.0 and "reward_accuracy" not in a["metrics"]
     # greedy decoding: the same outputs whatever the batch size
-    b = evaluate(m0, QUESTIONS, max_new_tokens=6, force_thinking=True, batch_size=1, progress=False)
+    b = evaluate(m0, QUESTIONS, EvalConfig(max_new_tokens=6, force_thinking=True, batch_size=1, progress=False))
     assert [r["output"] for r in a["outputs"]] == [r["output"] for r in b["outputs"]]
 
 
 def test_reward_accuracy_is_antisymmetric(run_dir):
     """Swapping model and reference negates every reward difference: without ties acc(A|B) + acc(B|A) = 1."""
     m0, m1 = str(run_dir / "stage0"), str(run_dir / "stage1")
-    kw = dict(pairs=PAIRS, max_new_tokens=2, progress=False, limit=1)
-    ab = evaluate(m1, QUESTIONS, ref_model_dir=m0, **kw)
-    ba = evaluate(m0, QUESTIONS, ref_model_dir=m1, **kw)
+    cfg = EvalConfig(max_new_tokens=2, progress=False, limit=1)
+    ab = evaluate(m1, QUESTIONS, cfg, ref_model_dir=m0, pairs=PAIRS)
+    ba = evaluate(m0, QUESTIONS, cfg, ref_model_dir=m1, pairs=PAIRS)
     assert ab["n_pairs"] == ba["n_pairs"] == 3
     assert ab["metrics"]["reward_accuracy"] + ba["metrics"]["reward_accuracy"] == pytest.approx(1.0)
     assert ab["reward_margin"] == pytest.approx(-ba["reward_margin"], abs=1e-4)
@@ -217,8 +217,9 @@ def test_reward_accuracy_is_antisymmetric(run_dir):
 
 def test_evaluate_stages_writes_report(run_dir, tmp_path):
     out = tmp_path / "report"
-    results = evaluate_stages(str(run_dir), str(run_dir / "questions.jsonl"), pairs=str(run_dir / "pairs.jsonl"),
-                              out_dir=str(out), max_new_tokens=4, progress=False)
+    results = evaluate_stages(str(run_dir), str(run_dir / "questions.jsonl"),
+                              EvalConfig(max_new_tokens=4, progress=False), pairs=str(run_dir / "pairs.jsonl"),
+                              out_dir=str(out))
     assert [r["name"] for r in results] == ["stage0", "stage1"]
     assert "reward_accuracy" not in results[0]["metrics"]            # stage 0 has no stage before it
     assert results[1]["ref_model"] == str(run_dir / "stage0")
@@ -291,3 +292,30 @@ def test_cli_help_and_missing_model(tmp_path):
     assert r.returncode == 2
     assert f"model dir {missing} does not exist" in r.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_config_checks_and_cli_reports_them(run_dir, tmp_path, capsys):
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        EvalConfig(beta=0)
+    with pytest.raises(ValueError, match=r"min_headers=7 must lie in \[0, 6\]"):
+        EvalConfig(min_headers=7)
+    with pytest.raises(ValueError, match="limit must be >= 1"):
+        EvalConfig(limit=0)
+    with pytest.raises(SystemExit) as e:
+        main(["--model", str(run_dir / "stage0"), "--beta", "0", "--out", str(tmp_path / "o")])
+    assert e.value.code == 2 and "beta must be > 0" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_evaluation_imports_no_training_code():
+    """Evaluation takes its log-probs from losses; importing trainer/train would be an import cycle."""
+    import ast
+    pkg = ROOT / "preflexor_core" / "evaluation"
+    bad = []
+    for f in sorted(pkg.glob("*.py")):
+        for node in ast.walk(ast.parse(f.read_text())):
+            mods = ([a.name for a in node.names] if isinstance(node, ast.Import) else
+                    [("." * node.level) + (node.module or "")] if isinstance(node, ast.ImportFrom) else [])
+            bad += [f"{f.name}: {m}" for m in mods if m.split(".")[-1] in ("trainer", "train")
+                    or ".train." in m or m.startswith(("..train", "..trainer"))]
+    assert not bad, bad

@@ -1,0 +1,23 @@
+"""Evaluation of PRefLexOR checkpoints: format compliance, answer overlap, DPO reward accuracy;
+a markdown report, a metrics bar chart and the training curves.
+
+    from preflexor_core.evaluation import EvalConfig, evaluate, load_questions
+    res = evaluate("runs/x/stage2", load_questions(path), EvalConfig(max_new_tokens=200),
+                   ref_model_dir="runs/x/stage1", pairs=rows)
+    res["metrics"]     # {"format_compliance": ..., "answer_f1": ..., "reward_accuracy": ..., ...} in [0, 1]
+
+Rooms: ``metrics.py`` (SQuAD F1, ROUGE-L), ``format_check.py``, ``inputs.py`` (question / pair
+files), ``runner.py`` (EvalConfig, evaluate, reward accuracy), ``report.py`` (report, plots),
+``cli.py`` (``python -m preflexor_core.evaluation``). Tests: ``python -m pytest -q tests/test_evaluation.py``.
+"""
+from .cli import main
+from .format_check import FormatCheck, check_format
+from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, load_pairs, load_questions
+from .metrics import answer_tokens, lcs_length, normalize_answer, rouge_l, token_f1
+from .report import format_table, plot_metrics, plot_training_log, write_report
+from .runner import METRIC_KEYS, EvalConfig, evaluate, evaluate_models, evaluate_stages, reward_accuracy
+
+__all__ = ["normalize_answer", "answer_tokens", "token_f1", "rouge_l", "lcs_length", "FormatCheck",
+           "check_format", "load_questions", "load_pairs", "EvalConfig", "evaluate", "evaluate_models",
+           "evaluate_stages", "reward_accuracy", "format_table", "plot_training_log", "plot_metrics",
+           "write_report", "main", "METRIC_KEYS", "DEFAULT_QUESTIONS", "EvaluationInputError"]

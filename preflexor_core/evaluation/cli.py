@@ -1,0 +1,148 @@
+"""Command line of the evaluation: ``python -m preflexor_core.evaluation`` (see ``--help``).
+
+    python -m preflexor_core.evaluation --model runs/x/stage1 --model runs/x/stage2 \\
+        --pairs heldout_pairs.jsonl --out runs/x/eval --log runs/x/log.jsonl
+    python -m preflexor_core.evaluation --run runs/x            # stage0/1/2 of one run, its log
+
+Flags map onto :class:`runner.EvalConfig` (whose defaults they show); bad input exits with 2.
+Tests: ``python -m pytest -q tests/test_evaluation.py -k "cli or main"``.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections import Counter
+from typing import Sequence
+
+from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
+from .report import format_table, write_report
+from .runner import EvalConfig, evaluate_models, evaluate_stages
+
+__all__ = ["build_parser", "main"]
+
+D = EvalConfig()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="python -m preflexor_core.evaluation",
+        description="Evaluate PRefLexOR checkpoints: format compliance of the thinking block, answer token-F1 "
+                    "and ROUGE-L against reference answers, DPO reward accuracy on held-out preference pairs. "
+                    "Writes report.md, metrics.json, outputs.jsonl and PNG charts to --out.")
+    src = ap.add_argument_group("what to evaluate (one of)")
+    src.add_argument("--model", action="append", default=[], metavar="DIR",
+                     help="checkpoint dir (config.json, *.safetensors, tokenizer.json); repeat to compare several")
+    src.add_argument("--run", metavar="RUN_DIR",
+                     help="a training run dir: evaluates RUN_DIR/stage0, stage1, stage2 (those present), each "
+                          "against the stage before it for the reward accuracy, and plots RUN_DIR/log.jsonl")
+    ap.add_argument("--questions", default=DEFAULT_QUESTIONS, metavar="FILE",
+                    help="JSONL with 'question' and 'reference' per line (default: the shipped 75 held-out questions)")
+    ap.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
+    ap.add_argument("--pairs", metavar="FILE",
+                    help="held-out preference pairs JSONL ('prompt', 'chosen', 'rejected') for the reward accuracy")
+    ap.add_argument("--pairs-limit", type=int, default=None, metavar="N", help="only the first N pairs")
+    ap.add_argument("--ref-model", metavar="DIR",
+                    help="reference model for the reward accuracy (default with --model: the first --model, which "
+                         "is then itself reported without one; with --run: the stage before each stage)")
+    ap.add_argument("--beta", type=float, default=D.beta, help="DPO beta of the implicit reward (default: %(default)s)")
+    ap.add_argument("--out", default="eval_report", metavar="DIR", help="report dir (default: %(default)s)")
+    ap.add_argument("--log", metavar="LOG_JSONL", help="training log.jsonl to plot into --out (stage{N}.png, training.png)")
+    ap.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="generated tokens per answer (default: %(default)s)")
+    ap.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy (default: %(default)s)")
+    ap.add_argument("--top-p", type=float, default=D.top_p, help="nucleus sampling when temperature > 0 (default: %(default)s)")
+    ap.add_argument("--seed", type=int, default=D.seed, help="sampling seed (default: %(default)s)")
+    ap.add_argument("--force-thinking", action="store_true",
+                    help="start every response with a forced <|thinking|> (off by default: format compliance "
+                         "then measures the model's own output)")
+    ap.add_argument("--min-headers", type=int, default=D.min_headers,
+                    help="category headers a compliant thinking block needs (default: %(default)s)")
+    ap.add_argument("--categories", default=",".join(D.categories),
+                    help="comma-separated thinking categories (default: the paper's six)")
+    ap.add_argument("--batch-size", type=int, default=D.batch_size, help="questions per generate call (default: %(default)s)")
+    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
+    ap.add_argument("--dtype", default=D.dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--examples", type=int, default=3, help="example outputs per model in report.md (default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return ap
+
+
+def _config(ap: argparse.ArgumentParser, args) -> EvalConfig:
+    """The flags as an :class:`EvalConfig` (its checks reported as usage errors)."""
+    if bool(args.model) == bool(args.run):
+        ap.error("pass --model DIR (one or more) or --run RUN_DIR")
+    if args.run and args.ref_model:
+        ap.error("--ref-model goes with --model; with --run each stage is scored against the stage before it")
+    device = args.device
+    if device is None:
+        import torch
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        return EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          seed=args.seed, force_thinking=args.force_thinking,
+                          categories=[c.strip() for c in args.categories.split(",") if c.strip()],
+                          min_headers=args.min_headers, beta=args.beta, batch_size=args.batch_size,
+                          device=device, dtype=args.dtype, progress=not args.no_progress, limit=args.limit,
+                          pairs_limit=args.pairs_limit)
+    except ValueError as e:   # the message names the field; the flag is --field-name
+        ap.error(str(e).removeprefix("EvalConfig: "))
+
+
+def _run(args, cfg: EvalConfig) -> tuple[list[dict], str | None]:
+    """Evaluate what the flags name; returns (results, training log to plot or None)."""
+    questions = load_questions(args.questions, args.limit)
+    pairs = load_pairs(args.pairs, args.pairs_limit) if args.pairs else None
+    if args.run:
+        if not os.path.isdir(args.run):
+            raise EvaluationInputError(f"run dir {args.run} does not exist")
+        results = evaluate_stages(args.run, questions, cfg, pairs=pairs)
+        run_log = os.path.join(args.run, "log.jsonl")
+        log_path = args.log or (run_log if os.path.isfile(run_log) else None)
+    else:
+        for d in args.model + ([args.ref_model] if args.ref_model else []):
+            check_model_dir(d)
+        ref = args.ref_model or args.model[0]     # the reference model is reported without one
+        refs = None if pairs is None else [None if os.path.realpath(d) == os.path.realpath(ref) else ref
+                                           for d in args.model]
+        results = evaluate_models(args.model, questions, cfg, names=_unique_names(args.model),
+                                  ref_model_dirs=refs, pairs=pairs)
+        log_path = args.log
+    if log_path and not os.path.isfile(log_path):
+        raise EvaluationInputError(f"training log {log_path} does not exist")
+    return results, log_path
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    cfg = _config(ap, args)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        results, log_path = _run(args, cfg)
+    except EvaluationInputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    paths = write_report(results, args.out, log_path=log_path, n_examples=args.examples)
+    print(format_table(results))
+    print(f"\nwrote {paths['report']}, {paths['metrics_json']}, {paths['metrics_png']}"
+          + (f" and {len(paths['training_plots'])} training plot(s)" if paths["training_plots"] else ""))
+    return 0
+
+
+def _unique_names(dirs: Sequence[str]) -> list[str]:
+    """Short labels: the dir's base name, with its parent when base names repeat (run1/stage2, run2/stage2)."""
+    base = [os.path.basename(os.path.normpath(d)) for d in dirs]
+    out = []
+    for d, b in zip(dirs, base):
+        if base.count(b) > 1:
+            parent = os.path.basename(os.path.dirname(os.path.normpath(os.path.abspath(d))))
+            b = f"{parent}/{b}"
+        out.append(b)
+    seen: Counter = Counter()
+    final = []
+    for b in out:
+        seen[b] += 1
+        final.append(b if seen[b] == 1 else f"{b}#{seen[b]}")
+    return final

@@ -1,0 +1,85 @@
+"""Evaluation inputs: question and preference-pair JSONL files, checkpoint directories.
+
+Bad input raises :class:`EvaluationInputError` naming the file and line (or the directory) and
+what it should hold. Tests: ``python -m pytest -q tests/test_evaluation.py -k "load or main"``.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+__all__ = ["EvaluationInputError", "DEFAULT_QUESTIONS", "load_questions", "load_pairs", "check_model_dir"]
+
+DEFAULT_QUESTIONS = str(Path(__file__).resolve().parents[1] / "corpus" / "eval_questions.jsonl")
+
+
+class EvaluationInputError(ValueError):
+    """A bad input file or directory (the message names it and, for files, the line)."""
+
+
+def _read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
+    p = Path(path)
+    if not p.is_file():
+        raise EvaluationInputError(f"{what} file {path} does not exist" if not p.exists()
+                                   else f"{what} file {path} is not a file")
+    rows = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise EvaluationInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                           f"{what} files hold one JSON object per line") from None
+            if not isinstance(row, dict):
+                raise EvaluationInputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+            rows.append((n, row))
+    if not rows:
+        raise EvaluationInputError(f"{what} file {path} has no rows")
+    return rows
+
+
+def load_questions(path: str, limit: int | None = None) -> list[dict]:
+    """Rows ``{"id", "question", "reference", ...}`` (reference: a string or a list of strings)."""
+    out = []
+    for n, row in _read_jsonl(path, "questions"):
+        q, ref = row.get("question"), row.get("reference")
+        if not isinstance(q, str) or not q.strip():
+            raise EvaluationInputError(f"{path}:{n}: field 'question' missing or not a non-empty string "
+                                       f"(rows need 'question' and 'reference')")
+        if not (isinstance(ref, str) or (isinstance(ref, list) and ref and all(isinstance(x, str) for x in ref))):
+            raise EvaluationInputError(f"{path}:{n}: field 'reference' missing or not a string / list of strings "
+                                       f"(rows need 'question' and 'reference')")
+        out.append({**row, "id": str(row.get("id", f"line{n}"))})
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def load_pairs(path: str, limit: int | None = None) -> list[dict]:
+    """Preference rows ``{"prompt", "chosen", "rejected", ...}``; the first ``limit`` rows."""
+    out = []
+    for n, row in _read_jsonl(path, "pairs"):
+        for key in ("prompt", "chosen", "rejected"):
+            if not isinstance(row.get(key), str):
+                raise EvaluationInputError(f"{path}:{n}: field {key!r} missing or not a string "
+                                           f"(rows need 'prompt', 'chosen', 'rejected')")
+        out.append(row)
+        if limit is not None and len(out) >= limit:
+            break
+    return out
+
+
+def check_model_dir(path: str) -> None:
+    """Raise :class:`EvaluationInputError` unless ``path`` is a checkpoint dir (config + tokenizer)."""
+    p = Path(path)
+    if not p.exists():
+        raise EvaluationInputError(f"model dir {path} does not exist; pass a checkpoint dir such as "
+                                   f"runs/<name>/stage1")
+    if not p.is_dir():
+        raise EvaluationInputError(f"model dir {path} is not a directory")
+    for f in ("config.json", "tokenizer.json"):
+        if not (p / f).is_file():
+            raise EvaluationInputError(f"model dir {path} has no {f}; expected an HF Llama checkpoint dir "
+                                       f"(config.json, *.safetensors, tokenizer.json) as written by training")

@@ -1,0 +1,247 @@
+"""Evaluation report: a markdown table and report, metrics.json / outputs.jsonl, and PNG charts.
+
+``write_report`` writes ``report.md`` (metrics table, example outputs, links to the plots),
+``metrics.json``, ``outputs.jsonl`` (every output with its scores), ``metrics.png`` (bars per model
+per metric) and, with a training log, ``stage{N}.png`` and ``training.png`` from
+``plot_training_log`` (which training also calls). Plots use matplotlib's Agg canvas (no display).
+Tests: ``python -m pytest -q tests/test_evaluation.py -k "report or plot"``.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from typing import Sequence
+
+__all__ = ["plot_training_log", "plot_metrics", "format_table", "write_report"]
+
+log = logging.getLogger("preflexor.evaluation")
+
+_CHART_KEYS = ("format_compliance", "header_share", "answer_f1", "answer_rouge_l", "reward_accuracy")
+_LOG_KEYS = ("loss", "nll", "rewards/accuracies", "rewards/margins")
+
+
+# ============================================================================ plots
+
+def _figure(w: float, h: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    fig = Figure(figsize=(w, h))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _read_log(log_path: str) -> list[dict]:
+    rows = []
+    with open(log_path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                log.warning("%s:%d: skipping a line that is not valid JSON (interrupted write?)", log_path, n)
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
+    return rows
+
+
+def _stage_key(s) -> tuple:
+    try:
+        return (0, int(s), "")
+    except (TypeError, ValueError):
+        return (1, 0, str(s))
+
+
+def _plot_stage(s, rs: list[dict], keys: list[str], out_dir: str) -> str:
+    """``stage{s}.png``: one panel per logged key against global_step, dotted lines at regenerations."""
+    fig = _figure(4 * len(keys), 3.2)
+    for j, k in enumerate(keys):
+        ax = fig.add_subplot(1, len(keys), j + 1)
+        pts = [(r["global_step"], r[k]) for r in rs if _num(r.get(k))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, marker="." if len(pts) < 30 else None)
+        for x in _iteration_starts(rs):
+            ax.axvline(x, color="grey", ls=":", lw=0.8)
+        ax.set_title(f"stage {s}: {k}", fontsize=10)
+        ax.set_xlabel("global step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(out_dir, f"stage{s}.png")
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def _plot_all_stages(per_stage: dict, out_dir: str) -> str:
+    """``training.png``: every stage one after the other on a shared step axis (dashed boundaries)."""
+    stages = list(per_stage)
+    keys = [k for k in _LOG_KEYS if any(k in per_stage[s][1] for s in stages)]
+    ncols = min(2, len(keys))
+    nrows = math.ceil(len(keys) / ncols)
+    fig = _figure(5.5 * ncols, 3.4 * nrows)
+    offset = float(per_stage[stages[0]][0][0]["global_step"])   # the first stage keeps its own steps
+    spans = []
+    for s in stages:
+        rs, _ = per_stage[s]
+        lo, hi = rs[0]["global_step"], rs[-1]["global_step"]
+        spans.append((s, offset - lo, offset))
+        offset += hi - lo + 1
+    for j, k in enumerate(keys):
+        ax = fig.add_subplot(nrows, ncols, j + 1)
+        for c, (s, shift, start) in enumerate(spans):
+            pts = [(r["global_step"] + shift, r[k]) for r in per_stage[s][0] if _num(r.get(k))]
+            if pts:
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, color=f"C{c}", label=f"stage {s}")
+            if c > 0:
+                ax.axvline(start - 0.5, color="black", ls="--", lw=0.8)
+        ax.set_title(k, fontsize=10)
+        ax.set_xlabel("step (stages in sequence)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "training.png")
+    fig.savefig(path, dpi=90)
+    return path
+
+
+def plot_training_log(log_path: str, out_dir: str) -> list[str]:
+    """Training curves from a trainer ``log.jsonl``: ``stage{N}.png`` per stage (loss, nll, reward
+    accuracy and margins against global_step, those logged; dotted lines at dataset regenerations)
+    and ``training.png`` (every stage one after the other on a shared step axis). Returns the
+    written paths; [] (with a warning) when the log is missing or holds no loss rows."""
+    if not os.path.isfile(log_path):
+        log.warning("plot_training_log: no log at %s; nothing plotted", log_path)
+        return []
+    rows = [r for r in _read_log(log_path) if "stage" in r and "loss" in r and "event" not in r
+            and isinstance(r.get("global_step"), (int, float))]
+    stages = sorted({r["stage"] for r in rows}, key=_stage_key)
+    if not stages:
+        log.warning("plot_training_log: %s has no loss rows; nothing plotted", log_path)
+        return []
+    os.makedirs(out_dir, exist_ok=True)
+    per_stage = {}
+    for s in stages:
+        rs = sorted((r for r in rows if r["stage"] == s), key=lambda r: r["global_step"])
+        per_stage[s] = (rs, [k for k in _LOG_KEYS if any(_num(r.get(k)) for r in rs)])
+    written = [_plot_stage(s, rs, keys, out_dir) for s, (rs, keys) in per_stage.items()]
+    return written + [_plot_all_stages(per_stage, out_dir)]
+
+
+def _num(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _iteration_starts(rs: list[dict]) -> list[float]:
+    xs, prev = [], None
+    for r in rs:
+        it = r.get("iteration")
+        if it is not None and prev is not None and it != prev:
+            xs.append(r["global_step"] - 0.5)
+        prev = it if it is not None else prev
+    return xs
+
+
+def plot_metrics(results: Sequence[dict], path: str) -> str:
+    """Grouped bar chart: one group per metric, one bar per evaluated model/stage."""
+    keys = [k for k in _CHART_KEYS if any(k in r["metrics"] for r in results)]
+    fig = _figure(min(16.0, max(7.0, 0.7 * len(keys) * max(1, len(results)) + 3)), 4)
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(results))
+    for i, r in enumerate(results):
+        xs = [j + (i - (len(results) - 1) / 2) * width for j in range(len(keys))]
+        vals = [r["metrics"].get(k, float("nan")) for k in keys]
+        bars = ax.bar(xs, [0 if math.isnan(v) else v for v in vals], width, label=r["name"])
+        for b, v in zip(bars, vals):
+            ax.annotate("n/a" if math.isnan(v) else f"{v:.2f}", (b.get_x() + b.get_width() / 2, b.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+    ax.set_xticks(range(len(keys)))
+    ax.set_xticklabels([k.replace("_", " ") for k in keys], fontsize=9)
+    ax.set_ylim(0, 1.08)
+    ax.set_ylabel("score")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    return path
+
+
+# ============================================================================ report
+
+def _fmt(v, digits: int = 3) -> str:
+    return "n/a" if v is None else (f"{v:.{digits}f}" if isinstance(v, float) else str(v))
+
+
+def format_table(results: Sequence[dict]) -> str:
+    """A markdown table: one row per evaluated model, one column per metric."""
+    head = ["model", "questions", "format compliance", "header share", "thinking closed", "answer non-empty",
+            "answer F1", "ROUGE-L", "reward acc.", "pairs", "truncated", "mean new tokens"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in results:
+        m = r["metrics"]
+        ra = m.get("reward_accuracy")
+        lines.append("| " + " | ".join([
+            r["name"], str(r["n_questions"]), _fmt(m["format_compliance"]), _fmt(m["header_share"]),
+            _fmt(m["thinking_closed"]), _fmt(m["answer_nonempty"]), _fmt(m["answer_f1"]), _fmt(m["answer_rouge_l"]),
+            _fmt(ra) + (f" (vs {os.path.basename(os.path.normpath(r['ref_model']))})" if ra is not None
+                        else f" ({r['reward_note']})" if r.get("reward_note") else ""),
+            str(r["n_pairs"]), _fmt(m["truncated"]), f"{r['mean_new_tokens']:.1f}"]) + " |")
+    return "\n".join(lines)
+
+
+def _fence(text: str) -> str:
+    ticks = "```"
+    while ticks in text:
+        ticks += "`"
+    return f"{ticks}text\n{text}\n{ticks}"
+
+
+def write_report(results: Sequence[dict], out_dir: str, log_path: str | None = None, n_examples: int = 3,
+                 example_chars: int = 1200) -> dict:
+    """Write report.md, metrics.json, outputs.jsonl, metrics.png (and the training curves when
+    ``log_path`` is given) into ``out_dir``; returns ``{"report", "metrics_json", "outputs",
+    "metrics_png", "training_plots"}`` paths."""
+    os.makedirs(out_dir, exist_ok=True)
+    metrics_png = plot_metrics(results, os.path.join(out_dir, "metrics.png"))
+    plots = plot_training_log(log_path, out_dir) if log_path else []
+    summary = [{k: v for k, v in r.items() if k != "outputs"} for r in results]
+    mj = os.path.join(out_dir, "metrics.json")
+    with open(mj, "w", encoding="utf-8") as f:
+        json.dump(summary, f, indent=2)
+        f.write("\n")
+    oj = os.path.join(out_dir, "outputs.jsonl")
+    with open(oj, "w", encoding="utf-8") as f:
+        for r in results:
+            for row in r["outputs"]:
+                f.write(json.dumps({"model": r["name"], **row}, ensure_ascii=False) + "\n")
+    s = results[0]["settings"] if results else {}
+    md = ["# Evaluation report", "",
+          f"Questions: {results[0]['n_questions'] if results else 0}; generation: temperature "
+          f"{s.get('temperature')}, top-p {s.get('top_p')}, max {s.get('max_new_tokens')} new tokens, "
+          f"seed {s.get('seed')}, " + ("`<|thinking|>` forced at the start of every response."
+                                        if s.get("force_thinking") else "nothing forced (the model opens its own thinking)."),
+          "", format_table(results), "",
+          "- **format compliance**: exactly one `<|thinking|>` ... `<|/thinking|>` block opening the response, "
+          f"holding at least {s.get('min_headers', 1)} `**Category**:` header(s), followed by a non-empty answer.",
+          "- **header share**: mean share of the thinking categories with a header in the thinking block.",
+          "- **answer F1 / ROUGE-L**: SQuAD token F1 and ROUGE-L F-measure of the answer after the thinking "
+          "against the reference.",
+          f"- **reward acc.**: share of held-out preference pairs with beta*(log pi - log ref)(chosen) > "
+          f"(rejected) on answer tokens only, beta = {s.get('beta')}; ties count as wrong.",
+          "", "![metrics](metrics.png)", ""]
+    if plots:
+        md += ["## Training curves", ""] + [f"![{Path(p).stem}]({os.path.basename(p)})" for p in plots] + [""]
+    md += ["## Example outputs", ""]
+    for r in results:
+        md += [f"### {r['name']}", ""]
+        for row in r["outputs"][:n_examples]:
+            out = row["output"] if len(row["output"]) <= example_chars else row["output"][:example_chars] + " [...]"
+            md += [f"**{row['id']}** — {row['question']}", "",
+                   f"compliant: {'yes' if row['compliant'] else 'no'} ({row['format_reason']}); "
+                   f"F1 {row['f1']:.3f}; ROUGE-L {row['rouge_l']:.3f}", "", _fence(out), ""]
+    report = os.path.join(out_dir, "report.md")
+    with open(report, "w", encoding="utf-8") as f:
+        f.write("\n".join(md))
+    return {"report": report, "metrics_json": mj, "outputs": oj, "metrics_png": metrics_png, "training_plots": plots}

@@ -1,0 +1,303 @@
+"""Evaluation runs: generate answers with a checkpoint, score them, and the DPO reward accuracy.
+
+Each question is asked as in training (``reasoning.thinking_prompt``), greedy by default, nothing
+forced unless ``force_thinking`` (then the forced ``<|thinking|>`` is part of the scored text).
+Every ``metrics`` entry lies in [0, 1] (``METRIC_KEYS``). ``reward_accuracy``: share of preference
+pairs with beta * (log pi - log ref)(chosen) strictly above the same for rejected (Rafailov et al.,
+NeurIPS 2023), summed log-probs over answer tokens only as stage 2 scores them; ties count as wrong,
+so a model against itself gets 0. Pairs should be held out. Settings: :class:`EvalConfig`.
+Tests: ``python -m pytest -q tests/test_evaluation.py``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..teachers import DEFAULT_CATEGORIES
+from ..tokenizer import THINK_START
+from .format_check import check_format
+from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
+from .metrics import rouge_l, token_f1
+from .report import write_report
+
+__all__ = ["EvalConfig", "METRIC_KEYS", "STAGES", "evaluate", "evaluate_models", "evaluate_stages",
+           "reward_accuracy"]
+
+log = logging.getLogger("preflexor.evaluation")
+
+STAGES = ("0", "1", "2")
+# metrics (all in [0, 1]) in report / chart order; reward_accuracy is present only with pairs + a reference
+METRIC_KEYS = ("format_compliance", "header_share", "thinking_closed", "answer_nonempty", "answer_f1",
+               "answer_rouge_l", "reward_accuracy", "truncated")
+
+
+@dataclass(kw_only=True)
+class EvalConfig:
+    """How to generate and score (the CLI's defaults live here)."""
+
+    max_new_tokens: int = 200          # generated tokens per answer
+    temperature: float = 0.0           # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+    force_thinking: bool = False       # start every response with a forced <|thinking|>
+    categories: tuple[str, ...] = tuple(DEFAULT_CATEGORIES)
+    min_headers: int = 1               # category headers a compliant thinking block needs
+    beta: float = 0.5                  # DPO beta of the implicit reward
+    batch_size: int = 16               # questions per generate call (pairs: half of it)
+    limit: int | None = None           # only the first N questions
+    pairs_limit: int | None = None     # only the first N pairs
+    device: str = "cpu"
+    dtype: Any = "auto"                # "auto" (bf16 on cuda, fp32 on cpu), a name or a torch dtype
+    progress: bool = True
+
+    def __post_init__(self):
+        self.categories = tuple(self.categories)
+        if not self.categories:
+            raise ValueError("EvalConfig: categories is empty; give at least one thinking category")
+        if not 0 <= self.min_headers <= len(self.categories):
+            raise ValueError(f"EvalConfig: min_headers={self.min_headers} must lie in [0, {len(self.categories)}]")
+        if self.batch_size < 1 or self.max_new_tokens < 1:
+            raise ValueError(f"EvalConfig: batch_size ({self.batch_size}) and max_new_tokens "
+                             f"({self.max_new_tokens}) must be >= 1")
+        for name in ("limit", "pairs_limit"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"EvalConfig: {name} must be >= 1 (or None for all), got {getattr(self, name)}")
+        if self.beta <= 0:
+            raise ValueError(f"EvalConfig: beta must be > 0, got {self.beta}")
+
+    def settings(self) -> dict:
+        """The generation and scoring settings recorded with each result."""
+        keys = ("max_new_tokens", "temperature", "top_p", "seed", "force_thinking", "min_headers", "beta")
+        return {**{k: getattr(self, k) for k in keys}, "categories": list(self.categories)}
+
+
+# ============================================================================ models
+
+def _resolve_dtype(dtype, device: str):
+    import torch
+    if dtype is None or dtype == "auto":
+        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+    if isinstance(dtype, str):
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return dtype
+
+
+class _Models:
+    """Checkpoints loaded once (by real path) and shared between evaluations."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg, self.loaded = cfg, {}
+
+    def get(self, path: str):
+        key = os.path.realpath(path)
+        if key not in self.loaded:
+            from ..model import Llama
+            from ..tokenizer import Tokenizer
+            check_model_dir(path)
+            dtype = _resolve_dtype(self.cfg.dtype, self.cfg.device)
+            model = Llama.from_pretrained(path, dtype=dtype, device=self.cfg.device).eval()
+            self.loaded[key] = (model, Tokenizer.from_pretrained(path))
+        return self.loaded[key]
+
+    def keep_only(self, paths) -> None:
+        needed = {os.path.realpath(p) for p in paths if p}
+        for key in [k for k in self.loaded if k not in needed]:
+            del self.loaded[key]
+
+
+# ============================================================================ generation + scoring
+
+def _generate(model, tok, questions: list[dict], cfg: EvalConfig, desc: str):
+    from ..reasoning import thinking_prompt
+    from ..sampler import SamplingParams, generate
+    params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
+                            seed=cfg.seed, prepend_response=THINK_START if cfg.force_thinking else "",
+                            truncate_prompt_left=True)
+    chats = [thinking_prompt(q["question"]) for q in questions]
+    bar = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(chats), desc=desc, unit="q", dynamic_ncols=True, file=sys.stderr)
+    outs = []
+    try:
+        for i in range(0, len(chats), cfg.batch_size):
+            outs += generate(model, tok, chats[i:i + cfg.batch_size], params)
+            if bar is not None:
+                bar.update(len(chats[i:i + cfg.batch_size]))
+    finally:
+        if bar is not None:
+            bar.close()
+    return outs
+
+
+def _score(q: dict, c, cfg: EvalConfig) -> dict:
+    """One question's output row: the format check and the answer metrics."""
+    fc = check_format(c.text, cfg.categories, cfg.min_headers)
+    return {"id": q["id"], "question": q["question"], "reference": q["reference"], "output": c.text,
+            "answer": fc.answer, "compliant": fc.compliant, "format_reason": fc.reason,
+            "headers": fc.headers, "header_share": fc.header_share,
+            "thinking_closed": fc.n_think_end > 0, "finish_reason": c.finish_reason,
+            "new_tokens": len(c.token_ids) - c.num_forced_tokens,
+            "f1": token_f1(fc.answer, q["reference"]), "rouge_l": rouge_l(fc.answer, q["reference"])}
+
+
+def _metrics(rows: list[dict]) -> dict:
+    n = len(rows)
+    mean = lambda key: sum(float(r[key]) for r in rows) / n  # noqa: E731
+    return {"format_compliance": mean("compliant"), "header_share": mean("header_share"),
+            "thinking_closed": mean("thinking_closed"),
+            "answer_nonempty": sum(bool(r["answer"]) for r in rows) / n,
+            "answer_f1": mean("f1"), "answer_rouge_l": mean("rouge_l"),
+            "truncated": sum(r["finish_reason"] == "length" for r in rows) / n}
+
+
+def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 0.5, batch_size: int = 8,
+                    max_length: int | None = None) -> dict:
+    """Implicit-DPO reward accuracy of ``model`` against ``ref_model`` on preference rows.
+
+    Pairs are tokenized as stage 2 does (``data.tokenize_pair``, answer-only mask, unclosed thinking
+    kept); those it drops are counted. Returns ``{"reward_accuracy", "reward_margin" (mean beta * h),
+    "n_pairs", "n_pairs_dropped", "dropped": {reason: count}}``; ``reward_accuracy`` is None when no
+    pair could be scored. Ties (equal rewards) count as not correct.
+    """
+    import torch
+    from ..data import PairFormat, collate_pairs, tokenize_pair
+    from ..losses import forward_logps
+    if beta <= 0:
+        raise ValueError(f"reward_accuracy: beta must be > 0, got {beta}")
+    L = min(max_length or 1024, model.config.max_position_embeddings)
+    fmt = PairFormat(max_length=L, max_prompt_length=max(1, L // 2), mask_mode="answer_only", on_unclosed="keep")
+    examples, dropped = [], {}
+    for i, row in enumerate(pairs):
+        ex, why = tokenize_pair(tok, row, fmt, index=i)
+        if ex is None:
+            dropped[why] = dropped.get(why, 0) + 1
+        else:
+            examples.append(ex)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    correct, margins = 0, []
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        for i in range(0, len(examples), batch_size):
+            batch = collate_pairs(examples[i:i + batch_size], pad).to(device)
+            n = batch.n_pairs
+            sums = forward_logps(model, batch)[0].float()
+            ref_sums = sums if ref_model is model else forward_logps(ref_model, batch)[0].float()
+            rc, rr = beta * (sums[:n] - ref_sums[:n]), beta * (sums[n:] - ref_sums[n:])
+            correct += int((rc > rr).sum())
+            margins += (rc - rr).tolist()
+    k = len(examples)
+    return {"reward_accuracy": correct / k if k else None, "reward_margin": sum(margins) / k if k else None,
+            "n_pairs": k, "n_pairs_dropped": len(pairs) - k, "dropped": dropped}
+
+
+# ============================================================================ entry points
+
+def _questions(questions, cfg: EvalConfig) -> list[dict]:
+    if isinstance(questions, (str, os.PathLike)):
+        questions = load_questions(str(questions))
+    questions = list(questions)[:cfg.limit] if cfg.limit is not None else list(questions)
+    if not questions:
+        raise ValueError("evaluate: no questions")
+    return questions
+
+
+def _pairs(pairs, cfg: EvalConfig) -> list[dict] | None:
+    if isinstance(pairs, (str, os.PathLike)):
+        return load_pairs(str(pairs), cfg.pairs_limit)
+    if pairs is not None and cfg.pairs_limit is not None:
+        return list(pairs)[:cfg.pairs_limit]
+    return None if pairs is None else list(pairs)
+
+
+def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | None = None, *,
+             ref_model_dir: str | None = None, pairs: Sequence[dict] | str | None = None,
+             name: str | None = None, _models: _Models | None = None) -> dict:
+    """Generate answers to ``questions`` with the checkpoint in ``model_dir`` and score them.
+
+    ``questions``: rows as returned by ``load_questions`` or a JSONL path. With ``pairs`` (rows or
+    a JSONL path) and ``ref_model_dir``, also the DPO reward accuracy (``ref_model_dir`` equal to
+    ``model_dir`` is allowed and gives 0: every pair is a tie). Returns
+    ``{"name", "model", "ref_model", "n_questions", "n_pairs", "n_pairs_dropped", "reward_margin",
+    "mean_new_tokens", "settings", "metrics": {key: value in [0, 1]}, "outputs": [per question]}``.
+    """
+    cfg = cfg if cfg is not None else EvalConfig()
+    questions, pairs = _questions(questions, cfg), _pairs(pairs, cfg)
+    for d in (model_dir, ref_model_dir):
+        if d is not None:
+            check_model_dir(d)
+    models = _models if _models is not None else _Models(cfg)
+    model, tok = models.get(model_dir)
+    name = name or os.path.basename(os.path.normpath(model_dir))
+    rows = [_score(q, c, cfg) for q, c in zip(questions, _generate(model, tok, questions, cfg, f"eval {name}"))]
+    metrics = _metrics(rows)
+    result = {"name": name, "model": str(model_dir), "ref_model": None, "n_questions": len(rows), "n_pairs": 0,
+              "n_pairs_dropped": 0, "reward_margin": None,
+              "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
+              "settings": cfg.settings(), "metrics": metrics, "outputs": rows}
+    if pairs is not None and ref_model_dir is not None:
+        same = os.path.realpath(ref_model_dir) == os.path.realpath(model_dir)
+        ref = model if same else models.get(ref_model_dir)[0]
+        ra = reward_accuracy(model, ref, tok, pairs, beta=cfg.beta, batch_size=max(1, cfg.batch_size // 2))
+        result.update(ref_model=str(ref_model_dir), n_pairs=ra["n_pairs"], n_pairs_dropped=ra["n_pairs_dropped"],
+                      reward_margin=ra["reward_margin"])
+        if ra["reward_accuracy"] is not None:
+            metrics["reward_accuracy"] = ra["reward_accuracy"]
+        else:
+            log.warning("%s: no preference pair could be scored (dropped: %s)", name, ra["dropped"])
+    result["metrics"] = {k: metrics[k] for k in METRIC_KEYS if k in metrics}
+    return result
+
+
+def evaluate_models(model_dirs: Sequence[str], questions: Sequence[dict] | str, cfg: EvalConfig | None = None, *,
+                    names: Sequence[str] | None = None, ref_model_dirs: Sequence[str | None] | None = None,
+                    pairs: Sequence[dict] | str | None = None) -> list[dict]:
+    """``evaluate`` for several checkpoints (loaded once each); ``ref_model_dirs[i]`` is model i's reference."""
+    cfg = cfg if cfg is not None else EvalConfig()
+    questions, pairs = _questions(questions, cfg), _pairs(pairs, cfg)
+    for d in model_dirs:
+        check_model_dir(d)
+    refs = list(ref_model_dirs) if ref_model_dirs is not None else [None] * len(model_dirs)
+    models = _Models(cfg)
+    results = []
+    for i, d in enumerate(model_dirs):
+        results.append(evaluate(d, questions, cfg, ref_model_dir=refs[i], pairs=pairs if refs[i] else None,
+                                name=names[i] if names else None, _models=models))
+        if pairs is not None and not refs[i]:
+            is_ref = os.path.realpath(d) in {os.path.realpath(r) for r in refs if r}
+            results[-1]["reward_note"] = "the reference" if is_ref else "no reference"
+        models.keep_only([*refs[i + 1:], *model_dirs[i + 1:]])   # what later models still need
+    return results
+
+
+def _stage_dirs(run_dir: str) -> list[tuple[str, str]]:
+    found = [(f"stage{s}", os.path.join(run_dir, f"stage{s}")) for s in STAGES
+             if os.path.isfile(os.path.join(run_dir, f"stage{s}", "config.json"))]
+    if not found:
+        raise EvaluationInputError(f"run dir {run_dir} has no stage0/, stage1/ or stage2/ checkpoint "
+                                   f"(a dir with config.json); train first or pass --model DIR")
+    return found
+
+
+def evaluate_stages(run_dir: str, questions: Sequence[dict] | str = DEFAULT_QUESTIONS,
+                    cfg: EvalConfig | None = None, *, pairs: Sequence[dict] | str | None = None,
+                    out_dir: str | None = None, log_path: str | None = None) -> list[dict]:
+    """Evaluate ``run_dir/stage0``, ``stage1``, ``stage2`` (those present); one result per stage.
+
+    Each stage's reference for the reward accuracy is the stage before it that is present (the
+    policy that stage started from; stage 0 has none). With ``out_dir`` the report, charts and
+    metrics.json are written there; the training curves come from ``log_path`` (default
+    ``run_dir/log.jsonl`` when it exists). Print ``format_table(results)`` for the table.
+    """
+    stages = _stage_dirs(run_dir)
+    refs = [None] + [d for _, d in stages[:-1]]
+    results = evaluate_models([d for _, d in stages], questions, cfg, names=[n for n, _ in stages],
+                              ref_model_dirs=refs, pairs=pairs)
+    if out_dir is not None:
+        if log_path is None and os.path.isfile(os.path.join(run_dir, "log.jsonl")):
+            log_path = os.path.join(run_dir, "log.jsonl")
+        write_report(results, out_dir, log_path=log_path)
+    return results
