@@ -129,7 +129,10 @@ class Tokenizer:
     def from_pretrained(cls, path: str) -> "Tokenizer":
         """Load ``path``: tokenizer.json, plus tokenizer_config.json (special tokens, ``chat_template``),
         chat_template.jinja (takes priority over the config's template, as in transformers) and
-        generation_config.json (``eos_token_id``: int or list) when present."""
+        generation_config.json (``eos_token_id``: int or list) when present. A ``.gguf`` file: see gguf/tokenizer.py."""
+        if str(path).endswith(".gguf"):
+            from .gguf import load_gguf_tokenizer
+            return load_gguf_tokenizer(path)
         from tokenizers import Tokenizer as TK
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
