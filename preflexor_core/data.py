@@ -21,7 +21,7 @@ import torch
 
 from .kernels import IGNORE_INDEX
 from .masks import UnclosedThinking, thinking_mask
-from .tokenizer import EOT, THINK_END, THINK_START
+from .tokenizer import THINK_END, THINK_START
 
 MASK_MODES = ("none", "answer_only", "random_fraction")
 
@@ -57,8 +57,7 @@ class PairExample:
 
 def _completion(tok, text: str, budget: int, mode: str) -> list[int]:
     ids = tok.encode(text)
-    eot = tok.token_to_id(EOT)
-    end = eot if eot is not None else tok.eos_token_id
+    end = tok.end_of_turn_id      # the chat template's end-of-turn token, else eos
     if end is not None and (not ids or ids[-1] != end):
         ids = ids + [end]
     if len(ids) > budget:
