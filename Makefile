@@ -33,7 +33,7 @@ Q2 := How does the hierarchical structure of bone contribute to its toughness?
 
 demo: install
 	$(PY) train.py --stage all --out $(DEMO)
-	$(PY) -m preflexor_core.datagen --corpus $$($(PY) -c "from preflexor_core.trainer import shipped_corpus_files as f; print(' '.join(f()))") \
+	$(PY) -m preflexor_core.datagen --corpus $$($(PY) -c "from preflexor_core.train import shipped_corpus_files as f; print(' '.join(f()))") \
 		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens 768 \
 		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
 	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens 768 \

@@ -20,10 +20,8 @@ from typing import Sequence
 import torch
 
 from .kernels import IGNORE_INDEX
-from .masks import UnclosedThinking, thinking_mask
+from .masks import MASK_MODES, UnclosedThinking, thinking_mask
 from .tokenizer import THINK_END, THINK_START
-
-MASK_MODES = ("none", "answer_only", "random_fraction")
 
 
 @dataclass(kw_only=True)

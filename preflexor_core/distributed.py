@@ -3,6 +3,8 @@
 Run N processes with ``torchrun --nproc_per_node N train.py ...``: the backend is gloo on CPU
 and nccl on CUDA (one GPU per local rank). A plain ``python train.py`` runs single-process and
 every helper here degrades to a no-op.
+
+Tests: ``python -m pytest -q tests/test_trainer.py -k torchrun``
 """
 from __future__ import annotations
 
@@ -85,8 +87,11 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
     return DDP(model, device_ids=ids)
 
 
-def unwrap(model: torch.nn.Module) -> torch.nn.Module:
-    return getattr(model, "module", model)
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The model's full (unsharded) state dict on every rank; FSDP2 shards are all-gathered, so
+    under FSDP2 this is collective. Plain tensors pass through (detached)."""
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach()
+            for k, v in model.state_dict().items()}
 
 
 def shutdown() -> None:

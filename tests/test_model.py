@@ -119,10 +119,25 @@ def test_presets_are_exact_names_and_sizes():
     assert set(ModelConfig.preset_names()) >= {"tiny", "small", "llama-3.2-3b"}
     with pytest.raises(KeyError, match="unknown preset 'Tiny'"):
         ModelConfig.preset("Tiny")
-    assert 10_000_000 <= ModelConfig.preset("small").num_parameters() <= 99_000_000
-    tiny = ModelConfig.preset("tiny")
-    assert tiny.num_parameters() < 5_000_000
-    assert Llama(tiny).num_parameters() == tiny.num_parameters()
+
+
+def llama_params(V, H, I, L, Hq, Hkv, D, tied):
+    """Parameter count of a bias-free Llama, written out: embedding, per layer q/k/v/o + gate/up/down +
+    two RMSNorm weights, the final norm, and an untied LM head."""
+    attn = H * Hq * D + 2 * H * Hkv * D + Hq * D * H
+    layer = attn + 3 * H * I + 2 * H
+    return V * H + L * layer + H + (0 if tied else V * H)
+
+
+@pytest.mark.parametrize("name, shape, expected", [
+    ("small", dict(V=32000, H=512, I=1536, L=8, Hq=8, Hkv=4, D=64, tied=True), 41_558_528),
+    ("tiny", dict(V=4096, H=128, I=384, L=4, Hq=4, Hkv=2, D=32, tied=True), 1_311_872),
+])
+def test_preset_parameter_counts_are_exact(name, shape, expected):
+    assert llama_params(**shape) == expected
+    cfg = ModelConfig.preset(name)
+    assert cfg.num_parameters() == expected
+    assert Llama(cfg, device="meta").num_parameters() == expected
 
 
 def test_config_hf_round_trip():

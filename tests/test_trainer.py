@@ -1,4 +1,6 @@
-"""Trainer: stage 0 runs and resumes bit-identically; outputs load in transformers; CLI errors."""
+"""Training: stages 0/1/2 learn and export checkpoints that transformers reproduces; exact resume;
+gradient accumulation; the nested TrainConfig and the CLI built from it; torchrun DDP / FSDP2."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -7,7 +9,12 @@ import sys
 import pytest
 import torch
 
-from preflexor_core.trainer import TrainConfig, Trainer
+from preflexor_core import Llama, Tokenizer
+from preflexor_core.data import PairFormat, collate_pairs, tokenize_pair
+from preflexor_core.losses import dpo_loss, forward_logps
+from preflexor_core.train import (DataConfig, OptimConfig, PreferenceConfig, RunConfig, TrainConfig, Trainer,
+                                  orpo_objective)
+from preflexor_core.train.config import SECTIONS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -36,7 +43,7 @@ def stage0_cfg(corpus, out, **kw):
     base = dict(stage="0", model="tiny", corpus=corpus, out=str(out), sft_steps=6, sft_seq_len=32, sft_batch_size=2,
                 tokenizer_vocab_size=320, progress=False, seed=3)
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
 def losses(out, stage=0):
@@ -53,13 +60,35 @@ def test_stage0_trains_and_exports_hf_checkpoint(corpus, tmp_path):
     st = out / "stage0"
     assert (st / "config.json").exists() and (st / "tokenizer.json").exists() and (st / "DONE").exists()
     assert (out / "plots" / "stage0.png").exists()
+    assert_transformers_matches(st)
+
+
+def assert_transformers_matches(path):
+    """transformers loads the exported checkpoint and computes the same logits as we do."""
     transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
-    from preflexor_core import Llama
-    ours = Llama.from_pretrained(str(st)).eval()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(st)).eval()
-    x = torch.randint(0, ours.config.vocab_size, (1, 20))
+    ours = Llama.from_pretrained(str(path)).eval()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    assert hf.config.vocab_size == ours.config.vocab_size
+    x = torch.randint(0, ours.config.vocab_size, (2, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert (hf(x).logits - ours(x)).abs().max() <= 1e-4
+
+
+def test_grad_accum_matches_a_larger_batch_in_stage0(corpus, tmp_path):
+    # stage-0 blocks all have the same length, so 2 micro-batches of 1 block average to exactly the
+    # loss and gradient of 1 batch of 2 blocks (the same blocks, in the same order); only float
+    # summation order differs
+    Trainer(stage0_cfg(corpus, tmp_path / "big", sft_batch_size=2, grad_accum=1)).run()
+    Trainer(stage0_cfg(corpus, tmp_path / "acc", sft_batch_size=1, grad_accum=2)).run()
+    assert losses(tmp_path / "acc") == pytest.approx(losses(tmp_path / "big"), abs=1e-5)
+    assert losses(tmp_path / "acc")[-1] < losses(tmp_path / "acc")[0]
+    from safetensors.torch import load_file
+    wa = load_file(str(tmp_path / "big" / "stage0" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "acc" / "stage0" / "model.safetensors"))
+    assert all(torch.allclose(wa[k], wb[k], atol=1e-5) for k in wa)
+    ones = stage0_cfg(corpus, tmp_path / "one", sft_batch_size=1, grad_accum=1)
+    Trainer(ones).run()                  # and accumulation is not a no-op: one block per step differs
+    assert losses(tmp_path / "one") != pytest.approx(losses(tmp_path / "acc"), abs=1e-5)
 
 
 def test_stage0_resume_is_bit_identical(corpus, tmp_path):
@@ -90,23 +119,57 @@ def test_train_cli_help_and_errors(tmp_path):
 
 def test_config_validation():
     with pytest.raises(ValueError, match="n_steps=0 must be >= 1"):
-        TrainConfig(n_steps=0)
+        OptimConfig(n_steps=0)
     with pytest.raises(ValueError, match="schedule"):
-        TrainConfig(schedule="linear")
-    assert TrainConfig(model="some/dir", lora_r=64).lr_for("1") == 5e-5
-    assert TrainConfig(model="some/dir").lr_for("1") == 5e-6
-    assert TrainConfig(model="some/dir").lr_for("2") == 1e-6
-    assert (TrainConfig().lr_for("1"), TrainConfig().lr_for("2")) == (2e-3, 2e-5)
+        OptimConfig(schedule="linear")
+    with pytest.raises(ValueError, match="dpo_loss_type"):
+        PreferenceConfig(dpo_loss_type="kto")
     with pytest.raises(ValueError, match="iterations=0 must be >= 1"):
-        TrainConfig(iterations=0)
+        DataConfig(iterations=0)
+    with pytest.raises(ValueError, match="stage"):
+        RunConfig(stage="3b")
+    ckpt = RunConfig(model="some/dir")
+    assert TrainConfig(run=ckpt, optim=OptimConfig(lora_r=64)).lr_for("1") == 5e-5
+    assert TrainConfig(run=ckpt).lr_for("1") == 5e-6
+    assert TrainConfig(run=ckpt).lr_for("2") == 1e-6
+    assert (TrainConfig().lr_for("1"), TrainConfig().lr_for("2")) == (2e-3, 2e-5)
+    assert TrainConfig(optim=OptimConfig(orpo_lr=1e-4)).lr_for("1") == 1e-4
     # rounds of on-the-fly data: an explicit flag sets both stages; by default a preset trained from
     # scratch gets 18 ORPO rounds (it must learn the thinking format), everything else 6
     assert [TrainConfig().iterations_for(s) for s in "12"] == [18, 6]
-    assert [TrainConfig(model="some/dir").iterations_for(s) for s in "12"] == [6, 6]
-    assert [TrainConfig(iterations=3).iterations_for(s) for s in "12"] == [3, 3]
-    c = TrainConfig()
-    assert (c.orpo_beta, c.dpo_beta, c.dpo_loss_type, c.label_smoothing, c.mask_mode) == \
+    assert [TrainConfig(run=ckpt).iterations_for(s) for s in "12"] == [6, 6]
+    assert [TrainConfig(data=DataConfig(iterations=3)).iterations_for(s) for s in "12"] == [3, 3]
+    assert (TrainConfig().unclosed_policy, TrainConfig(run=ckpt).unclosed_policy) == ("keep", "drop")
+    p = TrainConfig().preference
+    assert (p.orpo_beta, p.dpo_beta, p.dpo_loss_type, p.label_smoothing, p.mask_mode) == \
         (0.1, 0.5, "exo_pair", 5e-3, "answer_only")
+
+
+def test_flat_options_route_to_their_sections():
+    c = TrainConfig.from_flat(stage="1", corpus="c.md", lora_r=8, orpo_beta=0.2, save_every=3, fsdp=True)
+    assert (c.run.stage, c.data.corpus, c.optim.lora_r, c.preference.orpo_beta, c.checkpoint.save_every,
+            c.parallel.fsdp) == ("1", "c.md", 8, 0.2, 3, True)
+    assert c.replace(lora_r=4).optim.lora_r == 4 and c.optim.lora_r == 8
+    with pytest.raises(ValueError, match="unknown training option.*lora_rank"):
+        TrainConfig.from_flat(lora_rank=8)
+    names = [f.name for kls in SECTIONS.values() for f in dataclasses.fields(kls)]
+    assert len(names) == len(set(names))            # every field is also a unique CLI flag
+
+
+def test_cli_help_comes_from_the_config_fields():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_cli", os.path.join(ROOT, "train.py"))
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    actions = {a.dest: a for a in cli.build_parser()._actions if a.dest != "help"}
+    fields = {f.name: f for kls in SECTIONS.values() for f in dataclasses.fields(kls)}
+    assert set(actions) == set(fields)
+    for name, f in fields.items():
+        assert actions[name].help == f.metadata["help"] and actions[name].default == f.default, name
+        assert actions[name].option_strings[0] == "--" + name.replace("_", "-")
+    args = cli.build_parser().parse_args(["--stage", "2", "--lora-r", "16", "--no-bf16", "--orpo-lr", "1e-4"])
+    c = TrainConfig.from_flat(**vars(args))
+    assert (c.run.stage, c.optim.lora_r, c.optim.bf16, c.optim.orpo_lr) == ("2", 16, False, 1e-4)
 
 
 def pref_cfg(corpus, out, **kw):
@@ -115,12 +178,34 @@ def pref_cfg(corpus, out, **kw):
                 pairs_per_iteration=4, n_steps=2, batch_size=2, k_samples=2, sample_max_new_tokens=12, thinking_max_new_tokens=12,
                 max_length=256, max_prompt_length=96, on_unclosed="keep")
     base.update(kw)
-    return TrainConfig(**base)
+    return TrainConfig.from_flat(**base)
 
 
-def test_stages_1_and_2_on_the_fly(corpus, tmp_path):
+def pair_scores(model_dir, tok, rows, fmt, ref_dir=None):
+    """(loss, margin) of a model on preference rows, as one batch. Without ``ref_dir``: the ORPO
+    objective and the mean per-token log-prob margin chosen - rejected (what stage 1 optimises);
+    with it: the EXO loss against that reference and the summed log-prob margin (stage 2)."""
+    examples = [ex for ex, _ in (tokenize_pair(tok, r, fmt) for r in rows) if ex is not None]
+    assert len(examples) == len(rows)
+    batch = collate_pairs(examples, tok.pad_token_id)
+    n = batch.n_pairs
+    model = Llama.from_pretrained(str(model_dir)).eval()
+    with torch.no_grad():
+        sums, counts = forward_logps(model, batch)
+        if ref_dir is None:
+            loss = orpo_objective(model, batch, beta=0.1)[0]
+            means = sums / counts
+            return float(loss), float((means[:n] - means[n:]).mean())
+        ref, _ = forward_logps(Llama.from_pretrained(str(ref_dir)).eval(), batch)
+    losses_, _, _ = dpo_loss(sums[:n], sums[n:], ref[:n], ref[n:], beta=0.5, loss_type="exo_pair",
+                             label_smoothing=5e-3)
+    return float(losses_.mean()), float((sums[:n] - sums[n:]).mean())
+
+
+def test_stages_1_and_2_on_the_fly_learn_with_grad_accum(corpus, tmp_path):
     out = tmp_path / "run"
-    Trainer(pref_cfg(corpus, out, stage="all")).run()
+    # grad_accum=2 x batch_size=1: each optimizer step accumulates two micro-batches
+    Trainer(pref_cfg(corpus, out, stage="all", grad_accum=2, batch_size=1)).run()
     rows = [json.loads(l) for l in open(out / "log.jsonl")]
     s1 = [r for r in rows if r.get("stage") == 1 and "loss" in r]
     s2 = [r for r in rows if r.get("stage") == 2 and "loss" in r]
@@ -138,9 +223,20 @@ def test_stages_1_and_2_on_the_fly(corpus, tmp_path):
     for s in ("stage1", "stage2"):
         assert (out / s / "DONE").exists() and (out / s / "model.safetensors").exists()
     assert (out / "plots" / "stage1.png").exists() and (out / "plots" / "stage2.png").exists()
-    transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(out / "stage2"))
-    assert hf.config.vocab_size > 0
+    # the model learned: on the pairs each stage trained on, the loss went down and the chosen answers
+    # gained log-probability over the rejected ones
+    tok = Tokenizer.from_pretrained(str(out / "stage2"))
+    s1_rows = [p for p in pairs if p["id"].startswith("5100-") or p["id"].startswith("5101-")]
+    s2_rows = [p for p in pairs if p["id"].startswith("5200-") or p["id"].startswith("5201-")]
+    assert len(s1_rows) == len(s2_rows) == 8
+    fmt1 = PairFormat(max_length=256, max_prompt_length=96)
+    (loss0, margin0), (loss1, margin1) = (pair_scores(out / d, tok, s1_rows, fmt1) for d in ("stage0", "stage1"))
+    assert loss1 < loss0 and margin1 > margin0, (loss0, loss1, margin0, margin1)
+    fmt2 = PairFormat(max_length=256, max_prompt_length=96, mask_mode="answer_only", on_unclosed="keep")
+    (loss1, margin1), (loss2, margin2) = (pair_scores(out / d, tok, s2_rows, fmt2, ref_dir=out / "stage1")
+                                          for d in ("stage1", "stage2"))
+    assert loss2 < loss1 and margin2 > margin1, (loss1, loss2, margin1, margin2)
+    assert_transformers_matches(out / "stage2")
 
 
 def test_stage1_resume_is_bit_identical(corpus, tmp_path):

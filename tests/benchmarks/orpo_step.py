@@ -1,6 +1,6 @@
 """One ORPO training step, two ways, for ``test_bench_trainer.py``.
 
-- ``ours``: ``trainer.orpo_objective`` (final hidden states -> ``kernels.linear_logprobs``; the
+- ``ours``: ``train.orpo_objective`` (final hidden states -> ``kernels.linear_logprobs``; the
   (N, V) logits are never materialised), backward, AdamW step.
 - ``naive``: ``model(input_ids, attention_mask=...)`` -> full (B, T, V) fp32 logits -> log_softmax
   -> gather the label log-probs -> the same ORPO math (``losses.orpo_loss`` on mean log-probs + the
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from preflexor_core import Llama, ModelConfig
 from preflexor_core.data import Batch, PairExample, collate_pairs
 from preflexor_core.losses import IGNORE_INDEX, orpo_loss
-from preflexor_core.trainer import orpo_objective
+from preflexor_core.train import orpo_objective
 
 BETA = 0.1
 LR = 5e-6

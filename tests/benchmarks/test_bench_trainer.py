@@ -6,7 +6,7 @@ One step = loss, backward, AdamW step (full fine-tuning, fp32, CPU) on a padded 
 preference pairs (random ids; prompt 64 tokens, completions 192-256 tokens; labels IGNORE_INDEX on
 the prompt). The two paths (``orpo_step.py``):
 
-- ``ours``: ``trainer.orpo_objective`` - final hidden states -> chunked ``kernels.linear_logprobs``,
+- ``ours``: ``train.orpo_objective`` - final hidden states -> chunked ``kernels.linear_logprobs``,
   the (N, V) logits never exist at once;
 - ``naive``: ``model(...)`` -> (B, T, V) fp32 logits -> log_softmax -> gather -> the same ORPO math.
 

@@ -5,25 +5,27 @@ import sys
 
 import torch
 
-from preflexor_core.trainer import StageRun, TrainConfig, Trainer
+from preflexor_core import distributed as D
+from preflexor_core.train import TrainConfig, Trainer
+from preflexor_core.train import stage as stage_module
 
 corpus, out = sys.argv[1], sys.argv[2]
 flags = set(sys.argv[3:])                      # "fsdp", "stop1" (stop after 1 step), "resume"
-fsdp = "fsdp" in flags
-cfg = TrainConfig(stage="1", model="tiny", corpus=corpus, out=out, embedder="hashing", progress=False, seed=5,
-                  iterations=1, pairs_per_iteration=4, n_steps=2, batch_size=1, sample_max_new_tokens=12, thinking_max_new_tokens=12,
-                  max_length=256, max_prompt_length=96, tokenizer_vocab_size=320, fsdp=fsdp,
-                  save_every=1, max_steps=1 if "stop1" in flags else None, resume="resume" in flags)
+cfg = TrainConfig.from_flat(
+    stage="1", model="tiny", corpus=corpus, out=out, embedder="hashing", progress=False, seed=5, iterations=1,
+    pairs_per_iteration=4, n_steps=2, batch_size=1, sample_max_new_tokens=12, thinking_max_new_tokens=12,
+    max_length=256, max_prompt_length=96, tokenizer_vocab_size=320, fsdp="fsdp" in flags, save_every=1,
+    max_steps=1 if "stop1" in flags else None, resume="resume" in flags)
 captured = {}
-orig = StageRun.save_final
+orig = stage_module.save_final
 
 
-def save_final(self):
-    captured["state"] = {k: v.cpu() for k, v in self.full_state().items()}     # collective under FSDP2
-    orig(self)
+def save_final(run):
+    captured["state"] = {k: v.cpu() for k, v in D.full_state_dict(run.base).items()}     # collective under FSDP2
+    orig(run)
 
 
-StageRun.save_final = save_final
+stage_module.save_final = save_final
 trainer = Trainer(cfg)
 trainer.run()
 rank = trainer.dist.rank

@@ -1,0 +1,310 @@
+"""One training stage: optimizer, schedule, the step loop with accumulation, on-the-fly datasets.
+
+``StageRun(trainer, stage, model, tok, ref, lora_cfg).train()`` runs stage 0 (causal LM on packed
+corpus blocks) or a preference stage: ``iterations`` rounds of "generate pairs with the current
+policy (rank 0), tokenise, train ``n_steps`` on them" (PRefLexOR, arXiv 2410.12375, sec. 2).
+Stage 2 scores the reference (frozen initial policy, or LoRA disabled) once per dataset. Micro-batch
+``a`` of step ``s`` on rank ``r`` takes items ``((s * grad_accum + a) * world + r) * bs`` onward of a
+seeded permutation, so a run is reproducible and resumes exactly (see ``checkpointing``).
+
+Tests: ``python -m pytest -q tests/test_trainer.py``
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from typing import TYPE_CHECKING, Callable
+
+import torch
+
+from .. import distributed as D
+from ..data import PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
+from ..losses import forward_logps
+from ..model import Llama
+from ..tokenizer import Tokenizer
+from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
+from .objectives import dpo_objective, lm_objective, orpo_objective
+
+if TYPE_CHECKING:
+    from .trainer import Trainer
+
+log = logging.getLogger("preflexor.train")
+
+__all__ = ["StageRun", "make_scheduler"]
+
+
+def make_scheduler(opt, warmup: int, total: int, kind: str):
+    """Linear warmup over ``warmup`` steps, then constant or cosine decay to 0 at ``total``."""
+    def factor(step: int) -> float:
+        if warmup and step < warmup:
+            return (step + 1) / warmup
+        if kind == "cosine":
+            progress = (step - warmup) / max(1, total - warmup)
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True)
+
+
+class StageRun:
+    """One stage: optimizer, schedule, data, the step loop, checkpoints and exact resume."""
+
+    def __init__(self, trainer: Trainer, stage: str, model: Llama, tok: Tokenizer, ref: Llama | None, lora_cfg):
+        self.t, self.cfg, self.stage = trainer, trainer.cfg, stage
+        self.tok, self.ref, self.lora_cfg = tok, ref, lora_cfg
+        self.device = trainer.device
+        self.base = model
+        self.fsdp = self.cfg.parallel.fsdp and trainer.dist.enabled
+        self.model = D.wrap_model(model, trainer.dist, fsdp=self.cfg.parallel.fsdp)
+        self.ckpt_dir = trainer.out / "checkpoints" / f"stage{stage}"
+        self.final_dir = trainer.out / f"stage{stage}"
+        o, d = self.cfg.optim, self.cfg.data
+        self.total_steps = o.sft_steps if stage == "0" else self.cfg.iterations_for(stage) * o.n_steps
+        params = [p for p in model.parameters() if p.requires_grad]
+        kw = {"fused": True} if trainer.device.type == "cuda" else {}
+        self.opt = torch.optim.AdamW(params, lr=self.cfg.lr_for(stage), betas=(0.9, 0.999), eps=1e-8,
+                                     weight_decay=o.weight_decay, **kw)
+        self.sched = make_scheduler(self.opt, o.warmup_steps, self.total_steps, o.schedule)
+        self.pos = {"iteration": 0, "step": 0, "global_step": 0}
+        p = self.cfg.preference
+        self.fmt = PairFormat(max_length=d.max_length, max_prompt_length=d.max_prompt_length,
+                              truncation_mode=d.truncation_mode, mask_mode=p.mask_mode if stage == "2" else "none",
+                              mask_fraction=p.mask_fraction,
+                              include_thinking_token_in_labels=p.include_thinking_token_in_labels,
+                              on_unclosed=self.cfg.unclosed_policy)
+
+    @property
+    def rank(self) -> int:
+        return self.t.dist.rank
+
+    @property
+    def world(self) -> int:
+        return self.t.dist.world_size
+
+    @property
+    def is_main(self) -> bool:
+        return self.t.dist.is_main
+
+    def plain_model(self, state: dict[str, torch.Tensor] | None = None) -> Llama:
+        """An unsharded Llama with the current weights (the model itself unless FSDP2 shards it)."""
+        if not self.fsdp:
+            return self.base
+        model = Llama(self.base.config, device="meta")
+        model.load_state_dict(state if state is not None else D.full_state_dict(self.base), assign=True)
+        return model
+
+    # -- one optimizer step -----------------------------------------------------
+    def optimizer_step(self, micro_batches: list[Callable[[], tuple[torch.Tensor, dict, int]]]) -> dict:
+        """Backward every micro-batch (loss / count), clip, step; metrics averaged over micro-batches and ranks."""
+        t0 = time.perf_counter()
+        self.model.train()
+        metrics: dict[str, float] = {}
+        ntok = 0
+        for fn in micro_batches:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
+                loss, m, n = fn()
+            (loss / len(micro_batches)).backward()
+            ntok += n
+            for k, v in m.items():
+                metrics[k] = metrics.get(k, 0.0) + v / len(micro_batches)
+        params = [p for p in self.base.parameters() if p.requires_grad]
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
+        lr = self.sched.get_last_lr()[0]
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        vals = torch.tensor([metrics[k] for k in sorted(metrics)] + [float(ntok)], dtype=torch.float64)
+        vals = D.all_reduce_mean(vals.to(self.device)).cpu()
+        out = {k: float(v) for k, v in zip(sorted(metrics), vals[:-1])}
+        dt = time.perf_counter() - t0
+        out.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=float(vals[-1]) * self.world / dt)
+        return out
+
+    def _indices(self, order: torch.Tensor, step: int, a: int, bs: int) -> torch.Tensor:
+        start = ((step * self.cfg.optim.grad_accum + a) * self.world + self.rank) * bs
+        return order[start:start + bs]
+
+    def _log(self, metrics: dict, **extra) -> None:
+        self.t.log.write({"stage": int(self.stage), **extra, "global_step": self.pos["global_step"], **metrics,
+                          "time": time.time()})
+
+    def _stop_early(self) -> bool:
+        return self.cfg.run.max_steps is not None and self.pos["global_step"] >= self.cfg.run.max_steps
+
+    def _after_step(self, m: dict, bar, **extra) -> None:
+        self.pos["global_step"] += 1
+        self._log(m, **extra)
+        bar.update(1)
+        bar.set_postfix(loss=f"{m['loss']:.3f}")
+        every = self.cfg.checkpoint.save_every
+        if every and self.pos["global_step"] % every == 0:
+            save_checkpoint(self)
+
+    # -- the loops --------------------------------------------------------------
+    def train(self) -> None:
+        resumed = self.cfg.checkpoint.resume and load_checkpoint(self)
+        if not resumed:
+            seed_everything(self.cfg.run.seed + 1000 * int(self.stage))
+        if self.stage == "0":
+            self.train_lm()
+        else:
+            self.train_preference()
+        if self._stop_early() and self.pos["global_step"] < self.total_steps:
+            log.info("stage %s stopped at step %d by max_steps; continue with --resume", self.stage,
+                     self.pos["global_step"])
+            self.t.stopped_early = True
+            return
+        save_final(self)
+
+    def train_lm(self) -> None:
+        o = self.cfg.optim
+        blocks = pack_lm_stream([self.tok.encode(t) for t in self.t.corpus_texts()], self.cfg.data.sft_seq_len + 1,
+                                self.tok.token_to_id("<|end_of_text|>") or self.tok.eos_token_id)
+        g = torch.Generator().manual_seed(self.cfg.run.seed)
+        need = self.total_steps * o.sft_batch_size * self.world * o.grad_accum
+        order = torch.cat([torch.randperm(len(blocks), generator=g) for _ in range(need // len(blocks) + 1)])
+        bar = _bar(self.total_steps, f"stage 0 (causal LM, {len(blocks)} blocks)",
+                   self.cfg.run.progress and self.is_main, initial=self.pos["global_step"])
+        while self.pos["global_step"] < self.total_steps and not self._stop_early():
+            fns = []
+            for a in range(o.grad_accum):
+                rows = blocks[self._indices(order, self.pos["global_step"], a, o.sft_batch_size)]
+                fns.append(self._lm_micro_batch([(r.tolist(), r.tolist()) for r in rows]))
+            m = self.optimizer_step(fns)
+            self.pos["step"] = self.pos["global_step"] + 1
+            self._after_step(m, bar)
+        bar.close()
+        save_checkpoint(self)
+
+    def _lm_micro_batch(self, seqs):
+        def fn():
+            b = collate_sequences(seqs, pad_id=0, packed=False).to(self.device)
+            b.attention_mask = None          # equal-length blocks: no padding
+            loss, m = lm_objective(self.model, b)
+            return loss, m, b.input_ids.numel()
+        return fn
+
+    # -- preference stages ------------------------------------------------------
+    def generate(self, iteration: int) -> list[dict]:
+        """Rank 0 generates (or reloads) this iteration's pairs; all ranks receive the same rows."""
+        rows = None
+        self.t.retriever()            # collective (built on rank 0, loaded everywhere): call on every rank
+        state = D.full_state_dict(self.base) if self.fsdp else None        # collective under FSDP2
+        if self.is_main:
+            from ..datagen import generate_pairs
+            d = self.cfg.data
+            policy = self.plain_model(state)
+            pairs_path = self.t.out / "pairs.jsonl"       # one append-only file; row ids are f"{seed}-{i}"
+            seed = self.cfg.run.seed * 1000 + int(self.stage) * 100 + iteration
+            was_training = policy.training
+            policy.eval()
+            rows = generate_pairs(
+                self.t.retriever(), self.t.teacher(), policy=(policy, self.tok), tokenizer=self.tok,
+                n=d.pairs_per_iteration, number_nodes_to_get=d.number_nodes_to_get,
+                rejected_from="policy", with_thinking=self.stage == "2",
+                k_samples=d.k_samples if self.stage == "2" else 1,
+                seed=seed, out_path=str(pairs_path), sampling=self._sampling_params(),
+                progress=self.cfg.run.progress, batch_size=d.gen_batch_size)
+            policy.train(was_training)
+            del policy
+            rows = [dict(r) for r in rows if str(r["id"]).startswith(f"{seed}-")]
+        return D.broadcast_object(rows)
+
+    def _sampling_params(self):
+        from ..sampler import SamplingParams
+        d = self.cfg.data
+        cap = d.thinking_max_new_tokens if self.stage == "2" else d.sample_max_new_tokens
+        return SamplingParams(max_new_tokens=cap, temperature=d.sample_temperature, top_p=d.sample_top_p)
+
+    @torch.no_grad()
+    def reference_logps(self, examples) -> tuple[torch.Tensor, torch.Tensor]:
+        """Reference (frozen initial policy, or LoRA disabled) summed log-probs, once per dataset."""
+        out_c, out_r = [], []
+        bs = self.cfg.optim.batch_size
+        with contextlib.ExitStack() as stack:
+            if self.ref is None:
+                from ..lora import disable_adapters
+                stack.enter_context(disable_adapters(self.base))
+            model = self.ref if self.ref is not None else self.base
+            was = model.training
+            model.eval()
+            stack.callback(model.train, was)
+            for i in range(0, len(examples), bs):
+                b = collate_pairs(examples[i:i + bs], self.tok.pad_token_id, packed=self.t.packed).to(self.device)
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
+                    sums, _ = forward_logps(model, b)
+                out_c.append(sums[:b.n_pairs].float().cpu())
+                out_r.append(sums[b.n_pairs:].float().cpu())
+        return torch.cat(out_c), torch.cat(out_r)
+
+    def tokenize(self, rows: list[dict], generator: torch.Generator) -> tuple[list, dict[str, int]]:
+        """Rows -> PairExamples with this stage's format; also the count of dropped rows per reason."""
+        examples, dropped = [], {}
+        for i, row in enumerate(rows):
+            ex, why = tokenize_pair(self.tok, row, self.fmt, generator=generator, index=i)
+            if ex is None:
+                dropped[why] = dropped.get(why, 0) + 1
+            else:
+                examples.append(ex)
+        return examples, dropped
+
+    def train_preference(self) -> None:
+        o = self.cfg.optim
+        name = "ORPO" if self.stage == "1" else f"DPO/{self.cfg.preference.dpo_loss_type}"
+        bar = _bar(self.total_steps, f"stage {self.stage} ({name})", self.cfg.run.progress and self.is_main,
+                   initial=self.pos["global_step"])
+        while self.pos["iteration"] < self.cfg.iterations_for(self.stage) and not self._stop_early():
+            it = self.pos["iteration"]
+            rows = self.generate(it)
+            g = torch.Generator().manual_seed(self.cfg.run.seed * 7919 + it)
+            examples, dropped = self.tokenize(rows, g)
+            self.t.log.write({"stage": int(self.stage), "iteration": it, "event": "dataset", "pairs": len(rows),
+                              "kept": len(examples), "dropped": dropped})
+            if not examples:
+                log.warning("stage %s iteration %d: every generated pair was dropped (%s); skipping this dataset. "
+                            "Unclosed thinking drops pairs with --on-unclosed drop: raise --thinking-max-new-tokens "
+                            "or pass --on-unclosed keep", self.stage, it, dropped)
+                self._next_iteration()
+                continue
+            ref_c = ref_r = None
+            if self.stage == "2":
+                ref_c, ref_r = self.reference_logps(examples)
+            need = o.n_steps * o.grad_accum * o.batch_size * self.world
+            perm = torch.cat([torch.randperm(len(examples), generator=g) for _ in range(need // len(examples) + 1)])
+            while self.pos["step"] < o.n_steps and not self._stop_early():
+                fns = []
+                for a in range(o.grad_accum):
+                    idx = self._indices(perm, self.pos["step"], a, o.batch_size).tolist()
+                    fns.append(self._pair_micro_batch([examples[j] for j in idx],
+                                                      None if ref_c is None else (ref_c[idx], ref_r[idx])))
+                m = self.optimizer_step(fns)
+                self.pos["step"] += 1
+                self._after_step(m, bar, iteration=it)
+                bar.set_postfix(loss=f"{m['loss']:.3f}", acc=f"{m['rewards/accuracies']:.2f}")
+            if self.pos["step"] >= o.n_steps:
+                self._next_iteration()
+            else:
+                save_checkpoint(self)
+        bar.close()
+
+    def _next_iteration(self) -> None:
+        self.pos["iteration"] += 1
+        self.pos["step"] = 0
+        save_checkpoint(self)
+
+    def _pair_micro_batch(self, chunk, refs):
+        def fn():
+            b = collate_pairs(chunk, self.tok.pad_token_id, packed=self.t.packed).to(self.device)
+            if self.stage == "1":
+                loss, m = orpo_objective(self.model, b, self.cfg.preference.orpo_beta)
+            else:
+                rc, rr = (r.to(self.device) for r in refs)
+                loss, m = dpo_objective(self.model, b, rc, rr, self.cfg.preference)
+            return loss, m, b.num_tokens
+        return fn

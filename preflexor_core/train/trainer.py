@@ -1,0 +1,190 @@
+"""The run: inputs shared by every stage (corpus, retriever, teacher, tokenizer, initial model), the
+stage sequence, logs and plots.
+
+    Trainer(TrainConfig.from_flat(stage="all", out="runs/demo")).run()    # the embedded demo
+
+Run layout (``run.out``): ``tokenizer/ retriever/ stage0/ stage1/ stage2/`` (HF checkpoints +
+tokenizer), ``pairs.jsonl`` (every generated pair), ``log.jsonl``, ``plots/*.png`` and
+``checkpoints/stageN/`` (exact resume). A stage starts from the previous stage's output when it
+exists, else from ``run.model`` (a preset is initialised at random and needs stage 0 first).
+
+Tests: ``python -m pytest -q tests/test_trainer.py``
+"""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed as D
+from ..config import ModelConfig
+from ..model import Llama
+from ..tokenizer import THINKING_TOKENS, Tokenizer, resize_token_embeddings
+from .config import STAGES, TrainConfig
+from .stage import StageRun
+
+log = logging.getLogger("preflexor.train")
+
+__all__ = ["Trainer", "JsonlLog", "main", "shipped_corpus_files"]
+
+
+def shipped_corpus_files() -> list[str]:
+    """The default corpus shipped with the package (markdown files; evaluation questions excluded)."""
+    root = Path(__file__).resolve().parent.parent / "corpus"
+    files = sorted(str(p) for p in root.glob("*.md") if p.name.lower() != "readme.md")
+    if not files:
+        raise FileNotFoundError(f"the shipped corpus is missing from {root}; reinstall the package or pass --corpus")
+    return files
+
+
+class JsonlLog:
+    """Append-only JSONL log (rank 0 only); each line flushed."""
+
+    def __init__(self, path: Path, enabled: bool):
+        self.path, self.enabled = path, enabled
+
+    def write(self, row: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.dist = D.init_distributed(cfg.parallel.device)
+        if cfg.parallel.fsdp and self.dist.enabled and cfg.optim.lora_r:
+            D.shutdown()
+            raise NotImplementedError("--fsdp with --lora-r is not supported yet; use DDP (no --fsdp) for LoRA")
+        self.device = self.dist.device
+        self.out = Path(cfg.run.out)
+        if self.dist.is_main:
+            (self.out / "plots").mkdir(parents=True, exist_ok=True)
+        D.barrier()
+        self.log = JsonlLog(self.out / "log.jsonl", self.dist.is_main)
+        self.packed = self.device.type == "cuda"      # varlen packing on CUDA, padding on CPU
+        self.autocast = self.device.type == "cuda" and cfg.optim.bf16
+        self._retriever = None
+        self._teacher = None
+        self.summary: dict[str, Any] = {}
+        self.stopped_early = False
+
+    # -- inputs ---------------------------------------------------------------
+    def corpus_files(self) -> list[str]:
+        if self.cfg.data.corpus is None:
+            return shipped_corpus_files()
+        p = Path(self.cfg.data.corpus)
+        if not p.exists():
+            raise FileNotFoundError(f"--corpus {p}: no such file or folder")
+        return [str(p)]
+
+    def corpus_texts(self) -> list[str]:
+        from ..retrieval.chunking import read_path
+        return [doc.text for f in self.corpus_files() for doc in read_path(f)]
+
+    def retriever(self):
+        """The run's GraphRetriever: built on rank 0 into ``retriever/`` once, loaded on every rank (collective)."""
+        if self._retriever is None:
+            from ..retrieval import GraphRetriever
+            rdir = self.out / "retriever"
+            if self.dist.is_main and not (rdir / "meta.json").exists():
+                from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
+                emb = {"auto": None, "hashing": HashingEmbedder, "minilm": MiniLMEmbedder}[self.cfg.data.embedder]
+                r = GraphRetriever.build(self.corpus_files(), embedder=emb() if emb else None)
+                r.save(str(rdir))
+            D.barrier()
+            self._retriever = GraphRetriever.load(str(rdir))
+        return self._retriever
+
+    def teacher(self):
+        if self._teacher is None:
+            from ..teachers import teacher_from_spec
+            d = self.cfg.data
+            self._teacher = teacher_from_spec(d.teacher, retriever=self.retriever(), model=d.teacher_model,
+                                              seed=self.cfg.run.seed, max_items=d.teacher_max_items,
+                                              max_answer_sentences=d.teacher_answer_sentences)
+        return self._teacher
+
+    def tokenizer(self) -> Tokenizer:
+        """--tokenizer, else the model's, else a BPE trained on the corpus (presets); thinking tokens added."""
+        r = self.cfg.run
+        if r.tokenizer:
+            tok = Tokenizer.from_pretrained(r.tokenizer)
+        elif not self.cfg.from_scratch:
+            tok = Tokenizer.from_pretrained(r.model)
+        else:
+            tdir = self.out / "tokenizer"
+            if self.dist.is_main and not (tdir / "tokenizer.json").exists():
+                vocab = r.tokenizer_vocab_size or ModelConfig.preset(r.model).vocab_size
+                tok = Tokenizer.train_bpe(self.corpus_texts(), vocab_size=vocab)
+                tok.save_pretrained(str(tdir))
+            D.barrier()
+            tok = Tokenizer.from_pretrained(str(tdir))
+        tok.add_special_tokens(THINKING_TOKENS)
+        return tok
+
+    def initial_model(self, stage: str, tok: Tokenizer) -> Llama:
+        """Stage N starts from the run's stage N-1 output, else from --model (preset: random init)."""
+        prev = self.out / f"stage{int(stage) - 1}" if stage != "0" else None
+        if prev is not None and (prev / "config.json").exists():
+            model = Llama.from_pretrained(str(prev), dtype=torch.float32, device=self.device)
+        elif not self.cfg.from_scratch:
+            model = Llama.from_pretrained(self.cfg.run.model, dtype=torch.float32, device=self.device)
+        else:
+            if stage != "0":
+                log.warning("stage %s starts from a randomly initialised %r model (no %s found); run stage 0 first "
+                            "for a meaningful result", stage, self.cfg.run.model, prev)
+            mcfg = ModelConfig.preset(self.cfg.run.model)
+            torch.manual_seed(self.cfg.run.seed)
+            model = Llama(mcfg.replace(vocab_size=tok.vocab_size), device=self.device)
+        if model.config.vocab_size < tok.vocab_size:
+            resize_token_embeddings(model, tok.vocab_size)
+        ids = tok.stop_token_ids
+        model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, ids if len(ids) > 1 else ids[0]
+        model.config.pad_token_id = tok.pad_token_id
+        model.gradient_checkpointing = self.cfg.optim.gradient_checkpointing
+        return model
+
+    # -- main -----------------------------------------------------------------
+    def run(self) -> dict:
+        stages = STAGES if self.cfg.run.stage == "all" else (self.cfg.run.stage,)
+        for s in stages:
+            if self.cfg.checkpoint.resume and (self.out / f"stage{s}" / "DONE").exists():
+                log.info("stage %s already complete in %s; skipping", s, self.out)
+                continue
+            self.run_stage(s)
+            if self.stopped_early:
+                break
+        if self.dist.is_main:
+            from ..evaluation import plot_training_log
+            plot_training_log(str(self.out / "log.jsonl"), str(self.out / "plots"))
+        return self.summary
+
+    def run_stage(self, stage: str) -> None:
+        tok = self.tokenizer()
+        model = self.initial_model(stage, tok)
+        lora_cfg = None
+        o = self.cfg.optim
+        if o.lora_r and stage != "0":
+            from ..lora import LoRAConfig, apply_lora
+            lora_cfg = LoRAConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout)
+            apply_lora(model, lora_cfg)
+        ref = None
+        if stage == "2" and not lora_cfg:
+            ref = copy.deepcopy(model).eval()
+            ref.requires_grad_(False)
+        StageRun(self, stage, model, tok, ref, lora_cfg).train()
+
+
+def main(cfg: TrainConfig) -> dict:
+    """Run every configured stage; always shuts the process group down."""
+    try:
+        return Trainer(cfg).run()
+    finally:
+        D.shutdown()
