@@ -1,4 +1,4 @@
-"""Tokenizer: BPE training, round trips, special tokens, embedding resize, and chat templates.
+"""Tokenizer: BPE training, round trips, special tokens and chat templates (embedding resize: test_vocab.py).
 
 Chat rendering is compared with transformers (test-only reference) on real checkpoint templates kept
 in tests/fixtures/chat_templates/ (see its README for their sources).
@@ -9,12 +9,10 @@ import json
 import os
 
 import pytest
-import torch
 
-from preflexor_core import Llama, ModelConfig, Tokenizer
+from preflexor_core import Tokenizer
 from preflexor_core import chat_template as ct
-from preflexor_core.tokenizer import (CHAT_TEMPLATE, THINKING_TOKENS, TRAINED_SPECIAL_TOKENS, TokenizerError,
-                                      resize_token_embeddings)
+from preflexor_core.tokenizer import CHAT_TEMPLATE, THINKING_TOKENS, TRAINED_SPECIAL_TOKENS, TokenizerError
 from preflexor_core import config as C
 
 TEXTS = [
@@ -105,25 +103,6 @@ def test_from_pretrained_errors(tmp_path):
 def test_train_bpe_rejects_tiny_vocab():
     with pytest.raises(ValueError, match="too small"):
         Tokenizer.train_bpe(TEXTS, vocab_size=100)
-
-
-@pytest.mark.parametrize("tied", [True, False])
-def test_resize_embeddings_keeps_old_rows(tied):
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                      num_attention_heads=2, tie_word_embeddings=tied)
-    model = Llama(cfg)
-    old_emb = model.model.embed_tokens.weight.detach().clone()
-    old_head = model.output_weight.detach().clone()
-    resize_token_embeddings(model, 54)
-    emb = model.model.embed_tokens.weight
-    assert emb.shape == (54, 32) and model.config.vocab_size == 54
-    assert torch.equal(emb[:50], old_emb)
-    assert torch.allclose(emb[50:], old_emb.mean(0).expand(4, -1), atol=1e-6)
-    assert model.output_weight.shape == (54, 32) and torch.equal(model.output_weight[:50], old_head)
-    assert model(torch.tensor([[53, 1, 2]])).shape == (1, 3, 54)
-    with pytest.raises(ValueError, match="shrinking"):
-        resize_token_embeddings(model, 10)
 
 
 # -- chat templates: the checkpoint's own, rendered as transformers renders them -------------------
