@@ -5,7 +5,7 @@
     ids = tok.encode("text"); text = tok.decode(ids)
     prompt = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True)
     tok.stop_token_ids                                   # eos, generation_config eos ids, the template's end of turn
-    tok.add_special_tokens(THINKING_TOKENS); resize_token_embeddings(model, tok.vocab_size)
+    vocab.setup_thinking_tokens(model, tok)               # thinking tokens: reserved reused, else added
 
 The chat template is the checkpoint's Jinja template, rendered as transformers renders it (chat_template.py).
 Llama-3's format (CHAT_TEMPLATE) is the default only of tokenizers trained here and of a checkpoint that has
@@ -324,30 +324,3 @@ class Tokenizer:
                                  f"({type(e).__name__}); check the messages against what the template expects, "
                                  f"or fix chat_template in tokenizer_config.json") from e
         return self.encode(text) if tokenize else text
-
-
-def resize_token_embeddings(model, new_vocab_size: int) -> None:
-    """Resize ``model``'s embedding (and untied head) to ``new_vocab_size`` rows.
-
-    New rows are initialised to the mean of the old rows; old rows are kept exactly.
-    Updates ``model.config.vocab_size``.
-    """
-    import torch.nn as nn
-    emb = model.model.embed_tokens
-    old = emb.weight.shape[0]
-    if new_vocab_size == old:
-        return
-    if new_vocab_size < old:
-        raise ValueError(f"new_vocab_size={new_vocab_size} < current {old}: shrinking would drop trained rows")
-
-    def grow(w: torch.Tensor) -> nn.Parameter:
-        with torch.no_grad():
-            mean = w.float().mean(0, keepdim=True).to(w.dtype)
-            return nn.Parameter(torch.cat([w, mean.expand(new_vocab_size - old, -1)], 0).contiguous())
-
-    emb.weight = grow(emb.weight)
-    emb.num_embeddings = new_vocab_size
-    if model.lm_head is not None:
-        model.lm_head.weight = grow(model.lm_head.weight)
-        model.lm_head.out_features = new_vocab_size
-    model.config.vocab_size = new_vocab_size

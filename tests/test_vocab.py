@@ -102,7 +102,7 @@ def test_reserved_tokens_are_renamed_and_their_rows_kept(tmp_path):
     tok = base_tokenizer(tmp_path, reserved=8, template=template)
     reserved = {text: tok.token_to_id(text) for text in (f"<|reserved_special_token_{i}|>" for i in range(8))}
     V = tok.vocab_size
-    tok.chat_template = template                 # (as the checkpoint's tokenizer_config.json gives it)
+    assert tok.chat_template == template
     free = [i for i, _ in unused_reserved_tokens(tok)]
     assert free == [reserved[f"<|reserved_special_token_{i}|>"] for i in (0, 2, 3, 4, 5, 6, 7)]
     model = tiny(V, tie=True)
@@ -214,3 +214,68 @@ def test_frozen_new_rows_are_refused(tmp_path):
     # an untied head adapter updates every head row, so embedding rows alone are enough then
     apply_lora(untied, LoRAConfig(r=4, include_head=True, trainable_token_indices=untied.new_token_ids))
     assert set(untied.model.embed_tokens.token_ids) == set(untied.new_token_ids)
+
+
+CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+
+
+def pretrained_dir(tmp_path, corpus_text: str):
+    """A small "pretrained" checkpoint like SmolLM2's: tied embeddings, ChatML, no thinking tokens."""
+    import json
+
+    from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+    tk = TK(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([corpus_text] * 3 + TEXTS, trainer=trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    d = tmp_path / "pretrained"
+    model = tiny(tk.get_vocab_size(), tie=True, seed=1)
+    model.config.eos_token_id = tk.token_to_id("<|im_end|>")
+    model.save_pretrained(str(d))
+    tk.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": None, "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "chat_template": CHATML}))
+    return d
+
+
+def test_lora_stage1_trains_the_added_thinking_rows(tmp_path):
+    from safetensors.torch import load_file
+
+    from preflexor_core.train import TrainConfig, Trainer
+    corpus_text = ("Nacre is a brick-and-mortar composite of aragonite tablets and a thin organic matrix. "
+                   "Tablet sliding dissipates energy, which makes nacre far tougher than pure aragonite.\n\n"
+                   "Spider silk is a protein fibre whose beta-sheet nanocrystals give it strength.\n\n")
+    corpus = tmp_path / "corpus.md"
+    corpus.write_text(corpus_text * 3)
+    src = pretrained_dir(tmp_path, corpus_text)
+    # the rows the run starts from: the base checkpoint with the thinking tokens set up
+    tok0 = Tokenizer.from_pretrained(str(src))
+    start = Llama.from_pretrained(str(src))
+    change = setup_thinking_tokens(start, tok0)
+    rows = [change.ids[t] for t in THINKING_TOKENS]
+    assert change.added == tuple(rows) and pairwise_distinct(start.output_weight.detach()[rows])
+    out = tmp_path / "run"
+    cfg = TrainConfig.from_flat(stage="1", model=str(src), corpus=str(corpus), out=str(out), embedder="hashing",
+                                lora_r=4, lora_alpha=8, orpo_lr=1e-2, warmup_steps=0, iterations=1,
+                                pairs_per_iteration=4, n_steps=3, batch_size=2, sample_max_new_tokens=8,
+                                max_length=256, max_prompt_length=96, progress=False, seed=5)
+    Trainer(cfg).run()
+    adapter = out / "stage1" / "adapter"
+    import json
+    conf = json.loads((adapter / "adapter_config.json").read_text())
+    assert conf["trainable_token_indices"] == rows                    # tied: PEFT's list form
+    delta = load_file(str(adapter / "adapter_model.safetensors"))[
+        "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]
+    trained = Llama.from_pretrained(str(out / "stage1"))
+    emb = trained.model.embed_tokens.weight.detach()
+    torch.testing.assert_close(emb[rows], delta.to(emb.dtype))        # merged into the export
+    assert pairwise_distinct(emb[rows])
+    for i in rows:
+        assert (emb[i] - start.model.embed_tokens.weight.detach()[i]).abs().max() > 1e-4, i
+    others = [i for i in range(emb.shape[0]) if i not in rows]
+    torch.testing.assert_close(emb[others], start.model.embed_tokens.weight.detach()[others])  # frozen under LoRA
+    again = Tokenizer.from_pretrained(str(out / "stage1"))
+    assert [again.token_to_id(t) for t in THINKING_TOKENS] == rows

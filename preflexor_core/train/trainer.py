@@ -23,7 +23,8 @@ import torch
 from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
-from ..tokenizer import THINKING_TOKENS, Tokenizer, resize_token_embeddings
+from ..tokenizer import Tokenizer
+from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
 from .stage import StageRun
 
@@ -126,13 +127,14 @@ class Trainer:
                 tok.save_pretrained(str(tdir))
             D.barrier()
             tok = Tokenizer.from_pretrained(str(tdir))
-        tok.add_special_tokens(THINKING_TOKENS)
+        self.vocab_change = add_thinking_tokens(tok)      # reserved tokens renamed, else new ones added
         return tok
 
     def initial_model(self, stage: str, tok: Tokenizer) -> Llama:
         """Stage N starts from the run's stage N-1 output, else from --model (preset: random init)."""
         prev = self.out / f"stage{int(stage) - 1}" if stage != "0" else None
-        if prev is not None and (prev / "config.json").exists():
+        from_prev = prev is not None and (prev / "config.json").exists()
+        if from_prev:
             model = Llama.from_pretrained(str(prev), dtype=torch.float32, device=self.device)
         elif not self.cfg.from_scratch:
             model = Llama.from_pretrained(self.cfg.run.model, dtype=torch.float32, device=self.device)
@@ -143,8 +145,10 @@ class Trainer:
             mcfg = ModelConfig.preset(self.cfg.run.model)
             torch.manual_seed(self.cfg.run.seed)
             model = Llama(mcfg.replace(vocab_size=tok.vocab_size), device=self.device)
-        if model.config.vocab_size < tok.vocab_size:
-            resize_token_embeddings(model, tok.vocab_size)
+        # Rows of thinking tokens new to the base start from their tags' word pieces and are recorded in
+        # model.new_token_ids (trainable under LoRA); a previous stage's output has trained them already.
+        change = getattr(self, "vocab_change", None) or add_thinking_tokens(tok)
+        init_token_rows(model, tok, VocabChange(ids=change.ids) if from_prev else change)
         ids = tok.stop_token_ids
         model.config.bos_token_id, model.config.eos_token_id = tok.bos_token_id, ids if len(ids) > 1 else ids[0]
         model.config.pad_token_id = tok.pad_token_id
@@ -173,7 +177,8 @@ class Trainer:
         o = self.cfg.optim
         if o.lora_r and stage != "0":
             from ..lora import LoRAConfig, apply_lora
-            lora_cfg = LoRAConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout)
+            lora_cfg = LoRAConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
+                                  trainable_token_indices=getattr(model, "new_token_ids", ()))
             apply_lora(model, lora_cfg)
         ref = None
         if stage == "2" and not lora_cfg:
