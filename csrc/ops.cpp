@@ -10,35 +10,27 @@
 TORCH_LIBRARY(preflexor, m) {
   m.def("rms_norm_forward(Tensor x, Tensor weight, float eps) -> (Tensor y, Tensor rstd)");
   m.def(
-      "rms_norm_residual_forward(Tensor x, Tensor residual, Tensor weight, float eps)"
-      " -> (Tensor y, Tensor new_residual, Tensor rstd)");
-  m.def(
       "rms_norm_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor rstd)"
       " -> (Tensor grad_x, Tensor grad_weight)");
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
   m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor grad_q_in, Tensor grad_k_in)");
-  m.def("rope_(Tensor(a!) q, Tensor(b!) k, Tensor cos, Tensor sin) -> ()");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(preflexor, CPU, m) {
   m.impl("rms_norm_forward", &preflexor::rms_norm_forward_cpu);
-  m.impl("rms_norm_residual_forward", &preflexor::rms_norm_residual_forward_cpu);
   m.impl("rms_norm_backward", &preflexor::rms_norm_backward_cpu);
   m.impl("rope", &preflexor::rope_cpu);
   m.impl("rope_backward", &preflexor::rope_backward_cpu);
-  m.impl("rope_", &preflexor::rope_inplace_cpu);
   m.impl("sample", &preflexor::sample_cpu);
 }
 
 #ifdef PREFLEXOR_WITH_CUDA
 TORCH_LIBRARY_IMPL(preflexor, CUDA, m) {
   m.impl("rms_norm_forward", &preflexor::rms_norm_forward_cuda);
-  m.impl("rms_norm_residual_forward", &preflexor::rms_norm_residual_forward_cuda);
   m.impl("rms_norm_backward", &preflexor::rms_norm_backward_cuda);
   m.impl("rope", &preflexor::rope_cuda);
   m.impl("rope_backward", &preflexor::rope_backward_cuda);
-  m.impl("rope_", &preflexor::rope_inplace_cuda);
   m.impl("sample", &preflexor::sample_cuda);
 }
 #endif

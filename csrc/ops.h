@@ -14,8 +14,6 @@ namespace preflexor {
 // ---------------------------------------------------------------------------------- CPU
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cpu(const at::Tensor& x, const at::Tensor& weight,
                                                         double eps);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_forward_cpu(
-    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                                          const at::Tensor& weight, const at::Tensor& rstd);
 
@@ -23,7 +21,6 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
                                             const at::Tensor& sin);
 std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                      const at::Tensor& cos, const at::Tensor& sin);
-void rope_inplace_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& seeds);
@@ -32,8 +29,6 @@ at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, c
 // --------------------------------------------------------------------------------- CUDA
 std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(const at::Tensor& x, const at::Tensor& weight,
                                                          double eps);
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_forward_cuda(
-    const at::Tensor& x, const at::Tensor& residual, const at::Tensor& weight, double eps);
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                                           const at::Tensor& weight, const at::Tensor& rstd);
 
@@ -41,7 +36,6 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
                                              const at::Tensor& sin);
 std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                       const at::Tensor& cos, const at::Tensor& sin);
-void rope_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos, const at::Tensor& sin);
 
 at::Tensor sample_cuda(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                        const at::Tensor& top_p, const at::Tensor& seeds);

@@ -1,5 +1,4 @@
-// CPU kernels for RMSNorm (HF Llama semantics): forward, forward fused with the residual add,
-// and the backward for x and weight. fp32 accumulation for every dtype; rows run in parallel
+// CPU kernels for RMSNorm (HF Llama semantics): the forward and the backward for x and weight. fp32 accumulation for every dtype; rows run in parallel
 // through at::parallel_for (OpenMP), the hidden dimension is a `#pragma omp simd` loop.
 // fp64 inputs are computed in fp64 (rstd is then fp64) so that fp64 gradchecks are meaningful.
 //
@@ -29,36 +28,27 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* nam
   TORCH_CHECK(x.size(-1) > 0, name, ": the normalised dimension must be non-empty");
 }
 
-// Normalises `rows` rows of `src` (hidden H) into `y`; writes rstd. When `res` is given, the row
-// that is normalised is h = src + res (rounded to scalar_t) and h is stored in `h_out`.
+// Normalises `rows` rows of `src` (hidden H) into `y`; writes rstd.
 template <typename scalar_t>
-void rms_forward_rows(const scalar_t* src, const scalar_t* res, const scalar_t* w, scalar_t* y,
-                      scalar_t* h_out, acc_t<scalar_t>* rstd, int64_t rows, int64_t H, double eps_d) {
+void rms_forward_rows(const scalar_t* src, const scalar_t* w, scalar_t* y, acc_t<scalar_t>* rstd, int64_t rows,
+                      int64_t H, double eps_d) {
   using A = acc_t<scalar_t>;
   const A eps = static_cast<A>(eps_d);
   at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = src + r * H;
       scalar_t* yr = y + r * H;
-      const scalar_t* hr = xr;
-      if (res != nullptr) {
-        const scalar_t* rr = res + r * H;
-        scalar_t* ho = h_out + r * H;
-#pragma omp simd
-        for (int64_t i = 0; i < H; ++i) ho[i] = from_acc<scalar_t>(to_acc(xr[i]) + to_acc(rr[i]));
-        hr = ho;
-      }
       A acc = 0;
 #pragma omp simd reduction(+ : acc)
       for (int64_t i = 0; i < H; ++i) {
-        const A v = to_acc(hr[i]);
+        const A v = to_acc(xr[i]);
         acc += v * v;
       }
       const A s = A(1) / std::sqrt(acc / static_cast<A>(H) + eps);
       rstd[r] = s;
 #pragma omp simd
       for (int64_t i = 0; i < H; ++i) {
-        const A n = to_acc(from_acc<scalar_t>(to_acc(hr[i]) * s));  // .to(x.dtype) as in HF
+        const A n = to_acc(from_acc<scalar_t>(to_acc(xr[i]) * s));  // .to(x.dtype) as in HF
         yr[i] = from_acc<scalar_t>(to_acc(w[i]) * n);
       }
     }
@@ -120,34 +110,10 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cpu(const at::Tensor& x_in, 
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc_dtype(x)));
   if (rows == 0) return {y, rstd};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_cpu", [&] {
-    rms_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), nullptr, weight.data_ptr<scalar_t>(),
-                               y.data_ptr<scalar_t>(), nullptr, rstd.data_ptr<acc_t<scalar_t>>(), rows, H, eps);
+    rms_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(),
+                               rstd.data_ptr<acc_t<scalar_t>>(), rows, H, eps);
   });
   return {y, rstd};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_forward_cpu(const at::Tensor& x_in,
-                                                                             const at::Tensor& res_in,
-                                                                             const at::Tensor& weight_in,
-                                                                             double eps) {
-  check_inputs(x_in, weight_in, "rms_norm_residual");
-  TORCH_CHECK(x_in.sizes() == res_in.sizes(), "rms_norm_residual: x and residual must have the same shape, got ",
-              x_in.sizes(), " and ", res_in.sizes());
-  TORCH_CHECK(x_in.scalar_type() == res_in.scalar_type(), "rms_norm_residual: x and residual must share a dtype");
-  const at::Tensor x = x_in.contiguous();
-  const at::Tensor res = res_in.contiguous();
-  const at::Tensor weight = weight_in.contiguous();
-  const int64_t H = x.size(-1);
-  const int64_t rows = x.numel() / H;
-  at::Tensor y = at::empty_like(x);
-  at::Tensor h = at::empty_like(x);
-  at::Tensor rstd = at::empty({rows}, x.options().dtype(acc_dtype(x)));
-  if (rows == 0) return {y, h, rstd};
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_residual_cpu", [&] {
-    rms_forward_rows<scalar_t>(x.data_ptr<scalar_t>(), res.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(),
-                               y.data_ptr<scalar_t>(), h.data_ptr<scalar_t>(), rstd.data_ptr<acc_t<scalar_t>>(), rows, H, eps);
-  });
-  return {y, h, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cpu(const at::Tensor& gy_in, const at::Tensor& x_in,

@@ -1,5 +1,4 @@
-// CUDA kernels for RMSNorm (HF Llama semantics): forward, forward fused with the residual add, and
-// the backward for x and weight. One block per row, fp32 accumulation (fp64 for fp64 inputs);
+// CUDA kernels for RMSNorm (HF Llama semantics): the forward and the backward for x and weight. One block per row, fp32 accumulation (fp64 for fp64 inputs);
 // the weight gradient is summed per block into a [blocks, H] buffer and reduced column-wise in a
 // second kernel in a fixed order (deterministic, no atomics).
 #include <ATen/Dispatch.h>
@@ -16,38 +15,24 @@ namespace {
 constexpr int kThreads = 256;
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) rms_forward_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ res,
+__global__ void __launch_bounds__(kThreads) rms_forward_kernel(const scalar_t* __restrict__ x,
                                    const scalar_t* __restrict__ w, scalar_t* __restrict__ y,
-                                   scalar_t* __restrict__ h_out, acc_t<scalar_t>* __restrict__ rstd, int64_t H,
-                                   acc_t<scalar_t> eps) {
+                                   acc_t<scalar_t>* __restrict__ rstd, int64_t H, acc_t<scalar_t> eps) {
   using A = acc_t<scalar_t>;
   __shared__ A sh[32];
   const int64_t r = blockIdx.x;
   const scalar_t* xr = x + r * H;
   scalar_t* yr = y + r * H;
-  const scalar_t* hr = xr;
   A acc = 0;
-  if (res != nullptr) {
-    const scalar_t* rr = res + r * H;
-    scalar_t* ho = h_out + r * H;
-    for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-      const scalar_t hv = static_cast<scalar_t>(static_cast<A>(xr[i]) + static_cast<A>(rr[i]));
-      ho[i] = hv;
-      const A v = static_cast<A>(hv);
-      acc += v * v;
-    }
-    hr = ho;  // each thread re-reads only what it wrote itself
-  } else {
-    for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-      const A v = static_cast<A>(xr[i]);
-      acc += v * v;
-    }
+  for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
+    const A v = static_cast<A>(xr[i]);
+    acc += v * v;
   }
   acc = cuda::block_reduce(acc, cuda::SumOp<A>(), sh);
   const A s = A(1) / sqrt(acc / static_cast<A>(H) + eps);
   if (threadIdx.x == 0) rstd[r] = s;
   for (int64_t i = threadIdx.x; i < H; i += blockDim.x) {
-    const A n = static_cast<A>(static_cast<scalar_t>(static_cast<A>(hr[i]) * s));  // .to(x.dtype)
+    const A n = static_cast<A>(static_cast<scalar_t>(static_cast<A>(xr[i]) * s));  // .to(x.dtype)
     yr[i] = static_cast<scalar_t>(static_cast<A>(w[i]) * n);
   }
 }
@@ -101,45 +86,28 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* nam
   TORCH_CHECK(x.get_device() == weight.get_device(), name, ": x and weight must be on the same device");
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> forward_impl(const at::Tensor& x_in, const at::Tensor* res_in,
-                                                            const at::Tensor& weight_in, double eps) {
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(const at::Tensor& x_in, const at::Tensor& weight_in,
+                                                         double eps) {
+  check_inputs(x_in, weight_in, "rms_norm");
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  const at::Tensor res = res_in != nullptr ? res_in->contiguous() : at::Tensor();
   const at::Tensor weight = weight_in.contiguous();
   const int64_t H = x.size(-1), rows = x.numel() / H;
   at::Tensor y = at::empty_like(x);
-  at::Tensor h = res_in != nullptr ? at::empty_like(x) : at::Tensor();
   at::Tensor rstd = at::empty({rows}, x.options().dtype(acc_dtype(x)));
-  if (rows == 0) return {y, h, rstd};
+  if (rows == 0) return {y, rstd};
   TORCH_CHECK(rows <= 0x7FFFFFFF, "rms_norm: too many rows for one launch");
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "rms_norm_cuda", [&] {
     using A = acc_t<scalar_t>;
     rms_forward_kernel<scalar_t><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
-        x.data_ptr<scalar_t>(), res_in != nullptr ? res.data_ptr<scalar_t>() : nullptr, weight.data_ptr<scalar_t>(),
-        y.data_ptr<scalar_t>(), res_in != nullptr ? h.data_ptr<scalar_t>() : nullptr, rstd.data_ptr<A>(), H,
+        x.data_ptr<scalar_t>(), weight.data_ptr<scalar_t>(), y.data_ptr<scalar_t>(), rstd.data_ptr<A>(), H,
         static_cast<A>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return {y, h, rstd};
-}
-
-}  // namespace
-
-std::tuple<at::Tensor, at::Tensor> rms_norm_forward_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_inputs(x, weight, "rms_norm");
-  auto out = forward_impl(x, nullptr, weight, eps);
-  return {std::get<0>(out), std::get<2>(out)};
-}
-
-std::tuple<at::Tensor, at::Tensor, at::Tensor> rms_norm_residual_forward_cuda(const at::Tensor& x,
-                                                                              const at::Tensor& residual,
-                                                                              const at::Tensor& weight, double eps) {
-  check_inputs(x, weight, "rms_norm_residual");
-  TORCH_CHECK(x.sizes() == residual.sizes() && x.scalar_type() == residual.scalar_type() && residual.is_cuda(),
-              "rms_norm_residual: residual must match x in shape, dtype and device");
-  return forward_impl(x, &residual, weight, eps);
+  return {y, rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& gy_in, const at::Tensor& x_in,

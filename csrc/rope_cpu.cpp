@@ -2,8 +2,8 @@
 //   out = x * cos + rotate_half(x) * sin,  rotate_half(x) = cat(-x2, x1)
 // applied to q (B, Hq, T, D) and k (B, Hkv, T, D) with cos/sin (B or 1, T, D).
 // Defines the out-of-place forward, its backward (the transpose of the rotation, which equals
-// rope with -sin when the two halves of sin are equal, as HF builds them) and an in-place variant
-// for decoding. Any strides are accepted as long as the head dimension is contiguous; compute is fp32.
+// rope with -sin when the two halves of sin are equal, as HF builds them).
+// Any strides are accepted as long as the head dimension is contiguous; compute is fp32.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
@@ -33,7 +33,7 @@ void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// dst may alias src (in-place). `transpose` applies the adjoint rotation (the backward).
+// `transpose` applies the adjoint rotation (the backward).
 template <typename T>
 void rope_apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
                 bool transpose) {
@@ -100,16 +100,6 @@ std::tuple<at::Tensor, at::Tensor> rope_cpu(const at::Tensor& q, const at::Tenso
 std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                      const at::Tensor& cos, const at::Tensor& sin) {
   return rope_out_of_place(grad_q, grad_k, cos, sin, /*transpose=*/true, "rope_backward");
-}
-
-void rope_inplace_cpu(at::Tensor& q, at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in) {
-  check_rope(q, k, cos_in, sin_in, "rope_");
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1, "rope_: q and k need a contiguous last dimension");
-  const at::Tensor cos = last_dim_contiguous(cos_in), sin = last_dim_contiguous(sin_in);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "rope_", [&] {
-    rope_apply<scalar_t>(q, q, cos, sin, false);
-    rope_apply<scalar_t>(k, k, cos, sin, false);
-  });
 }
 
 }  // namespace preflexor

@@ -1,5 +1,5 @@
-// CUDA kernels for rotary position embeddings (HF rotate_half convention): out-of-place forward,
-// its backward (the adjoint rotation) and the in-place variant. One thread per (b, h, t, i) pair
+// CUDA kernels for rotary position embeddings (HF rotate_half convention): out-of-place forward
+// and its backward (the adjoint rotation). One thread per (b, h, t, i) pair
 // of rotated elements (i < D/2); arbitrary strides with a contiguous head dimension; fp32 math.
 #include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
@@ -113,15 +113,6 @@ std::tuple<at::Tensor, at::Tensor> rope_cuda(const at::Tensor& q, const at::Tens
 std::tuple<at::Tensor, at::Tensor> rope_backward_cuda(const at::Tensor& grad_q, const at::Tensor& grad_k,
                                                       const at::Tensor& cos, const at::Tensor& sin) {
   return out_of_place(grad_q, grad_k, cos, sin, true, "rope_backward");
-}
-
-void rope_inplace_cuda(at::Tensor& q, at::Tensor& k, const at::Tensor& cos_in, const at::Tensor& sin_in) {
-  check_rope(q, k, cos_in, sin_in, "rope_");
-  TORCH_CHECK(q.stride(-1) == 1 && k.stride(-1) == 1, "rope_: q and k need a contiguous last dimension");
-  const c10::cuda::OptionalCUDAGuard guard(q.device());
-  const at::Tensor cos = last_dim_contiguous(cos_in), sin = last_dim_contiguous(sin_in);
-  launch(q, q, cos, sin, false);  // each thread reads its pair before writing it
-  launch(k, k, cos, sin, false);
 }
 
 }  // namespace preflexor

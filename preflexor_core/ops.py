@@ -1,10 +1,9 @@
 """Wrappers over the compiled ``preflexor_core._C`` ops (csrc/) with torch reference fallbacks.
 
     rms_norm(x, weight, eps)                      -> y              RMSNorm, fp32 math, HF Llama semantics
-    rms_norm_residual(x, residual, weight, eps)   -> (y, x + residual)   residual add fused with the norm
     rope(q, k, cos, sin)                          -> (q_rot, k_rot)  rotary embedding, rotate_half convention
-    rope_(q, k, cos, sin)                         -> (q, k)          the same, in place (decoding)
     sample(logits, temperature, top_k, top_p, seeds) -> token ids [B] int64
+    swiglu(gate, up)                              -> silu(gate) * up (memory-lean backward; torch only)
 
 Each has a torch reference (``rms_norm_reference``, ``rope_reference``, ``sample_reference``) that
 defines its semantics. The C++/CUDA kernels are ``torch.ops.preflexor.*``; this module registers
@@ -13,7 +12,9 @@ them and training can backprop through them.
 
 Dispatch: the compiled op when ``preflexor_core._C`` imports and has a kernel for the tensors'
 device; otherwise the torch reference, with one warning the first time. ``PREFLEXOR_KERNELS=reference``
-forces the torch path, ``PREFLEXOR_KERNELS=csrc`` makes a missing extension an error.
+forces the torch path, ``PREFLEXOR_KERNELS=csrc`` makes a missing extension an error. Argument
+values (ranges, NaN) are checked on CPU only, or everywhere with ``PREFLEXOR_DEBUG=1``: reading
+them off a GPU would stall every call; shapes, dtypes and devices are always checked.
 
 Sampling semantics (both paths): temperature 0 is argmax (first maximal id). Otherwise
 z = logits.float() / temperature; top-k (k > 0) keeps the k largest z; top-p keeps, within the top-k
@@ -25,6 +26,7 @@ lower id first, which is what a stable descending sort gives. Callers that decod
 change the seeds each step (e.g. seed + step), otherwise every step draws the same u.
 
 Build the extension with ``pip install --no-build-isolation -e .`` (see setup.py).
+Tests: ``python -m pytest tests/test_ops.py -q``; on CUDA ``tests/gpu/test_ops_gpu.py``.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from .kernels._checks import check_values
 
 log = logging.getLogger(__name__)
 
@@ -53,11 +57,6 @@ def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> tor
     xf = x.float()
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     return weight * xf.to(x.dtype)
-
-
-def rms_norm_residual_reference(x, residual, weight, eps):
-    h = x + residual
-    return rms_norm_reference(h, weight, eps), h
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -170,18 +169,6 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.preflexor.rms_norm_forward(x, weight, float(eps))[0]
 
 
-def rms_norm_residual(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float):
-    """``h = x + residual; return rms_norm(h, weight, eps), h`` in one pass; differentiable."""
-    _check_rms(x, weight, "rms_norm_residual")
-    if x.shape != residual.shape:
-        raise ValueError(f"rms_norm_residual: x {tuple(x.shape)} and residual {tuple(residual.shape)} differ in shape")
-    if (x.dtype != weight.dtype or residual.dtype != x.dtype or x.shape[-1] == 0
-            or residual.device != x.device or not _use_ext("rms_norm_residual_forward", x.device)):
-        return rms_norm_residual_reference(x, residual, weight, eps)
-    y, h, _ = torch.ops.preflexor.rms_norm_residual_forward(x, residual, weight, float(eps))
-    return y, h
-
-
 # ----------------------------------------------------------------------------- rope
 def _check_rope(q, k, cos, sin, name: str) -> None:
     if q.dim() != 4 or k.dim() != 4:
@@ -212,19 +199,6 @@ def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor)
     return torch.ops.preflexor.rope(q, k, cos, sin)
 
 
-def rope_(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """In-place ``rope`` (for decoding); returns (q, k)."""
-    _check_rope(q, k, cos, sin, "rope_")
-    needs_grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)
-    if needs_grad or q.stride(-1) != 1 or k.stride(-1) != 1 or not _rope_ext_ok(q, k, cos, sin):
-        qo, ko = rope(q, k, cos, sin)
-        q.copy_(qo)
-        k.copy_(ko)
-        return q, k
-    torch.ops.preflexor.rope_(q, k, cos, sin)
-    return q, k
-
-
 # ----------------------------------------------------------------------------- sampling
 def _row_param(v, B: int, dev: torch.device, dtype: torch.dtype, name: str) -> torch.Tensor:
     t = torch.as_tensor(v, device=dev)
@@ -250,7 +224,7 @@ def _check_sample_args(logits, temperature, top_k, top_p, seeds):
     top_k = _row_param(top_k, B, dev, torch.int64, "top_k")
     top_p = _row_param(top_p, B, dev, torch.float32, "top_p")
     seeds = _row_param(seeds, B, dev, torch.int64, "seeds")
-    if B == 0:
+    if B == 0 or not check_values(dev):
         return logits, temperature, top_k, top_p, seeds
     if not bool((temperature >= 0).all()):                       # also catches NaN
         raise ValueError(f"sample: temperature must be >= 0 (0 = greedy), got {temperature.tolist()}")
@@ -296,11 +270,6 @@ def _register() -> None:
         rows = x.numel() // x.shape[-1]
         return x.new_empty(x.shape), x.new_empty((rows,), dtype=_acc_dtype(x))
 
-    @torch.library.register_fake(lib + "rms_norm_residual_forward")
-    def _(x, residual, weight, eps):
-        rows = x.numel() // x.shape[-1]
-        return x.new_empty(x.shape), x.new_empty(x.shape), x.new_empty((rows,), dtype=_acc_dtype(x))
-
     @torch.library.register_fake(lib + "rms_norm_backward")
     def _(grad_y, x, weight, rstd):
         return x.new_empty(x.shape), weight.new_empty(weight.shape)
@@ -317,10 +286,6 @@ def _register() -> None:
     @torch.library.register_fake(lib + "rope_backward")
     def _(grad_q, grad_k, cos, sin):
         return _like_out(grad_q), _like_out(grad_k)
-
-    @torch.library.register_fake(lib + "rope_")
-    def _(q, k, cos, sin):
-        return None
 
     @torch.library.register_fake(lib + "sample")
     def _(logits, temperature, top_k, top_p, seeds):
@@ -341,24 +306,6 @@ def _register() -> None:
         return gx, gw, None
 
     torch.library.register_autograd(lib + "rms_norm_forward", rms_backward, setup_context=rms_setup)
-
-    def rmsr_setup(ctx, inputs, output):
-        _, _, weight, _ = inputs
-        _, h, rstd = output
-        ctx.save_for_backward(h, weight, rstd)
-        ctx.mark_non_differentiable(rstd)
-
-    def rmsr_backward(ctx, grad_y, grad_h, _grad_rstd):
-        h, weight, rstd = ctx.saved_tensors
-        if grad_y is None:
-            g, gw = grad_h, None
-        else:
-            g, gw = torch.ops.preflexor.rms_norm_backward(grad_y, h, weight, rstd)
-            if grad_h is not None:
-                g = g + grad_h
-        return g, g, gw, None
-
-    torch.library.register_autograd(lib + "rms_norm_residual_forward", rmsr_backward, setup_context=rmsr_setup)
 
     def rope_setup(ctx, inputs, output):
         q, k, cos, sin = inputs

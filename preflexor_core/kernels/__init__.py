@@ -8,10 +8,11 @@ Ops: ``flash_attention`` (and ``flash_attention_varlen`` for packed sequences) a
 - ``PREFLEXOR_KERNELS=triton`` -> the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``
   (the interpreter, for tests), otherwise it is an error rather than a silent change of path.
 - unset / ``auto`` / ``csrc`` (these ops have no csrc kernel) -> Triton when the tensors are on CUDA
-  and triton imports, else torch.
+  (triton is a runtime requirement), else torch.
 
 The active path is logged once per (op, path) on the ``preflexor.kernels`` logger. Inputs are
-validated here with specific messages, whichever path runs. Kernels: FlashAttention-2 (Dao 2023).
+validated here with specific messages, whichever path runs; value checks only on CPU or with
+``PREFLEXOR_DEBUG=1`` (see ``_checks``). Kernels: FlashAttention-2 (Dao 2023).
 Tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_logprobs.py -q``.
 """
 from __future__ import annotations
@@ -31,14 +32,6 @@ logger = logging.getLogger("preflexor.kernels")
 _logged: set[tuple[str, str]] = set()
 
 
-def _triton_importable() -> bool:
-    try:
-        import triton  # noqa: F401
-    except Exception:  # pragma: no cover - depends on the install
-        return False
-    return True
-
-
 def active_path(op: str, device: torch.device) -> str:
     """"triton" or "reference" for ``op`` on ``device`` under the current environment."""
     forced = os.environ.get("PREFLEXOR_KERNELS", "").strip().lower()
@@ -48,15 +41,12 @@ def active_path(op: str, device: torch.device) -> str:
     if forced == "reference":
         path = "reference"
     elif forced == "triton":
-        if not _triton_importable():
-            raise RuntimeError(f"{op}: PREFLEXOR_KERNELS=triton but triton does not import; install triton "
-                               "or set PREFLEXOR_KERNELS=reference")
         if device.type != "cuda" and not interpret:
             raise RuntimeError(f"{op}: PREFLEXOR_KERNELS=triton with tensors on {device}; Triton runs on CPU "
                                "only in its interpreter (set TRITON_INTERPRET=1 before importing triton)")
         path = "triton"
     else:
-        path = "triton" if device.type == "cuda" and _triton_importable() else "reference"
+        path = "triton" if device.type == "cuda" else "reference"
     if (op, path) not in _logged:
         _logged.add((op, path))
         detail = {"triton": "Triton kernel" + (" (interpreter)" if device.type != "cuda" else ""),
@@ -67,33 +57,26 @@ def active_path(op: str, device: torch.device) -> str:
 
 
 def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                    sm_scale: float | None = None, key_lengths: torch.Tensor | None = None,
-                    cu_seqlens: torch.Tensor | None = None, max_seqlen: int | None = None, *,
+                    sm_scale: float | None = None, cu_seqlens: torch.Tensor | None = None,
+                    max_seqlen: int | None = None, *,
                     block_m: int | None = None, block_n: int | None = None) -> torch.Tensor:
     """softmax(q k^T * sm_scale) v, differentiable in q, k, v.
 
     q [B, Hq, T, D], k/v [B, Hkv, S, D], Hq % Hkv == 0 (GQA: query head h uses kv head h // (Hq/Hkv)).
-    ``sm_scale`` defaults to 1/sqrt(D). ``key_lengths`` [B]: keys >= length are masked (right
-    padding / per-row KV-cache length). Causal alignment is bottom-right: with L_k valid keys and
-    L_q valid queries (L_q = L_k when key_lengths is given and T == S, i.e. right-padded
-    self-attention; else T), query i sits at key position i + L_k - L_q (T == S: query i sees keys
-    0..i; decode with T new tokens at the end of an L_k-token cache: query i sits at L_k - T + i).
-    Padded query rows i >= L_q and
-    rows that see no key return zeros. With ``cu_seqlens`` the inputs are packed [total, H, D]
-    (see ``flash_attention_varlen``). ``block_m`` / ``block_n`` override the Triton tile sizes.
+    ``sm_scale`` defaults to 1/sqrt(D). Causal alignment is bottom-right: query i sits at key
+    position i + S - T (T == S: query i sees keys 0..i); rows that see no key return zeros. With
+    ``cu_seqlens`` the inputs are packed [total, H, D] (see ``flash_attention_varlen``).
+    ``block_m`` / ``block_n`` override the Triton tile sizes.
     """
     if cu_seqlens is not None:
-        if key_lengths is not None:
-            raise ValueError("flash_attention: pass either key_lengths (padded [B, H, T, D] inputs) or "
-                             "cu_seqlens (packed [total, H, D] inputs), not both")
         return flash_attention_varlen(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale,
                                       block_m=block_m, block_n=block_n)
     path = active_path("flash_attention", q.device)
-    _checks.check_attention(q, k, v, key_lengths, triton=path == "triton")
+    _checks.check_attention(q, k, v, triton=path == "triton")
     if path == "reference":
-        return attention_reference(q, k, v, causal, sm_scale, key_lengths)
+        return attention_reference(q, k, v, causal, sm_scale)
     from .attention import flash_attention as _triton_flash
-    return _triton_flash(q, k, v, causal, sm_scale, key_lengths, None, None, block_m, block_n)
+    return _triton_flash(q, k, v, causal, sm_scale, None, None, block_m, block_n)
 
 
 def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -107,7 +90,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     if path == "reference":
         return attention_varlen_reference(q, k, v, cu_seqlens, causal, sm_scale)
     from .attention import flash_attention as _triton_flash
-    return _triton_flash(q, k, v, causal, sm_scale, None, cu_seqlens, int(max_seqlen), block_m, block_n)
+    return _triton_flash(q, k, v, causal, sm_scale, cu_seqlens, int(max_seqlen), block_m, block_n)
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,

@@ -1,9 +1,14 @@
 """Input validation shared by every attention / log-prob path (Triton and torch).
 
 Each check raises ``ValueError`` naming the argument, what it got and what was expected, so a
-caller sees the same message whichever backend ends up running. Tests: ``tests/test_kernels_*.py``.
+caller sees the same message whichever backend ends up running. Shapes, dtypes and devices are
+always checked; checks that read tensor VALUES (label ranges, cu_seqlens offsets) run only on CPU,
+or on every device with ``PREFLEXOR_DEBUG=1``, because reading a GPU tensor forces a host sync.
+Tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_logprobs.py -q``.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -11,13 +16,17 @@ _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
 
 
+def check_values(device: torch.device) -> bool:
+    """True when value checks should run for tensors on ``device``: on CPU, or with PREFLEXOR_DEBUG=1."""
+    return device.type == "cpu" or os.environ.get("PREFLEXOR_DEBUG", "0").strip() not in ("", "0")
+
+
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
-def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                    key_lengths: torch.Tensor | None, triton: bool) -> None:
-    """Padded layout: q [B, Hq, T, D], k/v [B, Hkv, S, D], key_lengths [B] or None."""
+def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, triton: bool) -> None:
+    """Padded layout: q [B, Hq, T, D], k/v [B, Hkv, S, D]."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"flash_attention: {name} must be 4-D [B, H, seq, D], got shape {_shape(t)}"
@@ -31,14 +40,6 @@ def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"flash_attention: head dim mismatch, q has D={D} but k/v have D={k.shape[3]}")
     _check_heads("flash_attention", Hq, k.shape[1])
     _check_common("flash_attention", q, k, v, D, triton)
-    if key_lengths is not None:
-        if key_lengths.dim() != 1 or key_lengths.shape[0] != B:
-            raise ValueError(f"flash_attention: key_lengths must be a 1-D tensor of length B={B}, "
-                             f"got shape {_shape(key_lengths)}")
-        if key_lengths.dtype.is_floating_point or key_lengths.dtype == torch.bool:
-            raise ValueError(f"flash_attention: key_lengths must be an integer tensor, got {key_lengths.dtype}")
-        if key_lengths.device != q.device:
-            raise ValueError(f"flash_attention: key_lengths is on {key_lengths.device} but q is on {q.device}")
 
 
 def check_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -65,12 +66,16 @@ def check_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
         raise ValueError(f"flash_attention_varlen: cu_seqlens must be int32, got {cu_seqlens.dtype}")
     if cu_seqlens.device != q.device:
         raise ValueError(f"flash_attention_varlen: cu_seqlens is on {cu_seqlens.device} but q is on {q.device}")
+    if max_seqlen is None:
+        raise ValueError("flash_attention_varlen: max_seqlen is required (the longest sequence in cu_seqlens)")
+    if not check_values(q.device):
+        return
     cu = cu_seqlens.tolist()
     if cu[0] != 0 or cu[-1] != total or any(b < a for a, b in zip(cu, cu[1:])):
         raise ValueError("flash_attention_varlen: cu_seqlens must start at 0, be non-decreasing and end at the "
                          f"packed length {total}, got {cu[:4]}{'...' if len(cu) > 4 else ''} ending at {cu[-1]}")
     longest = max(b - a for a, b in zip(cu, cu[1:]))
-    if max_seqlen is None or int(max_seqlen) < longest:
+    if int(max_seqlen) < longest:
         raise ValueError(f"flash_attention_varlen: max_seqlen={max_seqlen} is smaller than the longest "
                          f"sequence in cu_seqlens ({longest}); pass max_seqlen >= {longest}")
 
@@ -121,7 +126,7 @@ def check_linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: to
     if not (hidden.device == weight.device == labels.device):
         raise ValueError(f"linear_logprobs: hidden, weight, labels must be on one device, got {hidden.device}, "
                          f"{weight.device}, {labels.device}")
-    if N > 0:
+    if N > 0 and check_values(labels.device):
         V = weight.shape[0]
         used = labels[labels != ignore_index]
         if used.numel() and (int(used.min()) < 0 or int(used.max()) >= V):

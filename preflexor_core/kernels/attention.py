@@ -1,4 +1,4 @@
-"""Fused flash attention (forward + backward) in Triton, with GQA, padding, varlen and decode.
+"""Fused flash attention (forward + backward) in Triton, with GQA and varlen (packed) sequences.
 
 Algorithm: FlashAttention-2 (T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and
 Work Partitioning", 2023; FlashAttention, Dao et al. 2022). The forward walks key blocks with an online
@@ -8,15 +8,12 @@ query blocks and over the query heads of its GQA group, so K/V are never repeate
 accumulate across the group without atomics), one kernel per query block gives dQ.
 
 Layouts (strided; only the head dim must be contiguous):
-  padded  q [B, Hq, T, D], k/v [B, Hkv, S, D], optional key_lengths [B]
+  padded  q [B, Hq, T, D], k/v [B, Hkv, S, D]
   varlen  q [total, Hq, D], k/v [total, Hkv, D], cu_seqlens [nseq + 1] int32 (self-attention:
           queries and keys share the offsets)
-Masking and causal alignment (bottom-right, as FlashAttention-2) are defined in
-``kernels/reference.py``: with L_k valid keys and L_q valid queries (L_q = L_k for padded
-self-attention T == S with key_lengths, else T), query i sits at key position i + L_k - L_q.
-Rows that see no key, and padded query rows i >= L_q, output zeros.
-Decode is the padded layout with T = 1..few new tokens, k/v = the KV cache buffer and
-key_lengths = per-row cache lengths (the new tokens included).
+Causal alignment is bottom-right, as in FlashAttention-2 (defined in ``kernels/reference.py``):
+with L_k keys and L_q queries per sequence, query i sits at key position i + L_k - L_q; rows that
+see no key output zeros.
 
 Inputs fp16/bf16/fp32, head dims multiple of 16 up to 256 (padded to a power of two inside the
 kernel), fp32 accumulation; fp32 dots use the backend default precision (TF32 on recent NVIDIA GPUs,
@@ -43,7 +40,7 @@ def _interpreting() -> bool:
 
 # ----------------------------------------------------------------------------- kernels
 @triton.jit
-def _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr):
+def _seq_bounds(CU, b, T, S, VARLEN: tl.constexpr):
     """(q_start, k_start, q_len, k_len) of batch row / packed sequence b, all int32 tensors (adding
     a tensor zero keeps T or S a tensor even when Triton specialises an argument equal to 1)."""
     zero = b * 0
@@ -55,26 +52,21 @@ def _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr)
     else:
         q_start = zero
         k_start = zero
-        if HAS_KLEN:
-            k_len = tl.minimum(tl.maximum(tl.load(KLEN + b).to(tl.int32), 0), S + zero)
-            # T == S (self-attention): queries padded like keys; else (decode / cross): all T are real
-            q_len = tl.where(T == S, k_len, T + zero)
-        else:
-            k_len = S + zero
-            q_len = T + zero
+        k_len = S + zero
+        q_len = T + zero
     return q_start, k_start, q_len, k_len
 
 
 @triton.jit
 def _flash_attention_fwd_kernel(
-    Q, K, V, O, LSE, KLEN, CU,
+    Q, K, V, O, LSE, CU,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
     T, S, HQ, HEAD_DIM, qk_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
@@ -82,7 +74,7 @@ def _flash_attention_fwd_kernel(
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
-    q_start, k_start, q_len, k_len = _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN, VARLEN)
+    q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -137,19 +129,19 @@ def _flash_attention_fwd_kernel(
 
 @triton.jit
 def _flash_attention_bwd_preprocess_kernel(
-    O, DO, DELTA, KLEN, CU,
+    O, DO, DELTA, CU,
     stride_ob, stride_oh, stride_ot,
     stride_db, stride_dh, stride_dt,
     stride_lb, stride_lh,
     T, S, HQ, HEAD_DIM,
-    HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
+    VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = sum_d O[i, d] * dO[i, d] (fp32)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // HQ
     h = pid_bh % HQ
-    q_start, k_start, q_len, k_len = _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN, VARLEN)
+    q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -165,7 +157,7 @@ def _flash_attention_bwd_preprocess_kernel(
 
 @triton.jit
 def _flash_attention_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, KLEN, CU,
+    Q, K, V, DO, LSE, DELTA, DK, DV, CU,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -174,7 +166,7 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh,
     T, S, HKV, HEAD_DIM, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One key block of one kv head: dV = sum P^T dO, dK = sum dS^T Q * scale over its query heads."""
@@ -182,7 +174,7 @@ def _flash_attention_bwd_dkdv_kernel(
     pid_bh = tl.program_id(1)
     b = pid_bh // HKV
     hk = pid_bh % HKV
-    q_start, k_start, q_len, k_len = _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN, VARLEN)
+    q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T, S, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
         return
@@ -235,7 +227,7 @@ def _flash_attention_bwd_dkdv_kernel(
 
 @triton.jit
 def _flash_attention_bwd_dq_kernel(
-    Q, K, V, DO, LSE, DELTA, DQ, KLEN, CU,
+    Q, K, V, DO, LSE, DELTA, DQ, CU,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -243,7 +235,7 @@ def _flash_attention_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh,
     T, S, HQ, HEAD_DIM, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KLEN: tl.constexpr, VARLEN: tl.constexpr,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One query block of one query head: dQ = sum dS K * scale."""
@@ -252,7 +244,7 @@ def _flash_attention_bwd_dq_kernel(
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
-    q_start, k_start, q_len, k_len = _seq_bounds(CU, KLEN, b, T, S, HAS_KLEN, VARLEN)
+    q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
@@ -335,7 +327,7 @@ def _config(D: int, backward: bool, elem_size: int = 2) -> tuple[int, int, int, 
 class _Layout:
     """Shape bookkeeping shared by the launchers (padded vs packed)."""
 
-    def __init__(self, q, k, key_lengths, cu_seqlens, max_seqlen):
+    def __init__(self, q, k, cu_seqlens, max_seqlen):
         self.varlen = cu_seqlens is not None
         if self.varlen:
             _, self.hq, self.d = q.shape
@@ -347,10 +339,7 @@ class _Layout:
             self.hkv, self.s = k.shape[1], k.shape[2]
         self.group = self.hq // self.hkv
         self.block_d = max(16, triton.next_power_of_2(self.d))
-        dummy = torch.empty(1, dtype=torch.int32, device=q.device)
-        self.klen = key_lengths.to(torch.int32).contiguous() if key_lengths is not None else dummy
-        self.cu = cu_seqlens.contiguous() if self.varlen else dummy
-        self.has_klen = key_lengths is not None
+        self.cu = cu_seqlens.contiguous() if self.varlen else torch.empty(1, dtype=torch.int32, device=q.device)
 
     def lse_buffer(self, q):
         if self.varlen:                                        # [Hq, total]
@@ -360,11 +349,11 @@ class _Layout:
         return buf, buf.stride(0), buf.stride(1)
 
 
-def flash_attention_forward(q, k, v, causal, sm_scale, key_lengths=None, cu_seqlens=None, max_seqlen=None,
-                            block_m=None, block_n=None):
+def flash_attention_forward(q, k, v, causal, sm_scale, cu_seqlens=None, max_seqlen=None, block_m=None,
+                            block_n=None):
     """Launch the forward kernel. Returns (o, lse, layout, lse strides); lse is fp32 in log2 units."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    L = _Layout(q, k, key_lengths, cu_seqlens, max_seqlen)
+    L = _Layout(q, k, cu_seqlens, max_seqlen)
     bm, bn, warps, stages = _config(L.d, backward=False, elem_size=q.element_size())
     bm = min(bm, max(16, triton.next_power_of_2(L.t)))     # decode: T = 1..few needs no 128-row tile
     bm, bn = block_m or bm, block_n or bn
@@ -372,41 +361,41 @@ def flash_attention_forward(q, k, v, causal, sm_scale, key_lengths=None, cu_seql
     lse, slb, slh = L.lse_buffer(q)
     grid = (triton.cdiv(max(L.t, 1), bm), L.nbatch * L.hq)
     _flash_attention_fwd_kernel[grid](
-        q, k, v, o, lse, L.klen, L.cu,
+        q, k, v, o, lse, L.cu,
         *_strides(q, L.varlen), *_strides(k, L.varlen), *_strides(v, L.varlen), *_strides(o, L.varlen),
         slb, slh, L.t, L.s, L.hq, L.d, sm_scale * LOG2E,
-        GROUP=L.group, CAUSAL=bool(causal), HAS_KLEN=L.has_klen, VARLEN=L.varlen,
+        GROUP=L.group, CAUSAL=bool(causal), VARLEN=L.varlen,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=L.block_d, num_warps=warps, num_stages=stages,
     )
     return o, lse
 
 
-def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, key_lengths=None, cu_seqlens=None,
-                             max_seqlen=None, block_m=None, block_n=None):
+def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, cu_seqlens=None, max_seqlen=None,
+                             block_m=None, block_n=None):
     """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes."""
     do = _last_dim_contiguous(do)
-    L = _Layout(q, k, key_lengths, cu_seqlens, max_seqlen)
+    L = _Layout(q, k, cu_seqlens, max_seqlen)
     bm, bn, warps, stages = _config(L.d, backward=True, elem_size=q.element_size())
     bm, bn = block_m or bm, block_n or bn
     slb, slh = (0, lse.stride(0)) if L.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.zeros_like(lse)
     grid_m = (triton.cdiv(max(L.t, 1), bm), L.nbatch * L.hq)
     _flash_attention_bwd_preprocess_kernel[grid_m](
-        o, do, delta, L.klen, L.cu, *_strides(o, L.varlen), *_strides(do, L.varlen), slb, slh,
-        L.t, L.s, L.hq, L.d, HAS_KLEN=L.has_klen, VARLEN=L.varlen, BLOCK_M=bm, BLOCK_D=L.block_d,
+        o, do, delta, L.cu, *_strides(o, L.varlen), *_strides(do, L.varlen), slb, slh,
+        L.t, L.s, L.hq, L.d, VARLEN=L.varlen, BLOCK_M=bm, BLOCK_D=L.block_d,
     )
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    common = dict(GROUP=L.group, CAUSAL=bool(causal), HAS_KLEN=L.has_klen, VARLEN=L.varlen,
+    common = dict(GROUP=L.group, CAUSAL=bool(causal), VARLEN=L.varlen,
                   BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=L.block_d, num_warps=warps, num_stages=stages)
     qkv_strides = (*_strides(q, L.varlen), *_strides(k, L.varlen), *_strides(v, L.varlen),
                    *_strides(do, L.varlen))
     _flash_attention_bwd_dkdv_kernel[(triton.cdiv(max(L.s, 1), bn), L.nbatch * L.hkv)](
-        q, k, v, do, lse, delta, dk, dv, L.klen, L.cu, *qkv_strides,
+        q, k, v, do, lse, delta, dk, dv, L.cu, *qkv_strides,
         *_strides(dk, L.varlen), *_strides(dv, L.varlen), slb, slh,
         L.t, L.s, L.hkv, L.d, sm_scale * LOG2E, sm_scale, **common,
     )
     _flash_attention_bwd_dq_kernel[grid_m](
-        q, k, v, do, lse, delta, dq, L.klen, L.cu, *qkv_strides, *_strides(dq, L.varlen), slb, slh,
+        q, k, v, do, lse, delta, dq, L.cu, *qkv_strides, *_strides(dq, L.varlen), slb, slh,
         L.t, L.s, L.hq, L.d, sm_scale * LOG2E, sm_scale, **common,
     )
     return dq, dk, dv
@@ -415,25 +404,24 @@ def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, key_lengths=
 # ----------------------------------------------------------------------------- autograd
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, sm_scale, key_lengths, cu_seqlens, max_seqlen, block_m, block_n):
+    def forward(ctx, q, k, v, causal, sm_scale, cu_seqlens, max_seqlen, block_m, block_n):
         head_dim = q.shape[-1]
         scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
         q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-        o, lse = flash_attention_forward(q, k, v, causal, scale, key_lengths, cu_seqlens, max_seqlen,
-                                         block_m, block_n)
-        ctx.save_for_backward(q, k, v, o, lse, key_lengths, cu_seqlens)
+        o, lse = flash_attention_forward(q, k, v, causal, scale, cu_seqlens, max_seqlen, block_m, block_n)
+        ctx.save_for_backward(q, k, v, o, lse, cu_seqlens)
         ctx.args = (causal, scale, max_seqlen, block_m, block_n)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, o, lse, key_lengths, cu_seqlens = ctx.saved_tensors
+        q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         causal, scale, max_seqlen, block_m, block_n = ctx.args
-        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, causal, scale, key_lengths, cu_seqlens,
-                                              max_seqlen, block_m, block_n)
-        return dq, dk, dv, None, None, None, None, None, None, None
+        dq, dk, dv = flash_attention_backward(do, q, k, v, o, lse, causal, scale, cu_seqlens, max_seqlen,
+                                              block_m, block_n)
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-# Positional: (q, k, v, causal, sm_scale, key_lengths, cu_seqlens, max_seqlen, block_m, block_n).
+# Positional: (q, k, v, causal, sm_scale, cu_seqlens, max_seqlen, block_m, block_n).
 # Inputs are validated by the public dispatch in ``preflexor_core.kernels``.
 flash_attention = _FlashAttention.apply

@@ -10,17 +10,11 @@
   that works on token chunks (``chunk_rows`` rows of [chunk, V] fp32 logits at a time) and saves only
   hidden, weight, labels and the per-row log-sum-exp; the backward recomputes each chunk.
 
-Masking rules (shared with the kernels). For a batch row b, L_k = key_lengths[b] (clamped to
-[0, S]; S when ``key_lengths`` is None) keys are valid. The valid query count L_q is L_k when
-``key_lengths`` is given and T == S (right-padded self-attention: queries are padded like keys),
-else T. Causal alignment is bottom-right, as in FlashAttention-2: query i sits at absolute key
-position ``i + L_k - L_q`` and may see keys ``j <= i + L_k - L_q`` (and ``j < L_k``). So
-  * T == S training, padded or not: query i sees keys 0..i;
-  * decode, T new tokens at the end of a KV cache holding L_k tokens (the new ones included;
-    k/v may be a longer preallocated buffer): query i sits at L_k - T + i;
-  * T > L_k causal: the first T - L_k queries see no key.
-Query rows that see no key and padded query rows i >= L_q output zeros and get zero gradient;
-padded keys j >= L_k get zero dk / dv.
+Masking rules (shared with the kernels). Causal alignment is bottom-right, as in FlashAttention-2:
+with T queries and S keys (per packed sequence: its length for both), query i sits at key
+position ``i + S - T`` and may see keys ``j <= i + S - T``. So T == S: query i sees keys 0..i;
+T < S: T new tokens at the end of S cached ones; T > S causal: the first T - S queries see no key
+and output zeros (zero gradient).
 
 Run the tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_logprobs.py -q``.
 """
@@ -39,26 +33,19 @@ CHUNK_BYTES = 32 * 1024 * 1024
 
 
 # ----------------------------------------------------------------------------- attention
-def attention_mask(T: int, S: int, causal: bool, key_lengths: torch.Tensor | None, B: int,
-                   device=None) -> torch.Tensor:
-    """Boolean [B, T, S] "may attend" mask implementing the rules in the module docstring."""
-    if key_lengths is None:
-        lk = torch.full((B,), S, dtype=torch.long, device=device)
-    else:
-        lk = key_lengths.to(device=device, dtype=torch.long).clamp(0, S)
-    lq = lk if (key_lengths is not None and T == S) else torch.full_like(lk, T)   # (B,) valid queries
-    i = torch.arange(T, device=device)[None, :, None]                       # (1, T, 1)
-    j = torch.arange(S, device=device)[None, None, :]                       # (1, 1, S)
-    allowed = (j < lk[:, None, None]) & (i < lq[:, None, None])             # (B, T, S)
-    if causal:
-        allowed = allowed & (j <= i + (lk - lq)[:, None, None])
-    return allowed
+def attention_mask(T: int, S: int, causal: bool, device=None) -> torch.Tensor:
+    """Boolean [T, S] "may attend" mask implementing the rules in the module docstring."""
+    if not causal:
+        return torch.ones((T, S), dtype=torch.bool, device=device)
+    i = torch.arange(T, device=device)[:, None]                             # (T, 1)
+    j = torch.arange(S, device=device)[None, :]                             # (1, S)
+    return j <= i + (S - T)
 
 
 def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool = True,
-                        sm_scale: float | None = None, key_lengths: torch.Tensor | None = None) -> torch.Tensor:
+                        sm_scale: float | None = None) -> torch.Tensor:
     """q [B, Hq, T, D], k/v [B, Hkv, S, D] -> [B, Hq, T, D] in q's dtype (computed in >= fp32)."""
-    B, Hq, T, D = q.shape
+    Hq, T, D = q.shape[1:]
     S, Hkv = k.shape[2], k.shape[1]
     scale = 1.0 / math.sqrt(D) if sm_scale is None else sm_scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
@@ -66,9 +53,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causa
     kk = k.to(compute).repeat_interleave(groups, dim=1)                     # (B, Hq, S, D)
     vv = v.to(compute).repeat_interleave(groups, dim=1)
     scores = torch.matmul(q.to(compute), kk.transpose(-1, -2)) * scale      # (B, Hq, T, S)
-    allowed = attention_mask(T, S, causal, key_lengths, B, q.device)[:, None]   # (B, 1, T, S)
+    allowed = attention_mask(T, S, causal, q.device)                        # (T, S)
     scores = scores.masked_fill(~allowed, float("-inf"))
-    any_key = allowed.any(-1, keepdim=True)                                 # (B, 1, T, 1)
+    any_key = allowed.any(-1, keepdim=True)                                 # (T, 1)
     probs = torch.softmax(scores.masked_fill(~any_key, 0.0), dim=-1) * any_key
     return torch.matmul(probs, vv).to(q.dtype)
 

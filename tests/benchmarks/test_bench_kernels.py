@@ -56,7 +56,7 @@ def _attn_impl(name):
     from preflexor_core.kernels.attention import flash_attention as triton_flash
 
     if name == "triton":
-        return lambda q, k, v, causal: triton_flash(q, k, v, causal, None, None, None, None, None, None)
+        return lambda q, k, v, causal: triton_flash(q, k, v, causal, None, None, None, None, None)
     return lambda q, k, v, causal: F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
 
 

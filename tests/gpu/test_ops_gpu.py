@@ -52,17 +52,12 @@ def test_rms_norm_cuda_fp32(shape):
 
 
 @pytest.mark.parametrize("shape", [(7, 96), (33, 3072)])
-def test_rms_norm_cuda_bf16_and_residual(shape):
+def test_rms_norm_cuda_bf16(shape):
     torch.manual_seed(1)
     x = (torch.randn(shape, device=DEV) * 2).bfloat16()
-    r = torch.randn(shape, device=DEV).bfloat16()
     w = (torch.rand(shape[-1], device=DEV) + 0.5).bfloat16()
     gy = torch.randn(shape, device=DEV).bfloat16()
     torch.testing.assert_close(ops.rms_norm(x, w, 1e-6), ops.rms_norm_reference(x, w, 1e-6), rtol=2 * BF16_ULP, atol=0)
-    y, h = ops.rms_norm_residual(x, r, w, 1e-6)
-    yr, hr = ops.rms_norm_residual_reference(x, r, w, 1e-6)
-    assert torch.equal(h, hr)
-    torch.testing.assert_close(y, yr, rtol=2 * BF16_ULP, atol=0)
     (_,), (gx, gw) = _grads(lambda a, b: ops.rms_norm(a, b, 1e-6), [x, w], [gy])
     (_,), (gxr, gwr) = _grads(lambda a, b: ops.rms_norm_reference(a, b, 1e-6), [x, w], [gy])
     xd, wd = x.double().requires_grad_(), w.double().requires_grad_()
@@ -73,10 +68,8 @@ def test_rms_norm_cuda_bf16_and_residual(shape):
 
 def test_rms_norm_cuda_gradcheck():
     x = torch.randn(5, 17, device=DEV, dtype=torch.float64, requires_grad=True)
-    r = torch.randn(5, 17, device=DEV, dtype=torch.float64, requires_grad=True)
     w = torch.randn(17, device=DEV, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda a, b: ops.rms_norm(a, b, 1e-6), (x, w))
-    assert torch.autograd.gradcheck(lambda a, c, b: ops.rms_norm_residual(a, c, b, 1e-6), (x, r, w))
 
 
 def _cos_sin(B, T, D, dtype=torch.float32):
@@ -98,11 +91,6 @@ def test_rope_cuda(B, Hq, Hkv, T, D):
     # nvcc may contract a*b + c into an FMA: a few fp32 ulp
     for got, ref in ((qo, qr), (ko, kr), (dq, dqr), (dk, dkr)):
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
-    q2, k2 = q.clone(), k.clone()
-    with torch.inference_mode():
-        ops.rope_(q2, k2, cos, sin)
-    torch.testing.assert_close(q2, qo, rtol=0, atol=0)
-    torch.testing.assert_close(k2, ko, rtol=0, atol=0)
 
 
 def test_rope_cuda_gradcheck_arbitrary_cos_sin():
