@@ -101,9 +101,13 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: str) -> Tokenizer:
     if isinstance(ctx, int):
         kw["model_max_length"] = ctx
     template = meta.get("tokenizer.chat_template")
-    takes_template = "chat_template" in inspect.signature(Tokenizer.__init__).parameters
+    params = inspect.signature(Tokenizer.__init__).parameters
+    takes_template = "chat_template" in params
     if takes_template and template is not None:
         kw["chat_template"] = template
+    extra = dict(unk_token=tok("unknown_token_id"), source=path,
+                 eos_token_ids=[i for i in (meta.get("tokenizer.ggml.eot_token_id"),) if isinstance(i, int)])
+    kw.update({k: v for k, v in extra.items() if k in params})
     out = Tokenizer(tk, **kw)
     if not takes_template:
         out.chat_template = template
