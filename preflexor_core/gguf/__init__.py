@@ -10,11 +10,8 @@ Tests: .venv/bin/python -m pytest -q tests/test_gguf.py tests/test_convert.py
 """
 from .reader import SUPPORTED_TYPES, GGUFError, load_gguf_model, open_gguf, read_metadata
 from .tokenizer import load_gguf_tokenizer, tokenizer_from_metadata
+from .writer import write_gguf
 
 __all__ = ["GGUFError", "SUPPORTED_TYPES", "load_gguf_model", "load_gguf_tokenizer", "open_gguf",
            "read_metadata", "tokenizer_from_metadata", "write_gguf"]
 
-
-def write_gguf(*args, **kwargs):
-    from .writer import write_gguf as _write
-    return _write(*args, **kwargs)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
 
 import numpy as np
 import torch
@@ -155,12 +154,3 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "f16", chat_template: s
             os.remove(tmp)
         raise
 
-
-def describe(path: str) -> dict[str, Any]:
-    """Small summary of a GGUF file (architecture, tensor types) for the CLI."""
-    from .reader import open_gguf
-    r = open_gguf(path)
-    kinds: dict[str, int] = {}
-    for t in r.tensors:
-        kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return {"tensors": len(r.tensors), "types": kinds}
