@@ -5,27 +5,11 @@
     sample(logits, temperature, top_k, top_p, seeds) -> token ids [B] int64
     swiglu(gate, up)                              -> silu(gate) * up (memory-lean backward; torch only)
 
-Each has a torch reference (``rms_norm_reference``, ``rope_reference``, ``sample_reference``) that
-defines its semantics. The C++/CUDA kernels are ``torch.ops.preflexor.*``; this module registers
-their fake (meta) kernels and autograd formulas with ``torch.library`` so ``torch.compile`` can trace
-them and training can backprop through them.
-
-Dispatch: the compiled op when ``preflexor_core._C`` imports and has a kernel for the tensors'
-device; otherwise the torch reference, with one warning the first time. ``PREFLEXOR_KERNELS=reference``
-forces the torch path, ``PREFLEXOR_KERNELS=csrc`` makes a missing extension an error. Argument
-values (ranges, NaN) are checked on CPU only, or everywhere with ``PREFLEXOR_DEBUG=1``: reading
-them off a GPU would stall every call; shapes, dtypes and devices are always checked.
-
-Sampling semantics (both paths): temperature 0 is argmax (first maximal id). Otherwise
-z = logits.float() / temperature; top-k (k > 0) keeps the k largest z; top-p keeps, within the top-k
-set renormalised, the smallest prefix in descending order whose cumulative probability reaches p
-(at least one token); the token is drawn by inverse CDF over the kept tokens in token-id order with
-u = splitmix64-based uniform keyed by (seed, row index). Rows where logits / temperature overflows
-fp32 take the argmax (the temperature -> 0 limit). Ties (exactly equal z) rank by token id,
-lower id first, which is what a stable descending sort gives. Callers that decode step by step must
-change the seeds each step (e.g. seed + step), otherwise every step draws the same u.
-
-Build the extension with ``pip install --no-build-isolation -e .`` (see setup.py).
+Each torch reference (``*_reference``) defines its op's semantics; fake kernels and autograd
+formulas are registered with ``torch.library``. Dispatch: the compiled op when ``_C`` has a kernel
+for the device, else the reference (one warning); ``PREFLEXOR_KERNELS=reference|csrc`` forces a
+path. Values (ranges, NaN) are checked on CPU or with ``PREFLEXOR_DEBUG=1`` (a GPU read stalls
+every call); shapes, dtypes, devices always. Build: ``pip install --no-build-isolation -e .``.
 Tests: ``python -m pytest tests/test_ops.py -q``; on CUDA ``tests/gpu/test_ops_gpu.py``.
 """
 from __future__ import annotations
@@ -86,7 +70,7 @@ def uniform_for(seed: int, row: int) -> float:
 
 
 def sample_reference(logits, temperature, top_k, top_p, seeds) -> torch.Tensor:
-    """Sort-based torch sampling with the semantics of ``sample`` (see the module docstring)."""
+    """Sort-based torch sampling with the semantics of ``sample`` (see its docstring)."""
     logits, temperature, top_k, top_p, seeds = _check_sample_args(logits, temperature, top_k, top_p, seeds)
     B, V = logits.shape
     dev = logits.device
@@ -247,6 +231,14 @@ def sample(logits: torch.Tensor, temperature, top_k, top_p, seeds) -> torch.Tens
     """Draw one token id per row of ``logits`` [B, V]; parameters are scalars or [B] tensors.
 
     temperature 0 = argmax, top_k 0 = off, top_p 1 = off; deterministic for given seeds.
+    Semantics (both paths): temperature 0 is argmax (first maximal id). Otherwise
+    z = logits.float() / temperature; top-k (k > 0) keeps the k largest z; top-p keeps, within the
+    top-k set renormalised, the smallest prefix in descending order whose cumulative probability
+    reaches p (at least one token); the token is drawn by inverse CDF over the kept tokens in
+    token-id order with u = splitmix64-based uniform keyed by (seed, row index). Rows where
+    logits / temperature overflows fp32 take the argmax (the temperature -> 0 limit). Ties
+    (exactly equal z) rank by token id, lower id first (a stable descending sort). Callers that
+    decode step by step must change the seeds each step, otherwise every step draws the same u.
     """
     logits, temperature, top_k, top_p, seeds = _check_sample_args(logits, temperature, top_k, top_p, seeds)
     if logits.shape[0] == 0:

@@ -1,8 +1,6 @@
 """Kernel dispatch: one public function per fused op, picking Triton or torch.
 
-Ops: ``flash_attention`` (and ``flash_attention_varlen`` for packed sequences) and
-``linear_logprobs``. Path selection, per call:
-
+Ops: ``flash_attention`` (``flash_attention_varlen`` when packed), ``linear_logprobs``. Per call:
 - ``PREFLEXOR_KERNELS=reference`` -> torch: naive attention (``reference.attention_reference``) and the
   chunked log-probs (``reference.linear_logprobs_chunked``).
 - ``PREFLEXOR_KERNELS=triton`` -> the Triton kernels; on CPU tensors this needs ``TRITON_INTERPRET=1``
@@ -10,9 +8,8 @@ Ops: ``flash_attention`` (and ``flash_attention_varlen`` for packed sequences) a
 - unset / ``auto`` / ``csrc`` (these ops have no csrc kernel) -> Triton when the tensors are on CUDA
   (triton is a runtime requirement), else torch.
 
-The active path is logged once per (op, path) on the ``preflexor.kernels`` logger. Inputs are
-validated here with specific messages, whichever path runs; value checks only on CPU or with
-``PREFLEXOR_DEBUG=1`` (see ``_checks``). Kernels: FlashAttention-2 (Dao 2023).
+Logged once per (op, path) on ``preflexor.kernels``. Inputs are validated here whichever path
+runs (values only on CPU or with ``PREFLEXOR_DEBUG=1``, see ``_checks``). Kernels: FlashAttention-2 (Dao 2023).
 Tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_logprobs.py -q``.
 """
 from __future__ import annotations

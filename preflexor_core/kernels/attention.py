@@ -1,24 +1,12 @@
 """Fused flash attention (forward + backward) in Triton, with GQA and varlen (packed) sequences.
 
-Algorithm: FlashAttention-2 (T. Dao, "FlashAttention-2: Faster Attention with Better Parallelism and
-Work Partitioning", 2023; FlashAttention, Dao et al. 2022). The forward walks key blocks with an online
-softmax (running max m, running sum l, fp32 accumulator) and saves the row log-sum-exp; the backward
-recomputes P = exp(S - lse) block by block: one kernel per key block gives dK, dV (looping over the
-query blocks and over the query heads of its GQA group, so K/V are never repeated and dK/dV
-accumulate across the group without atomics), one kernel per query block gives dQ.
-
-Layouts (strided; only the head dim must be contiguous):
-  padded  q [B, Hq, T, D], k/v [B, Hkv, S, D]
-  varlen  q [total, Hq, D], k/v [total, Hkv, D], cu_seqlens [nseq + 1] int32 (self-attention:
-          queries and keys share the offsets)
-Causal alignment is bottom-right, as in FlashAttention-2 (defined in ``kernels/reference.py``):
-with L_k keys and L_q queries per sequence, query i sits at key position i + L_k - L_q; rows that
-see no key output zeros.
-
-Inputs fp16/bf16/fp32, head dims multiple of 16 up to 256 (padded to a power of two inside the
-kernel), fp32 accumulation; fp32 dots use the backend default precision (TF32 on recent NVIDIA GPUs,
-exact in the interpreter).
-
+Algorithm: FlashAttention-2 (Dao 2023; FlashAttention, Dao et al. 2022): an online-softmax forward
+that saves the row log-sum-exp; a backward that recomputes P block by block, one kernel per key
+block for dK, dV (over its GQA group's query heads, no atomics) and one per query block for dQ.
+Layouts (only the head dim contiguous): padded q [B, Hq, T, D], k/v [B, Hkv, S, D]; varlen
+q [total, Hq, D], k/v [total, Hkv, D], cu_seqlens [nseq + 1] int32. Causal alignment is
+bottom-right (``kernels/reference.py``). fp16/bf16/fp32 inputs, head dims multiple of 16 up to 256,
+fp32 accumulation (fp32 dots: the backend default, TF32 on recent NVIDIA GPUs).
 Run the tests (CPU, Triton interpreter): ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels_attention.py -q``;
 on CUDA: ``python -m pytest tests/gpu/test_kernels_gpu.py``; speed: ``make bench``.
 """

@@ -3,16 +3,11 @@
 ``linear_logprobs(hidden [N, H], weight [V, H], labels [N])`` returns fp32 ``log p(label)`` per row
 (0 where ``labels == ignore_index``), the quantity the ORPO / DPO losses sum per sequence.
 
-Forward: one program per (token block, vocab split) computes logit tiles hidden_blk @ weight_blk^T
-(fp32 accumulation over H blocks) and keeps an online log-sum-exp over its vocab blocks (the trick of
-FlashAttention, Dao et al. 2022 / FlashAttention-2, Dao 2023, applied to the vocab axis) plus the
-label's logit; the few vocab splits are merged with a logsumexp over [splits, N] in torch.
-Backward: for each token chunk (``chunk_rows`` rows) a kernel recomputes the logit tiles and writes
-grad_logits = g * (onehot(label) - exp(logit - lse)) into a [chunk, V] buffer (input dtype); then
-grad_hidden[chunk] = grad_logits @ W and grad_W += grad_logits^T @ hidden[chunk] (an fp32 [V, H]
-accumulator, added to by an fp32-output GEMM where the backend has one, as cuBLAS does). Peak extra memory: one [chunk, V]
-buffer, never [N, V]. Saved for backward: hidden, weight, labels, lse [N].
-
+Forward: per (token block, vocab split), logit tiles with an online log-sum-exp over the vocab
+(the FlashAttention trick, Dao et al. 2022, on the vocab axis); splits merged in torch. Backward:
+per token chunk, recompute the tiles into grad_logits = g * (onehot(label) - softmax) [chunk, V],
+then grad_hidden = grad_logits @ W and grad_W += grad_logits^T @ hidden (fp32 accumulator). Peak
+extra memory: one [chunk, V] buffer. Saved: hidden, weight, labels, lse [N].
 The CPU production path is ``reference.linear_logprobs_chunked`` (same chunking, torch only).
 Run the tests: ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels_logprobs.py -q``;
 memory / speed: ``make bench``.

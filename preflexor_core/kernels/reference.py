@@ -1,15 +1,10 @@
 """Torch references for the fused kernels, and the CPU production path for log-probs.
 
-- ``attention_reference`` / ``attention_varlen_reference``: naive softmax(q k^T * scale) v with K/V
-  repeated over the query-head groups (``repeat_interleave``) and explicit boolean masks. They define
-  the semantics the Triton kernels in ``attention.py`` must match (same masking rules, same zeros for
-  rows that see no key) and are the fallback when Triton cannot run. They materialise [T, S] scores.
-- ``linear_logprobs_reference``: ``log_softmax(hidden @ weight.T).gather(labels)``; materialises the
-  [N, V] logits. Tests only.
-- ``linear_logprobs_chunked``: the CPU production path of ``linear_logprobs``, an autograd.Function
-  that works on token chunks (``chunk_rows`` rows of [chunk, V] fp32 logits at a time) and saves only
-  hidden, weight, labels and the per-row log-sum-exp; the backward recomputes each chunk.
-
+- ``attention_reference`` / ``attention_varlen_reference``: naive attention with explicit masks
+  (materialises [T, S] scores); it defines what ``attention.py`` must match, and is the CPU path.
+- ``linear_logprobs_reference``: ``log_softmax(hidden @ weight.T).gather(labels)`` (tests only).
+- ``linear_logprobs_chunked``: the CPU path of ``linear_logprobs``, an autograd.Function over token
+  chunks that saves hidden, weight, labels and the row log-sum-exp and recomputes in the backward.
 Masking rules (shared with the kernels). Causal alignment is bottom-right, as in FlashAttention-2:
 with T queries and S keys (per packed sequence: its length for both), query i sits at key
 position ``i + S - T`` and may see keys ``j <= i + S - T``. So T == S: query i sees keys 0..i;
