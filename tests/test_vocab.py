@@ -279,3 +279,19 @@ def test_lora_stage1_trains_the_added_thinking_rows(tmp_path):
     torch.testing.assert_close(emb[others], start.model.embed_tokens.weight.detach()[others])  # frozen under LoRA
     again = Tokenizer.from_pretrained(str(out / "stage1"))
     assert [again.token_to_id(t) for t in THINKING_TOKENS] == rows
+
+
+def test_a_little_more_lora_training_closes_the_thinking_greedily(tmp_path):
+    from preflexor_core.sampler import SamplingParams, generate
+    tok = base_tokenizer(tmp_path)
+    model = tiny(tok.vocab_size, tie=True)
+    change = setup_thinking_tokens(model, tok)
+    apply_lora(model, LoRAConfig(r=8, alpha=16, trainable_token_indices=model.new_token_ids))
+    prompt = "nacre is tough because<|thinking|> reflect"
+    params = SamplingParams(max_new_tokens=2, temperature=0.0)
+    model.eval()
+    assert generate(model, tok, [prompt], params)[0].token_ids[0] != change.ids["<|/thinking|>"]
+    _train_steps(model, tok, change.ids, steps=20, lr=1e-2)
+    model.eval()
+    out = generate(model, tok, [prompt], params)[0]
+    assert out.token_ids[0] == change.ids["<|/thinking|>"] and out.text.startswith("<|/thinking|>")
