@@ -5,13 +5,11 @@
     with disable_adapters(model): ...       # = the frozen base (DPO reference); also model.disable_adapters()
     merge_lora(model)                       # fold into the base weights, plain nn.Linear / nn.Embedding again
 
-A wrapped module keeps the base parameters under their original names (``q_proj.weight``) and adds
-``q_proj.lora_A.weight`` / ``lora_B.weight`` (embedding: ``lora_embedding_A`` / ``_B``; token rows:
-``embed_tokens.token_adapter.trainable_tokens_delta``), so ``model.state_dict()`` is a plain Llama
-state dict plus the adapter keys, and exactly a plain one after ``merge_lora``.
-
-The LM head is read as a matrix (``Llama.output_weight``), so a head adapter works through the
-module's ``effective_weight()`` (no dropout on it); a tied head sees the embedding's token rows.
+Wrapped modules keep the base parameters' names (``q_proj.weight``) and add the adapter's
+(``q_proj.lora_A.weight``, ``embed_tokens.lora_embedding_A``, ``embed_tokens.token_adapter.
+trainable_tokens_delta``): ``model.state_dict()`` is a plain Llama one plus adapter keys, exactly
+plain after ``merge_lora``. The head is read as a matrix (``Llama.output_weight``), through
+``effective_weight()`` (no dropout); a tied head sees the embedding's token rows.
 
 Tests: ``python -m pytest -q tests/test_lora.py``
 """
@@ -21,12 +19,14 @@ import contextlib
 import functools
 from dataclasses import dataclass, field
 
+import torch
 import torch.nn as nn
 
 from .layers import LORA_TYPES, LoRAEmbedding, LoRALinear, TokenRowsEmbedding, TokenRowsLinear
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TOKEN_MODULES = ("embed_tokens", "lm_head")
+PEFT_PREFIX = "base_model.model."                 # PEFT's prefix of adapter tensor names on disk
 
 __all__ = ["LoRAConfig", "apply_lora", "merge_lora", "disable_adapters", "lora_modules", "lora_state_dict",
            "count_trainable_parameters", "DEFAULT_TARGETS"]
@@ -83,7 +83,7 @@ def count_trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def _tied(model: nn.Module) -> bool:
+def tied_head(model: nn.Module) -> bool:
     return getattr(model, "lm_head", None) is None or bool(getattr(getattr(model, "config", None),
                                                                     "tie_word_embeddings", False))
 
@@ -93,7 +93,7 @@ def token_row_targets(model: nn.Module, cfg: LoRAConfig) -> dict[str, tuple[int,
     tti = cfg.trainable_token_indices
     if not tti:
         return {}
-    tied = _tied(model)
+    tied = tied_head(model)
     if isinstance(tti, tuple):
         out = {"embed_tokens": tti}
         if not tied and not cfg.include_head:
@@ -116,7 +116,7 @@ def _check_new_rows_train(model: nn.Module, cfg: LoRAConfig, rows: dict[str, tup
     frozen = []
     if not cfg.include_embeddings and not new <= set(rows.get("embed_tokens", ())):
         frozen.append("embedding")
-    if not _tied(model) and not cfg.include_head and not new <= set(rows.get("lm_head", ())):
+    if not tied_head(model) and not cfg.include_head and not new <= set(rows.get("lm_head", ())):
         frozen.append("LM head")
     if frozen:
         raise ValueError(f"apply_lora: tokens {sorted(new)} were added to this model's vocabulary, but their "
@@ -150,7 +150,7 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig) -> nn.Module:
     if (cfg.include_embeddings or cfg.trainable_token_indices) and not isinstance(emb, nn.Embedding):
         raise ValueError("apply_lora: include_embeddings / trainable_token_indices need a model.embed_tokens "
                          "nn.Embedding; this model has none")
-    if cfg.include_embeddings and _tied(model):
+    if cfg.include_embeddings and tied_head(model):
         raise ValueError("apply_lora: include_embeddings=True on a model with tied word embeddings would make "
                          "the merged LM head differ from the unmerged one; untie the head or set "
                          "include_embeddings=False (use trainable_token_indices for new tokens)")
@@ -225,7 +225,6 @@ def lora_state_dict(model: nn.Module, peft_names: bool = False) -> dict[str, tor
     """Adapter tensors only: ``{name: tensor}`` with the model's own names
     (``model.layers.0.self_attn.q_proj.lora_A.weight``) or, with ``peft_names``, PEFT's on-disk names
     (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``)."""
-    from .peft_io import PEFT_PREFIX
     out = {}
     for name, m in lora_modules(model).items():
         if isinstance(m, LoRALinear):

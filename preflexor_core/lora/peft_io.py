@@ -23,12 +23,11 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .adapters import (DEFAULT_TARGETS, TOKEN_MODULES, LoRAConfig, _tied, apply_lora, config_from_model,
+from .adapters import (DEFAULT_TARGETS, PEFT_PREFIX, TOKEN_MODULES, LoRAConfig, tied_head, apply_lora, config_from_model,
                        lora_modules, lora_state_dict, token_row_targets)
 
 ADAPTER_WEIGHTS_NAME = "adapter_model.safetensors"
 ADAPTER_CONFIG_NAME = "adapter_config.json"
-PEFT_PREFIX = "base_model.model."
 
 __all__ = ["ADAPTER_WEIGHTS_NAME", "ADAPTER_CONFIG_NAME", "PEFT_PREFIX", "save_adapter", "load_adapter",
            "load_adapter_config"]
@@ -59,7 +58,7 @@ def _peft_config_dict(model: nn.Module, cfg: LoRAConfig, base_model_name_or_path
     rows = token_row_targets(model, cfg)
     if not rows:
         tti = None
-    elif _tied(model):
+    elif tied_head(model):
         tti = list(rows["embed_tokens"])
     else:
         tti = {k: list(v) for k, v in rows.items()}
