@@ -8,9 +8,10 @@ Labels are aligned to input_ids (IGNORE_INDEX on the prompt, padding and masked 
 the causal shift happens in ``losses.logps_from_hidden``. The end-of-turn token that closes
 each completion stays in the labels, even when the pad id equals it.
 
-Packed batches put every sequence of a micro-batch into one row (B = 1) with positions that
-restart per sequence and ``cu_seqlens`` boundaries: no compute is spent on padding. The model
-turns ``cu_seqlens`` into varlen attention (block-diagonal causal).
+Packed batches put a micro-batch's sequences into one row (B = 1), positions restarting per
+sequence, with ``cu_seqlens`` boundaries (varlen attention: no compute spent on padding).
+
+Tests: ``python -m pytest -q tests/test_data.py``
 """
 from __future__ import annotations
 

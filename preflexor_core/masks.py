@@ -1,26 +1,12 @@
 """Thinking-span label masks for PRefLexOR stage 2 (DPO / EXO on the answer only).
 
-PRefLexOR (arXiv 2410.12375, sec. 2) trains stage 2 with the thinking span hidden from the loss, so the
-model learns to reason independently: either only the answer after the last ``<|/thinking|>``
-is scored (``answer_only``) or a random fraction of the thinking tokens is masked
-(``random_fraction``).
-
-Positions. ``labels`` are aligned to ``token_ids`` (= input_ids): ``labels[i]`` is the target
-``token_ids[i]`` (or IGNORE_INDEX). Masking position i removes the term
-log p(token_ids[i] | token_ids[:i]); the causal shift is applied later by
-``losses.sequence_logps``. The *completion* is the stretch from the first to the last labelled
-position (the prompt is already IGNORE_INDEX); thinking tokens are searched only there, so
-special tokens in the prompt or in padding never count.
-
-Spans. Inside the completion, ``start_id`` opens a span and the next ``end_id`` closes it (a
-``start_id`` inside an open span is just a token of that span). An ``end_id`` with no open span
-closes a span that was opened in the prompt (a generation prompt that ends with
-``<|thinking|>``); that span starts right before the completion.
-
-Unclosed thinking (a start with no later end, e.g. a completion truncated at max length) is never
-scored as if it were an answer. ``on_unclosed="drop"`` (default) makes ``thinking_mask`` raise
-``UnclosedThinking``; ``thinking_mask_batch`` catches it and reports the row as not kept, and the
-caller drops that pair. ``on_unclosed="keep"`` returns the labels unchanged (every token scored).
+PRefLexOR (arXiv 2410.12375, sec. 2) trains stage 2 with the thinking span hidden from the loss:
+only the answer after the last ``<|/thinking|>`` is scored (``answer_only``), or a random fraction
+of the thinking tokens is masked (``random_fraction``). ``labels`` are aligned to ``token_ids``
+(the causal shift happens in ``losses.sequence_logps``); thinking is searched only inside the
+completion (first to last labelled position), so special tokens in the prompt never count.
+Unclosed thinking (e.g. a truncated completion) is never scored as if it were an answer: with
+``on_unclosed="drop"`` the pair is dropped, with ``"keep"`` every token is scored.
 
 Tests: ``python -m pytest -q tests/test_losses.py -k mask``
 """
@@ -51,6 +37,11 @@ class UnclosedThinking(ValueError):
 def find_thinking_spans(token_ids: Sequence[int], labels: Sequence[int], start_id: int, end_id: int
                         ) -> tuple[list[tuple[int, int]], int | None]:
     """Thinking spans inside the completion.
+
+    Inside the completion, ``start_id`` opens a span and the next ``end_id`` closes it (a
+    ``start_id`` inside an open span is just a token of that span). An ``end_id`` with no open span
+    closes a span opened in the prompt (a generation prompt that ends with ``<|thinking|>``); that
+    span starts right before the completion.
 
     Returns ``(spans, unclosed_start)``: spans is a list of (open, close) positions, the tokens
     strictly inside a span being open+1 .. close-1 (open = first completion position - 1 when the
@@ -98,8 +89,9 @@ def thinking_mask(token_ids, labels, start_id: int, end_id: int, mode: str = "an
         ``torch.randperm(n, generator=generator)`` -- deterministic for a seeded generator.
     mode="none": labels unchanged (copied).
 
-    Unclosed thinking: raises ``UnclosedThinking`` when on_unclosed="drop", returns the labels
-    unchanged when on_unclosed="keep".
+    Masking position i removes the term log p(token_ids[i] | token_ids[:i]). Unclosed thinking (a
+    start with no later end): raises ``UnclosedThinking`` when on_unclosed="drop" (``thinking_mask_batch``
+    reports the row as not kept), returns the labels unchanged when on_unclosed="keep".
     """
     if mode not in MASK_MODES:
         raise ValueError(f"thinking_mask: unknown mode {mode!r}; valid: {', '.join(MASK_MODES)}")

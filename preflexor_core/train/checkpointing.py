@@ -4,7 +4,7 @@
 scheduler, RNG of python / numpy / torch / cuda, data position, config) and, under FSDP2, one
 ``optimizer-rank{R}.pt`` per rank. ``stageN/``: the HF checkpoint (+ tokenizer, + LoRA ``adapter/``
 when used, merged into the weights) and ``DONE``. Every write is atomic (``io.atomic_dir``).
-Saving and loading are collective: every rank calls them.
+Saving and loading are collective: every rank calls them. ``run`` is the ``stage.StageRun``.
 
 Tests: ``python -m pytest -q tests/test_trainer.py -k resume``
 """
@@ -17,16 +17,12 @@ import logging
 import os
 import random
 from dataclasses import asdict
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from .. import distributed as D
 from ..io import atomic_dir
-
-if TYPE_CHECKING:
-    from .stage import StageRun
 
 log = logging.getLogger("preflexor.train")
 
@@ -54,7 +50,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def save_checkpoint(run: StageRun) -> None:
+def save_checkpoint(run) -> None:
     """Full weights + trainer state (rank 0); under FSDP2 each rank also writes its optimizer shard
     into rank 0's staging folder, which rank 0 renames into place once every shard is written."""
     state = D.full_state_dict(run.base) if run.fsdp or run.is_main else None   # all-gather under FSDP2
@@ -69,7 +65,7 @@ def save_checkpoint(run: StageRun) -> None:
     D.barrier()
 
 
-def _write_main(run: StageRun, tmp: str, state: dict[str, torch.Tensor]) -> None:
+def _write_main(run, tmp: str, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
     torch.save({"optimizer": None if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
@@ -77,7 +73,7 @@ def _write_main(run: StageRun, tmp: str, state: dict[str, torch.Tensor]) -> None
                 "world_size": run.world}, os.path.join(tmp, "trainer_state.pt"))
 
 
-def load_checkpoint(run: StageRun) -> bool:
+def load_checkpoint(run) -> bool:
     """Restore weights, optimizer, scheduler, RNG and data position; False when there is no checkpoint."""
     from safetensors.torch import load_file
     ckpt = run.ckpt_dir
@@ -107,7 +103,7 @@ def load_checkpoint(run: StageRun) -> bool:
     return True
 
 
-def save_final(run: StageRun) -> None:
+def save_final(run) -> None:
     """The stage's HF export (LoRA merged; the adapter saved beside it), tokenizer and DONE marker."""
     state = D.full_state_dict(run.base) if run.fsdp else None       # collective under FSDP2
     if run.is_main:

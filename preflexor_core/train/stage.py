@@ -15,7 +15,7 @@ import contextlib
 import logging
 import math
 import time
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 import torch
 
@@ -26,9 +26,6 @@ from ..model import Llama
 from ..tokenizer import Tokenizer
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .objectives import dpo_objective, lm_objective, orpo_objective
-
-if TYPE_CHECKING:
-    from .trainer import Trainer
 
 log = logging.getLogger("preflexor.train")
 
@@ -53,9 +50,10 @@ def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
 
 
 class StageRun:
-    """One stage: optimizer, schedule, data, the step loop, checkpoints and exact resume."""
+    """One stage: optimizer, schedule, data, the step loop, checkpoints and exact resume. ``trainer``
+    is the run's ``Trainer`` (device, run directory, log, retriever, teacher)."""
 
-    def __init__(self, trainer: Trainer, stage: str, model: Llama, tok: Tokenizer, ref: Llama | None, lora_cfg):
+    def __init__(self, trainer, stage: str, model: Llama, tok: Tokenizer, ref: Llama | None, lora_cfg):
         self.t, self.cfg, self.stage = trainer, trainer.cfg, stage
         self.tok, self.ref, self.lora_cfg = tok, ref, lora_cfg
         self.device = trainer.device

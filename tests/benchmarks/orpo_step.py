@@ -2,25 +2,14 @@
 
 - ``ours``: ``train.orpo_objective`` (final hidden states -> ``kernels.linear_logprobs``; the
   (N, V) logits are never materialised), backward, AdamW step.
-- ``naive``: ``model(input_ids, attention_mask=...)`` -> full (B, T, V) fp32 logits -> log_softmax
-  -> gather the label log-probs -> the same ORPO math (``losses.orpo_loss`` on mean log-probs + the
-  chosen NLL), backward, AdamW step.
+- ``naive``: full (B, T, V) fp32 logits -> log_softmax -> gather -> the same ORPO math
+  (``losses.orpo_loss`` on mean log-probs + the chosen NLL), backward, AdamW step.
 
-Batches are synthetic preference pairs built directly as token ids (``PairExample``), padded with
-``collate_pairs(..., packed=False)`` unless asked otherwise.
-
-Run as a script it measures the peak memory of one step in this (fresh) process:
+Batches are synthetic preference pairs built as token ids (``PairExample``). Run as a script it
+measures the peak memory of one step in this fresh process and prints one JSON line
+(method: ``measure_peak``):
 
     python tests/benchmarks/orpo_step.py --preset small --variant naive
-
-and prints one JSON line. Method: build the model, batch and AdamW, run one warm-up step (it also
-allocates the AdamW moments), drop the gradients, reset the kernel's peak-RSS mark by writing "5"
-to ``/proc/self/clear_refs``, read VmRSS (= the baseline: weights + optimizer state + allocator
-leftovers), run one step, read VmHWM (the peak RSS since the reset). extra = VmHWM - baseline.
-Launch it with ``MALLOC_MMAP_THRESHOLD_`` set (``peak_memory_env``): that pins glibc's mmap
-threshold, so every large tensor is mmapped and unmapped on free; otherwise glibc raises the threshold
-after the first large free and keeps freed warm-up buffers in its heap, and the measured step would
-reuse them without touching the peak mark.
 """
 from __future__ import annotations
 
@@ -119,6 +108,13 @@ def _status_kib(field: str) -> int:
 
 
 def measure_peak(preset: str, variant: str, n_pairs: int, threads: int) -> dict:
+    """Build the model, batch and AdamW, run one warm-up step (it also allocates the AdamW moments),
+    drop the gradients, reset the kernel's peak-RSS mark by writing "5" to ``/proc/self/clear_refs``,
+    read VmRSS (the baseline: weights + optimizer state + allocator leftovers), run one step, read
+    VmHWM (the peak RSS since the reset); extra = VmHWM - baseline. Launch with ``peak_memory_env``:
+    it pins glibc's mmap threshold, so every large tensor is mmapped and unmapped on free (otherwise
+    glibc raises the threshold after the first large free, keeps freed warm-up buffers in its heap,
+    and the measured step reuses them without touching the peak mark)."""
     torch.set_num_threads(threads)
     model, opt, batch = build(preset, n_pairs)
     params = sum(p.numel() for p in model.parameters())

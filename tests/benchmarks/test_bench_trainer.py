@@ -1,43 +1,15 @@
-"""Trainer benchmark: one ORPO training step, this trainer vs the naive full-logits path.
+"""Trainer benchmark: one ORPO training step (loss, backward, AdamW), ours vs the naive full-logits path.
 
     python -m pytest tests/benchmarks/test_bench_trainer.py --benchmark-only -s
 
-One step = loss, backward, AdamW step (full fine-tuning, fp32, CPU) on a padded batch of synthetic
-preference pairs (random ids; prompt 64 tokens, completions 192-256 tokens; labels IGNORE_INDEX on
-the prompt). The two paths (``orpo_step.py``):
-
-- ``ours``: ``train.orpo_objective`` - final hidden states -> chunked ``kernels.linear_logprobs``,
-  the (N, V) logits never exist at once;
-- ``naive``: ``model(...)`` -> (B, T, V) fp32 logits -> log_softmax -> gather -> the same ORPO math.
-
-Speed: ``test_bench_orpo_step_speed`` times steps in this process (pytest-benchmark, pedantic);
-tokens/s = non-pad tokens of the batch (prompts included) / mean step time. Torch threads:
-``PREFLEXOR_BENCH_THREADS`` (default: torch's default).
-
-Peak memory: ``test_bench_orpo_step_peak_memory`` runs one fresh subprocess per path and preset
-(``orpo_step.py``): after the model, AdamW state and a warm-up step exist, it resets the peak-RSS
-mark (``/proc/self/clear_refs`` <- "5"), runs one step and reports VmHWM - VmRSS(before the step),
-with glibc's mmap threshold pinned so freed tensors go back to the OS. Both paths' numbers, the
-memory ratio (ours / naive) and the speed ratio land in ``extra_info``. Target for the small preset:
-ours <= 0.5x naive; ``target_met`` records whether this run meets it. The test asserts what holds on
-every run: the trainer path uses clearly less memory than the naive one (ratio <= 0.75 on small,
-< 1 on tiny) and both paths compute the same loss.
-
-Both presets run 8 pairs (about 4.6k tokens, padded to 16 x ~320); the whole file takes 2-3 minutes on
-2 busy cores. The memory ratio depends on the batch: the fp32 gradients and the chunked log-prob
-buffer (up to 1024 rows x V fp32) are fixed costs, so fewer pairs give a higher ratio.
-
-CUDA: ``test_bench_orpo_step_gpu_llama32_3b_lora`` - llama-3.2-3b shape, random bf16 weights, LoRA
-r=64 on all linear layers, gradient checkpointing, 4 pairs of <= 2048 tokens packed into one row.
-It reports step time, tokens/s, peak ``torch.cuda.max_memory_allocated`` and MFU with
-
-    model FLOPs = 4 * N_base * tokens + 6 * N_lora * tokens + 6 * L * Hq * D * sum(len_i^2)
-
-(frozen base: forward 2N + activation gradients 2N, no weight gradients - slightly high, as the LM
-head runs only on labelled tokens; adapters: the usual 6N;
-causal attention per layer and sequence: forward 2 * Hq * D * len^2, backward 2x forward). The
-checkpointing recompute is not counted (model FLOPs, not hardware FLOPs). MFU = model FLOPs /
-step time / peak dense bf16 FLOP/s of the card (H100 / H200 SXM: 989e12).
+Paths (``orpo_step.py``): ``ours`` = ``train.orpo_objective`` (final hidden states -> chunked
+``kernels.linear_logprobs``, the (N, V) logits never exist at once); ``naive`` = (B, T, V) fp32
+logits -> log_softmax -> gather -> the same ORPO math. Synthetic pairs (random ids, 64-token prompt).
+CPU: speed (pytest-benchmark; tokens/s = non-pad tokens / mean step time, threads from
+``PREFLEXOR_BENCH_THREADS``) and peak memory (one fresh subprocess per path and preset), tiny and
+small presets; asserts that both paths compute the same loss and ours uses less memory
+(``MAX_RATIO``). CUDA: llama-3.2-3b shape, LoRA r=64, packed, checkpointing, with MFU.
+Results go to ``extra_info``; measured figures belong in the README.
 """
 from __future__ import annotations
 
@@ -114,6 +86,10 @@ def _peak(preset: str, variant: str) -> dict:
 @pytest.mark.skipif(sys.platform != "linux", reason="peak RSS is read from /proc (Linux only)")
 @pytest.mark.parametrize("preset", ["tiny", "small"])
 def test_bench_orpo_step_peak_memory(benchmark, preset):
+    """Peak extra RSS of one step per path: after the model, AdamW state and a warm-up step exist, the
+    subprocess resets the peak-RSS mark (``/proc/self/clear_refs`` <- "5"), runs one step and reports
+    VmHWM - VmRSS(before the step), with glibc's mmap threshold pinned so freed tensors go back to the
+    OS. The ratio depends on the batch: fp32 gradients and the chunked log-prob buffer are fixed costs."""
     res = {}
 
     def measure():
@@ -156,6 +132,14 @@ def _peak_flops(name: str) -> float | None:
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="needs a CUDA GPU (llama-3.2-3b shape, bf16, LoRA r=64)")
 def test_bench_orpo_step_gpu_llama32_3b_lora(benchmark):
+    """llama-3.2-3b shape, random bf16 weights, LoRA r=64 on all linear layers, gradient checkpointing,
+    4 pairs of <= 2048 tokens packed into one row: step time, tokens/s, peak allocated memory and MFU with
+
+        model FLOPs = 4 * N_base * tokens + 6 * N_lora * tokens + 6 * L * Hq * D * sum(len_i^2)
+
+    (frozen base: forward 2N + activation gradients 2N; adapters: 6N; causal attention per layer and
+    sequence: forward 2 * Hq * D * len^2, backward 2x forward; recompute not counted). MFU = model
+    FLOPs / step time / the card's peak dense bf16 FLOP/s (``_PEAK_BF16``)."""
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.lora import LoRAConfig, apply_lora, count_trainable_parameters
 
