@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from preflexor_core.models import DTYPE_CHOICES, NAMED_MODELS
 from preflexor_core.reasoning import MODES
 from preflexor_core.reasoning.cli import DEMO_MODEL_DIRS, InferConfig
 from preflexor_core.reasoning.cli import main as run
@@ -28,9 +29,12 @@ def parse_args(argv=None) -> InferConfig:
     ap.add_argument("--questions", default=None, metavar="FILE",
                     help="questions from a file: .txt (one per line, blank lines skipped) or .jsonl "
                          "(a 'question' field per line)")
-    ap.add_argument("--model", default=D.model, metavar="DIR",
-                    help="checkpoint dir (config.json, *.safetensors, tokenizer.json); default: the embedded "
+    ap.add_argument("--model", default=D.model, metavar="DIR|FILE.gguf|NAME",
+                    help="checkpoint dir (config.json, *.safetensors, tokenizer.json), a .gguf file, or a known "
+                         f"model name ({', '.join(NAMED_MODELS)}); default: the embedded "
                          f"demo checkpoint, the first of {', '.join(DEMO_MODEL_DIRS)} that exists")
+    ap.add_argument("--dtype", default=D.dtype, choices=DTYPE_CHOICES,
+                    help="weights dtype; auto = bfloat16 on cuda, float32 on cpu (default: %(default)s)")
     ap.add_argument("--retriever", default=D.retriever, metavar="DIR",
                     help="GraphRetriever dir used by the graph critic (default: %(default)s)")
     ap.add_argument("--critic", default=D.critic,
@@ -62,7 +66,8 @@ def parse_args(argv=None) -> InferConfig:
                        retriever=a.retriever, critic=a.critic, critic_model=a.critic_model,
                        reflect_depth=a.reflect_depth, mode=a.mode, integrate=a.integrate,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
-                       top_k=a.top_k, seed=a.seed, stream=a.stream, json=a.json, device=a.device)
+                       top_k=a.top_k, seed=a.seed, stream=a.stream, json=a.json, device=a.device,
+                       dtype=a.dtype)
 
 
 def main(argv=None) -> int:

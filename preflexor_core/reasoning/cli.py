@@ -12,6 +12,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..models import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
+from ..models import resolve_model as resolve_model_spec
 from .critics import CriticUnreachableError, make_critic
 from .loop import recursive_response
 from .policy import Policy
@@ -29,7 +31,8 @@ class InferConfig:
 
     questions: list[str] = field(default_factory=list)
     questions_file: str | None = None     # .txt (one per line) or .jsonl ("question" field)
-    model: str | None = None              # None -> the embedded demo checkpoint (DEMO_MODEL_DIRS)
+    model: str | None = None              # None -> the embedded demo checkpoint (DEMO_MODEL_DIRS); a name, dir or .gguf
+    dtype: str = "auto"                   # weights dtype (models.parse_dtype): auto = bf16 on cuda, fp32 on cpu
     retriever: str = "runs/demo/retriever"
     critic: str | None = None             # None -> graph when the retriever exists, else same
     critic_model: str | None = None
@@ -78,21 +81,24 @@ def read_questions(path: str) -> list[str]:
 
 
 def resolve_model(model: str | None) -> str:
-    """``model``, checked to be a checkpoint dir; None -> the first demo checkpoint that exists."""
-    hint = f"create the demo checkpoint with {DEMO_COMMAND}, or pass --model DIR"
+    """``model`` (a known name, checkpoint dir or .gguf file; see ``models.resolve_model``) as a checked
+    checkpoint path; None -> the first demo checkpoint that exists."""
+    hint = f"create the demo checkpoint with {DEMO_COMMAND}, or pass --model DIR|FILE.gguf|NAME"
     if model is None:
         for d in DEMO_MODEL_DIRS:
             if os.path.isfile(os.path.join(d, "config.json")):
                 return d
         raise InputError(f"no model: the embedded demo checkpoint ({' / '.join(DEMO_MODEL_DIRS)}) does not "
                          f"exist in {os.getcwd()}; {hint}")
-    if not os.path.isdir(model):
-        raise InputError(f"model dir not found: {model}; {hint}")
-    for need in ("config.json", "tokenizer.json"):
-        if not os.path.isfile(os.path.join(model, need)):
+    try:
+        path = resolve_model_spec(model)
+    except ModelSpecError as e:
+        raise InputError(f"--model: {e}; {hint}") from None
+    for need in ("config.json", "tokenizer.json") if os.path.isdir(path) else ():
+        if not os.path.isfile(os.path.join(path, need)):
             raise InputError(f"model dir {model} has no {need}; expected a checkpoint dir written by "
                              f"train.py (config.json, *.safetensors, tokenizer.json); {hint}")
-    return model
+    return path
 
 
 def check_inputs(cfg: InferConfig) -> None:
@@ -123,6 +129,10 @@ def check_inputs(cfg: InferConfig) -> None:
     c = cfg.critic
     if c not in ("same", "graph") and not c.startswith(("http://", "https://")) and not os.path.isdir(c):
         raise InputError(f"--critic {c!r} is not same, graph, an http(s):// URL or an existing checkpoint dir")
+    try:
+        parse_dtype(cfg.dtype, cfg.device)
+    except DtypeError as e:
+        raise InputError(f"--dtype: {e}") from None
     cfg.model = resolve_model(cfg.model)
 
 
@@ -199,7 +209,7 @@ def main(cfg: InferConfig) -> int:
     from ..sampler import SamplingParams
     try:
         check_inputs(cfg)
-        policy = Policy.from_pretrained(cfg.model, device=cfg.device)
+        policy = Policy(*load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype))
         critic = build_critic(cfg, policy)
     except InputError as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
