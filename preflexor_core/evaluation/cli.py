@@ -16,6 +16,7 @@ import sys
 from collections import Counter
 from typing import Sequence
 
+from ..models import DTYPE_CHOICES, NAMED_MODELS
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
 from .report import format_table, write_report
 from .runner import EvalConfig, evaluate_models, evaluate_stages
@@ -32,8 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "and ROUGE-L against reference answers, DPO reward accuracy on held-out preference pairs. "
                     "Writes report.md, metrics.json, outputs.jsonl and PNG charts to --out.")
     src = ap.add_argument_group("what to evaluate (one of)")
-    src.add_argument("--model", action="append", default=[], metavar="DIR",
-                     help="checkpoint dir (config.json, *.safetensors, tokenizer.json); repeat to compare several")
+    src.add_argument("--model", action="append", default=[], metavar="DIR|FILE.gguf|NAME",
+                     help="checkpoint dir (config.json, *.safetensors, tokenizer.json), a .gguf file or a known "
+                          f"model name ({', '.join(NAMED_MODELS)}); repeat to compare several")
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a training run dir: evaluates RUN_DIR/stage0, stage1, stage2 (those present), each "
                           "against the stage before it for the reward accuracy, and plots RUN_DIR/log.jsonl")
@@ -62,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="comma-separated thinking categories (default: the paper's six)")
     ap.add_argument("--batch-size", type=int, default=D.batch_size, help="questions per generate call (default: %(default)s)")
     ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
-    ap.add_argument("--dtype", default=D.dtype, choices=["auto", "float32", "bfloat16", "float16"],
-                    help="weights dtype (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--dtype", default=D.dtype, choices=DTYPE_CHOICES,
+                    help="weights dtype; auto = bfloat16 on cuda, float32 on cpu (default: %(default)s)")
     ap.add_argument("--examples", type=int, default=3, help="example outputs per model in report.md (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     return ap

@@ -1,4 +1,4 @@
-"""Evaluation inputs: question and preference-pair JSONL files, checkpoint directories.
+"""Evaluation inputs: question and preference-pair JSONL files, model specs (checkpoint dirs, .gguf, names).
 
 Bad input raises :class:`EvaluationInputError` naming the file and line (or the directory) and
 what it should hold. Tests: ``python -m pytest -q tests/test_evaluation.py -k "load or main"``.
@@ -71,15 +71,21 @@ def load_pairs(path: str, limit: int | None = None) -> list[dict]:
     return out
 
 
-def check_model_dir(path: str) -> None:
-    """Raise :class:`EvaluationInputError` unless ``path`` is a checkpoint dir (config + tokenizer)."""
-    p = Path(path)
-    if not p.exists():
+def check_model_dir(path: str) -> str:
+    """The checkpoint path of ``path``: a known model name (``models.resolve_model``), a .gguf file or a
+    checkpoint dir (config + tokenizer); else :class:`EvaluationInputError`."""
+    from ..models import NAMED_MODELS, ModelSpecError, resolve_model
+    if not Path(path).exists() and str(path) not in NAMED_MODELS:
         raise EvaluationInputError(f"model dir {path} does not exist; pass a checkpoint dir such as "
-                                   f"runs/<name>/stage1")
-    if not p.is_dir():
-        raise EvaluationInputError(f"model dir {path} is not a directory")
-    for f in ("config.json", "tokenizer.json"):
+                                   f"runs/<name>/stage1, a .gguf file or a known model name "
+                                   f"({', '.join(NAMED_MODELS)})")
+    try:
+        resolved = resolve_model(path)
+    except ModelSpecError as e:
+        raise EvaluationInputError(str(e)) from None
+    p = Path(resolved)
+    for f in ("config.json", "tokenizer.json") if p.is_dir() else ():
         if not (p / f).is_file():
             raise EvaluationInputError(f"model dir {path} has no {f}; expected an HF Llama checkpoint dir "
                                        f"(config.json, *.safetensors, tokenizer.json) as written by training")
+    return resolved

@@ -50,7 +50,7 @@ class EvalConfig:
     limit: int | None = None           # only the first N questions
     pairs_limit: int | None = None     # only the first N pairs
     device: str = "cpu"
-    dtype: Any = "auto"                # "auto" (bf16 on cuda, fp32 on cpu), a name or a torch dtype
+    dtype: Any = "auto"                # models.parse_dtype: "auto" (bf16 on cuda, fp32 on cpu), a name or a torch dtype
     progress: bool = True
 
     def __post_init__(self):
@@ -76,15 +76,6 @@ class EvalConfig:
 
 # ============================================================================ models
 
-def _resolve_dtype(dtype, device: str):
-    import torch
-    if dtype is None or dtype == "auto":
-        return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    if isinstance(dtype, str):
-        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return dtype
-
-
 class _Models:
     """Checkpoints loaded once (by real path) and shared between evaluations."""
 
@@ -94,12 +85,9 @@ class _Models:
     def get(self, path: str):
         key = os.path.realpath(path)
         if key not in self.loaded:
-            from ..model import Llama
-            from ..tokenizer import Tokenizer
-            check_model_dir(path)
-            dtype = _resolve_dtype(self.cfg.dtype, self.cfg.device)
-            model = Llama.from_pretrained(path, dtype=dtype, device=self.cfg.device).eval()
-            self.loaded[key] = (model, Tokenizer.from_pretrained(path))
+            from ..models import load_model_and_tokenizer
+            model, tok = load_model_and_tokenizer(check_model_dir(path), self.cfg.device, self.cfg.dtype)
+            self.loaded[key] = (model.eval(), tok)
         return self.loaded[key]
 
     def keep_only(self, paths) -> None:
