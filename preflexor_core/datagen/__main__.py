@@ -1,7 +1,7 @@
 """CLI of the pair generator: a corpus in, a resumable ``pairs.jsonl`` out.
 
 Run: ``python -m preflexor_core.datagen --corpus PATH --out pairs.jsonl --n 100 --teacher extractive
-[--model DIR] [--k-samples 4] [--with-thinking]``; ``--help`` lists every option. Prints one JSON
+[--model DIR|FILE.gguf|NAME] [--k-samples 4] [--with-thinking]``; ``--help`` lists every option. Prints one JSON
 summary line (``GenerationStats``); exit status 2 on bad input.
 
 References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.3.
@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..models import DTYPE_CHOICES, NAMED_MODELS, ModelSpecError, load_model_and_tokenizer, resolve_model
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
 from ..teachers import DEFAULT_CATEGORIES, TeacherError, teacher_from_spec, teacher_kind
@@ -45,9 +46,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY",
                     help="environment variable with the URL teacher's API key (default: %(default)s)")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight to a URL teacher (default: %(default)s)")
-    ap.add_argument("--model", default=None,
-                    help="policy checkpoint dir whose samples become 'rejected'; without it the "
+    ap.add_argument("--model", default=None, metavar="DIR|FILE.gguf|NAME",
+                    help="policy whose samples become 'rejected': a checkpoint dir, a .gguf file or a known "
+                         f"model name ({', '.join(NAMED_MODELS)}); without it the "
                          "teacher's plain answers (no context) are used")
+    ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
+                    help="policy weights dtype; auto = float32 (the policy runs on the cpu) (default: %(default)s)")
     ap.add_argument("--rejected-from", choices=REJECTED_SOURCES, default=None,
                     help="source of 'rejected' (default: policy with --model, else teacher)")
     ap.add_argument("--with-thinking", action="store_true",
@@ -103,8 +107,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher_kind(args.teacher, args.teacher_model)
     except ValueError as e:
         ap.error(f"--teacher {args.teacher!r}: {e}")
-    if args.model and not os.path.isdir(args.model):
-        ap.error(f"--model {args.model}: no such checkpoint directory")
+    if args.model:
+        try:
+            resolve_model(args.model)
+        except ModelSpecError as e:
+            ap.error(f"--model: {e}")
     rejected_from = args.rejected_from or ("policy" if args.model else "teacher")
     if rejected_from == "policy" and not args.model:
         ap.error("--rejected-from policy needs --model DIR (the policy checkpoint)")
@@ -120,10 +127,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                                     max_answer_sentences=args.teacher_answer_sentences)
         policy = sampling = None
         if rejected_from == "policy":
-            from ..model import Llama
             from ..sampler import SamplingParams
-            from ..tokenizer import Tokenizer
-            policy = (Llama.from_pretrained(args.model).eval(), Tokenizer.from_pretrained(args.model))
+            model, tok = load_model_and_tokenizer(args.model, "cpu", args.dtype)
+            policy = (model.eval(), tok)
             sampling = SamplingParams(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                       top_p=0.9, top_k=50)
         config = DatagenConfig(
