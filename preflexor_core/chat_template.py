@@ -134,6 +134,10 @@ def render_chat_template(template: str, messages: Sequence[Mapping], add_generat
     if not messages:
         raise ValueError("cannot apply a chat template to an empty conversation; give at least one message")
     chat = _prepare_messages(messages)
+    for what, items in (("tools", tools), ("documents", documents)):
+        if items is not None and not all(isinstance(x, Mapping) for x in items):
+            raise ValueError(f"{what} must be a list of dicts (JSON schemas for tools; 'title'/'text' for "
+                             f"documents); got {items!r}")
     vars_ = {k: str(v) for k, v in (special_tokens or {}).items() if v is not None}
     vars_.update(_plain(extra))
     return compile_template(template).render(messages=chat, tools=_plain(tools), documents=_plain(documents),

@@ -252,6 +252,8 @@ def test_template_errors_name_the_checkpoint(tmp_path, template, needle):
     assert str(tmp_path / "ckpt") in str(e.value) and needle in str(e.value)
     with pytest.raises(ValueError, match="empty conversation"):
         t.apply_chat_template([])
+    with pytest.raises(ValueError, match="tools must be a list of dicts"):
+        t.apply_chat_template([{"role": "user", "content": "x"}], tools=[print])
 
 
 def _checkpoint(base: Tokenizer, path, specials, config: dict, generation: dict | None = None, jinja: str | None = None):
