@@ -47,7 +47,8 @@ class RunConfig:
     stage: str = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO) or all "
                      "(0, 1, 2 in order)", choices=[*STAGES, "all"])
     model: str = opt("tiny", "a preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in "
-                     "stage 0) or an HF Llama checkpoint directory. Stages 1 and 2 start from the run's previous "
+                     "stage 0), a pretrained model name (smollm2-135m-instruct: the bundled GGUF), an HF Llama "
+                     "checkpoint directory or a .gguf file. Stages 1 and 2 start from the run's previous "
                      "stage output when it exists")
     tokenizer: str | None = opt(None, "tokenizer directory (tokenizer.json); default: the model directory's, or a "
                                 "BPE trained on the corpus for presets")

@@ -23,6 +23,7 @@ import torch
 from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
+from ..models import resolve_model
 from ..tokenizer import Tokenizer
 from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
@@ -59,6 +60,8 @@ class JsonlLog:
 class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
+        # --model: a known name, checkpoint dir or .gguf file, checked before any work (None: a preset)
+        self.model_path = None if cfg.from_scratch else resolve_model(cfg.run.model)
         self.dist = D.init_distributed(cfg.parallel.device)
         if cfg.parallel.fsdp and self.dist.enabled and cfg.optim.lora_r:
             D.shutdown()
@@ -118,7 +121,7 @@ class Trainer:
         if r.tokenizer:
             tok = Tokenizer.from_pretrained(r.tokenizer)
         elif not self.cfg.from_scratch:
-            tok = Tokenizer.from_pretrained(r.model)
+            tok = Tokenizer.from_pretrained(self.model_path)
         else:
             tdir = self.out / "tokenizer"
             if self.dist.is_main and not (tdir / "tokenizer.json").exists():
@@ -137,7 +140,7 @@ class Trainer:
         if from_prev:
             model = Llama.from_pretrained(str(prev), dtype=torch.float32, device=self.device)
         elif not self.cfg.from_scratch:
-            model = Llama.from_pretrained(self.cfg.run.model, dtype=torch.float32, device=self.device)
+            model = Llama.from_pretrained(self.model_path, dtype=torch.float32, device=self.device)
         else:
             if stage != "0":
                 log.warning("stage %s starts from a randomly initialised %r model (no %s found); run stage 0 first "
