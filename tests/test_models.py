@@ -206,3 +206,36 @@ def test_bundled_model_runs(smollm2):
     with torch.inference_mode():
         logits = model.eval()(ids)
     assert logits.shape == (1, ids.shape[1], 49152) and torch.isfinite(logits).all()
+
+
+# ----------------------------------------------------------------------------- every --model flag
+@needs_package
+def test_every_model_flag_resolves_the_name(tmp_path):
+    from preflexor_core.evaluation.inputs import check_model_dir
+    from preflexor_core.reasoning.cli import resolve_model as infer_resolve
+    want = resolve_model(NAME)
+    assert infer_resolve(NAME) == want
+    assert check_model_dir(NAME) == want
+    import infer
+    cfg = infer.parse_args(["--model", NAME, "--dtype", "bf16", "--question", "q"])
+    assert (cfg.model, cfg.dtype) == (NAME, "bf16")
+
+
+def test_cli_model_errors_are_specific(tmp_path, capsys):
+    from preflexor_core.datagen.__main__ import main as datagen_main
+    from preflexor_core.evaluation.inputs import EvaluationInputError, check_model_dir
+    from preflexor_core.reasoning.cli import InputError
+    from preflexor_core.reasoning.cli import resolve_model as infer_resolve
+    from preflexor_core.train import TrainConfig
+    from preflexor_core.train.trainer import Trainer
+    with pytest.raises(InputError, match=r"--model: model 'tiny' is a preset"):
+        infer_resolve("tiny")
+    with pytest.raises(EvaluationInputError, match=r"known model name \(smollm2-135m-instruct\)"):
+        check_model_dir(str(tmp_path / "none"))
+    with pytest.raises(SystemExit) as e:
+        datagen_main(["--corpus", str(tmp_path), "--model", "smollm3-instruct"])
+    assert e.value.code == 2 and "unknown model name 'smollm3-instruct'" in capsys.readouterr().err
+    out = tmp_path / "run"
+    with pytest.raises(ModelSpecError, match=r"unknown model name 'smollm3-instruct'"):
+        Trainer(TrainConfig.from_flat(model="smollm3-instruct", out=str(out)))
+    assert not out.exists()                   # refused before any work
