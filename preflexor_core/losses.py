@@ -18,6 +18,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .grpo import grpo_loss  # noqa: F401  (public interface: losses.grpo_loss; defined with the GRPO blocks)
 from .kernels import IGNORE_INDEX, linear_logprobs
 from .masks import UnclosedThinking, find_thinking_spans, thinking_mask, thinking_mask_batch
 
