@@ -55,11 +55,8 @@ class ParsedGraphThinking:
     graph_json: dict | list | None = None                 # the Graph JSON section decoded (None: absent/invalid)
     json_error: str = ""                                  # why it did not decode ("" when it did or is absent)
     answer: str = ""                                      # reasoning.extract_spans(text).answer
-
-    @property
-    def thinking_closed(self) -> bool:
-        """Exactly one ``<|thinking|>`` followed by exactly one ``<|/thinking|>``."""
-        return self.n_think_start == 1 and self.n_think_end == 1
+    thinking_closed: bool = False   # exactly one <|thinking|>, then exactly one <|/thinking|>
+    prefix: str = ""                # the text before the first <|thinking|> (stripped)
 
 
 def _clean_field(value, what: str) -> str:
@@ -162,7 +159,10 @@ def parse_graph_thinking(text: str) -> ParsedGraphThinking:
     block = text[start:] if e < 0 else text[start:e]
     if s < 0 and e < 0:
         block = ""
-    out = ParsedGraphThinking(text.count(THINK_START), text.count(THINK_END), answer=extract_spans(text).answer)
+    n_s, n_e = text.count(THINK_START), text.count(THINK_END)
+    out = ParsedGraphThinking(n_s, n_e, answer=extract_spans(text).answer,
+                              thinking_closed=n_s == 1 and n_e == 1 and 0 <= s < e,
+                              prefix=text[:s].strip() if s >= 0 else "")
     heads = list(_HEADER_RE.finditer(block))
     for i, m in enumerate(heads):
         name = _CANON[" ".join(m.group(1).lower().split())]

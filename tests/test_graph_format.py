@@ -96,3 +96,13 @@ def test_formatter_errors():
         format_graph_thinking("b", [("a", "r")], "p", "s")
     with pytest.raises(TypeError, match="expects a str"):
         parse_graph_thinking(None)
+
+
+def test_thinking_closed_and_prefix():
+    ok = parse_graph_thinking(f"  {THINK_START}\n**Brainstorm**: b\n{THINK_END}\nanswer")
+    assert ok.thinking_closed and ok.prefix == ""
+    before = parse_graph_thinking(f"Sure! {THINK_START}\n**Brainstorm**: b\n{THINK_END}\nanswer")
+    assert before.thinking_closed and before.prefix == "Sure!"
+    for text in (f"{THINK_END} a {THINK_START} b", f"{THINK_START} a {THINK_START} b {THINK_END} c",
+                 f"{THINK_START} a {THINK_END} b {THINK_END} c", f"{THINK_START} a"):
+        assert not parse_graph_thinking(text).thinking_closed, text
