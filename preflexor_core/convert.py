@@ -57,13 +57,14 @@ def hf_to_gguf(src: str, dst: str, dtype: str = "f16") -> None:
 
 
 def gguf_to_hf(src: str, dst: str, dtype: str = "f32") -> None:
-    from .gguf import load_gguf_model, load_gguf_tokenizer
+    from .model import Llama
+    from .tokenizer import Tokenizer
     if dtype not in HF_DTYPES:
         raise ConvertError(f"--dtype {dtype} is a GGUF block type; an HF folder stores {', '.join(HF_DTYPES)}")
     if os.path.isfile(dst):
         raise ConvertError(f"{dst}: is a file; the output of a GGUF conversion is an HF folder")
-    model = load_gguf_model(src, dtype=_TORCH[dtype])
-    tok = load_gguf_tokenizer(src)
+    model = Llama.from_pretrained(src, dtype=_TORCH[dtype])
+    tok = Tokenizer.from_pretrained(src)
     model.save_pretrained(dst)
     tok.save_pretrained(dst)
     conf_path = os.path.join(dst, "tokenizer_config.json")

@@ -13,7 +13,7 @@ Attention runs through torch SDPA on CPU and through ``kernels.flash_attention``
 """
 from __future__ import annotations
 
-import math
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
+from .rope import rope_inv_freq
 
 
 # ----------------------------------------------------------------------------- norms / rope
@@ -36,23 +37,6 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from . import ops
         return ops.rms_norm(x, self.weight, self.eps)
-
-
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Rotary inverse frequencies (D/2,), fp32, with Llama-3 scaling when configured."""
-    d = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float64, device="cpu") / d))
-    rs = cfg.rope_scaling
-    if rs and rs.get("rope_type") == "llama3":
-        factor, lo, hi = rs["factor"], rs["low_freq_factor"], rs["high_freq_factor"]
-        old_ctx = rs["original_max_position_embeddings"]
-        wavelen = 2 * math.pi / inv_freq
-        scaled = torch.where(wavelen > old_ctx / lo, inv_freq / factor, inv_freq)
-        smooth = (old_ctx / wavelen - lo) / (hi - lo)
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-        medium = (wavelen >= old_ctx / hi) & (wavelen <= old_ctx / lo)
-        inv_freq = torch.where(medium, smoothed, scaled)
-    return inv_freq.float()
 
 
 class RotaryEmbedding(nn.Module):
@@ -85,16 +69,20 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
 
     ``mask`` is a boolean (B, 1, T, S) "may attend" mask, a ``Packed`` layout (B = 1), or None
-    (then ``causal`` applies). On CUDA, None and Packed use the Triton flash-attention kernels.
+    (then ``causal`` applies). On CUDA (or with PREFLEXOR_KERNELS=triton), None and Packed use the
+    Triton flash-attention kernels. q, k, v share v's dtype (rope under autocast keeps them so anyway).
     """
+    if q.dtype != v.dtype or k.dtype != v.dtype:
+        q, k = q.to(v.dtype), k.to(v.dtype)
+    kernels = q.is_cuda or os.environ.get("PREFLEXOR_KERNELS", "").strip().lower() == "triton"
     if isinstance(mask, Packed):
-        if q.is_cuda:
+        if kernels:
             from .kernels import flash_attention_varlen
             o = flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                        mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
             return o.transpose(0, 1)[None]
         mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
-    if mask is None and q.is_cuda:
+    if mask is None and kernels:
         from .kernels import flash_attention
         return flash_attention(q, k, v, causal=causal)
     gqa = q.shape[1] != k.shape[1]          # SDPA maps query head h to kv head h // (Hq / Hkv) itself
@@ -297,7 +285,7 @@ class Llama(nn.Module):
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: Any = "cpu") -> "Llama":
         if str(path).endswith(".gguf"):
             from .gguf import load_gguf_model
-            return load_gguf_model(path, dtype=dtype, device=device, model_cls=cls)
+            return load_gguf_model(path, cls, dtype=dtype, device=device)
         return load_pretrained(path, cls, dtype=dtype, device=device)
 
     def save_pretrained(self, path: str, max_shard_size: int | str = "5GB", dtype: torch.dtype | None = None) -> None:

@@ -22,6 +22,7 @@ from typing import Iterable, Sequence
 import jinja2
 import torch
 
+from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
 from .chat_template import SPECIAL_TOKEN_NAMES, end_of_turn_token, render_chat_template, select_template
 
 log = logging.getLogger(__name__)
@@ -35,10 +36,6 @@ THINKING_INSTRUCTION = " Use <|thinking|>."
 # Order matters: train_bpe gives these ids 0..8 (see config.TRAINED_*_ID).
 TRAINED_SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, *THINKING_TOKENS]
 LLAMA3_HEADER_TOKENS = (START_HEADER, END_HEADER, EOT)
-
-# Llama-3 pre-tokenizer split pattern (contractions, letters, 1-3 digit groups, punctuation, spaces).
-LLAMA3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
-                  r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 
 # Llama-3.0's chat format: the default of tokenizers trained here (and of Llama-3 vocabularies without a template).
 CHAT_TEMPLATE = (
@@ -132,7 +129,7 @@ class Tokenizer:
         generation_config.json (``eos_token_id``: int or list) when present. A ``.gguf`` file: see gguf/tokenizer.py."""
         if str(path).endswith(".gguf"):
             from .gguf import load_gguf_tokenizer
-            return load_gguf_tokenizer(path)
+            return load_gguf_tokenizer(path, cls)
         from tokenizers import Tokenizer as TK
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
@@ -173,14 +170,12 @@ class Tokenizer:
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
                   show_progress: bool = False) -> "Tokenizer":
         """Train a byte-level BPE (Llama-3 pre-tokenizer, Llama-3 + thinking special tokens at ids 0..8)."""
-        from tokenizers import Regex, Tokenizer as TK, decoders, models, pre_tokenizers, trainers
+        from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
         if vocab_size < 256 + len(TRAINED_SPECIAL_TOKENS):
             raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
                              f"{256 + len(TRAINED_SPECIAL_TOKENS)} (256 bytes + special tokens)")
         tk = TK(models.BPE())
-        tk.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+        tk.pre_tokenizer = llama3_pre_tokenizer()
         tk.decoder = decoders.ByteLevel()
         trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency,
                                       special_tokens=TRAINED_SPECIAL_TOKENS, show_progress=show_progress,

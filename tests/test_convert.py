@@ -19,7 +19,6 @@ gguf = pytest.importorskip("gguf")
 
 from preflexor_core import Llama, ModelConfig, Tokenizer  # noqa: E402
 from preflexor_core.convert import ConvertError, main  # noqa: E402
-from preflexor_core.gguf import load_gguf_model, load_gguf_tokenizer  # noqa: E402
 from preflexor_core.tokenizer import THINKING_TOKENS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -64,7 +63,7 @@ def test_hf_to_q8_gguf_loads_in_transformers_with_q8_error(hf_folder, tmp_path):
                                                                dtype=torch.float32).eval()
     with torch.no_grad():
         hf = theirs(IDS).logits
-    ours = _logits(load_gguf_model(out))
+    ours = _logits(Llama.from_pretrained(out))
     rel = ((hf - ref).abs().max() / ref.abs().max()).item()
     assert rel <= 4 / 254, f"transformers vs source: {rel:.2e}"
     torch.testing.assert_close(ours, hf, rtol=0, atol=1e-5)   # both loaders see the same dequantized weights
@@ -85,7 +84,7 @@ def test_thinking_tokens_are_control_tokens_and_template_travels(hf_folder, tmp_
     assert r.fields["tokenizer.ggml.bos_token_id"].contents() == tok.bos_token_id
     assert r.fields["tokenizer.ggml.eos_token_id"].contents() == tok.eos_token_id
     assert "blk.0.attn_q.weight" in {t.name for t in r.tensors} and "output.weight" in {t.name for t in r.tensors}
-    t2 = load_gguf_tokenizer(out)
+    t2 = Tokenizer.from_pretrained(out)
     s = "Nacre <|thinking|> is strong <|/thinking|> 2024"
     assert t2.encode(s) == tok.encode(s)
 

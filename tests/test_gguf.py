@@ -21,7 +21,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from preflexor_core import Llama, ModelConfig, Tokenizer  # noqa: E402
-from preflexor_core.gguf import GGUFError, load_gguf_model, load_gguf_tokenizer, write_gguf  # noqa: E402
+from preflexor_core.gguf import GGUFError, write_gguf  # noqa: E402
 from preflexor_core.gguf.layout import from_gguf_rows, to_gguf_rows  # noqa: E402
 from preflexor_core.gguf.writer import write_metadata  # noqa: E402
 
@@ -76,7 +76,7 @@ def test_quant_types_load_with_stated_error(tmp_path, tok, dtype):
     model = tiny(tok, hidden=64, inter=128)
     path = str(tmp_path / f"m-{dtype}.gguf")
     write_gguf(model, tok, path, dtype=dtype)
-    loaded = load_gguf_model(path)
+    loaded = Llama.from_pretrained(path)
     # 1) exact: loaded weights are gguf's dequantization of what is stored (q/k rows in HF order)
     reader = gguf.GGUFReader(path)
     stored = {t.name: t for t in reader.tensors}
@@ -130,7 +130,7 @@ def test_k_quants_dequantize_exactly(tmp_path, tok, qname):
                 raw = to_gguf_rows(torch.from_numpy(raw), heads).numpy()
             w.add_tensor(gname, raw, raw_dtype=qtype)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
-    loaded = load_gguf_model(path)
+    loaded = Llama.from_pretrained(path)
     assert loaded.config.tie_word_embeddings and loaded.lm_head is None
     for (k, a), b in zip(src.state_dict().items(), loaded.state_dict().values()):
         assert torch.equal(a, b), k
@@ -191,19 +191,19 @@ def test_bad_files_each_get_their_own_error(tmp_path, tok):
     data = open(good, "rb").read()
     (tmp_path / "magic.gguf").write_bytes(b"GGML" + data[4:])
     with pytest.raises(GGUFError, match=r"magic\.gguf: not a GGUF file \(wrong magic"):
-        load_gguf_model(str(tmp_path / "magic.gguf"))
+        Llama.from_pretrained(str(tmp_path / "magic.gguf"))
     (tmp_path / "cut.gguf").write_bytes(data[: len(data) // 2])
     with pytest.raises(GGUFError, match=r"cut\.gguf: truncated"):
-        load_gguf_model(str(tmp_path / "cut.gguf"))
+        Llama.from_pretrained(str(tmp_path / "cut.gguf"))
     (tmp_path / "head.gguf").write_bytes(data[:200])
     with pytest.raises(GGUFError, match=r"head\.gguf: truncated or corrupt"):
-        load_gguf_model(str(tmp_path / "head.gguf"))
+        Llama.from_pretrained(str(tmp_path / "head.gguf"))
     with pytest.raises(GGUFError, match=r"unsupported architecture general.architecture='gpt2'"):
-        load_gguf_model(_meta_only(tmp_path / "arch.gguf", arch="gpt2"))
+        Llama.from_pretrained(_meta_only(tmp_path / "arch.gguf", arch="gpt2"))
     with pytest.raises(GGUFError, match=r"sentencepiece"):
-        load_gguf_tokenizer(_meta_only(tmp_path / "spm.gguf", tokenizer_model="llama"))
+        Tokenizer.from_pretrained(_meta_only(tmp_path / "spm.gguf", tokenizer_model="llama"))
     with pytest.raises(GGUFError, match=r"tokenizer.ggml.pre='qwen2' is not supported"):
-        load_gguf_tokenizer(_meta_only(tmp_path / "pre.gguf", tokenizer_model="gpt2", pre="qwen2"))
+        Tokenizer.from_pretrained(_meta_only(tmp_path / "pre.gguf", tokenizer_model="gpt2", pre="qwen2"))
 
 
 def test_unsupported_and_unknown_quant_types(tmp_path, tok):
@@ -220,7 +220,7 @@ def test_unsupported_and_unknown_quant_types(tmp_path, tok):
             w.add_tensor(_gguf_name(name), arr)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
     with pytest.raises(GGUFError, match=r"tensor 'blk.0.attn_q.weight' has quant type TQ2_0, which is not supported"):
-        load_gguf_model(path)
+        Llama.from_pretrained(path)
     # a type id that no ggml version defines: patch the first tensor's type field in the header
     data = bytearray(open(path, "rb").read())
     r = gguf.GGUFReader(path)
@@ -230,7 +230,7 @@ def test_unsupported_and_unknown_quant_types(tmp_path, tok):
     data[off:off + 4] = np.uint32(999).tobytes()
     (tmp_path / "unk.gguf").write_bytes(bytes(data))
     with pytest.raises(GGUFError, match=r"unknown quant type"):
-        load_gguf_model(str(tmp_path / "unk.gguf"))
+        Llama.from_pretrained(str(tmp_path / "unk.gguf"))
 
 
 # ----------------------------------------------------------------------------- the bundled real model

@@ -1,9 +1,10 @@
 """GGUF (llama.cpp's file format) in and out for Llama-architecture models.
 
-    model = load_gguf_model("m.gguf")          # Llama.from_pretrained("m.gguf") dispatches here
-    tok = load_gguf_tokenizer("m.gguf")        # Tokenizer.from_pretrained("m.gguf") dispatches here
+    model = Llama.from_pretrained("m.gguf")    # -> load_gguf_model(path, Llama, ...)
+    tok = Tokenizer.from_pretrained("m.gguf")  # -> load_gguf_tokenizer(path, Tokenizer)
     write_gguf(model, tok, "out.gguf", dtype="q8_0")
 
+This package is below the model and the tokenizer: they pass their classes in, it imports neither.
 reader.py (header checks, config, dequantization), tokenizer.py (BPE from metadata),
 writer.py (model + tokenizer -> .gguf), layout.py (names, q/k row order).
 Tests: .venv/bin/python -m pytest -q tests/test_gguf.py tests/test_convert.py

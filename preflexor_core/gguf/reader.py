@@ -5,7 +5,7 @@ its ``gguf.quants.dequantize`` for the block formats. Metadata keys follow llama
 (``llama.embedding_length``, ``llama.attention.head_count`` ...). q/k rows are put back in HF
 order (layout.py); a missing ``output.weight`` means a tied head.
 
-    model = load_gguf_model("model.gguf", dtype=torch.float32)   # or Llama.from_pretrained("model.gguf")
+    model = Llama.from_pretrained("model.gguf")      # dispatches to load_gguf_model(path, Llama, ...)
 
 Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
 """
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from ..config import ConfigError, ModelConfig
+from ..rope import rope_inv_freq
 from . import layout
 
 # Tensor types this loader dequantizes (all covered by tests/test_gguf.py).
@@ -65,7 +66,6 @@ def read_metadata(reader) -> dict[str, Any]:
 
 def _llama3_rope(freqs: np.ndarray, theta: float, head_dim: int, path: str) -> dict:
     """Recover Llama-3 rope_scaling from llama.cpp's ``rope_freqs`` divisors (standard Llama-3.x values)."""
-    from ..model import rope_inv_freq
     factor = float(freqs.max())
     for lo, hi, ctx in ((1.0, 4.0, 8192), (1.0, 4.0, 4096), (1.0, 4.0, 2048)):
         rs = {"rope_type": "llama3", "factor": factor, "low_freq_factor": lo, "high_freq_factor": hi,
@@ -147,11 +147,10 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_gguf_model(path: str, dtype: Any = None, device: Any = "cpu", model_cls=None):
-    """Load a llama GGUF file as ``model_cls`` (default ``Llama``); dtype None = bf16 on CUDA, fp32 otherwise."""
+def load_gguf_model(path: str, model_cls, dtype: Any = None, device: Any = "cpu"):
+    """Load a llama GGUF file as ``model_cls`` (``Llama``); dtype None = bf16 on CUDA, fp32 otherwise.
+    Users call ``Llama.from_pretrained(path)``, which passes its class (this package never imports the model)."""
     from ..checkpoint import _resolve_dtype
-    if model_cls is None:
-        from ..model import Llama as model_cls
     device = torch.device(device)
     dtype = _resolve_dtype(dtype) or _default_dtype(device)
     reader = open_gguf(path)

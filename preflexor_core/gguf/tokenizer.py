@@ -10,11 +10,10 @@ writer uses. Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
 """
 from __future__ import annotations
 
-import inspect
 import json
 from typing import Any
 
-from ..tokenizer import LLAMA3_PATTERN, Tokenizer
+from ..pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer
 from .reader import GGUFError, open_gguf, read_metadata
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
@@ -25,10 +24,9 @@ SUPPORTED_PRES = LLAMA3_PRES + DIGITS_GPT2_PRES + GPT2_PRES
 
 
 def _pre_tokenizer(pre: str, path: str):
-    from tokenizers import Regex, pre_tokenizers as pt
+    from tokenizers import pre_tokenizers as pt
     if pre in LLAMA3_PRES:
-        return pt.Sequence([pt.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
-                            pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=False)])
+        return llama3_pre_tokenizer()
     if pre in DIGITS_GPT2_PRES:
         return pt.Sequence([pt.Digits(individual_digits=True),
                             pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
@@ -55,8 +53,9 @@ def pre_tokenizer_name(tk) -> str:
                      f"GPT-2 byte level (gpt2)")
 
 
-def tokenizer_from_metadata(meta: dict[str, Any], path: str) -> Tokenizer:
-    """Build our ``Tokenizer`` from GGUF metadata (see the module docstring for what is supported)."""
+def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
+    """Build ``tokenizer_cls`` (our ``Tokenizer``) from GGUF metadata (see the module docstring for what is
+    supported). ``Tokenizer.from_pretrained(path)`` passes its class: this package never imports it."""
     from tokenizers import AddedToken, Tokenizer as TK, decoders, models
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
@@ -100,21 +99,13 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: str) -> Tokenizer:
     ctx = meta.get(f"{meta.get('general.architecture', 'llama')}.context_length")
     if isinstance(ctx, int):
         kw["model_max_length"] = ctx
-    template = meta.get("tokenizer.chat_template")
-    params = inspect.signature(Tokenizer.__init__).parameters
-    takes_template = "chat_template" in params
-    if takes_template and template is not None:
-        kw["chat_template"] = template
-    extra = dict(unk_token=tok("unknown_token_id"), source=path,
-                 eos_token_ids=[i for i in (meta.get("tokenizer.ggml.eot_token_id"),) if isinstance(i, int)])
-    kw.update({k: v for k, v in extra.items() if k in params})
-    out = Tokenizer(tk, **kw)
-    if not takes_template:
-        out.chat_template = template
+    kw.update(chat_template=meta.get("tokenizer.chat_template"), unk_token=tok("unknown_token_id"), source=path,
+              eos_token_ids=[i for i in (meta.get("tokenizer.ggml.eot_token_id"),) if isinstance(i, int)])
+    out = tokenizer_cls(tk, **kw)
     out.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     return out
 
 
-def load_gguf_tokenizer(path: str) -> Tokenizer:
-    """``Tokenizer`` from a .gguf file's metadata."""
-    return tokenizer_from_metadata(read_metadata(open_gguf(path)), str(path))
+def load_gguf_tokenizer(path: str, tokenizer_cls):
+    """``tokenizer_cls`` from a .gguf file's metadata."""
+    return tokenizer_from_metadata(read_metadata(open_gguf(path)), str(path), tokenizer_cls)

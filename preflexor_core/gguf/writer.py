@@ -18,6 +18,7 @@ import os
 import numpy as np
 import torch
 
+from ..rope import rope_inv_freq
 from . import layout
 from .reader import GGUFError
 from .tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, pre_tokenizer_name
@@ -103,7 +104,6 @@ def _encode(w32: np.ndarray, qname: str):
 
 def llama_tensors(model) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array in llama.cpp layout) for every tensor of ``model`` (+ rope_freqs)."""
-    from ..model import rope_inv_freq
     cfg = model.config
     out = []
     for name, t in model.state_dict().items():
