@@ -6,7 +6,7 @@
                                    stop=["\\n\\n"], prepend_response="<|thinking|>"))
     outs[0].text, outs[0].token_ids, outs[0].finish_reason          # prompt-major, sample-minor
 
-Rooms: ``kv_cache`` (KVCache), ``generate`` (SamplingParams, Completion, prefill,
+Rooms: ``kv_cache`` (KVCache), ``params`` (SamplingParams, Completion), ``generate`` (prefill,
 decode_one_token, generate), ``sampling`` (seeds, repetition penalty; the draw is ``ops.sample``),
 ``detokenize`` (incremental text, stop strings), ``prompts``, ``cpu_pack`` (oneDNN weight packing
 on CPU), ``cuda_graph`` (the decode step as a CUDA graph).
@@ -14,8 +14,9 @@ Tests: ``python -m pytest tests/test_sampler.py -q``.
 """
 from .cpu_pack import cpu_packed_linears
 from .cuda_graph import CUDAGraphDecoder, static_decode_step
-from .generate import Completion, SamplingParams, decode_one_token, generate, prefill
+from .generate import decode_one_token, generate, prefill
 from .kv_cache import KVCache
+from .params import Completion, SamplingParams
 from .sampling import apply_repetition_penalty, row_key, sample, seeds_for_rows
 
 __all__ = ["KVCache", "SamplingParams", "Completion", "prefill", "decode_one_token", "sample", "generate",

@@ -6,10 +6,7 @@ with ``truncate_prompt_left``, cut from the left. Tests: ``python -m pytest test
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from .generate import SamplingParams
+from .params import SamplingParams
 
 
 def prompt_texts(tokenizer, prompts_or_chats) -> list[str]:
