@@ -23,6 +23,7 @@ import jinja2
 import torch
 
 from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
+from .io import file_mode
 from .chat_template import SPECIAL_TOKEN_NAMES, end_of_turn_token, render_chat_template, select_template
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ def _atomic_write(path: str, data: str) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    os.chmod(tmp, file_mode())          # mkstemp makes 0600; a saved tokenizer follows the umask
     os.replace(tmp, path)
 
 

@@ -4,6 +4,8 @@
 retries with exponential backoff + jitter on 429 / 5xx / connection errors (``Retry-After``
 honoured), no retry on 401/403 (:class:`TeacherAuthError`) or 404 (:class:`TeacherNotFoundError`).
 ``chat_completions_url`` turns ``http://h:p``, ``.../v1`` or a full URL into the endpoint URL.
+``teacher.check(timeout)`` asks ``GET .../v1/models`` once with a short timeout: run it at start-up
+so an unreachable server is one clear error, not minutes of retries.
 
 References: OpenAI chat-completions wire format,
 https://platform.openai.com/docs/api-reference/chat/create .
@@ -39,6 +41,11 @@ def chat_completions_url(base_url: str) -> str:
     if re.search(r"/v\d+$", url):
         return url + "/chat/completions"
     return url + "/v1/chat/completions"
+
+
+def models_url(base_url: str) -> str:
+    """The ``GET .../v1/models`` URL of the server behind ``base_url`` (any form ``chat_completions_url`` takes)."""
+    return chat_completions_url(base_url)[: -len("/chat/completions")] + "/models"
 
 
 def _retry_after_seconds(value: str | None) -> float | None:
@@ -98,6 +105,25 @@ class OpenAITeacher:
 
     def __repr__(self) -> str:
         return f"OpenAITeacher(url={self.url!r}, model={self.model!r}, concurrency={self.concurrency})"
+
+    def check(self, timeout: float = 3.0, what: str = "teacher") -> None:
+        """One ``GET .../v1/models`` with a short timeout, no retries. Any HTTP reply but 401/403
+        means the server is there; refused, unresolvable or silent -> :class:`TeacherUnavailableError`."""
+        url = models_url(self.url)
+        req = urllib.request.Request(url, headers={k: v for k, v in self._headers().items()
+                                                   if k != "Content-Type"}, method="GET")
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as resp:
+                resp.read(1 << 16)
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise TeacherAuthError(f"{what} endpoint {self.url}: authentication failed (HTTP {e.code} from "
+                                       f"{url}); set {self.api_key_env} to a valid API key") from None
+        except (urllib.error.URLError, ConnectionError, socket.timeout, TimeoutError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise TeacherUnavailableError(
+                f"{what} endpoint {self.url} is unreachable (GET {url}, timeout {timeout:g} s: {reason}); "
+                "start the server or fix the URL") from None
 
     # ---------------------------------------------------------------- one request
     def _headers(self) -> dict:

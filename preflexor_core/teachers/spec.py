@@ -2,6 +2,7 @@
 
 ``"extractive"`` -> :class:`ExtractiveTeacher` (needs a retriever), ``http(s)://...`` ->
 :class:`OpenAITeacher` (needs ``model``), a checkpoint directory -> :class:`LocalTeacher`.
+``check_teacher_endpoint(spec, model)`` asks an HTTP teacher once, briefly, before any work.
 
 References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1 (the teacher writes the chosen side).
 
@@ -12,7 +13,7 @@ from __future__ import annotations
 import inspect
 import os
 
-from .base import Teacher
+from .base import Teacher, TeacherAuthError, TeacherUnavailableError
 from .extractive import ExtractiveTeacher
 from .http import OpenAITeacher
 from .local import LocalTeacher
@@ -43,6 +44,22 @@ def teacher_kind(spec: str, model: str | None = None) -> str:
         return "local"
     raise ValueError(f"bad teacher spec {spec!r}: expected 'extractive', an http(s):// URL of an "
                      "OpenAI-compatible server, or an existing checkpoint directory")
+
+
+CHECK_TIMEOUT_S = 3.0
+
+
+def check_teacher_endpoint(spec: str, model: str | None = None, timeout: float = CHECK_TIMEOUT_S,
+                           api_key_env: str = "OPENAI_API_KEY", flag: str = "--teacher") -> None:
+    """For an ``http(s)://`` spec, one short request to the server (``OpenAITeacher.check``); a server
+    that does not answer raises :class:`TeacherUnavailableError` naming the flag, the URL and what to
+    do. Other specs need no network and pass."""
+    if not isinstance(spec, str) or not spec.strip().startswith(("http://", "https://")):
+        return
+    try:
+        OpenAITeacher(spec.strip(), model or "-", api_key_env=api_key_env).check(timeout=timeout)
+    except (TeacherUnavailableError, TeacherAuthError) as e:
+        raise type(e)(f"{flag}: {e}; or use {flag} extractive (offline, no server)") from None
 
 
 def teacher_from_spec(spec: str, retriever=None, model: str | None = None, seed: int = 0,

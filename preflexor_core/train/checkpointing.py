@@ -1,7 +1,8 @@
 """Stage checkpoints with exact resume, and the final export of a stage.
 
-``checkpoints/stageN/``: ``model.safetensors`` (full weights), ``trainer_state.pt`` (optimizer,
-scheduler, RNG of python / numpy / torch / cuda, data position, config) and, under FSDP2, one
+``checkpoints/stageN/``: ``model.safetensors`` (full weights; under LoRA ``trainable.safetensors``,
+the adapters and token rows only), ``trainer_state.pt`` (optimizer, scheduler, RNG states, data
+position, config; tensors and plain types, ``weights_only`` loads) and, under FSDP2, one
 ``optimizer-rank{R}.pt`` per rank. ``stageN/``: the HF checkpoint (+ tokenizer, + LoRA ``adapter/``
 when used, merged into the weights) and ``DONE``. Every write is atomic (``io.atomic_dir``).
 Saving and loading are collective: every rank calls them. ``run`` is the ``stage.StageRun``.
@@ -22,15 +23,23 @@ import numpy as np
 import torch
 
 from .. import distributed as D
-from ..io import atomic_dir
+from ..io import atomic_dir, recover_dir
 
 log = logging.getLogger("preflexor.train")
 
-__all__ = ["rng_state", "set_rng_state", "seed_everything", "save_checkpoint", "load_checkpoint", "save_final"]
+WEIGHTS_FILE = "model.safetensors"          # full weights (full fine-tuning)
+TRAINABLE_FILE = "trainable.safetensors"    # LoRA: adapters + trainable token rows only (the base is frozen)
+
+__all__ = ["WEIGHTS_FILE", "TRAINABLE_FILE", "rng_state", "set_rng_state", "seed_everything", "save_checkpoint",
+           "load_checkpoint", "save_final"]
 
 
 def rng_state() -> dict:
-    st = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """RNG states of python / numpy / torch / cuda as tensors and plain types (``weights_only`` loads them)."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    st = {"python": random.getstate(), "torch": torch.get_rng_state(),
+          "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                    "has_gauss": int(has_gauss), "cached_gaussian": float(cached)}}
     if torch.cuda.is_available():
         st["cuda"] = torch.cuda.get_rng_state_all()
     return st
@@ -38,7 +47,9 @@ def rng_state() -> dict:
 
 def set_rng_state(st: dict) -> None:
     random.setstate(st["python"])
-    np.random.set_state(st["numpy"])
+    n = st["numpy"]
+    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
     torch.set_rng_state(st["torch"])
     if "cuda" in st and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(st["cuda"])
@@ -50,10 +61,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _trainable_state(run) -> dict[str, torch.Tensor]:
+    """Under LoRA, what a checkpoint holds of the model: the trainable tensors (adapters, token rows)."""
+    return {n: p.detach() for n, p in run.base.named_parameters() if p.requires_grad}
+
+
 def save_checkpoint(run) -> None:
-    """Full weights + trainer state (rank 0); under FSDP2 each rank also writes its optimizer shard
-    into rank 0's staging folder, which rank 0 renames into place once every shard is written."""
-    state = D.full_state_dict(run.base) if run.fsdp or run.is_main else None   # all-gather under FSDP2
+    """Weights + trainer state (rank 0); under FSDP2 each rank also writes its optimizer shard into
+    rank 0's staging folder, which rank 0 renames into place once every shard is written."""
+    if run.lora_cfg is not None:
+        state = _trainable_state(run) if run.is_main else None
+    else:
+        state = D.full_state_dict(run.base) if run.fsdp or run.is_main else None   # all-gather under FSDP2
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(run.ckpt_dir)) if run.is_main else None
         if run.fsdp:
@@ -67,34 +86,49 @@ def save_checkpoint(run) -> None:
 
 def _write_main(run, tmp: str, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, "model.safetensors"))
+    name = WEIGHTS_FILE if run.lora_cfg is None else TRAINABLE_FILE
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, name))
     torch.save({"optimizer": None if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                 "rng": rng_state(), "position": dict(run.pos), "config": asdict(run.cfg),
                 "world_size": run.world}, os.path.join(tmp, "trainer_state.pt"))
 
 
-def load_checkpoint(run) -> bool:
-    """Restore weights, optimizer, scheduler, RNG and data position; False when there is no checkpoint."""
+def _load_weights(run, ckpt) -> None:
     from safetensors.torch import load_file
-    ckpt = run.ckpt_dir
-    if not (ckpt / "trainer_state.pt").exists():
-        return False
-    sd = load_file(str(ckpt / "model.safetensors"), device=str(run.device))
+    if run.lora_cfg is not None:
+        sd = load_file(str(ckpt / TRAINABLE_FILE), device=str(run.device))
+        want = set(_trainable_state(run))
+        if set(sd) != want:
+            raise RuntimeError(f"{ckpt}/{TRAINABLE_FILE} does not hold this run's trainable LoRA tensors "
+                               f"(missing {sorted(want - set(sd))[:3]}, unexpected {sorted(set(sd) - want)[:3]}); "
+                               f"was it made with other --model/--lora-r flags? Remove {ckpt} to start the stage over")
+        run.base.load_state_dict(sd, strict=False)
+        return
+    sd = load_file(str(ckpt / WEIGHTS_FILE), device=str(run.device))
     if run.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(run.base, sd, options=StateDictOptions(full_state_dict=True))
         sd = {k: v for k, v in sd.items() if k not in run.base.state_dict()}
     missing, unexpected = ([], []) if run.fsdp else run.base.load_state_dict(sd, strict=False)
     if missing or unexpected:
-        raise RuntimeError(f"{ckpt}/model.safetensors does not match the model being trained "
+        raise RuntimeError(f"{ckpt}/{WEIGHTS_FILE} does not match the model being trained "
                            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); was it made with other "
                            f"--model/--lora-r flags? Remove {ckpt} to start the stage over")
-    st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=False)
+
+
+def load_checkpoint(run) -> bool:
+    """Restore weights, optimizer, scheduler, RNG and data position; False when there is no checkpoint.
+    Everything loads with ``torch.load(weights_only=True)``."""
+    ckpt = run.ckpt_dir
+    if not (ckpt / "trainer_state.pt").exists():
+        return False
+    _load_weights(run, ckpt)
+    st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     if run.fsdp:
         if st.get("world_size") != run.world:
             raise RuntimeError(f"{ckpt} was written by {st.get('world_size')} FSDP2 ranks; resume with "
                                f"the same --nproc_per_node (now {run.world})")
-        st["optimizer"] = torch.load(ckpt / f"optimizer-rank{run.rank}.pt", map_location="cpu", weights_only=False)
+        st["optimizer"] = torch.load(ckpt / f"optimizer-rank{run.rank}.pt", map_location="cpu", weights_only=True)
     run.opt.load_state_dict(st["optimizer"])
     run.sched.load_state_dict(st["scheduler"])
     set_rng_state(st["rng"])
