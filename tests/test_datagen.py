@@ -253,12 +253,13 @@ def test_torn_last_line_is_cut_and_regenerated(retriever, tmp_path):
 
 def test_stale_pairs_are_reused_not_regenerated(retriever, tmp_path):
     """Resuming trusts the file: a row whose id is in range is kept byte for byte whatever made it
-    (another teacher, an older config, even a row with only an id); only missing ids are generated.
+    (another teacher, an older config); only missing ids are generated.
     Every other row of the file (other seeds, beyond ``n``) stays there and is returned too, after
     the requested ids, ordered by id (callers filter by the seed prefix)."""
     out = tmp_path / "pairs.jsonl"
     stale = [{"id": "0-1", "prompt": "stale prompt", "chosen": "stale chosen", "rejected": "stale rejected"},
-             {"id": "5-0", "prompt": "other seed"}, {"id": "0-7"}]
+             {"id": "5-0", "prompt": "other seed", "chosen": "c", "rejected": "r"},
+             {"id": "0-7", "prompt": "p", "chosen": "c", "rejected": "r"}]
     out.write_text("".join(json.dumps(r) + "\n" for r in stale))
     before = _lines(out)
     rows = generate_pairs(retriever, ExtractiveTeacher(retriever), n=3, rejected_from="teacher",
@@ -300,7 +301,8 @@ def test_config_object_and_keyword_options(retriever, tmp_path):
 
 def test_corrupt_middle_line_is_an_error(tmp_path):
     out = tmp_path / "pairs.jsonl"
-    out.write_text('{"id": "0-0"}\nnot json\n{"id": "0-2"}\n')
+    row = lambda i: json.dumps({"id": f"0-{i}", "prompt": "p", "chosen": "c", "rejected": "r"})  # noqa: E731
+    out.write_text(f'{row(0)}\nnot json\n{row(2)}\n')
     with pytest.raises(PairsFileError, match=r"pairs.jsonl:2: not a valid pair row"):
         read_pairs(out)
 

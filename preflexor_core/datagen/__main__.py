@@ -2,7 +2,8 @@
 
 Run: ``python -m preflexor_core.datagen --corpus PATH --out pairs.jsonl --n 100 --teacher extractive
 [--model DIR|FILE.gguf|NAME] [--k-samples 4] [--with-thinking]``; ``--help`` lists every option. Prints one JSON
-summary line (``GenerationStats``); exit status 2 on bad input.
+summary line (``GenerationStats``); bad input (checked before any work: the output file, an HTTP teacher
+that does not answer) is one ``error:`` line and exit status 2, and so is a run that dropped every row.
 
 References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.3.
 
@@ -18,11 +19,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from ..errors import run_cli
+from ..io import check_output_file
 from ..models import DTYPE_CHOICES, NAMED_MODELS, ModelSpecError, load_model_and_tokenizer, resolve_model
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
-from ..teachers import DEFAULT_CATEGORIES, TeacherError, teacher_from_spec, teacher_kind
-from .pairs_io import DatagenError
+from ..teachers import DEFAULT_CATEGORIES, TeacherError, check_teacher_endpoint, teacher_from_spec, teacher_kind
+from .pairs_io import DatagenError, nothing_produced, read_pairs
 from .pipeline import REJECTED_SOURCES, DatagenConfig, generate_pairs
 
 
@@ -118,6 +121,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     categories = [c.strip() for c in args.categories.split(",") if c.strip()]
     if not categories:
         ap.error("--categories is empty")
+    # before any work: the output must be ours (a pairs file or new) and writable; the teacher must answer
+    read_pairs(check_output_file(args.out, "--out"))
+    check_teacher_endpoint(args.teacher, args.teacher_model, api_key_env=args.api_key_env)
 
     try:
         retriever = _build_retriever(args)
@@ -144,8 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps({"out": args.out, "rows": len(rows), **rows.stats.as_dict()}))
+    st = rows.stats
+    if st.written == 0 and st.requested > st.existing:
+        raise nothing_produced(f"datagen --out {args.out}", st.skipped, total=st.requested - st.existing)
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))
