@@ -28,7 +28,23 @@ def _adapter_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
-class LoRALinear(nn.Module):
+class _LowRankDelta(nn.Module):
+    """Merge / unmerge of a low-rank update: ``weight += delta_weight()`` once, and back."""
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        if not self.merged:
+            self.weight.add_(self.delta_weight().to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        if self.merged:
+            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
+            self.merged = False
+
+
+class LoRALinear(_LowRankDelta):
     """y = base(x) + (dropout(x) @ A.T @ B.T) * (alpha / r) around an existing ``nn.Linear``.
 
     The base ``weight`` / ``bias`` Parameters are taken over (same objects, frozen) and keep their
@@ -61,18 +77,6 @@ class LoRALinear(nn.Module):
         """(out, in) update (alpha / r) * B @ A in the adapter dtype."""
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
-
     def effective_weight(self) -> torch.Tensor:
         """The (out, in) weight this module applies: base + update unless merged or disabled
         (differentiable in the adapters; used where a layer is read as a matrix, e.g. the LM head)."""
@@ -99,7 +103,7 @@ class LoRALinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
 
 
-class LoRAEmbedding(nn.Module):
+class LoRAEmbedding(_LowRankDelta):
     """Embedding lookup plus (alpha / r) * (A.T[ids]) @ B.T around an existing ``nn.Embedding``.
 
     lora_embedding_A (r, V) starts at zeros and lora_embedding_B (H, r) normal(0, 1): the update to
@@ -123,18 +127,6 @@ class LoRAEmbedding(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """(V, H) update."""
         return (self.lora_embedding_B @ self.lora_embedding_A).t() * self.scaling
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        if not self.merged:
-            self.weight.add_(self.delta_weight().to(self.weight.dtype))
-            self.merged = True
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        if self.merged:
-            self.weight.sub_(self.delta_weight().to(self.weight.dtype))
-            self.merged = False
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = F.embedding(ids, self.weight, self.padding_idx)
