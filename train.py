@@ -28,7 +28,10 @@ def build_parser() -> argparse.ArgumentParser:
             args = typing.get_args(hints[f.name])
             base = next((a for a in args if a is not type(None)), hints[f.name]) if args else hints[f.name]
             help_text = f.metadata["help"]
-            if base is bool:
+            if "const" in f.metadata:        # an optional value: --resume, --resume=auto
+                group.add_argument(flag, nargs="?", const=f.metadata["const"], type=f.metadata["parse"],
+                                   default=f.default, help=help_text, metavar="{yes,no,auto}")
+            elif base is bool:
                 group.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=help_text)
             else:
                 kw = {"choices": f.metadata["choices"]} if "choices" in f.metadata else {}
@@ -39,9 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from preflexor_core.errors import check_device
     from preflexor_core.train import TrainConfig, main as train_main
     try:
         cfg = TrainConfig.from_flat(**vars(args))
+        check_device(cfg.parallel.device)
     except ValueError as e:
         print(f"train.py: error: {e}", file=sys.stderr)
         return 2
@@ -55,4 +60,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from preflexor_core.errors import run_cli
+    sys.exit(run_cli(main))

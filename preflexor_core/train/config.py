@@ -5,7 +5,8 @@
 
 Sections: ``run``, ``data``, ``optim``, ``preference``, ``checkpoint``, ``parallel``. Field names are
 unique across sections, so each is also a CLI flag; the help text of each flag is the field's
-``metadata["help"]`` (train.py builds its parser from it). Defaults live only here.
+``metadata["help"]`` (train.py builds its parser from it). Defaults, allowed ranges (``ge``/``gt``/
+``le``/``lt``), the stages a field affects and whether a ``--resume`` may change it live only here.
 
 Tests: ``python -m pytest -q tests/test_trainer.py -k config``
 """
@@ -16,36 +17,91 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..config import PRESETS
+from ..errors import PreflexorError
 from ..losses import DPO_LOSS_TYPES
 from ..masks import MASK_MODES
+from ..tokenizer import TRAINED_SPECIAL_TOKENS
 
 STAGES = ("0", "1", "2")
 
 __all__ = ["STAGES", "RunConfig", "DataConfig", "OptimConfig", "PreferenceConfig", "CheckpointConfig",
-           "ParallelConfig", "TrainConfig", "SECTIONS"]
+           "ParallelConfig", "TrainConfig", "SECTIONS", "TrainConfigError", "flag", "range_text", "parse_resume"]
+
+MIN_BPE_VOCAB = 256 + len(TRAINED_SPECIAL_TOKENS)     # byte-level BPE: 256 bytes + the special tokens
+MIN_PROMPT_LENGTH = 16       # below this a left-truncated prompt keeps BOS and the chat tags, not the question
+_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+
+
+class TrainConfigError(PreflexorError, ValueError):
+    """A training option out of its range or of the wrong type; the message names the flag."""
 
 
 def opt(default: Any, help: str, **meta) -> Any:
-    """A config field with its CLI help (and optional ``choices``) in the field metadata."""
+    """A config field with its CLI help in the field metadata, and optionally: ``choices``; the allowed
+    range ``ge``/``gt``/``le``/``lt`` (checked for every value but None); ``stages`` (the stages it
+    affects, default all: a ``--resume`` compares it only there); ``resume_safe`` (a ``--resume`` may
+    change it: it does not alter the math or the data of the remaining steps)."""
     return field(default=default, metadata={"help": help, **meta})
 
 
-def _at_least_one(section, *names: str) -> None:
-    for name in names:
-        if getattr(section, name) < 1:
-            raise ValueError(f"{name}={getattr(section, name)} must be >= 1")
+def flag(name: str) -> str:
+    """The CLI flag of a config field: ``n_steps`` -> ``--n-steps``."""
+    return "--" + name.replace("_", "-")
+
+
+def range_text(meta) -> str:
+    """The allowed range of a field as text (``>= 1``, ``in (0, 1]``), "" when it has none."""
+    lo = next(((k, meta[k]) for k in ("ge", "gt") if k in meta), None)
+    hi = next(((k, meta[k]) for k in ("le", "lt") if k in meta), None)
+    if lo and hi:
+        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == 'le' else ')'}"
+    return " and ".join(f"{_BOUNDS[b[0]]} {b[1]}" for b in (lo, hi) if b)
+
+
+def _in_range(value, meta) -> bool:
+    checks = {"ge": lambda b: value >= b, "gt": lambda b: value > b, "le": lambda b: value <= b,
+              "lt": lambda b: value < b}
+    return all(checks[k](meta[k]) for k in _BOUNDS if k in meta)       # NaN fails every bound
+
+
+def _check_fields(section) -> None:
+    """Every numeric field: the right type (int / float, never bool) and inside its range."""
+    for f in dataclasses.fields(section):
+        value, meta = getattr(section, f.name), f.metadata
+        if value is None or not any(k in meta for k in _BOUNDS):
+            continue
+        want_int = "int" in str(f.type)
+        ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))
+        if isinstance(value, bool) or not ok_type:
+            kind = "an integer" if want_int else "a number"
+            raise TrainConfigError(f"{f.name}={value!r} must be {kind} {range_text(meta)} ({flag(f.name)})")
+        if not _in_range(value, meta):
+            raise TrainConfigError(f"{f.name}={value!r} must be {range_text(meta)} ({flag(f.name)})")
+
+
+def parse_resume(text: str) -> bool | str:
+    """``--resume`` values: yes/true/1 (resume; an error when there is nothing to resume), auto (resume
+    when there is something, else start), no/false/0."""
+    v = str(text).strip().lower()
+    if v in ("auto",):
+        return "auto"
+    if v in ("yes", "true", "1", "on"):
+        return True
+    if v in ("no", "false", "0", "off"):
+        return False
+    raise ValueError(f"--resume {text!r}: use --resume (or --resume=yes), --resume=auto or --resume=no")
 
 
 def _one_of(name: str, value, valid) -> None:
     if value not in valid:
-        raise ValueError(f"{name}={value!r}: use {', '.join(map(str, valid))}")
+        raise TrainConfigError(f"{name}={value!r}: use {', '.join(map(str, valid))} ({flag(name)})")
 
 
 @dataclass(kw_only=True)
 class RunConfig:
     """What to run and where: stage, model, tokenizer, run directory, seed."""
     stage: str = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO) or all "
-                     "(0, 1, 2 in order)", choices=[*STAGES, "all"])
+                     "(0, 1, 2 in order)", choices=[*STAGES, "all"], resume_safe=True)
     model: str = opt("tiny", "a preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in "
                      "stage 0), a pretrained model name (smollm2-135m-instruct: the bundled GGUF), an HF Llama "
                      "checkpoint directory or a .gguf file. Stages 1 and 2 start from the run's previous "
@@ -53,14 +109,17 @@ class RunConfig:
     tokenizer: str | None = opt(None, "tokenizer directory (tokenizer.json); default: the model directory's, or a "
                                 "BPE trained on the corpus for presets")
     tokenizer_vocab_size: int | None = opt(None, "vocabulary of the BPE trained for presets (default: the "
-                                           "preset's vocab_size)")
-    out: str = opt("runs/demo", "run directory (stage outputs, pairs.jsonl, log.jsonl, plots/, checkpoints/)")
-    seed: int = opt(42, "random seed (data order, sampling, initialisation)")
-    max_steps: int | None = opt(None, "stop a stage after this many optimizer steps (checkpoint kept for --resume)")
-    progress: bool = opt(True, "show progress bars")
+                                           "preset's vocab_size)", ge=MIN_BPE_VOCAB)
+    out: str = opt("runs/demo", "run directory (stage outputs, pairs.jsonl, log.jsonl, plots/, checkpoints/)",
+                   resume_safe=True)
+    seed: int = opt(42, "random seed (data order, sampling, initialisation)", ge=0)
+    max_steps: int | None = opt(None, "stop a stage after this many optimizer steps (checkpoint kept for --resume)",
+                                ge=1, resume_safe=True)
+    progress: bool = opt(True, "show progress bars", resume_safe=True)
 
     def __post_init__(self):
         _one_of("stage", self.stage, (*STAGES, "all"))
+        _check_fields(self)
 
 
 @dataclass(kw_only=True)
@@ -74,100 +133,126 @@ class DataConfig:
                        "URL (http...), or a checkpoint directory")
     teacher_model: str = opt("gpt-4o-mini", "model name sent to an HTTP teacher (API key from $OPENAI_API_KEY)")
     teacher_max_items: int = opt(1, "extractive teacher: sentences or items per thinking category (shorter "
-                                 "thinking trains faster)")
+                                 "thinking trains faster)", ge=1)
     teacher_answer_sentences: int = opt(2, "extractive teacher: at most this many corpus sentences in the "
-                                        "chosen answer")
-    sft_seq_len: int = opt(256, "stage 0 tokens per packed block")
+                                        "chosen answer", ge=1)
+    sft_seq_len: int = opt(256, "stage 0 tokens per packed block", ge=2, stages="0")
     iterations: int | None = opt(None, "stages 1/2: how many times the preference dataset is regenerated with the "
-                                 "current policy (default: 6; 18 in stage 1 for a preset trained from scratch)")
-    pairs_per_iteration: int = opt(64, "stages 1/2: preference pairs generated per iteration")
-    number_nodes_to_get: int = opt(3, "corpus nodes sampled per generated question")
-    k_samples: int = opt(2, "stage 2: policy samples per question; the lowest-scored becomes the rejected answer")
+                                 "current policy (default: 6; 18 in stage 1 for a preset trained from scratch)",
+                                 ge=1, stages="12")
+    pairs_per_iteration: int = opt(64, "stages 1/2: preference pairs generated per iteration", ge=1, stages="12")
+    number_nodes_to_get: int = opt(3, "corpus nodes sampled per generated question", ge=1, stages="12")
+    k_samples: int = opt(2, "stage 2: policy samples per question; the lowest-scored becomes the rejected answer",
+                         ge=1, stages="2")
     sample_max_new_tokens: int = opt(160, "stage 1: max new tokens when sampling rejected answers (no thinking) "
-                                     "from the policy")
+                                     "from the policy", ge=1, stages="1")
     thinking_max_new_tokens: int = opt(768, "stage 2: max new tokens when sampling rejected answers (thinking + "
-                                       "answer); thinking cut off by this cap is handled by --on-unclosed")
-    gen_batch_size: int = opt(32, "questions per sampler call while generating pairs")
-    sample_temperature: float = opt(0.8, "temperature when sampling rejected answers")
-    sample_top_p: float = opt(0.9, "top-p when sampling rejected answers")
-    max_length: int = opt(1024, "max prompt + completion tokens")
-    max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)")
-    truncation_mode: str = opt("keep_start", "when a completion is too long: keep_start or keep_end")
+                                       "answer); thinking cut off by this cap is handled by --on-unclosed", ge=1,
+                                       stages="2")
+    gen_batch_size: int = opt(32, "questions per sampler call while generating pairs", ge=1, stages="12")
+    sample_temperature: float = opt(0.8, "temperature when sampling rejected answers", ge=0.0, stages="12")
+    sample_top_p: float = opt(0.9, "top-p when sampling rejected answers", gt=0.0, le=1.0, stages="12")
+    max_length: int = opt(1024, "max prompt + completion tokens", ge=2, stages="12")
+    max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)",
+                                 ge=MIN_PROMPT_LENGTH, stages="12")
+    truncation_mode: str = opt("keep_start", "when a completion is too long: keep_start or keep_end", stages="12")
 
     def __post_init__(self):
         _one_of("embedder", self.embedder, ("auto", "minilm", "hashing"))
         _one_of("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
-        _at_least_one(self, "teacher_max_items", "teacher_answer_sentences", "sft_seq_len", "pairs_per_iteration",
-                      "k_samples", "sample_max_new_tokens", "thinking_max_new_tokens", "gen_batch_size")
-        if self.iterations is not None:
-            _at_least_one(self, "iterations")
+        _check_fields(self)
+        if self.max_prompt_length >= self.max_length:
+            raise TrainConfigError(f"max_prompt_length={self.max_prompt_length} must be < max_length="
+                                   f"{self.max_length} (--max-prompt-length, --max-length): the completion "
+                                   f"needs room")
 
 
 @dataclass(kw_only=True)
 class OptimConfig:
     """Steps, batch sizes, learning rates and schedule, clipping, precision, LoRA."""
-    sft_steps: int = opt(500, "stage 0 optimizer steps")
-    sft_batch_size: int = opt(16, "stage 0 blocks per micro-batch per rank")
-    sft_lr: float = opt(3e-3, "stage 0 learning rate")
-    n_steps: int = opt(48, "stages 1/2: optimizer steps on each generated dataset")
-    batch_size: int = opt(4, "stages 1/2: preference pairs per micro-batch per rank")
-    grad_accum: int = opt(1, "micro-batches per optimizer step")
+    sft_steps: int = opt(500, "stage 0 optimizer steps", ge=1, stages="0")
+    sft_batch_size: int = opt(16, "stage 0 blocks per micro-batch per rank", ge=1, stages="0")
+    sft_lr: float = opt(3e-3, "stage 0 learning rate", gt=0.0, le=1.0, stages="0")
+    n_steps: int = opt(48, "stages 1/2: optimizer steps on each generated dataset", ge=1, stages="12")
+    batch_size: int = opt(4, "stages 1/2: preference pairs per micro-batch per rank", ge=1, stages="12")
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
     orpo_lr: float | None = opt(None, "stage 1 learning rate (default: 5e-5 with LoRA, 5e-6 full, 2e-3 for a "
-                                "preset trained from scratch)")
+                                "preset trained from scratch)", gt=0.0, le=1.0, stages="1")
     dpo_lr: float | None = opt(None, "stage 2 learning rate (default: 1e-6, or 2e-5 for a preset trained from "
-                               "scratch)")
-    warmup_steps: int = opt(5, "linear warmup steps")
+                               "scratch)", gt=0.0, le=1.0, stages="2")
+    warmup_steps: int = opt(5, "linear warmup steps", ge=0)
     schedule: str = opt("constant", "learning-rate schedule after warmup: constant or cosine")
-    weight_decay: float = opt(0.0, "AdamW weight decay")
-    max_grad_norm: float = opt(1.0, "gradient clipping norm")
-    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory")
+    weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
+    max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory",
+                                       resume_safe=True)
     bf16: bool = opt(True, "bf16 autocast on CUDA (no effect on CPU)")
-    lora_r: int = opt(0, "LoRA rank for stages 1/2 (0: full fine-tuning; paper: 64)")
-    lora_alpha: float = opt(64.0, "LoRA alpha (paper: 64)")
-    lora_dropout: float = opt(0.0, "LoRA dropout")
+    lora_r: int = opt(0, "LoRA rank for stages 1/2 (0: full fine-tuning; paper: 64)", ge=0, stages="12")
+    lora_alpha: float = opt(64.0, "LoRA alpha (paper: 64)", gt=0.0, stages="12")
+    lora_dropout: float = opt(0.0, "LoRA dropout", ge=0.0, lt=1.0, stages="12")
 
     def __post_init__(self):
         _one_of("schedule", self.schedule, ("constant", "cosine"))
-        _at_least_one(self, "sft_steps", "sft_batch_size", "n_steps", "batch_size", "grad_accum")
-        if self.lora_r < 0:
-            raise ValueError(f"lora_r={self.lora_r} must be >= 0 (0 = full fine-tuning)")
+        _check_fields(self)
 
 
 @dataclass(kw_only=True)
 class PreferenceConfig:
     """Preference losses (ORPO, DPO family) and stage-2 thinking masks."""
-    orpo_beta: float = opt(0.1, "ORPO odds-ratio weight (paper: 0.1)")
-    dpo_loss_type: str = opt("exo_pair", "stage 2 loss: sigmoid (DPO), exo_pair (EXO, paper), ipo or hinge")
-    dpo_beta: float = opt(0.5, "stage 2 beta (paper: 0.5)")
-    label_smoothing: float = opt(5e-3, "stage 2 label smoothing / EXO epsilon (paper: 5e-3; exo_pair needs > 0)")
-    mask_mode: str = opt("answer_only", "stage 2 thinking masking: answer_only (paper), random_fraction or none")
-    mask_fraction: float = opt(0.5, "fraction of thinking tokens masked with random_fraction")
+    orpo_beta: float = opt(0.1, "ORPO odds-ratio weight (paper: 0.1)", ge=0.0, stages="1")
+    dpo_loss_type: str = opt("exo_pair", "stage 2 loss: sigmoid (DPO), exo_pair (EXO, paper), ipo or hinge",
+                             stages="2")
+    dpo_beta: float = opt(0.5, "stage 2 beta (paper: 0.5)", gt=0.0, stages="2")
+    label_smoothing: float = opt(5e-3, "stage 2 label smoothing / EXO epsilon (paper: 5e-3; exo_pair needs > 0)",
+                                 ge=0.0, lt=0.5, stages="2")
+    mask_mode: str = opt("answer_only", "stage 2 thinking masking: answer_only (paper), random_fraction or none",
+                         stages="2")
+    mask_fraction: float = opt(0.5, "fraction of thinking tokens masked with random_fraction", ge=0.0, le=1.0,
+                               stages="2")
     include_thinking_token_in_labels: bool = opt(False, "with answer_only, keep the closing <|/thinking|> token "
-                                                 "in the loss")
+                                                 "in the loss", stages="2")
     on_unclosed: str | None = opt(None, "stage 2 completions whose thinking never ends: drop the pair, or keep "
-                                  "all tokens (default: drop; keep for a preset trained from scratch)")
+                                  "all tokens (default: drop; keep for a preset trained from scratch)", stages="2")
 
     def __post_init__(self):
         _one_of("dpo_loss_type", self.dpo_loss_type, DPO_LOSS_TYPES)
         _one_of("mask_mode", self.mask_mode, MASK_MODES)
         if self.on_unclosed is not None:
             _one_of("on_unclosed", self.on_unclosed, ("drop", "keep"))
+        _check_fields(self)
+        if self.dpo_loss_type == "exo_pair" and not self.label_smoothing > 0:
+            raise TrainConfigError(f"label_smoothing={self.label_smoothing!r} must be > 0 with dpo_loss_type="
+                                   f"exo_pair (--label-smoothing is the EXO epsilon; paper: 5e-3)")
 
 
 @dataclass(kw_only=True)
 class CheckpointConfig:
     """Checkpoints and exact resume."""
-    resume: bool = opt(False, "continue from the run's checkpoints exactly where it stopped; completed stages "
-                       "are skipped")
-    save_every: int = opt(0, "optimizer steps between checkpoints (0: at the end of each iteration)")
+    resume: bool | str = opt(False, "continue from the run's checkpoints exactly where it stopped (completed "
+                             "stages are skipped; an error when there is nothing to resume, or when a flag that "
+                             "changes the training differs from the checkpoint's); --resume=auto: resume when "
+                             "there is something to resume, else start", resume_safe=True, const=True,
+                             parse=parse_resume)
+    save_every: int = opt(0, "optimizer steps between checkpoints (0: at the end of each iteration)", ge=0,
+                          resume_safe=True)
+    keep_previous: bool = opt(True, "keep the checkpoint before the latest in checkpoints/stageN.prev (hard links; "
+                              "a fallback when the latest is damaged)", resume_safe=True)
+
+    def __post_init__(self):
+        if self.resume not in (False, True, "auto"):
+            raise TrainConfigError(f"resume={self.resume!r}: use True, False or 'auto' (--resume, --resume=auto)")
+        _check_fields(self)
 
 
 @dataclass(kw_only=True)
 class ParallelConfig:
     """Device and torchrun parallelism (DDP, or FSDP2)."""
-    device: str = opt("auto", "auto (cuda if available), cpu or cuda")
+    device: str = opt("auto", "auto (cuda if available), cpu or cuda", resume_safe=True)
     fsdp: bool = opt(False, "shard with FSDP2 (fully_shard per block) instead of DDP under torchrun; full "
                      "fine-tuning only (not with --lora-r); resume needs the same number of ranks")
+
+    def __post_init__(self):
+        _check_fields(self)
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig,
