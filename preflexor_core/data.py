@@ -128,6 +128,18 @@ class Batch:
     def num_tokens(self) -> int:
         return int(self.attention_mask.sum()) if self.attention_mask is not None else self.input_ids.numel()
 
+    def label_counts(self) -> torch.Tensor:
+        """(S,) int64 scored tokens per sequence, counted as ``losses.sequence_logps`` counts them
+        (shifted labels that are not IGNORE_INDEX, padding excluded); S = rows, or packed segments."""
+        lab = self.labels if self.attention_mask is None else \
+            self.labels.masked_fill(self.attention_mask.to(self.labels.device) == 0, IGNORE_INDEX)
+        valid = (lab[:, 1:] != IGNORE_INDEX).long()                         # (R, T-1)
+        if self.cu_seqlens is None:
+            return valid.sum(-1)
+        cu = self.cu_seqlens.to(valid.device).long()
+        seg = torch.bucketize(torch.arange(1, lab.shape[1], device=valid.device), cu[1:-1], right=True)
+        return torch.zeros(cu.numel() - 1, dtype=torch.long, device=valid.device).index_add(0, seg, valid[0])
+
 
 def collate_sequences(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, packed: bool = False) -> Batch:
     """(ids, labels) pairs -> a padded (right) batch, or one packed row with cu_seqlens."""

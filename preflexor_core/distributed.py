@@ -8,6 +8,7 @@ Tests: ``python -m pytest -q tests/test_trainer.py -k torchrun``
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -70,6 +71,33 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
         dist.all_reduce(x)
         x /= dist.get_world_size()
     return x
+
+
+def all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        x = x.clone()
+        dist.all_reduce(x)
+    return x
+
+
+@contextlib.contextmanager
+def no_grad_sync(model: torch.nn.Module, enabled: bool = True):
+    """Skip the gradient all-reduce of the backward passes inside the block (micro-batches before
+    the last one of an accumulated step): DDP ``no_sync()``, FSDP2 ``set_requires_gradient_sync(False)``
+    (gradients stay unsharded and accumulate locally). A no-op for a plain module or ``enabled=False``."""
+    if not enabled:
+        yield
+    elif hasattr(model, "no_sync"):
+        with model.no_sync():
+            yield
+    elif hasattr(model, "set_requires_gradient_sync"):
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> torch.nn.Module:

@@ -176,10 +176,13 @@ def _rope_ext_ok(q, k, cos, sin) -> bool:
 
 
 def rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
-    """Rotary embedding ``x * cos + rotate_half(x) * sin`` on q (B,Hq,T,D), k (B,Hkv,T,D); differentiable in q, k."""
+    """Rotary embedding ``x * cos + rotate_half(x) * sin`` on q (B,Hq,T,D), k (B,Hkv,T,D); differentiable in q, k.
+    Returns q and k in their own dtypes: under autocast, bf16 q/k with fp32 cos/sin are rotated in fp32
+    and cast back, so they keep matching v for attention."""
     _check_rope(q, k, cos, sin, "rope")
     if not _rope_ext_ok(q, k, cos, sin):
-        return rope_reference(q, k, cos, sin)
+        q_rot, k_rot = rope_reference(q, k, cos, sin)
+        return q_rot.to(q.dtype), k_rot.to(k.dtype)
     return torch.ops.preflexor.rope(q, k, cos, sin)
 
 

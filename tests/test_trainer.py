@@ -226,8 +226,12 @@ def test_stages_1_and_2_on_the_fly_learn_with_grad_accum(corpus, tmp_path):
     # the model learned: on the pairs each stage trained on, the loss went down and the chosen answers
     # gained log-probability over the rejected ones
     tok = Tokenizer.from_pretrained(str(out / "stage2"))
-    s1_rows = [p for p in pairs if p["id"].startswith("5100-") or p["id"].startswith("5101-")]
-    s2_rows = [p for p in pairs if p["id"].startswith("5200-") or p["id"].startswith("5201-")]
+    s1_rows = [p for p in pairs if p["stage"] == 1]
+    s2_rows = [p for p in pairs if p["stage"] == 2]
+    # provenance: iteration, the policy's optimizer step when it sampled (2 steps per iteration), settings hash
+    assert sorted({(p["stage"], p["iteration"], p["policy_step"]) for p in pairs}) == \
+        [(1, 0, 0), (1, 1, 2), (2, 0, 0), (2, 1, 2)]
+    assert len({p["settings_hash"] for p in s1_rows}) == 1 and len(s1_rows[0]["settings_hash"]) == 10
     assert len(s1_rows) == len(s2_rows) == 8
     fmt1 = PairFormat(max_length=256, max_prompt_length=96)
     (loss0, margin0), (loss1, margin1) = (pair_scores(out / d, tok, s1_rows, fmt1) for d in ("stage0", "stage1"))

@@ -1,7 +1,7 @@
 """On-the-fly preference pairs: question -> retrieval -> thinking scratchpad + answer -> rejected.
 
 ``generate_pairs(retriever, teacher, policy, config=DatagenConfig(...))`` (or the config's fields
-as keywords) writes rows ``{"id", "prompt", "chosen", "rejected", ...}``, ids ``f"{seed}-{i}"``.
+as keywords) writes rows ``{"id", "prompt", "chosen", ..., **row_meta}``, ids ``f"{id_prefix or seed}-{i}"``.
 Per row: random chunks (or a topic's top hits) -> a question; RAG context (``gather_context``);
 one section per thinking category and an answer = chosen; ``k_samples`` policy samples per
 question, all questions of a batch in ONE ``generate`` call, the lowest-scored kept = rejected
@@ -65,7 +65,7 @@ class DatagenConfig:
     ``scorer``: "embedding" (cosine with the retriever's embedder), ``fn(question, reference,
     candidate) -> float``, an object with ``score_many``, or a Teacher used as judge."""
 
-    n: int = 100                                # rows: ids f"{seed}-{i}", i < n
+    n: int = 100                                # rows: ids f"{seed}-{i}" (or id_prefix), i < n
     categories: Sequence[str] = DEFAULT_CATEGORIES   # thinking sections, in order
     number_nodes_to_get: int = 3                # random chunks a question comes from
     use_rag: bool = True                        # False: only the source chunks as context
@@ -83,6 +83,8 @@ class DatagenConfig:
     k_context: int = 5                          # search hits per question
     batch_size: int = 8                         # questions per generate call; a crash loses <= 1 batch
     teacher_max_tokens: int = 512               # reply budget of LLM teachers
+    id_prefix: str | None = None                # row ids f"{id_prefix}-{i}" (default: the seed)
+    row_meta: dict | None = None                # extra fields stored in every new row (provenance)
 
     def __post_init__(self):
         if self.n < 0:
@@ -160,7 +162,8 @@ class _Pipeline:
         self.retriever, self.teacher, self.model, self.tokenizer, self.cfg = retriever, teacher, model, tokenizer, cfg
         self.scorer = make_scorer(cfg.scorer, retriever)
         self.stats = GenerationStats(requested=cfg.n)
-        self.ids = [f"{cfg.seed}-{i}" for i in range(cfg.n)]
+        prefix = cfg.seed if cfg.id_prefix is None else cfg.id_prefix
+        self.ids = [f"{prefix}-{i}" for i in range(cfg.n)]
         self.task_questions = hasattr(teacher, "make_question")
         self.task_sections = hasattr(teacher, "fill_category") and hasattr(teacher, "answer")
 
@@ -380,6 +383,6 @@ class _Pipeline:
                 "scores": [round(float(x), 6) for x in sc], "rejected_score": round(float(sc[j]), 6),
                 "rejected_index": j, "rejected_from": cfg.rejected_from, "with_thinking": bool(cfg.with_thinking),
                 "scorer": self.scorer.name, "teacher": getattr(self.teacher, "name", type(self.teacher).__name__),
-                "seed": cfg.seed, "index": p.index, "created": created,
+                "seed": cfg.seed, "index": p.index, "created": created, **(cfg.row_meta or {}),
             })
         return rows

@@ -19,6 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .reference import autocast_off
+
 LOG2E = 1.4426950408889634
 
 
@@ -392,6 +394,7 @@ def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, cu_seqlens=N
 # ----------------------------------------------------------------------------- autograd
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, q, k, v, causal, sm_scale, cu_seqlens, max_seqlen, block_m, block_n):
         head_dim = q.shape[-1]
         scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
@@ -402,6 +405,7 @@ class _FlashAttention(torch.autograd.Function):
         return o
 
     @staticmethod
+    @autocast_off
     def backward(ctx, do):
         q, k, v, o, lse, cu_seqlens = ctx.saved_tensors
         causal, scale, max_seqlen, block_m, block_n = ctx.args

@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import chunk_rows_for
+from .reference import autocast_off, chunk_rows_for
 
 LOG2E = 1.4426950408889634
 
@@ -188,6 +188,7 @@ def _addmm_fp32_(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- autograd
 class _LinearLogprobs(torch.autograd.Function):
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
         hidden, weight, labels = hidden.contiguous(), weight.contiguous(), labels.contiguous()
         logp, lse = linear_logprobs_forward(hidden, weight, labels, ignore_index)
@@ -196,6 +197,7 @@ class _LinearLogprobs(torch.autograd.Function):
         return logp
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

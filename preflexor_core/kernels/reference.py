@@ -15,11 +15,24 @@ Run the tests: ``python -m pytest tests/test_kernels_attention.py tests/test_ker
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 
 IGNORE_INDEX = -100
+
+
+def autocast_off(fn):
+    """Run an autograd.Function ``forward``/``backward`` with autocast disabled: the kernels choose
+    their own precisions (fp32 accumulation, outputs in the input dtypes), and torch ops inside them
+    must not be recast to bf16 by an enclosing ``torch.autocast`` (e.g. a backward called inside it)."""
+    @functools.wraps(fn)
+    def wrapped(ctx, *args):
+        dev = next((a.device.type for a in args if isinstance(a, torch.Tensor)), "cpu")
+        with torch.autocast(dev, enabled=False):
+            return fn(ctx, *args)
+    return wrapped
 
 # Rows of fp32 logits per chunk in the chunked log-prob path: at most this many rows and at most
 # this many bytes for one [rows, V] fp32 buffer.
@@ -92,6 +105,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
     """log p(label) over token chunks; saves hidden, weight, labels and lse [N] only."""
 
     @staticmethod
+    @autocast_off
     def forward(ctx, hidden, weight, labels, ignore_index, chunk_rows):
         N = hidden.shape[0]
         compute = torch.float64 if hidden.dtype == torch.float64 else torch.float32
@@ -113,6 +127,7 @@ class _ChunkedLinearLogprobs(torch.autograd.Function):
         return out.float() if compute == torch.float32 else out
 
     @staticmethod
+    @autocast_off
     def backward(ctx, grad_out):
         hidden, weight, labels, lse = ctx.saved_tensors
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]

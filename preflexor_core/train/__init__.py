@@ -8,8 +8,8 @@ from .config import (STAGES, CheckpointConfig, DataConfig, OptimConfig, Parallel
                      RunConfig, TrainConfig)
 from .objectives import dpo_objective, lm_objective, orpo_objective
 from .stage import StageRun
-from .trainer import Trainer, main, shipped_corpus_files
+from .trainer import StalePairsError, Trainer, main, shipped_corpus_files
 
 __all__ = ["STAGES", "TrainConfig", "RunConfig", "DataConfig", "OptimConfig", "PreferenceConfig",
-           "CheckpointConfig", "ParallelConfig", "Trainer", "StageRun", "main", "shipped_corpus_files",
-           "lm_objective", "orpo_objective", "dpo_objective"]
+           "CheckpointConfig", "ParallelConfig", "Trainer", "StageRun", "StalePairsError", "main",
+           "shipped_corpus_files", "lm_objective", "orpo_objective", "dpo_objective"]

@@ -2,8 +2,9 @@
 
 ``checkpoints/stageN/``: ``model.safetensors`` (full weights; under LoRA ``trainable.safetensors``,
 the adapters and token rows only), ``trainer_state.pt`` (optimizer, scheduler, RNG states, data
-position, config; tensors and plain types, ``weights_only`` loads) and, under FSDP2, one
-``optimizer-rank{R}.pt`` per rank. ``stageN/``: the HF checkpoint (+ tokenizer, + LoRA ``adapter/``
+position, config; tensors and plain types, ``weights_only`` loads), ``run_config.json`` (options and
+position, for ``resume.check_resume``) and, under FSDP2, one ``optimizer-rank{R}.pt`` per rank; the
+checkpoint before is kept as ``stageN.prev/`` (hard links). ``stageN/``: the HF checkpoint (+ tokenizer, + LoRA ``adapter/``
 when used, merged into the weights) and ``DONE``. Every write is atomic (``io.atomic_dir``).
 Saving and loading are collective: every rank calls them. ``run`` is the ``stage.StageRun``.
 
@@ -24,6 +25,7 @@ import torch
 
 from .. import distributed as D
 from ..io import atomic_dir, recover_dir
+from .resume import damaged, keep_previous, verify_checkpoint, write_run_config
 
 log = logging.getLogger("preflexor.train")
 
@@ -73,6 +75,8 @@ def save_checkpoint(run) -> None:
         state = _trainable_state(run) if run.is_main else None
     else:
         state = D.full_state_dict(run.base) if run.fsdp or run.is_main else None   # all-gather under FSDP2
+    if run.is_main and run.cfg.checkpoint.keep_previous:
+        keep_previous(run.ckpt_dir)
     with contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(run.ckpt_dir)) if run.is_main else None
         if run.fsdp:
@@ -91,12 +95,13 @@ def _write_main(run, tmp: str, state: dict[str, torch.Tensor]) -> None:
     torch.save({"optimizer": None if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
                 "rng": rng_state(), "position": dict(run.pos), "config": asdict(run.cfg),
                 "world_size": run.world}, os.path.join(tmp, "trainer_state.pt"))
+    write_run_config(run.cfg, tmp, run.pos)
 
 
 def _load_weights(run, ckpt) -> None:
     from safetensors.torch import load_file
     if run.lora_cfg is not None:
-        sd = load_file(str(ckpt / TRAINABLE_FILE), device=str(run.device))
+        sd = _load(lambda p: load_file(str(p), device=str(run.device)), ckpt / TRAINABLE_FILE, ckpt)
         want = set(_trainable_state(run))
         if set(sd) != want:
             raise RuntimeError(f"{ckpt}/{TRAINABLE_FILE} does not hold this run's trainable LoRA tensors "
@@ -104,7 +109,7 @@ def _load_weights(run, ckpt) -> None:
                                f"was it made with other --model/--lora-r flags? Remove {ckpt} to start the stage over")
         run.base.load_state_dict(sd, strict=False)
         return
-    sd = load_file(str(ckpt / WEIGHTS_FILE), device=str(run.device))
+    sd = _load(lambda p: load_file(str(p), device=str(run.device)), ckpt / WEIGHTS_FILE, ckpt)
     if run.fsdp:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         set_model_state_dict(run.base, sd, options=StateDictOptions(full_state_dict=True))
@@ -122,19 +127,32 @@ def load_checkpoint(run) -> bool:
     ckpt = run.ckpt_dir
     if not (ckpt / "trainer_state.pt").exists():
         return False
+    verify_checkpoint(ckpt)
     _load_weights(run, ckpt)
-    st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
+    st = _load(_torch_load, ckpt / "trainer_state.pt", ckpt)
     if run.fsdp:
         if st.get("world_size") != run.world:
             raise RuntimeError(f"{ckpt} was written by {st.get('world_size')} FSDP2 ranks; resume with "
                                f"the same --nproc_per_node (now {run.world})")
-        st["optimizer"] = torch.load(ckpt / f"optimizer-rank{run.rank}.pt", map_location="cpu", weights_only=True)
+        st["optimizer"] = _load(_torch_load, ckpt / f"optimizer-rank{run.rank}.pt", ckpt)
     run.opt.load_state_dict(st["optimizer"])
     run.sched.load_state_dict(st["scheduler"])
     set_rng_state(st["rng"])
     run.pos = dict(st["position"])
     log.info("resumed stage %s at %s", run.stage, run.pos)
     return True
+
+
+def _torch_load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _load(fn, path, ckpt):
+    """``fn(path)``; a file that fails to load (truncated, garbled) is reported as damaged, by name."""
+    try:
+        return fn(path)
+    except Exception as e:          # safetensors, zip and unpickling errors share no base class
+        raise damaged(path, e, ckpt) from None
 
 
 def save_final(run) -> None:

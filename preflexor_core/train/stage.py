@@ -12,24 +12,28 @@ Tests: ``python -m pytest -q tests/test_trainer.py``
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import hashlib
+import json
 import logging
 import math
 import time
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import distributed as D
-from ..data import PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
+from ..data import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
 from ..losses import forward_logps
 from ..model import Llama
 from ..tokenizer import Tokenizer
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
-from .objectives import dpo_objective, lm_objective, orpo_objective
+from .objectives import ADDITIVE_METRICS, dpo_objective, lm_objective, orpo_objective
 
 log = logging.getLogger("preflexor.train")
 
-__all__ = ["StageRun", "make_scheduler"]
+__all__ = ["StageRun", "MicroBatch", "make_scheduler", "datagen_seed", "settings_hash", "pair_id_prefix",
+           "PAIRS_FILE"]
 
 
 def make_scheduler(opt, warmup: int, total: int, kind: str):
@@ -42,6 +46,32 @@ def make_scheduler(opt, warmup: int, total: int, kind: str):
             return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
         return 1.0
     return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+PAIRS_FILE = "pairs.jsonl"
+
+
+def datagen_seed(seed: int, stage: str, iteration: int) -> int:
+    """The pair generator's seed for (run seed, stage, iteration): an injective map (stage < 8,
+    0 <= iteration < 2**32), so no two stages or iterations of a run share a seed."""
+    if not 0 <= iteration < 2**32:
+        raise ValueError(f"iteration {iteration} out of range [0, 2**32)")
+    return ((int(seed) * 8 + int(stage)) << 32) + iteration
+
+
+def settings_hash(cfg, sampling, stage: str) -> str:
+    """10 hex digits of sha256 over the sampling and teacher settings that shape a stage's pairs."""
+    d = cfg.data
+    keys = ("teacher", "teacher_model", "teacher_max_items", "teacher_answer_sentences", "embedder",
+            "number_nodes_to_get", "k_samples", "corpus")
+    blob = {"stage": stage, "seed": cfg.run.seed, "sampling": dataclasses.asdict(sampling),
+            **{k: getattr(d, k) for k in keys}}
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def pair_id_prefix(meta: dict) -> str:
+    """Row ids ``s{stage}-i{iteration}-p{policy_step}-{settings_hash}-{index}``: unique per provenance."""
+    return f"s{meta['stage']}-i{meta['iteration']}-p{meta['policy_step']}-{meta['settings_hash']}"
 
 
 def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
@@ -98,31 +128,56 @@ class StageRun:
         return model
 
     # -- one optimizer step -----------------------------------------------------
-    def optimizer_step(self, micro_batches: list[Callable[[], tuple[torch.Tensor, dict, int]]]) -> dict:
-        """Backward every micro-batch (loss / count), clip, step; metrics averaged over micro-batches and ranks."""
-        t0 = time.perf_counter()
+    def accumulate(self, micro_batches: list["MicroBatch"]) -> dict:
+        """Forward + backward every micro-batch; gradients are those of ONE batch made of all of them
+        on all ranks: token sums / the total labelled tokens, pair sums / the total pairs (both
+        all-reduced first), times the world size (DDP and FSDP2 average gradients over ranks). The
+        gradient all-reduce runs only in the last backward (``no_grad_sync`` before it)."""
         self.model.train()
+        totals = torch.tensor([[mb.n_tokens, mb.n_pairs] for mb in micro_batches], dtype=torch.float64).sum(0)
+        n_tokens, n_pairs = D.all_reduce_sum(totals.to(self.device)).tolist()
         metrics: dict[str, float] = {}
         ntok = 0
-        for fn in micro_batches:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
-                loss, m, n = fn()
-            (loss / len(micro_batches)).backward()
-            ntok += n
+        last = len(micro_batches) - 1
+        for i, mb in enumerate(micro_batches):
+            with D.no_grad_sync(self.model, enabled=i < last and self.t.dist.enabled):
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
+                    loss, m = self._loss(mb, n_tokens, n_pairs)
+                (loss * self.world).backward()
+            ntok += mb.batch.num_tokens
             for k, v in m.items():
-                metrics[k] = metrics.get(k, 0.0) + v / len(micro_batches)
+                metrics[k] = metrics.get(k, 0.0) + (v * self.world if k in ADDITIVE_METRICS else v / len(micro_batches))
+        metrics["_tokens"] = float(ntok) * self.world
+        return metrics
+
+    def optimizer_step(self, micro_batches: list["MicroBatch"]) -> dict:
+        """``accumulate``, clip, step; additive metrics (loss, nll) are the whole step's, the others
+        are averaged over micro-batches and ranks."""
+        t0 = time.perf_counter()
+        metrics = self.accumulate(micro_batches)
         params = [p for p in self.base.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
-        vals = torch.tensor([metrics[k] for k in sorted(metrics)] + [float(ntok)], dtype=torch.float64)
+        keys = sorted(metrics)
+        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
         vals = D.all_reduce_mean(vals.to(self.device)).cpu()
-        out = {k: float(v) for k, v in zip(sorted(metrics), vals[:-1])}
+        out = {k: float(v) for k, v in zip(keys, vals)}
         dt = time.perf_counter() - t0
-        out.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=float(vals[-1]) * self.world / dt)
+        out.update(grad_norm=float(grad_norm), lr=lr, tokens_per_s=out.pop("_tokens") / dt)
         return out
+
+    def _loss(self, mb: "MicroBatch", n_tokens: float, n_pairs: float) -> tuple[torch.Tensor, dict]:
+        b = mb.batch.to(self.device)
+        if self.stage == "0":
+            return lm_objective(self.model, b, num_tokens=n_tokens)
+        if self.stage == "1":
+            return orpo_objective(self.model, b, self.cfg.preference.orpo_beta, num_tokens=n_tokens,
+                                  num_pairs=n_pairs)
+        rc, rr = (r.to(self.device) for r in mb.refs)
+        return dpo_objective(self.model, b, rc, rr, self.cfg.preference, num_tokens=n_tokens, num_pairs=n_pairs)
 
     def _indices(self, order: torch.Tensor, step: int, a: int, bs: int) -> torch.Tensor:
         start = ((step * self.cfg.optim.grad_accum + a) * self.world + self.rank) * bs
@@ -180,17 +235,15 @@ class StageRun:
         bar.close()
         save_checkpoint(self)
 
-    def _lm_micro_batch(self, seqs):
-        def fn():
-            b = collate_sequences(seqs, pad_id=0, packed=False).to(self.device)
-            b.attention_mask = None          # equal-length blocks: no padding
-            loss, m = lm_objective(self.model, b)
-            return loss, m, b.input_ids.numel()
-        return fn
+    def _lm_micro_batch(self, seqs) -> "MicroBatch":
+        b = collate_sequences(seqs, pad_id=0, packed=False)
+        b.attention_mask = None          # equal-length blocks: no padding
+        return MicroBatch(b, int(b.label_counts().sum()), 0)
 
     # -- preference stages ------------------------------------------------------
     def generate(self, iteration: int) -> list[dict]:
-        """Rank 0 generates (or reloads) this iteration's pairs; all ranks receive the same rows."""
+        """Rank 0 generates this iteration's pairs with the current policy (or, under --resume, reloads
+        the rows an interrupted run made for the same provenance); all ranks receive the same rows."""
         rows = None
         self.t.retriever()            # collective (built on rank 0, loaded everywhere): call on every rank
         state = D.full_state_dict(self.base) if self.fsdp else None        # collective under FSDP2
@@ -198,8 +251,8 @@ class StageRun:
             from ..datagen import generate_pairs
             d = self.cfg.data
             policy = self.plain_model(state)
-            pairs_path = self.t.out / "pairs.jsonl"       # one append-only file; row ids are f"{seed}-{i}"
-            seed = self.cfg.run.seed * 1000 + int(self.stage) * 100 + iteration
+            meta = self.provenance(iteration)
+            prefix = pair_id_prefix(meta)
             was_training = policy.training
             policy.eval()
             rows = generate_pairs(
@@ -207,12 +260,21 @@ class StageRun:
                 n=d.pairs_per_iteration, number_nodes_to_get=d.number_nodes_to_get,
                 rejected_from="policy", with_thinking=self.stage == "2",
                 k_samples=d.k_samples if self.stage == "2" else 1,
-                seed=seed, out_path=str(pairs_path), sampling=self._sampling_params(),
+                seed=datagen_seed(self.cfg.run.seed, self.stage, iteration), id_prefix=prefix, row_meta=meta,
+                out_path=str(self.t.out / PAIRS_FILE), sampling=self._sampling_params(),
                 progress=self.cfg.run.progress, batch_size=d.gen_batch_size)
             policy.train(was_training)
             del policy
-            rows = [dict(r) for r in rows if str(r["id"]).startswith(f"{seed}-")]
+            rows = [dict(r) for r in rows if str(r["id"]).startswith(prefix + "-")]
         return D.broadcast_object(rows)
+
+    def provenance(self, iteration: int) -> dict:
+        """What a generated row records: stage, iteration, the optimizer step of the policy that sampled
+        it (steps of this stage before the iteration) and a short hash of the sampling and teacher
+        settings. Rows are reused (on --resume only) when all four match."""
+        return {"stage": int(self.stage), "iteration": iteration,
+                "policy_step": self.pos["global_step"] - self.pos["step"],
+                "settings_hash": settings_hash(self.cfg, self._sampling_params(), self.stage)}
 
     def _sampling_params(self):
         from ..sampler import SamplingParams
@@ -296,13 +358,16 @@ class StageRun:
         self.pos["step"] = 0
         save_checkpoint(self)
 
-    def _pair_micro_batch(self, chunk, refs):
-        def fn():
-            b = collate_pairs(chunk, self.tok.pad_token_id, packed=self.t.packed).to(self.device)
-            if self.stage == "1":
-                loss, m = orpo_objective(self.model, b, self.cfg.preference.orpo_beta)
-            else:
-                rc, rr = (r.to(self.device) for r in refs)
-                loss, m = dpo_objective(self.model, b, rc, rr, self.cfg.preference)
-            return loss, m, b.num_tokens
-        return fn
+    def _pair_micro_batch(self, chunk, refs) -> "MicroBatch":
+        b = collate_pairs(chunk, self.tok.pad_token_id, packed=self.t.packed)
+        return MicroBatch(b, int(b.label_counts()[:b.n_pairs].sum()), b.n_pairs, refs)
+
+
+@dataclass
+class MicroBatch:
+    """A collated micro-batch (on CPU) and what normalises its loss: ``n_tokens`` labelled tokens
+    (chosen rows only in a pair batch: the NLL's), ``n_pairs``, and stage 2's reference log-probs."""
+    batch: Batch
+    n_tokens: int
+    n_pairs: int
+    refs: tuple[torch.Tensor, torch.Tensor] | None = None

@@ -23,15 +23,20 @@ import torch
 from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
+from ..io import recover_dir
 from ..models import resolve_model
 from ..tokenizer import Tokenizer
 from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
-from .stage import StageRun
+from .stage import PAIRS_FILE, StageRun
 
 log = logging.getLogger("preflexor.train")
 
-__all__ = ["Trainer", "JsonlLog", "main", "shipped_corpus_files"]
+__all__ = ["Trainer", "JsonlLog", "StalePairsError", "main", "shipped_corpus_files"]
+
+
+class StalePairsError(ValueError):
+    """The run directory already has preference pairs of this run's stages, and --resume was not given."""
 
 
 def shipped_corpus_files() -> list[str]:
@@ -62,6 +67,8 @@ class Trainer:
         self.cfg = cfg
         # --model: a known name, checkpoint dir or .gguf file, checked before any work (None: a preset)
         self.model_path = None if cfg.from_scratch else resolve_model(cfg.run.model)
+        from ..teachers import check_teacher_endpoint      # an HTTP teacher must answer before any work
+        check_teacher_endpoint(cfg.data.teacher, cfg.data.teacher_model, flag="--teacher")
         self.dist = D.init_distributed(cfg.parallel.device)
         if cfg.parallel.fsdp and self.dist.enabled and cfg.optim.lora_r:
             D.shutdown()
@@ -161,7 +168,11 @@ class Trainer:
     # -- main -----------------------------------------------------------------
     def run(self) -> dict:
         stages = STAGES if self.cfg.run.stage == "all" else (self.cfg.run.stage,)
+        self.check_no_stale_pairs(stages)
         for s in stages:
+            if self.dist.is_main:
+                recover_dir(self.out / f"stage{s}")          # a crash between the renames of its export
+            D.barrier()
             if self.cfg.checkpoint.resume and (self.out / f"stage{s}" / "DONE").exists():
                 log.info("stage %s already complete in %s; skipping", s, self.out)
                 continue
@@ -172,6 +183,20 @@ class Trainer:
             from ..evaluation import plot_training_log
             plot_training_log(str(self.out / "log.jsonl"), str(self.out / "plots"))
         return self.summary
+
+    def check_no_stale_pairs(self, stages) -> None:
+        """Without --resume, ``pairs.jsonl`` must hold no rows of a preference stage this run trains
+        (nor rows without provenance): they were sampled from an earlier policy. Checked on every rank."""
+        path = self.out / PAIRS_FILE
+        if self.cfg.checkpoint.resume or not path.exists() or not {"1", "2"} & set(stages):
+            return
+        from ..datagen.pairs_io import read_pairs
+        stale = [r for r in read_pairs(path) if str(r.get("stage", "?")) in (*stages, "?")]
+        if stale:
+            raise StalePairsError(
+                f"{path} already holds {len(stale)} preference pairs for stage(s) {', '.join(stages)} from an "
+                f"earlier run (sampled from an earlier policy, so no longer on-policy); pass --resume to "
+                f"continue that run, or use another --out")
 
     def run_stage(self, stage: str) -> None:
         tok = self.tokenizer()
