@@ -6,7 +6,8 @@
 
 This file parses flags into ``preflexor_core.reasoning.cli.InferConfig`` (where every default lives)
 and calls ``preflexor_core.reasoning.cli.main(cfg)``, which checks the inputs (bad input: a specific
-message and exit code 2), runs the loop and prints / writes the trace.
+message and exit code 2), runs the loop and prints / writes the trace. Any other project error is
+one ``error:`` line too (``errors.run_cli``; ``PREFLEXOR_DEBUG=1`` shows the traceback).
 Tests: ``python -m pytest -q tests/test_reasoning.py -k infer``.
 """
 from __future__ import annotations
@@ -75,4 +76,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from preflexor_core.errors import run_cli
+    sys.exit(run_cli(main))

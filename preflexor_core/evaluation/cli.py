@@ -4,7 +4,9 @@
         --pairs heldout_pairs.jsonl --out runs/x/eval --log runs/x/log.jsonl
     python -m preflexor_core.evaluation --run runs/x            # stage0/1/2 of one run, its log
 
-Flags map onto :class:`runner.EvalConfig` (whose defaults they show); bad input exits with 2.
+Flags map onto :class:`runner.EvalConfig` (whose defaults they show); bad input (checked before any
+work: inputs, --device, a writable --out) exits with 2; a report that still cannot be written goes to
+a fallback folder in the system temp dir, and the error says where.
 Tests: ``python -m pytest -q tests/test_evaluation.py -k "cli or main"``.
 """
 from __future__ import annotations
@@ -13,9 +15,12 @@ import argparse
 import logging
 import os
 import sys
+import tempfile
 from collections import Counter
 from typing import Sequence
 
+from ..errors import check_device
+from ..io import OutputPathError, check_output_dir
 from ..models import DTYPE_CHOICES, NAMED_MODELS
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
 from .report import format_table, write_report
@@ -77,7 +82,7 @@ def _config(ap: argparse.ArgumentParser, args) -> EvalConfig:
         ap.error("pass --model DIR (one or more) or --run RUN_DIR")
     if args.run and args.ref_model:
         ap.error("--ref-model goes with --model; with --run each stage is scored against the stage before it")
-    device = args.device
+    device = check_device(args.device)
     if device is None:
         import torch
         device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -122,15 +127,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = _config(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
+        check_output_dir(args.out, "--out")
         results, log_path = _run(args, cfg)
-    except EvaluationInputError as e:
+        paths = _write(results, args.out, log_path, args.examples)
+    except (EvaluationInputError, OutputPathError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    paths = write_report(results, args.out, log_path=log_path, n_examples=args.examples)
     print(format_table(results))
     print(f"\nwrote {paths['report']}, {paths['metrics_json']}, {paths['metrics_png']}"
           + (f" and {len(paths['training_plots'])} training plot(s)" if paths["training_plots"] else ""))
     return 0
+
+
+def _write(results: list[dict], out: str, log_path: str | None, n_examples: int) -> dict:
+    """``write_report`` into ``out``; when that fails, into a fresh folder of the system temp dir and
+    an :class:`OutputPathError` naming it (the results are never lost)."""
+    try:
+        return write_report(results, out, log_path=log_path, n_examples=n_examples)
+    except OSError as e:
+        fallback = tempfile.mkdtemp(prefix="preflexor-eval-")
+        write_report(results, fallback, log_path=log_path, n_examples=n_examples)
+        raise OutputPathError(f"--out {out}: could not write the report ({e.strerror or e}); it was written to "
+                              f"{fallback} instead") from None
 
 
 def _unique_names(dirs: Sequence[str]) -> list[str]:

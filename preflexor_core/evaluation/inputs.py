@@ -22,19 +22,26 @@ def _read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     if not p.is_file():
         raise EvaluationInputError(f"{what} file {path} does not exist" if not p.exists()
                                    else f"{what} file {path} is not a file")
+    try:
+        with open(p, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        lines = ["\x00"]
+    if any("\x00" in line for line in lines):
+        raise EvaluationInputError(f"{what} file {path} is not a text file (binary content); {what} files "
+                                   "hold one JSON object per line (UTF-8)")
     rows = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise EvaluationInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                                           f"{what} files hold one JSON object per line") from None
-            if not isinstance(row, dict):
-                raise EvaluationInputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-            rows.append((n, row))
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise EvaluationInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
+                                       f"{what} files hold one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise EvaluationInputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+        rows.append((n, row))
     if not rows:
         raise EvaluationInputError(f"{what} file {path} has no rows")
     return rows
@@ -63,7 +70,8 @@ def load_pairs(path: str, limit: int | None = None) -> list[dict]:
     for n, row in _read_jsonl(path, "pairs"):
         for key in ("prompt", "chosen", "rejected"):
             if not isinstance(row.get(key), str):
-                raise EvaluationInputError(f"{path}:{n}: field {key!r} missing or not a string "
+                rid = f" (id {row['id']!r})" if "id" in row else ""
+                raise EvaluationInputError(f"{path}:{n}{rid}: field {key!r} missing or not a string "
                                            f"(rows need 'prompt', 'chosen', 'rejected')")
         out.append(row)
         if limit is not None and len(out) >= limit:

@@ -1,7 +1,9 @@
 """What ``infer.py`` runs: its config (every default), input checks, critic choice, streaming, output.
 
-``infer.py`` only parses flags into :class:`InferConfig` and calls :func:`main`. Bad input is
-reported with a specific message and exit code 2. Method: PRefLexOR, arXiv 2410.12375.
+``infer.py`` only parses flags into :class:`InferConfig` and calls :func:`main`. Bad input (checked
+before any work: questions, --device, the --json path, a critic URL that does not answer) is reported
+with a specific message and exit code 2; a trace that cannot be written goes to a fallback file.
+Method: PRefLexOR, arXiv 2410.12375.
 Tests: ``python -m pytest -q tests/test_reasoning.py -k infer``.
 """
 from __future__ import annotations
@@ -12,9 +14,11 @@ import sys
 import time
 from dataclasses import dataclass, field
 
+from ..errors import DeviceError, check_device
+from ..io import OutputPathError, check_output_file, write_fallback
 from ..models import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
 from ..models import resolve_model as resolve_model_spec
-from .critics import CriticUnreachableError, make_critic
+from .critics import CriticUnreachableError, check_endpoint, make_critic
 from .loop import recursive_response
 from .policy import Policy
 
@@ -59,22 +63,33 @@ def read_questions(path: str) -> list[str]:
     """Questions from a .txt file (one per line, blank lines skipped) or .jsonl ("question" field)."""
     if not os.path.isfile(path):
         raise InputError(f"--questions file not found: {path}")
+    binary = (f"--questions {path}: not a text file (binary content); give a .txt file (one question per "
+              "line) or a .jsonl file (a 'question' field per line)")
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        raise InputError(binary) from None
+    if any("\x00" in line for line in lines):
+        raise InputError(binary)
+    if not path.endswith(".jsonl"):
+        return _nonempty([line.strip() for line in lines if line.strip()], path)
     out = []
-    with open(path, encoding="utf-8") as f:
-        if path.endswith(".jsonl"):
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-                q = row.get("question") if isinstance(row, dict) else None
-                if not isinstance(q, str) or not q.strip():
-                    raise InputError(f"{path}:{n}: needs a non-empty string field 'question'")
-                out.append(q.strip())
-        else:
-            out = [line.strip() for line in f if line.strip()]
+    for n, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
+        q = row.get("question") if isinstance(row, dict) else None
+        if not isinstance(q, str) or not q.strip():
+            raise InputError(f"{path}:{n}: needs a non-empty string field 'question'")
+        out.append(q.strip())
+    return _nonempty(out, path)
+
+
+def _nonempty(out: list[str], path: str) -> list[str]:
     if not out:
         raise InputError(f"--questions file {path} holds no questions")
     return out
@@ -129,11 +144,20 @@ def check_inputs(cfg: InferConfig) -> None:
     c = cfg.critic
     if c not in ("same", "graph") and not c.startswith(("http://", "https://")) and not os.path.isdir(c):
         raise InputError(f"--critic {c!r} is not same, graph, an http(s):// URL or an existing checkpoint dir")
+    check_device(cfg.device)
     try:
         parse_dtype(cfg.dtype, cfg.device)
     except DtypeError as e:
         raise InputError(f"--dtype: {e}") from None
+    if cfg.json:
+        check_output_file(cfg.json, "--json")
     cfg.model = resolve_model(cfg.model)
+    if c.startswith(("http://", "https://")) and cfg.reflect_depth > 0:
+        try:          # before the model loads; make_critic asks again for the model list
+            check_endpoint(c, timeout=cfg.check_timeout)
+        except CriticUnreachableError as e:
+            raise InputError(f"--critic: {e}; start the server or choose another --critic (graph, same or a "
+                             "checkpoint dir)") from None
 
 
 def build_critic(cfg: InferConfig, policy: Policy):
@@ -193,14 +217,21 @@ class _Streamer:
 
 
 def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
+    """The trace to ``cfg.json``; when that write fails, to a fallback file, and an error that says where."""
     options = {k: v for k, v in vars(cfg).items() if k != "questions"}
     options["critic_name"] = getattr(critic, "name", None)
     doc = {"options": options, "elapsed_s": elapsed, "questions": [tr.to_dict() for tr in traces]}
-    os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+    text = json.dumps(doc, indent=2, ensure_ascii=False, default=str)
     tmp = cfg.json + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(doc, f, indent=2, ensure_ascii=False)
-    os.replace(tmp, cfg.json)
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, cfg.json)
+    except OSError as e:
+        saved = write_fallback(os.path.basename(cfg.json) or "trace.json", text)
+        raise OutputPathError(f"--json {cfg.json}: could not write the trace ({e.strerror or e}); it was saved "
+                              f"to {saved} instead") from None
     print(f"trace written to {cfg.json}")
 
 
@@ -211,7 +242,7 @@ def main(cfg: InferConfig) -> int:
         check_inputs(cfg)
         policy = Policy(*load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype))
         critic = build_critic(cfg, policy)
-    except InputError as e:
+    except (InputError, OutputPathError, DeviceError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)
         return 2
     sampling = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
@@ -229,5 +260,9 @@ def main(cfg: InferConfig) -> int:
         print(f"Answer ({len(tr.iterations)} iteration(s){', integrated' if tr.integrated else ''}): "
               f"{tr.final_answer or '(empty)'}\n")
     if cfg.json:
-        _write_json(cfg, critic, traces, elapsed)
+        try:
+            _write_json(cfg, critic, traces, elapsed)
+        except OutputPathError as e:
+            print(f"infer.py: error: {e}", file=sys.stderr)
+            return 2
     return 0

@@ -1,7 +1,7 @@
 """Show what the extractive teacher writes for one random chunk of a corpus.
 
 Run: ``python -m preflexor_core.teachers --corpus PATH [--question "..."] [--seed 0]`` prints the
-question, each thinking category and the answer.
+question, each thinking category and the answer; bad input is one ``error:`` line, exit status 2.
 
 References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.2 (thinking categories).
 
@@ -10,6 +10,8 @@ Tests: ``python -m pytest -q tests/test_teachers.py``.
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder
@@ -17,14 +19,16 @@ from .base import DEFAULT_CATEGORIES
 from .spec import teacher_from_spec
 
 
-def main() -> None:
+def main(argv=None) -> None:
     ap = argparse.ArgumentParser(prog="python -m preflexor_core.teachers",
                                  description="Show what the extractive teacher writes for one random chunk.")
     ap.add_argument("--corpus", required=True, help="a .txt/.md/.jsonl file or a folder of them")
     ap.add_argument("--question", default=None, help="answer this question instead of a generated one")
     ap.add_argument("--seed", type=int, default=0, help="teacher / chunk seed")
-    a = ap.parse_args()
-    r = GraphRetriever.build([a.corpus], embedder=HashingEmbedder())
+    a = ap.parse_args(argv)
+    if not os.path.exists(a.corpus):
+        ap.error(f"--corpus {a.corpus}: no such file or directory; give a .txt/.md/.jsonl file or a folder of them")
+    r = GraphRetriever.build([Path(a.corpus)], embedder=HashingEmbedder())
     t = teacher_from_spec("extractive", retriever=r, seed=a.seed)
     node = r.random_nodes(1, seed=a.seed)
     q = a.question or t.make_question(node)
@@ -36,4 +40,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    import sys
+
+    from ..errors import run_cli
+    sys.exit(run_cli(main))
