@@ -125,6 +125,9 @@ def load_checkpoint(run) -> bool:
     """Restore weights, optimizer, scheduler, RNG and data position; False when there is no checkpoint.
     Everything loads with ``torch.load(weights_only=True)``."""
     ckpt = run.ckpt_dir
+    if run.is_main:
+        recover_dir(ckpt)          # a crash between the renames of a save, temp dirs of dead runs
+    D.barrier()
     if not (ckpt / "trainer_state.pt").exists():
         return False
     verify_checkpoint(ckpt)

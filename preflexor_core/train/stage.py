@@ -265,6 +265,7 @@ class StageRun:
                 progress=self.cfg.run.progress, batch_size=d.gen_batch_size)
             policy.train(was_training)
             del policy
+            self.gen_skipped = dict(rows.stats.skipped)      # why rows were not generated (for the error)
             rows = [dict(r) for r in rows if str(r["id"]).startswith(prefix + "-")]
         return D.broadcast_object(rows)
 
@@ -326,12 +327,10 @@ class StageRun:
             examples, dropped = self.tokenize(rows, g)
             self.t.log.write({"stage": int(self.stage), "iteration": it, "event": "dataset", "pairs": len(rows),
                               "kept": len(examples), "dropped": dropped})
-            if not examples:
-                log.warning("stage %s iteration %d: every generated pair was dropped (%s); skipping this dataset. "
-                            "Unclosed thinking drops pairs with --on-unclosed drop: raise --thinking-max-new-tokens "
-                            "or pass --on-unclosed keep", self.stage, it, dropped)
-                self._next_iteration()
-                continue
+            if not examples:      # a stage that trains on nothing fails (no DONE) with the dominant cause
+                from ..datagen.pairs_io import nothing_produced
+                raise nothing_produced(f"stage {self.stage} iteration {it}", getattr(self, "gen_skipped", None),
+                                       dropped, total=len(rows))
             ref_c = ref_r = None
             if self.stage == "2":
                 ref_c, ref_r = self.reference_logps(examples)
