@@ -15,6 +15,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +24,13 @@ import torch
 from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
-from ..io import recover_dir
+from ..io import atomic_dir, recover_dir
 from ..models import resolve_model
 from ..tokenizer import Tokenizer
 from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
+from .provenance import built_from, corpus_fingerprint, reuse_artefact, write_built_from
+from .resume import check_resume
 from .stage import PAIRS_FILE, StageRun
 
 log = logging.getLogger("preflexor.train")
@@ -49,10 +52,30 @@ def shipped_corpus_files() -> list[str]:
 
 
 class JsonlLog:
-    """Append-only JSONL log (rank 0 only); each line flushed."""
+    """Append-only JSONL log (rank 0 only); each line flushed. ``rewind`` keeps one row per step."""
 
     def __init__(self, path: Path, enabled: bool):
         self.path, self.enabled = path, enabled
+
+    def rewind(self, stage: str, pos: dict) -> None:
+        """Drop the rows of ``stage`` after position ``pos`` (written before a crash or by an earlier run
+        into this directory) and torn lines, so a resumed or restarted stage logs each step once."""
+        if not self.enabled or not self.path.exists():
+            return
+        lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = []
+        for line in lines:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue                          # a line torn by a crash
+            if line.endswith("\n") and not (isinstance(row, dict) and str(row.get("stage")) == stage
+                                             and _after(row, pos)):
+                kept.append(line)
+        if len(kept) != len(lines):
+            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            os.replace(tmp, self.path)
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -60,6 +83,16 @@ class JsonlLog:
         with open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
+
+
+def _after(row: dict, pos: dict) -> bool:
+    """A log row of a stage that the stage at ``pos`` will write again (a step past it, or an event of
+    a dataset not finished); rows without a position belong to a stage that starts from scratch."""
+    if "global_step" in row:
+        return row["global_step"] > pos.get("global_step", 0)
+    if "iteration" in row:
+        return row["iteration"] >= pos.get("iteration", 0)
+    return pos.get("global_step", 0) == 0
 
 
 class Trainer:
@@ -96,19 +129,33 @@ class Trainer:
         return [str(p)]
 
     def corpus_texts(self) -> list[str]:
-        from ..retrieval.chunking import read_path
-        return [doc.text for f in self.corpus_files() for doc in read_path(f)]
+        from ..retrieval.chunking import CorpusError, read_path
+        texts = [doc.text for f in self.corpus_files() for doc in read_path(f)]
+        if not any(t.strip() for t in texts):
+            raise CorpusError(f"--corpus {', '.join(self.corpus_files())}: no text to train on; pass a corpus "
+                              f"with text (.txt, .md, .jsonl with a 'text' field)")
+        return texts
+
+    def corpus_fingerprint(self) -> dict:
+        """Names, sizes and SHA-256 of the corpus files (computed once; see ``provenance``)."""
+        if getattr(self, "_fingerprint", None) is None:
+            self._fingerprint = corpus_fingerprint(self.corpus_files())
+        return self._fingerprint
 
     def retriever(self):
         """The run's GraphRetriever: built on rank 0 into ``retriever/`` once, loaded on every rank (collective)."""
         if self._retriever is None:
             from ..retrieval import GraphRetriever
             rdir = self.out / "retriever"
-            if self.dist.is_main and not (rdir / "meta.json").exists():
+            record = built_from(self.corpus_fingerprint(), embedder=self.cfg.data.embedder)
+            reuse = reuse_artefact(rdir, (rdir / "meta.json").exists(), record, [self.out / "pairs.jsonl"],
+                                   "retriever")
+            if self.dist.is_main and not reuse:
                 from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
                 emb = {"auto": None, "hashing": HashingEmbedder, "minilm": MiniLMEmbedder}[self.cfg.data.embedder]
                 r = GraphRetriever.build(self.corpus_files(), embedder=emb() if emb else None)
-                r.save(str(rdir))
+                r.save(str(rdir))                    # atomic; the record last: without it, not complete
+                write_built_from(rdir, record)
             D.barrier()
             self._retriever = GraphRetriever.load(str(rdir))
         return self._retriever
@@ -131,10 +178,15 @@ class Trainer:
             tok = Tokenizer.from_pretrained(self.model_path)
         else:
             tdir = self.out / "tokenizer"
-            if self.dist.is_main and not (tdir / "tokenizer.json").exists():
-                vocab = r.tokenizer_vocab_size or ModelConfig.preset(r.model).vocab_size
+            vocab = r.tokenizer_vocab_size or ModelConfig.preset(r.model).vocab_size
+            record = built_from(self.corpus_fingerprint(), vocab_size=vocab)
+            made_from = [self.out / f"stage{s}" for s in STAGES] + [self.out / "checkpoints"]
+            if self.dist.is_main and not reuse_artefact(tdir, (tdir / "tokenizer.json").exists(), record,
+                                                        made_from, "tokenizer"):
                 tok = Tokenizer.train_bpe(self.corpus_texts(), vocab_size=vocab)
-                tok.save_pretrained(str(tdir))
+                with atomic_dir(tdir) as tmp:
+                    tok.save_pretrained(tmp)
+                    write_built_from(tmp, record)
             D.barrier()
             tok = Tokenizer.from_pretrained(str(tdir))
         self.vocab_change = add_thinking_tokens(tok)      # reserved tokens renamed, else new ones added
@@ -168,6 +220,11 @@ class Trainer:
     # -- main -----------------------------------------------------------------
     def run(self) -> dict:
         stages = STAGES if self.cfg.run.stage == "all" else (self.cfg.run.stage,)
+        if self.dist.is_main:
+            for s in stages:                                 # a crash between the renames of a checkpoint
+                recover_dir(self.out / "checkpoints" / f"stage{s}")
+        D.barrier()
+        check_resume(self.cfg, self.out, stages)            # before any work: something to resume, same flags
         self.check_no_stale_pairs(stages)
         for s in stages:
             if self.dist.is_main:
