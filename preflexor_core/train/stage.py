@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import distributed as D
+from ..errors import PreflexorError
 from ..data import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
 from ..losses import forward_logps
 from ..model import Llama
@@ -34,6 +35,10 @@ log = logging.getLogger("preflexor.train")
 
 __all__ = ["StageRun", "MicroBatch", "make_scheduler", "datagen_seed", "settings_hash", "pair_id_prefix",
            "PAIRS_FILE"]
+
+
+class StageError(PreflexorError, ValueError):
+    """A stage that cannot train (no data to train on); it exports nothing and writes no DONE."""
 
 
 def make_scheduler(opt, warmup: int, total: int, kind: str):
@@ -204,6 +209,7 @@ class StageRun:
         resumed = self.cfg.checkpoint.resume and load_checkpoint(self)
         if not resumed:
             seed_everything(self.cfg.run.seed + 1000 * int(self.stage))
+        self.t.log.rewind(self.stage, self.pos)       # one log row per step after a resume or a rerun
         if self.stage == "0":
             self.train_lm()
         else:
@@ -213,12 +219,20 @@ class StageRun:
                      self.pos["global_step"])
             self.t.stopped_early = True
             return
+        if self.pos["global_step"] == 0:               # never a DONE for a stage that did not train
+            raise StageError(f"stage {self.stage} trained no optimizer step (position {self.pos}); nothing is "
+                             f"exported and {self.final_dir} gets no DONE")
         save_final(self)
 
     def train_lm(self) -> None:
         o = self.cfg.optim
         blocks = pack_lm_stream([self.tok.encode(t) for t in self.t.corpus_texts()], self.cfg.data.sft_seq_len + 1,
                                 self.tok.token_to_id("<|end_of_text|>") or self.tok.eos_token_id)
+        if not len(blocks):
+            n = sum(len(self.tok.encode(t)) for t in self.t.corpus_texts())
+            raise StageError(f"stage 0: the corpus has {n} tokens, fewer than one training block of "
+                             f"--sft-seq-len {self.cfg.data.sft_seq_len} + 1; lower --sft-seq-len or add text "
+                             f"to --corpus")
         g = torch.Generator().manual_seed(self.cfg.run.seed)
         need = self.total_steps * o.sft_batch_size * self.world * o.grad_accum
         order = torch.cat([torch.randperm(len(blocks), generator=g) for _ in range(need // len(blocks) + 1)])
