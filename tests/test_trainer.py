@@ -300,3 +300,138 @@ def test_torchrun_two_ranks_identical_weights_ddp_and_fsdp(corpus, tmp_path):
     assert losses(tmp_path / "fsdp_resumed", stage=1) == losses(tmp_path / "fsdp", stage=1)
     r0 = torch.load(tmp_path / "fsdp_resumed" / "rank0.pt")
     assert all(torch.equal(r0[k], f0[k]) for k in f0)
+
+
+# -- mixed precision, accumulation, provenance, checkpoints --------------------------------------
+ROWS = [{"prompt": f"Why is nacre tough? Case {i}.",
+         "chosen": "<|thinking|>Tablets slide " + "and dissipate energy " * (1 + i % 3) + f"({i}).<|/thinking|> "
+                   "Nacre is tough because its aragonite tablets slide" + " past each other" * (i % 2) + ".",
+         "rejected": f"<|thinking|>Unsure {i}.<|/thinking|> It is soft" + " and brittle" * (i % 4) + "."}
+        for i in range(8)]
+
+
+def make_run(corpus, out, stage, **kw):
+    """A StageRun on a tiny model and tokenizer (no pair generation), for step-level tests."""
+    import copy
+    from preflexor_core.train import StageRun
+    t = Trainer(pref_cfg(corpus, out, stage=stage, **kw))
+    tok = t.tokenizer()
+    model = t.initial_model(stage, tok)
+    ref = None
+    if stage == "2":
+        ref = copy.deepcopy(model).eval()
+        ref.requires_grad_(False)
+    run = StageRun(t, stage, model, tok, ref, None)
+    examples, dropped = run.tokenize(ROWS, torch.Generator().manual_seed(0))
+    assert not dropped and len(examples) == len(ROWS)
+    refs = run.reference_logps(examples) if stage == "2" else None
+    return run, examples, refs
+
+
+def micro_batches(run, examples, refs, k, b):
+    """k micro-batches of b pairs over the first k*b examples."""
+    return [run._pair_micro_batch(examples[a * b:(a + 1) * b],
+                                  None if refs is None else (refs[0][a * b:(a + 1) * b], refs[1][a * b:(a + 1) * b]))
+            for a in range(k)]
+
+
+def grads_of(run, mbs):
+    run.opt.zero_grad(set_to_none=True)
+    m = run.accumulate(mbs)
+    g = {n: p.grad.detach().clone() for n, p in run.base.named_parameters() if p.grad is not None}
+    run.opt.zero_grad(set_to_none=True)
+    return g, m
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_grad_accum_equals_one_batch_of_k_times_b(corpus, tmp_path, stage):
+    # chosen/rejected lengths differ between pairs, so a per-micro-batch mean would weight tokens
+    # unequally; normalising by the accumulated batch's token and pair counts gives the same gradient
+    run, ex, refs = make_run(corpus, tmp_path / "r", stage, dpo_loss_type="ipo" if stage == "2" else "exo_pair")
+    big, mb = grads_of(run, micro_batches(run, ex, refs, 1, 8))
+    acc, ma = grads_of(run, micro_batches(run, ex, refs, 4, 2))
+    assert big.keys() == acc.keys() and len(big) > 0
+    for n in big:
+        torch.testing.assert_close(acc[n], big[n], atol=1e-6, rtol=1e-4, msg=n)
+    assert ma["loss"] == pytest.approx(mb["loss"], rel=1e-5)
+    if stage == "2":
+        return           # pair losses only: equal-sized micro-batches average the same; no token weighting
+    # the per-micro-batch mean NLL (what accumulation computed before) is measurably different
+    naive = {}
+    for m in micro_batches(run, ex, refs, 4, 2):
+        run.opt.zero_grad(set_to_none=True)
+        loss, _ = run._loss(m, m.n_tokens, m.n_pairs)
+        (loss / 4).backward()
+        for n, p in run.base.named_parameters():
+            if p.grad is not None:
+                naive[n] = naive.get(n, 0) + p.grad.detach().clone()
+    assert max(float((naive[n] - big[n]).abs().max()) for n in big) > 1e-4
+
+
+@pytest.mark.parametrize("stage", ["1", "2"])
+def test_bf16_autocast_steps_on_fp32_weights(corpus, tmp_path, stage):
+    """fp32 master weights + bf16 autocast (the CUDA default) through whole ORPO / EXO steps on CPU."""
+    run, ex, refs = make_run(corpus, tmp_path / "a", stage)
+    fp32 = grads_of(run, micro_batches(run, ex, refs, 2, 2))[1]["loss"]
+    run.t.autocast = True
+    before = {n: p.detach().clone() for n, p in run.base.named_parameters()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        hidden = run.model(torch.tensor([ex[0].chosen_ids]), return_hidden=True)
+    assert hidden.dtype == torch.float32                 # residual stream stays in the weights' dtype
+    m = run.optimizer_step(micro_batches(run, ex, refs, 2, 2))
+    assert m["loss"] == m["loss"] and abs(m["loss"] - fp32) <= 0.05 * abs(fp32) + 0.02, (m["loss"], fp32)
+    assert all(p.dtype == torch.float32 for p in run.base.parameters())
+    changed = [n for n, p in run.base.named_parameters() if not torch.equal(p, before[n])]
+    assert len(changed) == len(before)                   # every weight got a finite update
+    assert all(torch.isfinite(p).all() for p in run.base.parameters())
+
+
+def _interpreter_bf16_dot_ok() -> bool:
+    """Triton 3.9's interpreter returns garbage for tl.dot on bf16 operands (see test_kernels_attention)."""
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _probe_kernel(X, Z, N: tl.constexpr):
+        o = tl.arange(0, N)
+        x = tl.load(X + o[:, None] * N + o[None, :])
+        tl.store(Z + o[:, None] * N + o[None, :], tl.dot(x, x))
+
+    x = torch.randn(16, 16).to(torch.bfloat16)
+    z = torch.empty(16, 16)
+    _probe_kernel[(1,)](x, z, N=16)
+    return torch.allclose(z, x.float() @ x.float(), atol=1e-2, rtol=1e-2)
+
+
+def test_autocast_step_with_triton_kernels_in_the_interpreter(corpus, tmp_path, monkeypatch):
+    # tiny model, 2 pairs, an EXO step: Triton attention (model._attend) and log-probs in Triton's
+    # interpreter under autocast; bf16 where the interpreter's bf16 dot works, else fp16 (same code
+    # path: half q, k, v from the linears, fp32 cos/sin and residual stream)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    half = torch.bfloat16 if _interpreter_bf16_dot_ok() else torch.float16
+    monkeypatch.setenv("PREFLEXOR_KERNELS", "reference")
+    run, ex, refs = make_run(corpus, tmp_path / "a", "2")
+    ex = ex[:2]
+    ref_loss = grads_of(run, micro_batches(run, ex, (refs[0][:2], refs[1][:2]), 1, 2))[1]["loss"]
+    monkeypatch.setenv("PREFLEXOR_KERNELS", "triton")
+    from preflexor_core import kernels
+    calls = []
+    orig = kernels.flash_attention
+    monkeypatch.setattr(kernels, "flash_attention", lambda *a, **k: calls.append(a[0].dtype) or orig(*a, **k))
+    run.t.autocast, run.t.autocast_dtype = True, half
+    g, m = grads_of(run, micro_batches(run, ex, (refs[0][:2], refs[1][:2]), 1, 2))
+    assert calls and set(calls) == {half}                # the kernel ran, on consistent half q, k, v
+    assert abs(m["loss"] - ref_loss) <= 0.05 * abs(ref_loss) + 0.02
+    assert g and all(torch.isfinite(v).all() for v in g.values())
+
+
+def test_datagen_seeds_and_pair_ids_never_collide():
+    from preflexor_core.train.stage import datagen_seed, pair_id_prefix
+    seeds = {datagen_seed(s, st, it) for s in (0, 1, 5) for st in "12" for it in range(300)}
+    assert len(seeds) == 3 * 2 * 300                     # iteration 100 of stage 1 != iteration 0 of stage 2
+    assert datagen_seed(5, "1", 100) != datagen_seed(5, "2", 0)
+    ids = {pair_id_prefix({"stage": st, "iteration": it, "policy_step": p, "settings_hash": "abc"})
+           for st in (1, 2) for it in range(20) for p in (0, 1, 10)}
+    assert len(ids) == 2 * 20 * 3
+    with pytest.raises(ValueError, match="iteration"):
+        datagen_seed(5, "1", -1)

@@ -146,7 +146,7 @@ class StageRun:
         last = len(micro_batches) - 1
         for i, mb in enumerate(micro_batches):
             with D.no_grad_sync(self.model, enabled=i < last and self.t.dist.enabled):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
+                with torch.autocast(self.device.type, dtype=self.t.autocast_dtype, enabled=self.t.autocast):
                     loss, m = self._loss(mb, n_tokens, n_pairs)
                 (loss * self.world).backward()
             ntok += mb.batch.num_tokens
@@ -312,7 +312,7 @@ class StageRun:
             stack.callback(model.train, was)
             for i in range(0, len(examples), bs):
                 b = collate_pairs(examples[i:i + bs], self.tok.pad_token_id, packed=self.t.packed).to(self.device)
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
+                with torch.autocast(self.device.type, dtype=self.t.autocast_dtype, enabled=self.t.autocast):
                     sums, _ = forward_logps(model, b)
                 out_c.append(sums[:b.n_pairs].float().cpu())
                 out_r.append(sums[b.n_pairs:].float().cpu())

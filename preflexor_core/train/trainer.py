@@ -113,7 +113,10 @@ class Trainer:
         D.barrier()
         self.log = JsonlLog(self.out / "log.jsonl", self.dist.is_main)
         self.packed = self.device.type == "cuda"      # varlen packing on CUDA, padding on CPU
+        # Precision: fp32 master weights (and fp32 AdamW state; LoRA adapters fp32 over any base dtype)
+        # with the forward under bf16 autocast on CUDA. Tests also run it on CPU (and fp16 there).
         self.autocast = self.device.type == "cuda" and cfg.optim.bf16
+        self.autocast_dtype = torch.bfloat16
         self._retriever = None
         self._teacher = None
         self.summary: dict[str, Any] = {}
