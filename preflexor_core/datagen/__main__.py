@@ -59,6 +59,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                     help="source of 'rejected' (default: policy with --model, else teacher)")
     ap.add_argument("--with-thinking", action="store_true",
                     help="stage 2: the policy answers the thinking prompt, its response opened with <|thinking|>")
+    ap.add_argument("--thinking-format", choices=["categories", "graph"], default=DatagenConfig.thinking_format,
+                    help="chosen thinking: the paper's categories, or a knowledge graph (Brainstorm, Graph, Graph "
+                         "JSON, Patterns, Synthesis; extractive teacher only) (default: %(default)s)")
     ap.add_argument("--k-samples", type=int, default=DatagenConfig.k_samples,
                     help="policy samples per question; the lowest-scored is kept (default: %(default)s)")
     ap.add_argument("--scorer", default="embedding", choices=["embedding", "judge"],
@@ -144,7 +147,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             scorer=teacher if args.scorer == "judge" else "embedding",
             only_include_wrong_answers=args.only_wrong, wrong_threshold=args.wrong_threshold,
             seed=args.seed, out_path=args.out, sampling=sampling, progress=not args.no_progress,
-            batch_size=args.batch_size)
+            batch_size=args.batch_size, thinking_format=args.thinking_format)
         rows = generate_pairs(retriever, teacher, policy=policy, config=config)
     except (DatagenError, TeacherError, ValueError, FileNotFoundError, RuntimeError) as e:
         print(f"error: {e}", file=sys.stderr)

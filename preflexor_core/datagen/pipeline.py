@@ -27,6 +27,7 @@ from typing import Any, Sequence
 from ..retrieval.context import Context, gather_context
 from ..teachers.base import (DEFAULT_CATEGORIES, TeacherAuthError, TeacherError, TeacherNotFoundError,
                              complete_many, hash_seed)
+from ..teachers.graph_writer import GRAPH_INSTRUCTION, THINKING_FORMATS
 from ..tokenizer import THINK_START, THINKING_INSTRUCTION
 from .format import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
 from .pairs_io import DatagenError, GenerationStats, Pairs, PairWriter
@@ -85,6 +86,7 @@ class DatagenConfig:
     teacher_max_tokens: int = 512               # reply budget of LLM teachers
     id_prefix: str | None = None                # row ids f"{id_prefix}-{i}" (default: the seed)
     row_meta: dict | None = None                # extra fields stored in every new row (provenance)
+    thinking_format: str = "categories"         # "graph": teachers.graph_writer (extractive teacher only)
 
     def __post_init__(self):
         if self.n < 0:
@@ -98,6 +100,8 @@ class DatagenConfig:
         self.categories = tuple(str(c) for c in self.categories)
         if not self.categories:
             raise DatagenError("categories is empty; give at least one thinking category")
+        if self.thinking_format not in THINKING_FORMATS:
+            raise DatagenError(f"thinking_format must be one of {THINKING_FORMATS}, got {self.thinking_format!r}")
 
 
 def generate_pairs(retriever, teacher, policy=None, tokenizer=None, config: DatagenConfig | None = None,
@@ -145,14 +149,15 @@ class _Prepared:
     source_ids: list[str]
     sections: list[tuple[str, str]]
     answer: str
+    graph: Any = None                 # graph_writer.GraphThinking (thinking_format="graph")
 
     @property
     def prompt(self) -> str:
-        return self.question + THINKING_INSTRUCTION
+        return self.question + (GRAPH_INSTRUCTION if self.graph is not None else THINKING_INSTRUCTION)
 
     @property
     def chosen(self) -> str:
-        return format_chosen(self.sections, self.answer)
+        return self.graph.chosen(self.answer) if self.graph is not None else format_chosen(self.sections, self.answer)
 
 
 class _Pipeline:
@@ -298,6 +303,8 @@ class _Pipeline:
         if not question:
             skipped["empty_question"] += 1
             return None
+        if self.cfg.thinking_format == "graph":
+            return self._graph_row(i, nodes, question)
         if self.task_sections:
             ctx = self._context(question, nodes)
             texts = [self.teacher.fill_category(c, question, ctx) for c in self.cfg.categories]
@@ -318,6 +325,23 @@ class _Pipeline:
             return None
         source_ids = [str(getattr(h, "chunk_id", "")) for h in nodes]
         return _Prepared(i, self.ids[i], question, ctx, source_ids, sections, answer)
+
+    def _graph_row(self, i: int, nodes: list, question: str) -> _Prepared | None:
+        if not hasattr(self.teacher, "graph_thinking"):
+            raise DatagenError(f"thinking_format='graph' needs a teacher with graph_thinking (the extractive "
+                               f"teacher); {getattr(self.teacher, 'name', type(self.teacher).__name__)} has none")
+        ctx = self._context(question, nodes)
+        try:
+            graph = self.teacher.graph_thinking(question, ctx)
+        except ValueError:            # no two concepts share a corpus sentence
+            self.stats.skipped["no_thinking"] += 1
+            return None
+        answer = self.teacher.answer(question, ctx)
+        if not answer:
+            self.stats.skipped["empty_answer"] += 1
+            return None
+        return _Prepared(i, self.ids[i], question, ctx, [str(getattr(h, "chunk_id", "")) for h in nodes],
+                         [], answer, graph)
 
     # ---------------------------------------------------------------- rejected side
     def _policy_samples(self, prepared: list[_Prepared]) -> list[list[str]]:
@@ -383,6 +407,7 @@ class _Pipeline:
                 "scores": [round(float(x), 6) for x in sc], "rejected_score": round(float(sc[j]), 6),
                 "rejected_index": j, "rejected_from": cfg.rejected_from, "with_thinking": bool(cfg.with_thinking),
                 "scorer": self.scorer.name, "teacher": getattr(self.teacher, "name", type(self.teacher).__name__),
-                "seed": cfg.seed, "index": p.index, "created": created, **(cfg.row_meta or {}),
+                "seed": cfg.seed, "index": p.index, "created": created, "thinking_format": cfg.thinking_format,
+                **({"sources": p.graph.sources} if p.graph is not None else {}), **(cfg.row_meta or {}),
             })
         return rows

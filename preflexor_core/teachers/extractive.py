@@ -239,6 +239,15 @@ class ExtractiveTeacher:
             good = ranked[: min(n_min, len(ranked))]
         return " ".join(s.text for _, s in good)  # most relevant first
 
+    def graph_thinking(self, question: str, context=None):
+        """The graph-format thinking of ``question`` (``graph_writer.GraphWriter`` over this retriever;
+        ``.thinking``, ``.sources``); the answer's sentences are kept out of it."""
+        from .graph_writer import GraphWriter
+        ctx = self._as_context(question, context)
+        if getattr(self, "_graph_writer", None) is None:
+            self._graph_writer = GraphWriter(self.retriever)
+        return self._graph_writer.write(question, ctx, answer=self.answer(question, ctx))
+
     def plain_answer(self, question: str, salt: Any = "") -> str:
         """An answer *without* retrieval: the best-overlapping sentences of a few random chunks.
 
