@@ -228,11 +228,6 @@ class StageRun:
         o = self.cfg.optim
         blocks = pack_lm_stream([self.tok.encode(t) for t in self.t.corpus_texts()], self.cfg.data.sft_seq_len + 1,
                                 self.tok.token_to_id("<|end_of_text|>") or self.tok.eos_token_id)
-        if not len(blocks):
-            n = sum(len(self.tok.encode(t)) for t in self.t.corpus_texts())
-            raise StageError(f"stage 0: the corpus has {n} tokens, fewer than one training block of "
-                             f"--sft-seq-len {self.cfg.data.sft_seq_len} + 1; lower --sft-seq-len or add text "
-                             f"to --corpus")
         g = torch.Generator().manual_seed(self.cfg.run.seed)
         need = self.total_steps * o.sft_batch_size * self.world * o.grad_accum
         order = torch.cat([torch.randperm(len(blocks), generator=g) for _ in range(need // len(blocks) + 1)])
