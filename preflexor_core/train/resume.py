@@ -142,7 +142,7 @@ def verify_checkpoint(ckpt: Path) -> None:
 def _differences(saved: dict, new: dict, stage: str) -> tuple[list[str], list[str]]:
     unsafe, safe = [], []
     for name, f in _fields().items():
-        if name not in saved or stage not in f.metadata.get("stages", "012"):
+        if name not in saved or stage not in f.metadata.get("stages", stage):      # default: every stage
             continue
         old, now = saved[name], new[name]
         if old == now or (isinstance(old, list) and tuple(old) == now):
