@@ -184,8 +184,8 @@ class Trainer:
             vocab = r.tokenizer_vocab_size or ModelConfig.preset(r.model).vocab_size
             record = built_from(self.corpus_fingerprint(), vocab_size=vocab)
             made_from = [self.out / f"stage{s}" for s in STAGES] + [self.out / "checkpoints"]
-            if self.dist.is_main and not reuse_artefact(tdir, (tdir / "tokenizer.json").exists(), record,
-                                                        made_from, "tokenizer"):
+            reuse = reuse_artefact(tdir, (tdir / "tokenizer.json").exists(), record, made_from, "tokenizer")
+            if self.dist.is_main and not reuse:                 # checked on every rank: all raise alike
                 tok = Tokenizer.train_bpe(self.corpus_texts(), vocab_size=vocab)
                 with atomic_dir(tdir) as tmp:
                     tok.save_pretrained(tmp)
