@@ -36,6 +36,10 @@ def parse_args(argv=None) -> InferConfig:
                          f"demo checkpoint, the first of {', '.join(DEMO_MODEL_DIRS)} that exists")
     ap.add_argument("--dtype", default=D.dtype, choices=DTYPE_CHOICES,
                     help="weights dtype; auto = bfloat16 on cuda, float32 on cpu (default: %(default)s)")
+    ap.add_argument("--decode-weights", default=D.decode_weights, choices=("fp", "int8"),
+                    help="policy generation: fp = in the weights' dtype, int8 = weight-only int8 copies with "
+                         "per-channel scales, LM head included (faster on CPU, slightly different outputs) "
+                         "(default: %(default)s)")
     ap.add_argument("--retriever", default=D.retriever, metavar="DIR",
                     help="GraphRetriever dir used by the graph critic (default: %(default)s)")
     ap.add_argument("--critic", default=D.critic,
@@ -68,7 +72,7 @@ def parse_args(argv=None) -> InferConfig:
                        reflect_depth=a.reflect_depth, mode=a.mode, integrate=a.integrate,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                        top_k=a.top_k, seed=a.seed, stream=a.stream, json=a.json, device=a.device,
-                       dtype=a.dtype)
+                       dtype=a.dtype, decode_weights=a.decode_weights)
 
 
 def main(argv=None) -> int:

@@ -105,14 +105,19 @@ class Attention(nn.Module):
     def forward(self, x, cos, sin, mask, causal, kv_cache=None):
         from . import ops
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)   # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)      # (B, Hkv, T, D)
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, Hq, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
         q, k = ops.rope(q, k, cos, sin)
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                               # (B, Hkv, S, D)
         o = _attend(q, k, v, mask, causal)                                             # (B, Hq, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def project_qkv(self, x):
+        """x (B, T, H) -> q, k, v projections (the sampler swaps in one fused product)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
 
 
 class MLP(nn.Module):
@@ -125,7 +130,11 @@ class MLP(nn.Module):
 
     def forward(self, x):
         from . import ops
-        return self.down_proj(ops.swiglu(self.gate_proj(x), self.up_proj(x)))
+        return self.down_proj(ops.swiglu(*self.project_gate_up(x)))
+
+    def project_gate_up(self, x):
+        """x (B, T, H) -> gate, up projections (the sampler swaps in one fused product)."""
+        return self.gate_proj(x), self.up_proj(x)
 
 
 class Block(nn.Module):

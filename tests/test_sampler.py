@@ -287,36 +287,45 @@ def test_cpu_packed_linears_match_f_linear_and_restore(model, dtype, tol):
     m = Llama(model.config).eval().to(dtype)
     m.load_state_dict(model.state_dict())
     x = torch.randn(3, 5, m.config.hidden_size).to(dtype)
-    lin = _linears(m)[0]
-    want_lin, want_head = lin(x), m.project_logits(x)
+    attn, mlp = m.model.layers[0].self_attn, m.model.layers[0].mlp
+    lin = attn.o_proj
+    want = [lin(x), m.project_logits(x), *attn.project_qkv(x), *mlp.project_gate_up(x)]
     with torch.inference_mode(), cpu_packed_linears(m) as packed:
         assert packed
         assert "forward" in lin.__dict__ and "project_logits" in m.__dict__
-        got_lin, got_head = lin(x), m.project_logits(x)
-    for got, want in ((got_lin, want_lin), (got_head, want_head)):
-        assert got.dtype == dtype and got.shape == want.shape
-        torch.testing.assert_close(got.float(), want.float(), atol=tol, rtol=tol)
+        assert "project_qkv" in attn.__dict__ and "project_gate_up" in mlp.__dict__      # fused products
+        assert "forward" not in attn.q_proj.__dict__ and "forward" not in mlp.up_proj.__dict__
+        got = [lin(x), m.project_logits(x), *attn.project_qkv(x), *mlp.project_gate_up(x)]
+    assert len(got) == len(want) == 7
+    for g, w in zip(got, want):
+        assert g.dtype == dtype and g.shape == w.shape
+        torch.testing.assert_close(g.float(), w.float(), atol=tol, rtol=tol)
     # leaving the block restores the class methods and bit-identical outputs
-    assert "forward" not in lin.__dict__ and "project_logits" not in m.__dict__
-    assert torch.equal(lin(x), want_lin) and torch.equal(m.project_logits(x), want_head)
+    for mod, name in ((lin, "forward"), (m, "project_logits"), (attn, "project_qkv"), (mlp, "project_gate_up")):
+        assert name not in mod.__dict__
+    assert torch.equal(lin(x), want[0]) and torch.equal(m.project_logits(x), want[1])
+    assert all(torch.equal(a, b) for a, b in zip(attn.project_qkv(x), want[2:5]))
 
 
 def test_cpu_packing_keeps_greedy_outputs_and_can_be_turned_off(model, tok, monkeypatch):
     from preflexor_core.sampler import cpu_pack
     calls = []
     real = cpu_pack._packed_linear
-    monkeypatch.setattr(cpu_pack, "_packed_linear", lambda w, b: calls.append(w.shape) or real(w, b))
+    monkeypatch.setattr(cpu_pack, "_packed_linear", lambda ws, b: calls.append(len(ws)) or real(ws, b))
     params = SamplingParams(max_new_tokens=12, **GREEDY)
     packed = [c.token_ids for c in generate(model, tok, PROMPTS, params)]
-    n_linears = len(_linears(model))
-    assert len(calls) == n_linears + 1          # every projection and the LM head
+    L = model.config.num_hidden_layers
+    # per layer: fused q/k/v, o_proj, fused gate/up, down_proj; then the LM head (and lm_head's forward)
+    assert sorted(calls) == sorted([3, 1, 2, 1] * L + [1] * (1 + (model.lm_head is not None)))
+    assert sum(calls) == len(_linears(model)) + 1          # every projection and the LM head
+    n = len(calls)
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "0")
     plain = [c.token_ids for c in generate(model, tok, PROMPTS, params)]
-    assert len(calls) == n_linears + 1 and packed == plain
+    assert len(calls) == n and packed == plain
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "auto")
     monkeypatch.setattr(cpu_pack, "CPU_PACK_MAX_BYTES", 1024)   # copies too large for "auto"
     assert [c.token_ids for c in generate(model, tok, PROMPTS, params)] == plain
-    assert len(calls) == n_linears + 1
+    assert len(calls) == n
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "yes")
     with pytest.raises(ValueError, match="PREFLEXOR_CPU_PACK='yes'"):
         generate(model, tok, PROMPTS, params)
@@ -345,19 +354,24 @@ def test_cpu_packed_weights_are_reused_until_the_weights_change(model, tok, monk
     m = Llama(model.config).eval()
     m.load_state_dict(model.state_dict())
     params = SamplingParams(max_new_tokens=8, **GREEDY)
-    w, emb = m.model.layers[0].mlp.down_proj.weight, m.output_weight             # a projection, the head
+    mlp = m.model.layers[0].mlp
+    w, emb = mlp.down_proj.weight, m.output_weight             # a projection, the head
+    gate_up = ("mkldnn", id(mlp.gate_proj.weight), id(mlp.up_proj.weight))   # a fused pair
+    entry = lambda key: cpu_pack._PACKED[key][1]
     before = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
-    packed_w, packed_emb = cpu_pack._PACKED[id(w)][2], cpu_pack._PACKED[id(emb)][2]
+    packed_w, packed_emb, packed_gu = entry(("mkldnn", id(w))), entry(("mkldnn", id(emb))), entry(gate_up)
     assert [c.token_ids for c in generate(m, tok, PROMPTS, params)] == before
-    assert cpu_pack._PACKED[id(w)][2] is packed_w                   # unchanged weights: no repack
+    assert entry(("mkldnn", id(w))) is packed_w and entry(gate_up) is packed_gu     # unchanged: no repack
     with torch.no_grad():
         emb.mul_(-1.0)                                             # in place, like an optimizer step
+        mlp.up_proj.weight.mul_(1.5)                               # one half of a fused pair
     after = [c.token_ids for c in generate(m, tok, PROMPTS, params)]
-    assert cpu_pack._PACKED[id(w)][2] is packed_w
-    assert cpu_pack._PACKED[id(emb)][2] is not packed_emb           # the changed one was repacked
+    assert entry(("mkldnn", id(w))) is packed_w
+    assert entry(("mkldnn", id(emb))) is not packed_emb            # the changed ones were repacked
+    assert entry(gate_up) is not packed_gu
     monkeypatch.setenv("PREFLEXOR_CPU_PACK", "0")
     assert after == [c.token_ids for c in generate(m, tok, PROMPTS, params)] and after != before
     n = len(cpu_pack._PACKED)
-    del m, w, emb, packed_w, packed_emb
+    del m, mlp, w, emb, packed_w, packed_emb, packed_gu
     gc.collect()
     assert len(cpu_pack._PACKED) < n                                # entries go away with their weights

@@ -37,6 +37,7 @@ class InferConfig:
     questions_file: str | None = None     # .txt (one per line) or .jsonl ("question" field)
     model: str | None = None              # None -> the embedded demo checkpoint (DEMO_MODEL_DIRS); a name, dir or .gguf
     dtype: str = "auto"                   # weights dtype (models.parse_dtype): auto = bf16 on cuda, fp32 on cpu
+    decode_weights: str = "fp"            # policy generation: "fp" (the weights' dtype) or "int8" (weight-only)
     retriever: str = "runs/demo/retriever"
     critic: str | None = None             # None -> graph when the retriever exists, else same
     critic_model: str | None = None
@@ -240,7 +241,7 @@ def main(cfg: InferConfig) -> int:
     from ..sampler import SamplingParams
     try:
         check_inputs(cfg)
-        policy = Policy(*load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype))
+        policy = Policy(*load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype), decode_weights=cfg.decode_weights)
         critic = build_critic(cfg, policy)
     except (InputError, OutputPathError, DeviceError) as e:
         print(f"infer.py: error: {e}", file=sys.stderr)

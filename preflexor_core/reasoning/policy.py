@@ -20,6 +20,7 @@ class Policy:
 
     model: Any
     tokenizer: Any
+    decode_weights: str = "fp"          # sampler.generate's decode_weights: "fp" or "int8" (weight-only)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype=None) -> "Policy":
@@ -29,7 +30,8 @@ class Policy:
 
     def generate(self, prompts, params, stream=None, max_batch_size: int | None = None):
         from ..sampler import generate
-        return generate(self.model, self.tokenizer, prompts, params, stream=stream, max_batch_size=max_batch_size)
+        return generate(self.model, self.tokenizer, prompts, params, stream=stream, max_batch_size=max_batch_size,
+                        decode_weights=self.decode_weights)
 
     def count_tokens(self, text: str) -> int:
         return len(self.tokenizer.encode(text)) if text else 0

@@ -9,16 +9,18 @@
 Rooms: ``kv_cache`` (KVCache), ``params`` (SamplingParams, Completion), ``generate`` (prefill,
 decode_one_token, generate), ``sampling`` (seeds, repetition penalty; the draw is ``ops.sample``),
 ``detokenize`` (incremental text, stop strings), ``prompts``, ``cpu_pack`` (oneDNN weight packing
-on CPU), ``cuda_graph`` (the decode step as a CUDA graph).
+on CPU, fused q/k/v and gate/up), ``int8`` (weight-only int8 decoding: ``generate(...,
+decode_weights="int8")``), ``cuda_graph`` (the decode step as a CUDA graph).
 Tests: ``python -m pytest tests/test_sampler.py -q``.
 """
 from .cpu_pack import cpu_packed_linears
 from .cuda_graph import CUDAGraphDecoder, static_decode_step
 from .generate import decode_one_token, generate, prefill
+from .int8 import int8_linears, quantize_per_channel
 from .kv_cache import KVCache
 from .params import Completion, SamplingParams
 from .sampling import apply_repetition_penalty, row_key, sample, seeds_for_rows
 
 __all__ = ["KVCache", "SamplingParams", "Completion", "prefill", "decode_one_token", "sample", "generate",
            "CUDAGraphDecoder", "static_decode_step", "row_key", "seeds_for_rows", "apply_repetition_penalty",
-           "cpu_packed_linears"]
+           "cpu_packed_linears", "int8_linears", "quantize_per_channel"]

@@ -1,11 +1,14 @@
-"""CPU weight packing for inference: ``nn.Linear`` layers and the LM head through oneDNN.
+"""Inference-time linears: oneDNN-packed weights on CPU, fused q/k/v and gate/up products.
 
 Inside ``cpu_packed_linears(model)`` the plain linears and ``project_logits`` compute with
 ``torch.ops.mkldnn`` on weights reordered once into oneDNN's blocked layout (the kernels behind
-torch.compile's CPU weight freezing) instead of ``F.linear`` (MKL). Same precision as the model
-(fp32 or bf16); only the summation order differs. Packed copies are kept while their weights are
-unchanged (a version-counter check repacks after an optimizer step), at the cost of one extra copy.
-``PREFLEXOR_CPU_PACK=0`` turns packing off; ``auto`` (default) packs up to ``CPU_PACK_MAX_BYTES``.
+torch.compile's CPU weight freezing) instead of ``F.linear`` (MKL), and each attention's q/k/v
+(``project_qkv``) and each MLP's gate/up (``project_gate_up``) run as ONE product on the
+concatenated weights (fewer, larger calls per layer: the per-token overhead of deep, narrow models).
+Same precision as the model (fp32 or bf16); only the summation order differs. Derived weights are
+cached while their sources are unchanged (a version-counter check redoes them after an optimizer
+step), at the cost of one extra copy. ``PREFLEXOR_CPU_PACK=0`` turns packing off; ``auto`` (default)
+packs up to ``CPU_PACK_MAX_BYTES``. ``patch_linears`` is shared with ``int8.int8_linears``.
 Measured speed: README, "Benchmarks". Tests: ``python -m pytest tests/test_sampler.py -q -k pack``.
 """
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 import contextlib
 import os
 import weakref
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.nn as nn
@@ -22,6 +25,11 @@ import torch.nn.functional as F
 CPU_PACK_MAX_BYTES = 4 << 30    # "auto" packs only when the packed copies stay below this
 PACK_MIN_NUMEL = 1 << 18        # weights this large always use the packed product ...
 PACK_MIN_ROWS = 8               # ... smaller ones from this many rows (tokens) on
+# method of a module -> the sibling linears it runs; with all of them plain nn.Linear, one fused product
+FUSED = {"project_qkv": ("q_proj", "k_proj", "v_proj"), "project_gate_up": ("gate_proj", "up_proj")}
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+MakeForward = Callable[[Sequence[torch.Tensor], torch.Tensor | None], Forward]
 
 
 def _pack_mode() -> str:
@@ -31,34 +39,81 @@ def _pack_mode() -> str:
     return mode
 
 
-# id(weight) -> (its version counter, data pointer, packed copy): reused across generate calls while
-# the weight is unchanged (an optimizer step or a load bumps the version and forces a repack); an
-# entry goes away with its weight.
-_PACKED: dict[int, tuple[int, int, torch.Tensor]] = {}
+# (tag, id(part), ...) -> ((version, data pointer) per part, derived value): reused across generate
+# calls while every source weight is unchanged; an entry goes away with its first source weight.
+_PACKED: dict[tuple, tuple[tuple, Any]] = {}
 
 
-def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[[torch.Tensor], torch.Tensor]:
-    if weight.is_inference():    # e.g. a LoRA head's merged weight, made afresh per call: no version counter
-        packed = torch.ops.mkldnn._reorder_linear_weight(weight)
-    else:
-        key = (weight._version, weight.data_ptr())
-        hit = _PACKED.get(id(weight))
-        if hit is not None and hit[:2] == key:
-            packed = hit[2]
-        else:
-            packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach())
-            if hit is None:
-                weakref.finalize(weight, _PACKED.pop, id(weight), None)
-            _PACKED[id(weight)] = (*key, packed)
-    b = None if bias is None else bias.detach()
-    numel, k = weight.numel(), weight.shape[1]
+def cached_derived(parts: Sequence[torch.Tensor], make: Callable[[torch.Tensor], Any], tag: str) -> Any:
+    """``make(cat(parts, 0))``, computed once and reused while every part is unchanged."""
+    def build():
+        with torch.inference_mode(False), torch.no_grad():
+            w = parts[0].detach() if len(parts) == 1 else torch.cat([p.detach() for p in parts])
+            return make(w)
+    if any(p.is_inference() for p in parts):    # e.g. a LoRA head's merged weight, made afresh per call
+        return build()
+    key = (tag, *(id(p) for p in parts))
+    state = tuple((p._version, p.data_ptr()) for p in parts)
+    hit = _PACKED.get(key)
+    if hit is not None and hit[0] == state:
+        return hit[1]
+    value = build()
+    if hit is None:
+        weakref.finalize(parts[0], _PACKED.pop, key, None)
+    _PACKED[key] = (state, value)
+    return value
+
+
+def _cat_bias(mods: Sequence[nn.Linear]) -> torch.Tensor | None:
+    if mods[0].bias is None:
+        return None
+    return torch.cat([m.bias.detach() for m in mods]) if len(mods) > 1 else mods[0].bias.detach()
+
+
+def patch_linears(model: nn.Module, make: MakeForward) -> list[tuple[nn.Module, str]]:
+    """Shadow the model's linear products with ``make(weights, bias)`` functions (instance
+    attributes); returns what was patched, for ``unpatch``. Fused groups (``FUSED``) get one
+    function whose output is split back into the group's outputs."""
+    patched: list[tuple[nn.Module, str]] = []
+    done: set[int] = set()
+    for mod in model.modules():
+        for method, names in FUSED.items():
+            mods = [getattr(mod, n, None) for n in names]
+            if not hasattr(mod, method) or any(type(m) is not nn.Linear for m in mods) \
+                    or len({m.bias is None for m in mods}) > 1:
+                continue
+            fwd = make([m.weight for m in mods], _cat_bias(mods))
+            sizes = [m.out_features for m in mods]
+            setattr(mod, method, lambda x, fwd=fwd, sizes=sizes: fwd(x).split(sizes, dim=-1))
+            patched.append((mod, method))
+            done.update(id(m) for m in mods)
+    for m in model.modules():
+        if type(m) is nn.Linear and id(m) not in done:
+            m.forward = make([m.weight], m.bias)
+            patched.append((m, "forward"))
+    head = getattr(model, "output_weight", None) if hasattr(model, "project_logits") else None
+    if head is not None:
+        model.project_logits = make([head], None)
+        patched.append((model, "project_logits"))
+    return patched
+
+
+def unpatch(patched: list[tuple[nn.Module, str]]) -> None:
+    for m, name in patched:
+        m.__dict__.pop(name, None)
+
+
+def _packed_linear(weights: Sequence[torch.Tensor], bias: torch.Tensor | None) -> Forward:
+    packed = cached_derived(weights, torch.ops.mkldnn._reorder_linear_weight, "mkldnn")
+    plain = cached_derived(weights, lambda w: w, "cat") if len(weights) > 1 else weights[0]
+    numel, k = plain.numel(), plain.shape[1]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         # oneDNN costs ~10 us a call: for a few rows through a small matrix (the tiny preset's
         # decode) F.linear is faster; from ~256k weight elements or 8 rows, the packed product wins.
         if numel >= PACK_MIN_NUMEL or x.numel() // k >= PACK_MIN_ROWS:
-            return torch.ops.mkldnn._linear_pointwise(x, packed, b, "none", [], "")
-        return F.linear(x, weight, bias)
+            return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+        return F.linear(x, plain, bias)
     return forward
 
 
@@ -66,10 +121,10 @@ def _packed_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> Callable[
 def cpu_packed_linears(model: nn.Module):
     """Within the block, the model's plain ``nn.Linear`` layers and its LM head (``project_logits``)
     compute with oneDNN on weights reordered at entry (or reused from an earlier entry while a weight
-    is unchanged). The packed weights are a snapshot: use it only where the weights do not change
-    inside the block (inference). A no-op off CPU, for dtypes other than fp32 /
-    bf16, without oneDNN, with ``PREFLEXOR_CPU_PACK=0``, or (``auto``) when the copies would exceed
-    ``CPU_PACK_MAX_BYTES``. Yields whether it packed."""
+    is unchanged), q/k/v and gate/up fused. The packed weights are a snapshot: use it only where the
+    weights do not change inside the block (inference). A no-op off CPU, for dtypes other than
+    fp32 / bf16, without oneDNN, with ``PREFLEXOR_CPU_PACK=0``, or (``auto``) when the copies would
+    exceed ``CPU_PACK_MAX_BYTES``. Yields whether it packed."""
     mode = _pack_mode()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     head = getattr(model, "output_weight", None) if hasattr(model, "project_logits") else None
@@ -81,15 +136,8 @@ def cpu_packed_linears(model: nn.Module):
     if not usable:
         yield False
         return
-    patched: list[tuple[nn.Module, str]] = []      # instance attributes shadowing the class methods
+    patched = patch_linears(model, _packed_linear)
     try:
-        for m in linears:
-            m.forward = _packed_linear(m.weight, m.bias)
-            patched.append((m, "forward"))
-        if head is not None:
-            model.project_logits = _packed_linear(head, None)
-            patched.append((model, "project_logits"))
         yield True
     finally:
-        for m, name in patched:
-            m.__dict__.pop(name, None)
+        unpatch(patched)

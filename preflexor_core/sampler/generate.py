@@ -19,9 +19,9 @@ import torch
 import torch.nn as nn
 
 from . import prompts
-from .cpu_pack import cpu_packed_linears
 from .cuda_graph import CUDAGraphDecoder
 from .detokenize import RowText, trim_to_text
+from .int8 import DECODE_WEIGHTS, decode_weights_context
 from .kv_cache import KVCache
 from .params import Completion, SamplingParams
 from .sampling import apply_repetition_penalty, row_key, sample, seeds_for_rows
@@ -91,7 +91,7 @@ def decode_one_token(model: nn.Module, cache: KVCache, last_tokens: torch.Tensor
 # ----------------------------------------------------------------------------- generate
 def generate(model: nn.Module, tokenizer, prompts_or_chats, params: SamplingParams | None = None,
              stream: StreamCallback | None = None, max_batch_size: int | None = None,
-             use_cuda_graph: bool = True) -> list[Completion]:
+             use_cuda_graph: bool = True, decode_weights: str = "fp") -> list[Completion]:
     """Sample ``params.n`` completions for each prompt; returns them prompt-major, sample-minor.
 
     ``prompts_or_chats``: a str (raw prompt, encoded as-is), a chat (list of {"role", "content"}
@@ -99,12 +99,16 @@ def generate(model: nn.Module, tokenizer, prompts_or_chats, params: SamplingPara
     ``stream(prompt_index, sample_index, text_delta)`` receives text as it is produced; the deltas
     of a row concatenate to its final ``text``. ``max_batch_size`` caps the rows (prompt x sample)
     decoded together (None = all). ``use_cuda_graph``: replay the decode step from a CUDA graph
-    when the model is on CUDA.
+    when the model is on CUDA. ``decode_weights``: ``"fp"`` computes in the model's precision
+    (oneDNN-packed on CPU), ``"int8"`` from weight-only int8 copies (``int8.int8_linears``; the
+    model's weights are not changed).
     """
     params = params if params is not None else SamplingParams()
     params.validate()
     if max_batch_size is not None and (not isinstance(max_batch_size, int) or max_batch_size < 1):
         raise ValueError(f"generate: max_batch_size must be an int >= 1 or None, got {max_batch_size!r}")
+    if decode_weights not in DECODE_WEIGHTS:
+        raise ValueError(f"generate: decode_weights={decode_weights!r}; use one of {DECODE_WEIGHTS}")
     texts = prompts.prompt_texts(tokenizer, prompts_or_chats)
     if not texts:
         return []
@@ -119,7 +123,7 @@ def generate(model: nn.Module, tokenizer, prompts_or_chats, params: SamplingPara
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), cpu_packed_linears(model):
+        with torch.inference_mode(), decode_weights_context(model, decode_weights):
             for start in range(0, len(rows), chunk):
                 outputs = _Outputs(tokenizer, rows[start:start + chunk], forced, params, stop_ids, stream)
                 results += _generate_rows(model, contexts, outputs, params, base_seed, use_cuda_graph)
