@@ -2,7 +2,8 @@
 
 ``ExtractiveTeacher(retriever, seed=0)`` writes questions from templates over a chunk's concepts,
 fills each thinking category from the graph retriever (concept paths, neighbours, cue-word
-sentences, top chunks) and answers with the corpus sentences that overlap the question most.
+sentences, top chunks) and answers with the corpus sentences that overlap the question most; the
+thinking holds the evidence and never repeats the answer's sentences (the conclusion).
 Every sentence it emits is a corpus sentence (line breaks inside a sentence become single
 spaces); only list bullets / headers (concept terms) and step numbers are its own. It is the
 default teacher of the embedded run and of the tests.
@@ -159,19 +160,21 @@ class ExtractiveTeacher:
         """Text of one thinking category, built only from corpus sentences and concept terms."""
         ctx = self._as_context(question, context)
         key = " ".join(category.lower().split())
+        # The answer's sentences (the conclusion) are kept out of the thinking (the evidence).
+        concl = {s.text for s in self._answer_sentences(question, ctx)}
         if key == "reasoning steps":
-            return self._reasoning_steps(question, ctx)
+            return self._reasoning_steps(question, ctx, concl)
         if key in ("relevant materials or concepts", "relevant materials", "relevant concepts"):
             return self._concept_list(question, ctx)
         if key == "additional background":
-            return self._background(ctx)
+            return self._background(ctx, concl)
         cues = CATEGORY_CUES.get(key)
         if cues is None:  # a user-defined category: cue on its own words
             cues = tuple(sorted(content_words(category)))
-        return self._cued_sentences(question, ctx, cues, salt=key)
+        return self._cued_sentences(question, ctx, cues, concl)
 
-    def _reasoning_steps(self, question: str, ctx: Context) -> str:
-        sents = ctx.sentences()
+    def _reasoning_steps(self, question: str, ctx: Context, exclude: set[str] = frozenset()) -> str:
+        sents = [s for s in ctx.sentences() if s.text not in exclude]
         steps: list[str] = []
         used: set[str] = set()
         header = ""
@@ -207,9 +210,10 @@ class ExtractiveTeacher:
                         terms.append(c)
         return "\n".join(f"- {t}" for t in terms[: max(3, self.max_items + 3)])
 
-    def _cued_sentences(self, question: str, ctx: Context, cues: Sequence[str], salt: str) -> str:
+    def _cued_sentences(self, question: str, ctx: Context, cues: Sequence[str],
+                        exclude: set[str] = frozenset()) -> str:
         """Sentences carrying the category's cue words, ranked by cue count + question overlap."""
-        ranked = self._ranked(question, ctx)
+        ranked = [t for t in self._ranked(question, ctx) if t[1].text not in exclude]
         cued = [(sc + 1.5 * _cue_count(s.text, cues), s) for sc, s in ranked if _cue_count(s.text, cues)]
         cued.sort(key=lambda t: (-t[0], t[1].rank, t[1].position))
         picked = cued[: self.max_items]
@@ -218,10 +222,10 @@ class ExtractiveTeacher:
         picked = sorted(picked, key=lambda t: (t[1].rank, t[1].position))
         return "\n".join(f"- {s.text}" for _, s in picked)
 
-    def _background(self, ctx: Context) -> str:
+    def _background(self, ctx: Context, exclude: set[str] = frozenset()) -> str:
         firsts = []
         for h in ctx.hits[: min(self.k, self.max_items)]:
-            ss = split_sentences(getattr(h, "text", ""))
+            ss = [x for x in split_sentences(getattr(h, "text", "")) if x not in exclude]
             first = next((x for x in ss if is_prose(x)), ss[0] if ss else "")
             if first and first not in firsts:
                 firsts.append(first)
@@ -229,15 +233,21 @@ class ExtractiveTeacher:
 
     # ---------------------------------------------------------------- answer
     def answer(self, question: str, context=None, n_min: int = 2, n_max: int | None = None) -> str:
-        """2 to ``max_answer_sentences`` context sentences with the highest overlap with the question's concepts."""
+        """2 to ``max_answer_sentences`` context sentences with the highest overlap with the question's
+        concepts (the conclusion; ``fill_category`` keeps these sentences out of the thinking)."""
+        ctx = self._as_context(question, context)
+        return " ".join(s.text for s in self._answer_sentences(question, ctx, n_min, n_max))
+
+    def _answer_sentences(self, question: str, ctx: Context, n_min: int = 2,
+                          n_max: int | None = None) -> list[Sentence]:
+        """The answer's sentences, most relevant first."""
         n_max = self.max_answer_sentences if n_max is None else n_max
         n_min = min(n_min, n_max)
-        ctx = self._as_context(question, context)
         ranked = self._ranked(question, ctx)
         good = [t for t in ranked if t[0] > 0][:n_max]
         if len(good) < n_min:
             good = ranked[: min(n_min, len(ranked))]
-        return " ".join(s.text for _, s in good)  # most relevant first
+        return [s for _, s in good]
 
     def graph_thinking(self, question: str, context=None):
         """The graph-format thinking of ``question`` (``graph_writer.GraphWriter`` over this retriever;
