@@ -85,6 +85,9 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     if mask is None and kernels:
         from .kernels import flash_attention
         return flash_attention(q, k, v, causal=causal)
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        from .ops import decode_attention       # one new token per row: CPU SDPA is slow outside fp32
+        return decode_attention(q, k, v, mask)
     gqa = q.shape[1] != k.shape[1]          # SDPA maps query head h to kv head h // (Hq / Hkv) itself
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)

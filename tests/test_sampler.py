@@ -375,3 +375,35 @@ def test_cpu_packed_weights_are_reused_until_the_weights_change(model, tok, monk
     del m, mlp, w, emb, packed_w, packed_emb, packed_gu
     gc.collect()
     assert len(cpu_pack._PACKED) < n                                # entries go away with their weights
+
+
+# ----------------------------------------------------------------------------- decode attention (CPU, non-fp32)
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_decode_attention_matches_sdpa_with_gqa_and_mask(dtype, tol):
+    import torch.nn.functional as F
+    from preflexor_core.ops import decode_attention
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
+    mask = torch.arange(11)[None, None, None, :] <= torch.tensor([10, 4, 0])[:, None, None, None]   # (B, 1, 1, S)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    got = decode_attention(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+    assert got.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want, atol=tol, rtol=tol)
+    torch.testing.assert_close(decode_attention(q, k, v, None),
+                               F.scaled_dot_product_attention(q, k, v, enable_gqa=True), atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="Hq % Hkv"):
+        decode_attention(q[:, :5], k, v, mask)
+
+
+def test_bf16_decode_steps_match_the_full_forward(model, tok):
+    m = Llama(model.config).eval().to(torch.bfloat16)
+    m.load_state_dict(model.state_dict())
+    ids = [tok.encode(p) for p in PROMPTS]
+    out = generate(m, tok, PROMPTS, SamplingParams(max_new_tokens=6, **GREEDY))
+    agree = total = 0
+    with torch.inference_mode():
+        for p, c in zip(ids, out):
+            full = m(torch.tensor([p + c.token_ids]))[0, len(p) - 1:-1].float().argmax(-1).tolist()
+            agree += sum(a == b for a, b in zip(full, c.token_ids))
+            total += len(c.token_ids)
+    assert agree / total >= 0.9, (agree, total)      # bf16: the two paths round differently, near-ties may flip
