@@ -122,8 +122,8 @@ def test_resume_with_nothing_to_resume_is_an_error_unless_auto(corpus, tmp_path)
     assert not (tmp_path / "typo" / "tokenizer").exists()
     Trainer(cfg0(corpus, tmp_path / "auto", resume="auto")).run()
     assert (tmp_path / "auto" / "stage0" / "DONE").exists() and len(step_rows(tmp_path / "auto")) == 4
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "0", "--resume", "--corpus",
-                        corpus, "--out", str(tmp_path / "typo2")], capture_output=True, text=True)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "0", "--model", "tiny", "--resume",
+                        "--corpus", corpus, "--out", str(tmp_path / "typo2")], capture_output=True, text=True)
     assert r.returncode == 2 and "nothing to resume" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -204,8 +204,8 @@ def test_cli_reports_a_damaged_checkpoint_in_one_line(corpus, tmp_path):
     out = tmp_path / "run"
     Trainer(cfg0(corpus, out, max_steps=1)).run()
     (out / "checkpoints" / "stage0" / "trainer_state.pt").write_bytes(b"PK\x03\x04garbage")
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "0", "--resume", "--corpus", corpus,
-                        "--out", str(out), "--sft-steps", "4", "--sft-seq-len", "32", "--sft-batch-size", "2",
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "0", "--model", "tiny", "--resume",
+                        "--corpus", corpus, "--out", str(out), "--sft-steps", "4", "--sft-seq-len", "32", "--sft-batch-size", "2",
                         "--tokenizer-vocab-size", "300", "--no-progress", "--seed", "3", "--embedder", "hashing"],
                        capture_output=True, text=True)
     err = [line for line in r.stderr.splitlines() if "error" in line]

@@ -132,14 +132,15 @@ def test_config_validation():
     assert TrainConfig(run=ckpt, optim=OptimConfig(lora_r=64)).lr_for("1") == 5e-5
     assert TrainConfig(run=ckpt).lr_for("1") == 5e-6
     assert TrainConfig(run=ckpt).lr_for("2") == 1e-6
-    assert (TrainConfig().lr_for("1"), TrainConfig().lr_for("2")) == (2e-3, 2e-5)
+    tiny = RunConfig(model="tiny")           # the default model is the bundled pretrained one
+    assert (TrainConfig(run=tiny).lr_for("1"), TrainConfig(run=tiny).lr_for("2")) == (2e-3, 2e-5)
     assert TrainConfig(optim=OptimConfig(orpo_lr=1e-4)).lr_for("1") == 1e-4
     # rounds of on-the-fly data: an explicit flag sets both stages; by default a preset trained from
     # scratch gets 18 ORPO rounds (it must learn the thinking format), everything else 6
-    assert [TrainConfig().iterations_for(s) for s in "12"] == [18, 6]
+    assert [TrainConfig(run=tiny).iterations_for(s) for s in "12"] == [18, 6]
     assert [TrainConfig(run=ckpt).iterations_for(s) for s in "12"] == [6, 6]
     assert [TrainConfig(data=DataConfig(iterations=3)).iterations_for(s) for s in "12"] == [3, 3]
-    assert (TrainConfig().unclosed_policy, TrainConfig(run=ckpt).unclosed_policy) == ("keep", "drop")
+    assert (TrainConfig(run=tiny).unclosed_policy, TrainConfig(run=ckpt).unclosed_policy) == ("keep", "drop")
     p = TrainConfig().preference
     assert (p.orpo_beta, p.dpo_beta, p.dpo_loss_type, p.label_smoothing, p.mask_mode) == \
         (0.1, 0.5, "exo_pair", 5e-3, "answer_only")

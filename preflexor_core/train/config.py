@@ -20,6 +20,7 @@ from ..config import PRESETS
 from ..errors import PreflexorError
 from ..losses import DPO_LOSS_TYPES
 from ..masks import MASK_MODES
+from ..models import DEFAULT_MODEL
 from ..tokenizer import TRAINED_SPECIAL_TOKENS
 
 STAGES = ("0", "1", "2")
@@ -101,9 +102,9 @@ def _one_of(name: str, value, valid) -> None:
 class RunConfig:
     """What to run and where: stage, model, tokenizer, run directory, seed."""
     stage: str = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO) or all "
-                     "(0, 1, 2 in order)", choices=[*STAGES, "all"], resume_safe=True)
-    model: str = opt("tiny", "a preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in "
-                     "stage 0), a pretrained model name (smollm2-135m-instruct: the bundled GGUF), an HF Llama "
+                     "(1 then 2 from a pretrained model; 0, 1, 2 for a preset trained from scratch)", choices=[*STAGES, "all"], resume_safe=True)
+    model: str = opt(DEFAULT_MODEL, "a pretrained model name (smollm2-135m-instruct: the bundled GGUF), a "
+                     "preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in stage 0), an HF Llama "
                      "checkpoint directory or a .gguf file. Stages 1 and 2 start from the run's previous "
                      "stage output when it exists")
     tokenizer: str | None = opt(None, "tokenizer directory (tokenizer.json); default: the model directory's, or a "
@@ -294,6 +295,14 @@ class TrainConfig:
     def from_scratch(self) -> bool:
         """True when ``run.model`` names a preset (random init) rather than a checkpoint."""
         return self.run.model in PRESETS
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages ``run.stage`` stands for: "all" is 1, 2 from a pretrained model (it needs no
+        causal-LM stage; ``--stage 0`` still runs one) and 0, 1, 2 for a preset trained from scratch."""
+        if self.run.stage != "all":
+            return (self.run.stage,)
+        return STAGES if self.from_scratch else STAGES[1:]
 
     @property
     def unclosed_policy(self) -> str:

@@ -1,7 +1,7 @@
 """The run: inputs shared by every stage (corpus, retriever, teacher, tokenizer, initial model), the
 stage sequence, logs and plots.
 
-    Trainer(TrainConfig.from_flat(stage="all", out="runs/demo")).run()    # the embedded demo
+    Trainer(TrainConfig.from_flat(stage="all", out="runs/demo")).run()    # the embedded demo (stages 1, 2)
 
 Run layout (``run.out``): ``tokenizer/ retriever/ stage0/ stage1/ stage2/`` (HF checkpoints +
 tokenizer), ``pairs.jsonl`` (every generated pair), ``log.jsonl``, ``plots/*.png`` and
@@ -222,7 +222,7 @@ class Trainer:
 
     # -- main -----------------------------------------------------------------
     def run(self) -> dict:
-        stages = STAGES if self.cfg.run.stage == "all" else (self.cfg.run.stage,)
+        stages = self.cfg.stages
         if self.dist.is_main:
             for s in stages:                                 # a crash between the renames of a checkpoint
                 recover_dir(self.out / "checkpoints" / f"stage{s}")
