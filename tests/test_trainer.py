@@ -251,8 +251,56 @@ def test_stage1_resume_is_bit_identical(corpus, tmp_path):
     Trainer(pref_cfg(corpus, tmp_path / "a0", stage="1")).run()
     Trainer(pref_cfg(corpus, tmp_path / "b0", stage="1", max_steps=3, save_every=1)).run()
     assert len(losses(tmp_path / "b0", stage=1)) == 3
+    # training state loads with weights_only=True: the numpy RNG state is stored as a tensor
+    st = torch.load(tmp_path / "b0" / "checkpoints" / "stage1" / "trainer_state.pt", weights_only=True)
+    assert isinstance(st["rng"]["numpy"]["keys"], torch.Tensor) and st["position"]["global_step"] == 3
+    # without --resume, a run into a directory with this stage's pairs stops (they are off-policy now)
+    from preflexor_core.train import StalePairsError
+    with pytest.raises(StalePairsError, match="--resume.*another --out"):
+        Trainer(pref_cfg(corpus, tmp_path / "b0", stage="1")).run()
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "train.py"), "--stage", "1", "--model", "tiny",
+                        "--corpus", corpus, "--out", str(tmp_path / "b0")], capture_output=True, text=True)
+    assert r.returncode == 2 and "pass --resume" in r.stderr, r.stderr[-2000:]
+    # rows of iteration 1 sampled by another policy step (p1, not p2) must not be reused on resume
+    pairs_path = tmp_path / "b0" / "pairs.jsonl"
+    rows = [json.loads(l) for l in open(pairs_path)]
+    assert len(rows) == 8 and {(p["iteration"], p["policy_step"]) for p in rows} == {(0, 0), (1, 2)}
+    with open(pairs_path, "a") as f:
+        for p in rows:
+            if p["iteration"] == 1:
+                f.write(json.dumps({**p, "id": p["id"].replace("-p2-", "-p1-"), "policy_step": 1,
+                                    "chosen": "stale " + p["chosen"]}) + "\n")
     Trainer(pref_cfg(corpus, tmp_path / "b0", stage="1", resume=True)).run()
     assert losses(tmp_path / "a0", stage=1) == losses(tmp_path / "b0", stage=1)
+    # the interrupted iteration's rows were reused (none regenerated), the stale ones ignored
+    assert [json.loads(l)["id"] for l in open(pairs_path)][:8] == [p["id"] for p in rows]
+    assert sum(1 for _ in open(pairs_path)) == 12
+    assert sorted(p["id"] for p in map(json.loads, open(tmp_path / "a0" / "pairs.jsonl"))) == \
+        sorted(p["id"] for p in rows)
+
+
+def test_lora_checkpoint_holds_adapter_rows_and_optimizer_not_the_base(corpus, tmp_path):
+    Trainer(pref_cfg(corpus, tmp_path / "a", stage="0")).run()
+    import shutil
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    lora = dict(stage="1", lora_r=4, lora_alpha=8, iterations=1)
+    Trainer(pref_cfg(corpus, tmp_path / "a", **lora)).run()
+    Trainer(pref_cfg(corpus, tmp_path / "b", max_steps=1, save_every=1, **lora)).run()
+    ckpt = tmp_path / "b" / "checkpoints" / "stage1"
+    assert sorted(os.listdir(ckpt)) == sorted(set(os.listdir(ckpt)) - {"model.safetensors"})
+    from safetensors.torch import load_file
+    sd = load_file(str(ckpt / "trainable.safetensors"))
+    assert sd and all("lora_" in k or "trainable_tokens_delta" in k for k in sd)
+    assert any("lora_A" in k for k in sd) and any("lora_B" in k for k in sd)
+    base_bytes = os.path.getsize(tmp_path / "b" / "stage0" / "model.safetensors")
+    assert os.path.getsize(ckpt / "trainable.safetensors") < base_bytes / 4
+    st = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert len(st["optimizer"]["state"]) == len(sd)       # AdamW moments of exactly the trainable tensors
+    Trainer(pref_cfg(corpus, tmp_path / "b", resume=True, **lora)).run()
+    assert losses(tmp_path / "a", stage=1) == losses(tmp_path / "b", stage=1)
+    wa = load_file(str(tmp_path / "a" / "stage1" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "stage1" / "model.safetensors"))
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
 def test_stage2_with_lora_reference_is_adapter_disabled(corpus, tmp_path):
@@ -436,3 +484,30 @@ def test_datagen_seeds_and_pair_ids_never_collide():
     assert len(ids) == 2 * 20 * 3
     with pytest.raises(ValueError, match="iteration"):
         datagen_seed(5, "1", -1)
+
+
+def _torchrun_accum(corpus, out, k, b, *flags):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           os.path.join(ROOT, "tests", "helpers", "ddp_accum.py"), corpus, str(out), str(k), str(b), *flags]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return torch.load(os.path.join(out, "accum.pt"))
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+def test_torchrun_grad_accum_equals_one_batch_and_syncs_once(corpus, tmp_path):
+    # 2 ranks x 2 micro-batches x 2 pairs == 2 ranks x 1 x 4 == one process with the 8 pairs
+    run, ex, _ = make_run(corpus, tmp_path / "single", "1")
+    single, _ = grads_of(run, micro_batches(run, ex, None, 1, 8))
+    acc = _torchrun_accum(corpus, tmp_path / "acc", 2, 2)
+    one = _torchrun_accum(corpus, tmp_path / "one", 1, 4)
+    for n in single:
+        torch.testing.assert_close(acc["grads"][n], single[n], atol=1e-6, rtol=1e-4, msg=n)
+        torch.testing.assert_close(one["grads"][n], single[n], atol=1e-6, rtol=1e-4, msg=n)
+    # DDP all-reduces only in the last micro-batch's backward: as many buckets as a single backward
+    assert len(one["syncs"]) > 0 and len(acc["syncs"]) == len(one["syncs"])
+    fsdp = _torchrun_accum(corpus, tmp_path / "fsdp", 2, 2, "fsdp")
+    assert fsdp["syncs"] == [False, True]                # FSDP2: sync off for micro-batch 1, back on for 2
+    for n in single:
+        torch.testing.assert_close(fsdp["grads"][n], single[n], atol=1e-6, rtol=1e-4, msg=n)

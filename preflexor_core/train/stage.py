@@ -264,7 +264,16 @@ class StageRun:
             prefix = pair_id_prefix(meta)
             was_training = policy.training
             policy.eval()
-            rows = generate_pairs(
+            if self.pos["step"] > 0:
+                # resumed inside an iteration: its dataset was complete before training on it began, so
+                # rows are only reloaded (a row skipped then must not be sampled now by a later policy)
+                from ..datagen import read_pairs
+                rows = sorted((r for r in read_pairs(self.t.out / PAIRS_FILE)
+                               if str(r["id"]).startswith(prefix + "-")), key=lambda r: int(r.get("index", 0)))
+                self.gen_skipped = {}
+            else:
+                rows = None
+            rows = rows if rows is not None else generate_pairs(
                 self.t.retriever(), self.t.teacher(), policy=(policy, self.tok), tokenizer=self.tok,
                 n=d.pairs_per_iteration, number_nodes_to_get=d.number_nodes_to_get,
                 rejected_from="policy", with_thinking=self.stage == "2",
@@ -274,7 +283,8 @@ class StageRun:
                 progress=self.cfg.run.progress, batch_size=d.gen_batch_size)
             policy.train(was_training)
             del policy
-            self.gen_skipped = dict(rows.stats.skipped)      # why rows were not generated (for the error)
+            if hasattr(rows, "stats"):
+                self.gen_skipped = dict(rows.stats.skipped)  # why rows were not generated (for the error)
             rows = [dict(r) for r in rows if str(r["id"]).startswith(prefix + "-")]
         return D.broadcast_object(rows)
 

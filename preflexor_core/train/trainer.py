@@ -267,6 +267,7 @@ class Trainer:
             from ..lora import LoRAConfig, apply_lora
             lora_cfg = LoRAConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
                                   trainable_token_indices=getattr(model, "new_token_ids", ()))
+            torch.manual_seed(self.cfg.run.seed + 1000 * int(stage))    # adapter init: same in every process
             apply_lora(model, lora_cfg)
         ref = None
         if stage == "2" and not lora_cfg:
