@@ -376,3 +376,45 @@ def test_logps_from_hidden_fallback_when_kernel_missing(monkeypatch):
     with_kernel = logps_from_hidden(hidden, w, lab)
     monkeypatch.setitem(__import__("sys").modules, "preflexor_core.kernels", None)   # import now fails
     torch.testing.assert_close(logps_from_hidden(hidden, w, lab), with_kernel, rtol=1e-5, atol=1e-5)
+
+
+def test_ipo_objective_uses_per_token_mean_logps_like_trl():
+    """dpo_objective(loss_type="ipo") vs an independent formula: TRL's IPO loss (logits - 1/(2 beta))^2
+    with logits from length-normalised log-probs, computed here from full log_softmax logits."""
+    from preflexor_core import Llama, ModelConfig
+    from preflexor_core.data import PairExample, collate_pairs
+    from preflexor_core.losses import forward_logps
+    from preflexor_core.train import PreferenceConfig, dpo_objective
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_hidden_layers=1)
+    policy, ref = Llama(cfg).eval(), Llama(cfg).eval()
+    ex = []
+    for n_c, n_r in ((5, 9), (7, 3)):               # unequal lengths: mean != sum / constant
+        p = torch.randint(0, 64, (4,)).tolist()
+        c, r = torch.randint(0, 64, (n_c,)).tolist(), torch.randint(0, 64, (n_r,)).tolist()
+        ex.append(PairExample(p + c, [-100] * 4 + c, p + r, [-100] * 4 + r))
+    batch = collate_pairs(ex, pad_id=0)
+
+    def mean_logps(model):
+        out = []
+        rows = [(e.chosen_ids, e.chosen_labels) for e in ex] + [(e.rejected_ids, e.rejected_labels) for e in ex]
+        for ids, lab in rows:
+            lp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].double(), -1)
+            tgt = torch.tensor(lab[1:])
+            keep = tgt != -100
+            out.append(lp[keep].gather(1, tgt[keep][:, None]).mean())
+        return torch.stack(out)
+
+    beta = 0.3
+    with torch.no_grad():
+        pm, rm = mean_logps(policy), mean_logps(ref)
+        logits = (pm[:2] - pm[2:]) - (rm[:2] - rm[2:])
+        want = ((logits - 1 / (2 * beta)) ** 2).mean()
+        ref_sums, _ = forward_logps(ref, batch)
+        pref = PreferenceConfig(dpo_loss_type="ipo", dpo_beta=beta, label_smoothing=0.0)
+        loss, m = dpo_objective(policy, batch, ref_sums[:2], ref_sums[2:], pref)
+    assert float(loss) == pytest.approx(float(want), rel=1e-4)
+    # on summed log-probs (the old behaviour) the value is clearly different
+    sums, _ = forward_logps(policy, batch)
+    h = (sums[:2] - sums[2:]) - (ref_sums[:2] - ref_sums[2:])
+    assert abs(float(((h - 1 / (2 * beta)) ** 2).mean()) - float(want)) > 1e-2
