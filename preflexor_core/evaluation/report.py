@@ -1,7 +1,7 @@
 """Evaluation report: a markdown table and report, metrics.json / outputs.jsonl, and PNG charts.
 
-``write_report`` writes ``report.md`` (metrics table, example outputs, links to the plots),
-``metrics.json``, ``outputs.jsonl`` (every output with its scores), ``metrics.png`` (bars per model
+``write_report`` writes ``report.md`` (metrics table, base answers beside the last model's, example
+outputs, links to the plots), ``metrics.json`` (``{"models", "base", "architecture"}``), ``outputs.jsonl`` (every output with its scores), ``metrics.png`` (bars per model
 per metric) and, with a training log, ``stage{N}.png`` and ``training.png`` from
 ``plot_training_log`` (which training also calls). Plots use matplotlib's Agg canvas (no display).
 Tests: ``python -m pytest -q tests/test_evaluation.py -k "report or plot"``.
@@ -15,12 +15,13 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-__all__ = ["plot_training_log", "plot_metrics", "format_table", "write_report"]
+__all__ = ["plot_training_log", "plot_metrics", "format_table", "write_report", "base_vs_last"]
 
 log = logging.getLogger("preflexor.evaluation")
 
 _CHART_KEYS = ("format_compliance", "header_share", "answer_f1", "answer_rouge_l", "reward_accuracy")
-_LOG_KEYS = ("loss", "nll", "rewards/accuracies", "rewards/margins")
+_LOG_KEYS = ("loss", "nll", "rewards/accuracies", "rewards/margins", "reward", "reward/format",
+             "reward/graph_validity", "reward/groundedness", "reward/graph_utility", "reward/correctness")
 
 
 # ============================================================================ plots
@@ -198,6 +199,32 @@ def _fence(text: str) -> str:
     return f"{ticks}text\n{text}\n{ticks}"
 
 
+def _cell(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    text = text if len(text) <= limit else text[:limit] + " [...]"
+    return text.replace("|", "\\|") or "(empty)"
+
+
+def base_vs_last(results: Sequence[dict], n: int = 3) -> list[str]:
+    """Markdown lines: for the first ``n`` questions, the base model's answer beside the last model's
+    (with their F1); [] without a result named "base" and another after it."""
+    base = next((r for r in results if r["name"] == "base"), None)
+    if base is None or results[-1] is base or n < 1:
+        return []
+    last = results[-1]
+    by_id = {row["id"]: row for row in last["outputs"]}
+    lines = [f"## Base vs {last['name']}", "", f"| question | reference | base answer | {last['name']} answer |",
+             "|---|---|---|---|"]
+    for b in base["outputs"][:n]:
+        t = by_id.get(b["id"])
+        if t is None:
+            continue
+        ref = b["reference"] if isinstance(b["reference"], str) else b["reference"][0]
+        lines.append(f"| {_cell(b['question'])} | {_cell(ref)} | {_cell(b['answer'])} (F1 {b['f1']:.2f}) | "
+                     f"{_cell(t['answer'])} (F1 {t['f1']:.2f}) |")
+    return lines + [""]
+
+
 def write_report(results: Sequence[dict], out_dir: str, log_path: str | None = None, n_examples: int = 3,
                  example_chars: int = 1200) -> dict:
     """Write report.md, metrics.json, outputs.jsonl, metrics.png (and the training curves when
@@ -209,7 +236,8 @@ def write_report(results: Sequence[dict], out_dir: str, log_path: str | None = N
     summary = [{k: v for k, v in r.items() if k != "outputs"} for r in results]
     mj = os.path.join(out_dir, "metrics.json")
     with open(mj, "w", encoding="utf-8") as f:
-        json.dump(summary, f, indent=2)
+        json.dump({"models": summary, "base": next((r for r in summary if r["name"] == "base"), None),
+                   "architecture": summary[0].get("architecture") if summary else None}, f, indent=2)
         f.write("\n")
     oj = os.path.join(out_dir, "outputs.jsonl")
     with open(oj, "w", encoding="utf-8") as f:
@@ -223,6 +251,12 @@ def write_report(results: Sequence[dict], out_dir: str, log_path: str | None = N
           f"seed {s.get('seed')}, " + ("`<|thinking|>` forced at the start of every response."
                                         if s.get("force_thinking") else "nothing forced (the model opens its own thinking)."),
           "", format_table(results), "",
+          *([f"Model: hidden size {a.get('hidden_size')}, {a.get('num_hidden_layers')} layers, "
+             f"{a.get('parameters', 0) / 1e6:.1f}M parameters.", ""]
+            if results and (a := results[0].get("architecture")) else []),
+          *(["The base model is asked with a system message that describes the thinking format in words; "
+             "`<thinking>` / `</thinking>` written as text count as the thinking tokens for every model.", ""]
+            if any(r.get("instructed") for r in results) else []),
           "- **format compliance**: exactly one `<|thinking|>` ... `<|/thinking|>` block opening the response, "
           f"holding at least {s.get('min_headers', 1)} `**Category**:` header(s), followed by a non-empty answer.",
           "- **header share**: mean share of the thinking categories with a header in the thinking block.",
@@ -233,6 +267,7 @@ def write_report(results: Sequence[dict], out_dir: str, log_path: str | None = N
           "", "![metrics](metrics.png)", ""]
     if plots:
         md += ["## Training curves", ""] + [f"![{Path(p).stem}]({os.path.basename(p)})" for p in plots] + [""]
+    md += base_vs_last(results)
     md += ["## Example outputs", ""]
     for r in results:
         md += [f"### {r['name']}", ""]

@@ -23,9 +23,11 @@ from ..masks import MASK_MODES
 from ..models import DEFAULT_MODEL
 from ..tokenizer import TRAINED_SPECIAL_TOKENS
 
-STAGES = ("0", "1", "2")
+STAGES = ("0", "1", "2")            # --stage all runs these; stage 3 (GRPO) runs on its own
+STAGE_ALIASES = {"grpo": "3"}
+GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
 
-__all__ = ["STAGES", "RunConfig", "DataConfig", "OptimConfig", "PreferenceConfig", "CheckpointConfig",
+__all__ = ["STAGES", "STAGE_ALIASES", "GRPOConfig", "RunConfig", "DataConfig", "OptimConfig", "PreferenceConfig", "CheckpointConfig",
            "ParallelConfig", "TrainConfig", "SECTIONS", "TrainConfigError", "flag", "range_text", "parse_resume"]
 
 MIN_BPE_VOCAB = 256 + len(TRAINED_SPECIAL_TOKENS)     # byte-level BPE: 256 bytes + the special tokens
@@ -101,8 +103,9 @@ def _one_of(name: str, value, valid) -> None:
 @dataclass(kw_only=True)
 class RunConfig:
     """What to run and where: stage, model, tokenizer, run directory, seed."""
-    stage: str = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO) or all "
-                     "(1 then 2 from a pretrained model; 0, 1, 2 for a preset trained from scratch)", choices=[*STAGES, "all"], resume_safe=True)
+    stage: str = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO), all "
+                     "(1 then 2 from a pretrained model; 0, 1, 2 for a preset trained from scratch) or 3 / grpo (GRPO on graph rewards, after stage 2)",
+                     choices=[*STAGES, "all", "3", *STAGE_ALIASES], resume_safe=True)
     model: str = opt(DEFAULT_MODEL, "a pretrained model name (smollm2-135m-instruct: the bundled GGUF), a "
                      "preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in stage 0), an HF Llama "
                      "checkpoint directory or a .gguf file. Stages 1 and 2 start from the run's previous "
@@ -119,7 +122,8 @@ class RunConfig:
     progress: bool = opt(True, "show progress bars", resume_safe=True)
 
     def __post_init__(self):
-        _one_of("stage", self.stage, (*STAGES, "all"))
+        self.stage = STAGE_ALIASES.get(self.stage, self.stage)
+        _one_of("stage", self.stage, (*STAGES, "all", "3"))
         _check_fields(self)
 
 
@@ -157,9 +161,14 @@ class DataConfig:
     max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)",
                                  ge=MIN_PROMPT_LENGTH, stages="12")
     truncation_mode: str = opt("keep_start", "when a completion is too long: keep_start or keep_end", stages="12")
+    thinking_format: str = opt("categories", "thinking of the teacher's chosen answers and of the prompts: "
+                               "categories (the paper's) or graph (Brainstorm, Graph, Graph JSON, Patterns, "
+                               "Synthesis; extractive teacher; stage 3 always uses graph)",
+                               choices=["categories", "graph"], stages="12")
 
     def __post_init__(self):
         _one_of("embedder", self.embedder, ("auto", "minilm", "hashing"))
+        _one_of("thinking_format", self.thinking_format, ("categories", "graph"))
         _one_of("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
         _check_fields(self)
         if self.max_prompt_length >= self.max_length:
@@ -256,9 +265,45 @@ class ParallelConfig:
         _check_fields(self)
 
 
+@dataclass(kw_only=True)
+class GRPOConfig:
+    """Stage 3: GRPO on graph-grounded rewards (rewards.GraphRewards; see train/grpo_stage.py)."""
+    grpo_steps: int = opt(50, "stage 3: generation batches (each gives --grpo-updates optimizer steps)", ge=1,
+                          stages="3")
+    grpo_prompts: int = opt(4, "stage 3: questions per generation batch", ge=1, stages="3")
+    num_generations: int = opt(4, "stage 3: samples per question (G, one shared prefill); advantages are taken "
+                               "within each group", ge=2, stages="3")
+    grpo_updates: int = opt(1, "stage 3: policy updates per generation batch (old log-probs fixed per batch)",
+                            ge=1, stages="3")
+    grpo_micro_batch: int = opt(8, "stage 3: completions per forward/backward (gradients accumulated)", ge=1,
+                                resume_safe=True)
+    grpo_max_new_tokens: int = opt(384, "stage 3: max new tokens per sample", ge=1, stages="3")
+    grpo_temperature: float = opt(1.0, "stage 3: sampling temperature", gt=0.0, stages="3")
+    grpo_lr: float | None = opt(None, "stage 3 learning rate (default: 1e-6 full, 1e-5 with LoRA, 1e-4 for a "
+                                "preset trained from scratch)", gt=0.0, le=1.0, stages="3")
+    loss_type: str = opt("grpo", "stage 3 loss: grpo (per-sequence mean), dr_grpo (sum / (B * max new tokens)) "
+                         "or dapo (token level)", choices=list(GRPO_LOSSES), stages="3")
+    epsilon_low: float = opt(0.2, "stage 3: lower clip of the ratio (1 - epsilon_low)", ge=0.0, lt=1.0, stages="3")
+    epsilon_high: float = opt(0.2, "stage 3: upper clip of the ratio (1 + epsilon_high; DAPO: 0.28)", ge=0.0,
+                              stages="3")
+    beta: float = opt(0.0, "stage 3: KL weight to the reference (the stage's start; the adapter-disabled base "
+                      "under LoRA); 0: no reference", ge=0.0, stages="3")
+    scale_rewards: str = opt("group", "stage 3 advantage scale: group (std per group), batch (std of the batch) "
+                             "or none (Dr. GRPO)", choices=["group", "batch", "none"], stages="3")
+    reward_weights: str = opt("", "stage 3 reward weights as name=value,... (format, graph_validity, "
+                              "groundedness, graph_utility, correctness); default: rewards.RewardWeights", stages="3")
+    grpo_sft_steps: int = opt(0, "stage 3: causal-LM steps on the teacher's graph-format answers before GRPO "
+                              "(a model that never saw the format gets rewards with spread)", ge=0, stages="3")
+
+    def __post_init__(self):
+        _one_of("loss_type", self.loss_type, GRPO_LOSSES)
+        _one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
+        _check_fields(self)
+
+
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig,
                              "preference": PreferenceConfig, "checkpoint": CheckpointConfig,
-                             "parallel": ParallelConfig}
+                             "parallel": ParallelConfig, "grpo": GRPOConfig}
 
 
 @dataclass(kw_only=True)
@@ -270,6 +315,7 @@ class TrainConfig:
     preference: PreferenceConfig = field(default_factory=PreferenceConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
 
     @classmethod
     def from_flat(cls, **options) -> "TrainConfig":
@@ -318,6 +364,9 @@ class TrainConfig:
         o = self.optim
         if stage == "0":
             return o.sft_lr
+        if stage == "3":
+            g = self.grpo.grpo_lr
+            return g if g is not None else 1e-4 if self.from_scratch else 1e-5 if o.lora_r else 1e-6
         explicit = o.orpo_lr if stage == "1" else o.dpo_lr
         if explicit is not None:
             return explicit

@@ -280,7 +280,7 @@ class StageRun:
                 k_samples=d.k_samples if self.stage == "2" else 1,
                 seed=datagen_seed(self.cfg.run.seed, self.stage, iteration), id_prefix=prefix, row_meta=meta,
                 out_path=str(self.t.out / PAIRS_FILE), sampling=self._sampling_params(),
-                progress=self.cfg.run.progress, batch_size=d.gen_batch_size)
+                progress=self.cfg.run.progress, batch_size=d.gen_batch_size, thinking_format=d.thinking_format)
             policy.train(was_training)
             del policy
             if hasattr(rows, "stats"):

@@ -270,9 +270,13 @@ class Trainer:
             torch.manual_seed(self.cfg.run.seed + 1000 * int(stage))    # adapter init: same in every process
             apply_lora(model, lora_cfg)
         ref = None
-        if stage == "2" and not lora_cfg:
+        if (stage == "2" or (stage == "3" and self.cfg.grpo.beta > 0)) and not lora_cfg:
             ref = copy.deepcopy(model).eval()
             ref.requires_grad_(False)
+        if stage == "3":
+            from .grpo_stage import GRPOStage
+            GRPOStage(self, stage, model, tok, ref, lora_cfg).train()
+            return
         StageRun(self, stage, model, tok, ref, lora_cfg).train()
 
 
