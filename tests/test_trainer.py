@@ -511,3 +511,61 @@ def test_torchrun_grad_accum_equals_one_batch_and_syncs_once(corpus, tmp_path):
     assert fsdp["syncs"] == [False, True]                # FSDP2: sync off for micro-batch 1, back on for 2
     for n in single:
         torch.testing.assert_close(fsdp["grads"][n], single[n], atol=1e-6, rtol=1e-4, msg=n)
+
+
+def _load_smoke():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("smoke_train", os.path.join(ROOT, "tests", "gpu", "smoke_train.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_smoke_train_mfu_arithmetic():
+    s = _load_smoke()
+    # 3.2e9 params, 28 layers, hidden 3072, 512 tokens: 6N + 12 L H T
+    fpt = s.train_flops_per_token(3_212_749_824, 28, 3072, 512)
+    assert fpt == 6 * 3_212_749_824 + 12 * 28 * 3072 * 512
+    assert s.peak_flops("NVIDIA H200") == 989e12 and s.peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert s.peak_flops("some card") is None and s.mfu(1000.0, fpt, None) is None
+    assert s.mfu(10_000.0, fpt, 989e12) == pytest.approx(10_000 * fpt / 989e12)
+    rows = s._pairs(64, 3, 4, 12, (62, 63), 0)
+    assert [len(r.chosen_ids) for r in rows] == [16, 15, 14] and rows[0].chosen_labels[:4] == [-100] * 4
+    assert rows[0].chosen_ids[4] == 62 and rows[0].chosen_ids[-1] == 63
+
+
+def test_smoke_train_skips_without_cuda_and_never_imports_hnswlib_or_gguf(tmp_path):
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present: the smoke test would run instead of skipping")
+    block = ("import sys, runpy\n"
+             "class Block:\n"
+             "    def find_spec(self, name, path=None, target=None):\n"
+             "        if name.split('.')[0] in ('hnswlib', 'gguf'):\n"
+             "            raise ImportError(f'{name} is blocked')\n"
+             "sys.meta_path.insert(0, Block())\n"
+             f"sys.argv = ['smoke_train.py', '--out', {str(tmp_path)!r}]\n"
+             f"runpy.run_path({os.path.join(ROOT, 'tests', 'gpu', 'smoke_train.py')!r}, run_name='__main__')\n")
+    r = subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rec = json.loads((tmp_path / "train_smoke.json").read_text())
+    assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
+    # the module imports of the CUDA path (model, LoRA, data, objectives) work with both blocked
+    imp = block.replace("runpy.run_path", "print").replace(", run_name='__main__')", ")") + \
+        "from preflexor_core.train import dpo_objective, orpo_objective\nfrom preflexor_core.lora import apply_lora\n" \
+        "from preflexor_core.data import collate_pairs\nprint('imports ok')\n"
+    r = subprocess.run([sys.executable, "-c", imp], capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 0 and "imports ok" in r.stdout, r.stderr[-2000:]
+
+
+def test_gpu_check_summary_carries_the_train_smoke_record(tmp_path):
+    rec = {"status": "ok", "steps": {"orpo": {"tokens_per_s": 1234.5, "peak_memory_gib": 20.1, "mfu": 0.31}}}
+    (tmp_path / "train_smoke.json").write_text(json.dumps(rec))
+    cmd = [sys.executable, os.path.join(ROOT, "tests", "gpu", "summarize.py"), "--out", str(tmp_path / "o"),
+           "--no-env", "--train-smoke", str(tmp_path / "train_smoke.json")]
+    subprocess.run(cmd, capture_output=True, text=True)
+    out = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
+    assert out["train_smoke"] == rec
+    (tmp_path / "train_smoke.json").write_text(json.dumps({"status": "failed", "error": "boom"}))
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    out = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
+    assert out["train_smoke"]["status"] == "failed" and out["ok"] is False and r.returncode == 1

@@ -98,6 +98,10 @@ RESERVE_S=140   # keep room for the benchmarks
 run_step tests 120 "$PY" -m pytest -q tests/gpu -p no:cacheprovider -rfEs ${TIMEOUT_ARGS[@]+"${TIMEOUT_ARGS[@]}"} \
     --junitxml="$OUT/gpu-tests.xml" 2>&1 | tee "$OUT/gpu-tests.log"
 
+# ----------------------------------------------------------------------------- 3b. real-model training smoke
+# One ORPO + one EXO step on llama-3.2-3b (random bf16, LoRA r=16, Triton, packed, checkpointing).
+run_step train_smoke 150 "$PY" tests/gpu/smoke_train.py --out "$OUT" 2>&1 | tee "$OUT/train-smoke.log"
+
 # ----------------------------------------------------------------------------- 4. benchmarks
 # The most important first (a timeout cuts the tail); retrieval is left out (hnswlib).
 BENCH_FILES=()
@@ -114,4 +118,5 @@ run_step benchmarks 300 "$PY" -m pytest -q "${BENCH_FILES[@]}" -m gpu --benchmar
 # ----------------------------------------------------------------------------- 5. summary
 "$PY" tests/gpu/summarize.py --out "$OUT" --steps "$OUT/steps.tsv" --build-log "$OUT/build.log" \
     --tests "$OUT/gpu-tests.xml" --bench-tests "$OUT/bench-tests.xml" --bench "$OUT/bench.json" \
+    --train-smoke "$OUT/train_smoke.json" \
     --elapsed $(( SECONDS - START ))

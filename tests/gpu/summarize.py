@@ -101,6 +101,16 @@ def parse_bench(path: str | os.PathLike | None) -> dict:
             "machine": (data.get("machine_info") or {}).get("node"), "benchmarks": rows}
 
 
+def parse_train_smoke(path: str | os.PathLike | None) -> dict:
+    """The smoke test's record (tokens/s, peak memory, MFU per step), or why it is missing."""
+    if not path or not Path(path).exists():
+        return {"status": "missing"}
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        return {"status": "failed", "error": f"unreadable {path}: {e}"}
+
+
 def parse_steps(path: str | os.PathLike | None) -> dict:
     """gpu_check.sh's steps file -> {name: {rc, seconds, limit_s, timed_out}}."""
     steps = {}
@@ -245,12 +255,16 @@ def main(argv=None) -> int:
     ap.add_argument("--tests", help="junit XML of pytest tests/gpu")
     ap.add_argument("--bench-tests", help="junit XML of the benchmark run")
     ap.add_argument("--bench", help="pytest-benchmark JSON")
+    ap.add_argument("--train-smoke", help="train_smoke.json of tests/gpu/smoke_train.py")
     ap.add_argument("--elapsed", type=int, help="seconds the whole check took")
     ap.add_argument("--no-env", action="store_true", help="do not import torch / query the GPU (for tests)")
     args = ap.parse_args(argv)
     env = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")} if args.no_env else collect_env()
     summary = summarize(parse_steps(args.steps), parse_junit(args.tests), parse_junit(args.bench_tests),
                         parse_bench(args.bench), env, log_tail(args.build_log), args.elapsed)
+    summary["train_smoke"] = parse_train_smoke(args.train_smoke)
+    if summary["train_smoke"].get("status") == "failed":
+        summary["ok"] = False
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "gpu_check.json").write_text(json.dumps(summary, indent=2, sort_keys=False) + "\n")
