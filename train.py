@@ -1,6 +1,6 @@
 """PRefLexOR training CLI: stage 0 (causal LM), 1 (ORPO), 2 (DPO/EXO), or all.
 
-    python train.py --stage all                 # bundled SmolLM2-135M-Instruct: stages 1, 2, shipped corpus, offline teacher
+    python train.py --stage all                 # bundled SmolLM2-135M-Instruct, stages 1 and 2, offline teacher
     python train.py --stage all --model tiny    # from scratch: BPE + the tiny preset, stages 0, 1, 2
     python train.py --stage 1 --model DIR --teacher http://host:8000/v1 --lora-r 64
     torchrun --nproc_per_node 2 train.py --stage 2 --model runs/demo/stage1
