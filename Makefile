@@ -1,6 +1,7 @@
 # preflexor build / test entry points.
 #   make install    create .venv and install pinned dependencies + the package (idempotent)
 #   make test       install if needed, then run the CPU test suite
+#   make demo       the embedded demo on the bundled SmolLM2-135M-Instruct (make demo-tiny: from scratch)
 #   make bench      run the CPU benchmarks (pytest-benchmark)
 #   make gpu-check  on a CUDA machine: build the CUDA extension, run tests/gpu and the benchmarks
 PYTHON ?= python3
@@ -28,19 +29,43 @@ test: install
 	$(PY) -m pytest -q tests --ignore=tests/gpu --ignore=tests/benchmarks $(PYTEST_ARGS)
 
 DEMO := runs/demo
+DEMO_TINY := runs/demo-tiny
 Q1 := Why is nacre so much tougher than the aragonite it is made of?
 Q2 := How does the hierarchical structure of bone contribute to its toughness?
+CORPUS_FILES = $$($(PY) -c "from preflexor_core.train import shipped_corpus_files as f; print(' '.join(f()))")
+# The embedded demo: the bundled SmolLM2-135M-Instruct (smollm2-135m-instruct), full fine-tuning, sized for
+# 2 CPU cores (see the README's demo section for why these values).
+DEMO_TRAIN := --out $(DEMO) --pairs-per-iteration 16 --n-steps 6 --batch-size 2 --warmup-steps 2 \
+	--gen-batch-size 16 --thinking-max-new-tokens 640
+DEMO_TOKENS := 640
+
+.PHONY: demo-tiny
 
 demo: install
-	$(PY) train.py --stage all --out $(DEMO)
-	$(PY) -m preflexor_core.datagen --corpus $$($(PY) -c "from preflexor_core.train import shipped_corpus_files as f; print(' '.join(f()))") \
-		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens 768 \
+	rm -rf $(DEMO)
+	$(PY) train.py --stage 1 --iterations 3 --orpo-lr 1e-4 $(DEMO_TRAIN)
+	$(PY) train.py --stage 2 --iterations 2 --dpo-lr 1e-5 $(DEMO_TRAIN)
+	$(PY) -m preflexor_core.datagen --corpus $(CORPUS_FILES) \
+		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens $(DEMO_TOKENS) \
 		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
-	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens 768 \
+	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens $(DEMO_TOKENS) \
 		--question "$(Q1)" --question "$(Q2)" --json $(DEMO)/infer_trace.json
-	$(PY) -m preflexor_core.evaluation --run $(DEMO) --pairs $(DEMO)/heldout_pairs.jsonl --log $(DEMO)/log.jsonl \
-		--max-new-tokens 768 --out $(DEMO)/report
-	@echo; echo "== demo summary ($(DEMO)) =="; sed -n '1,/^## Examples/p' $(DEMO)/report/report.md | head -n 30
+	$(PY) -m preflexor_core.evaluation --run $(DEMO) --base smollm2-135m-instruct --pairs $(DEMO)/heldout_pairs.jsonl \
+		--log $(DEMO)/log.jsonl --max-new-tokens $(DEMO_TOKENS) --out $(DEMO)/report
+	@echo; echo "== demo summary ($(DEMO)) =="; sed -n '1,/^## Base vs/p' $(DEMO)/report/report.md | head -n 30
+
+# The from-scratch path: a BPE tokenizer and the 1.3M-parameter `tiny` preset (stage 0, then 1 and 2).
+demo-tiny: install
+	rm -rf $(DEMO_TINY)
+	$(PY) train.py --stage all --model tiny --out $(DEMO_TINY) --pairs-per-iteration 64 --n-steps 48
+	$(PY) -m preflexor_core.datagen --corpus $(CORPUS_FILES) \
+		--retriever-dir $(DEMO_TINY)/retriever --model $(DEMO_TINY)/stage1 --with-thinking --k-samples 2 --max-new-tokens 768 \
+		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO_TINY)/heldout_pairs.jsonl
+	$(PY) infer.py --model $(DEMO_TINY)/stage2 --retriever $(DEMO_TINY)/retriever --reflect-depth 3 --max-new-tokens 768 \
+		--question "$(Q1)" --question "$(Q2)" --json $(DEMO_TINY)/infer_trace.json
+	$(PY) -m preflexor_core.evaluation --run $(DEMO_TINY) --pairs $(DEMO_TINY)/heldout_pairs.jsonl --log $(DEMO_TINY)/log.jsonl \
+		--max-new-tokens 768 --out $(DEMO_TINY)/report
+	@echo; echo "== demo summary ($(DEMO_TINY)) =="; sed -n '1,/^## Examples/p' $(DEMO_TINY)/report/report.md | head -n 30
 
 bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only $(PYTEST_ARGS)

@@ -232,7 +232,8 @@ def test_evaluate_stages_writes_report(run_dir, tmp_path):
     assert "| stage0 |" in report and "| stage1 |" in report
     assert "![metrics](metrics.png)" in report and "(training.png)" in report
     saved = json.loads((out / "metrics.json").read_text())
-    assert [r["name"] for r in saved] == ["stage0", "stage1"] and "outputs" not in saved[0]
+    assert [r["name"] for r in saved["models"]] == ["stage0", "stage1"] and "outputs" not in saved["models"][0]
+    assert saved["base"] is None and saved["architecture"]["num_hidden_layers"] >= 1
     assert len((out / "outputs.jsonl").read_text().splitlines()) == 6
 
 
@@ -319,3 +320,45 @@ def test_evaluation_imports_no_training_code():
             bad += [f"{f.name}: {m}" for m in mods if m.split(".")[-1] in ("trainer", "train")
                     or ".train." in m or m.startswith(("..train", "..trainer"))]
     assert not bad, bad
+
+
+# ============================================================================ the base model's row
+
+def test_tags_written_as_text_count_as_the_thinking_tokens():
+    from preflexor_core.evaluation.format_check import normalize_tags
+    text = "<thinking>\n**Reasoning Steps**:\n1. x\n</thinking>\nIt is tough."
+    assert not check_format(text).compliant
+    fc = check_format(normalize_tags(text))
+    assert fc.compliant and fc.answer == "It is tough."
+    assert normalize_tags(f"{THINK_START} a {THINK_END} b") == f"{THINK_START} a {THINK_END} b"
+    assert normalize_tags("<| thinking |> a </ thinking> b") == f"{THINK_START} a {THINK_END} b"
+
+
+def test_base_model_is_instructed_and_comes_first(run_dir, tmp_path, monkeypatch):
+    import preflexor_core.sampler as sampler
+    from preflexor_core.evaluation.runner import FORMAT_INSTRUCTION
+    seen = []
+    real = sampler.generate
+
+    def spy(model, tok, chats, params):
+        seen.append([c[0]["role"] for c in chats])
+        return real(model, tok, chats, params)
+    monkeypatch.setattr(sampler, "generate", spy)
+    out = tmp_path / "report"
+    results = evaluate_stages(str(run_dir), str(run_dir / "questions.jsonl"),
+                              EvalConfig(max_new_tokens=4, progress=False), pairs=str(run_dir / "pairs.jsonl"),
+                              out_dir=str(out), base=str(run_dir / "stage0"))
+    assert [r["name"] for r in results] == ["base", "stage0", "stage1"]
+    assert [r["instructed"] for r in results] == [True, False, False]
+    assert seen[0] == ["system"] * 3 and seen[1] == ["user"] * 3     # only the base gets the instruction
+    assert "<|thinking|>" in FORMAT_INSTRUCTION and "**Reasoning Steps**" in FORMAT_INSTRUCTION
+    assert results[1]["ref_model"] == str(run_dir / "stage0")          # the stage after the base is scored against it
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["base"]["name"] == "base" and saved["base"]["metrics"] == results[0]["metrics"]
+    assert saved["architecture"]["hidden_size"] == 32 and saved["architecture"]["num_hidden_layers"] == 1
+    report = (out / "report.md").read_text()
+    assert report.index("| base |") < report.index("| stage0 |") < report.index("| stage1 |")
+    side = report[report.index("## Base vs stage1"):report.index("## Example outputs")]
+    assert side.count("\n| ") == 1 + 3                                  # header + one row per question
+    for row in results[0]["outputs"]:
+        assert row["question"] in side

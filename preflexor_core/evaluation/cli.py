@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", metavar="RUN_DIR",
                      help="a training run dir: evaluates RUN_DIR/stage0, stage1, stage2 (those present), each "
                           "against the stage before it for the reward accuracy, and plots RUN_DIR/log.jsonl")
+    ap.add_argument("--base", metavar="DIR|FILE.gguf|NAME",
+                    help="the pretrained model the run started from (e.g. smollm2-135m-instruct): evaluated first, "
+                         "as 'base', with a system message describing the thinking format")
     ap.add_argument("--questions", default=DEFAULT_QUESTIONS, metavar="FILE",
                     help="JSONL with 'question' and 'reference' per line (default: the shipped 75 held-out questions)")
     ap.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
@@ -104,17 +107,24 @@ def _run(args, cfg: EvalConfig) -> tuple[list[dict], str | None]:
     if args.run:
         if not os.path.isdir(args.run):
             raise EvaluationInputError(f"run dir {args.run} does not exist")
-        results = evaluate_stages(args.run, questions, cfg, pairs=pairs)
+        if args.base:
+            check_model_dir(args.base)
+        results = evaluate_stages(args.run, questions, cfg, pairs=pairs, base=args.base)
         run_log = os.path.join(args.run, "log.jsonl")
         log_path = args.log or (run_log if os.path.isfile(run_log) else None)
     else:
+        if args.base:
+            args.model = [args.base, *args.model]
         for d in args.model + ([args.ref_model] if args.ref_model else []):
             check_model_dir(d)
         ref = args.ref_model or args.model[0]     # the reference model is reported without one
         refs = None if pairs is None else [None if os.path.realpath(d) == os.path.realpath(ref) else ref
                                            for d in args.model]
-        results = evaluate_models(args.model, questions, cfg, names=_unique_names(args.model),
-                                  ref_model_dirs=refs, pairs=pairs)
+        names = _unique_names(args.model)
+        if args.base:
+            names[0] = "base"
+        results = evaluate_models(args.model, questions, cfg, names=names, ref_model_dirs=refs, pairs=pairs,
+                                  instructed=[bool(args.base) and i == 0 for i in range(len(args.model))])
         log_path = args.log
     if log_path and not os.path.isfile(log_path):
         raise EvaluationInputError(f"training log {log_path} does not exist")

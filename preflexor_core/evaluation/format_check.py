@@ -19,7 +19,15 @@ from ..reasoning import extract_spans
 from ..teachers import DEFAULT_CATEGORIES
 from ..tokenizer import THINK_END, THINK_START
 
-__all__ = ["FormatCheck", "check_format"]
+__all__ = ["FormatCheck", "check_format", "normalize_tags"]
+
+_TAG_RE = re.compile(r"<\|?[ \t]*(/?)[ \t]*thinking[ \t]*\|?>", re.IGNORECASE)
+
+
+def normalize_tags(text: str) -> str:
+    """Thinking tags written as plain text (``<thinking>``, ``</thinking>``, ``<| thinking |>``) -> the
+    thinking tokens' text, so a base model that never learned the special tokens is scored fairly."""
+    return _TAG_RE.sub(lambda m: THINK_END if m.group(1) else THINK_START, text)
 
 
 @dataclass

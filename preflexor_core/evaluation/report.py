@@ -1,9 +1,10 @@
 """Evaluation report: a markdown table and report, metrics.json / outputs.jsonl, and PNG charts.
 
 ``write_report`` writes ``report.md`` (metrics table, base answers beside the last model's, example
-outputs, links to the plots), ``metrics.json`` (``{"models", "base", "architecture"}``), ``outputs.jsonl`` (every output with its scores), ``metrics.png`` (bars per model
-per metric) and, with a training log, ``stage{N}.png`` and ``training.png`` from
-``plot_training_log`` (which training also calls). Plots use matplotlib's Agg canvas (no display).
+outputs, links to the plots), ``metrics.json`` (``{"models", "base", "architecture"}``),
+``outputs.jsonl`` (every output with its scores), ``metrics.png`` (bars per model per metric) and,
+with a training log, ``stage{N}.png`` and ``training.png`` from ``plot_training_log`` (which
+training also calls). Plots use matplotlib's Agg canvas (no display).
 Tests: ``python -m pytest -q tests/test_evaluation.py -k "report or plot"``.
 """
 from __future__ import annotations

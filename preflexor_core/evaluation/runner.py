@@ -1,7 +1,9 @@
 """Evaluation runs: generate answers with a checkpoint, score them, and the DPO reward accuracy.
 
 Each question is asked as in training (``reasoning.thinking_prompt``), greedy by default, nothing
-forced unless ``force_thinking`` (then the forced ``<|thinking|>`` is part of the scored text).
+forced unless ``force_thinking`` (then the forced ``<|thinking|>`` is part of the scored text). A base
+model (``instructed``) also gets ``FORMAT_INSTRUCTION``, the format in words, as a system message;
+tags written as ``<thinking>`` / ``</thinking>`` count as the thinking tokens for every model.
 Every ``metrics`` entry lies in [0, 1] (``METRIC_KEYS``). ``reward_accuracy``: share of preference
 pairs with beta * (log pi - log ref)(chosen) strictly above the same for rejected (Rafailov et al.,
 NeurIPS 2023), summed log-probs over answer tokens only as stage 2 scores them; ties count as wrong,
@@ -18,18 +20,24 @@ from typing import Any, Sequence
 
 from ..teachers import DEFAULT_CATEGORIES
 from ..tokenizer import THINK_START
-from .format_check import check_format
+from .format_check import check_format, normalize_tags
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
 from .metrics import rouge_l, token_f1
 from .report import write_report
 
-__all__ = ["EvalConfig", "METRIC_KEYS", "STAGES", "evaluate", "evaluate_models", "evaluate_stages",
-           "reward_accuracy"]
+__all__ = ["EvalConfig", "METRIC_KEYS", "STAGES", "FORMAT_INSTRUCTION", "evaluate", "evaluate_models",
+           "evaluate_stages", "reward_accuracy", "architecture"]
 
 log = logging.getLogger("preflexor.evaluation")
 
 STAGES = ("0", "1", "2")
 # metrics (all in [0, 1]) in report / chart order; reward_accuracy is present only with pairs + a reference
+# What a base model (never trained on the format) is told, as a system message, besides the question.
+FORMAT_INSTRUCTION = (
+    "Answer in two parts. First think: write <|thinking|>, then your reasoning under bold headers such as "
+    "**Reasoning Steps**: (numbered steps), **Relevant Materials or Concepts**:, **Design Principles**:, "
+    "**Material Properties**:, **Hypothesis**: and **Additional Background**:, then write <|/thinking|>. "
+    "After <|/thinking|>, give the final answer in two or three sentences.")
 METRIC_KEYS = ("format_compliance", "header_share", "thinking_closed", "answer_nonempty", "answer_f1",
                "answer_rouge_l", "reward_accuracy", "truncated")
 
@@ -98,13 +106,14 @@ class _Models:
 
 # ============================================================================ generation + scoring
 
-def _generate(model, tok, questions: list[dict], cfg: EvalConfig, desc: str):
+def _generate(model, tok, questions: list[dict], cfg: EvalConfig, desc: str, instructed: bool = False):
     from ..reasoning import thinking_prompt
     from ..sampler import SamplingParams, generate
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, prepend_response=THINK_START if cfg.force_thinking else "",
                             truncate_prompt_left=True)
-    chats = [thinking_prompt(q["question"]) for q in questions]
+    system = [{"role": "system", "content": FORMAT_INSTRUCTION}] if instructed else []
+    chats = [system + thinking_prompt(q["question"]) for q in questions]
     bar = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -123,7 +132,7 @@ def _generate(model, tok, questions: list[dict], cfg: EvalConfig, desc: str):
 
 def _score(q: dict, c, cfg: EvalConfig) -> dict:
     """One question's output row: the format check and the answer metrics."""
-    fc = check_format(c.text, cfg.categories, cfg.min_headers)
+    fc = check_format(normalize_tags(c.text), cfg.categories, cfg.min_headers)
     return {"id": q["id"], "question": q["question"], "reference": q["reference"], "output": c.text,
             "answer": fc.answer, "compliant": fc.compliant, "format_reason": fc.reason,
             "headers": fc.headers, "header_share": fc.header_share,
@@ -184,6 +193,15 @@ def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 
 
 # ============================================================================ entry points
 
+def architecture(model) -> dict:
+    """The evaluated model's shape, from its config: hidden size, layers, heads, vocabulary, parameters."""
+    c = model.config
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "intermediate_size", "vocab_size", "tie_word_embeddings")
+    return {**{k: getattr(c, k) for k in keys if hasattr(c, k)},
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
 def _questions(questions, cfg: EvalConfig) -> list[dict]:
     if isinstance(questions, (str, os.PathLike)):
         questions = load_questions(str(questions))
@@ -203,14 +221,16 @@ def _pairs(pairs, cfg: EvalConfig) -> list[dict] | None:
 
 def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | None = None, *,
              ref_model_dir: str | None = None, pairs: Sequence[dict] | str | None = None,
-             name: str | None = None, _models: _Models | None = None) -> dict:
-    """Generate answers to ``questions`` with the checkpoint in ``model_dir`` and score them.
+             name: str | None = None, instructed: bool = False, _models: _Models | None = None) -> dict:
+    """Generate answers to ``questions`` with the checkpoint in ``model_dir`` and score them
+    (``instructed``: with ``FORMAT_INSTRUCTION`` as a system message, for a base model).
 
     ``questions``: rows as returned by ``load_questions`` or a JSONL path. With ``pairs`` (rows or
     a JSONL path) and ``ref_model_dir``, also the DPO reward accuracy (``ref_model_dir`` equal to
     ``model_dir`` is allowed and gives 0: every pair is a tie). Returns
     ``{"name", "model", "ref_model", "n_questions", "n_pairs", "n_pairs_dropped", "reward_margin",
-    "mean_new_tokens", "settings", "metrics": {key: value in [0, 1]}, "outputs": [per question]}``.
+    "mean_new_tokens", "instructed", "architecture", "settings", "metrics": {key: value in [0, 1]},
+    "outputs": [per question]}``.
     """
     cfg = cfg if cfg is not None else EvalConfig()
     questions, pairs = _questions(questions, cfg), _pairs(pairs, cfg)
@@ -220,12 +240,13 @@ def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | 
     models = _models if _models is not None else _Models(cfg)
     model, tok = models.get(model_dir)
     name = name or os.path.basename(os.path.normpath(model_dir))
-    rows = [_score(q, c, cfg) for q, c in zip(questions, _generate(model, tok, questions, cfg, f"eval {name}"))]
+    outs = _generate(model, tok, questions, cfg, f"eval {name}", instructed=instructed)
+    rows = [_score(q, c, cfg) for q, c in zip(questions, outs)]
     metrics = _metrics(rows)
     result = {"name": name, "model": str(model_dir), "ref_model": None, "n_questions": len(rows), "n_pairs": 0,
               "n_pairs_dropped": 0, "reward_margin": None,
-              "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows),
-              "settings": cfg.settings(), "metrics": metrics, "outputs": rows}
+              "mean_new_tokens": sum(r["new_tokens"] for r in rows) / len(rows), "instructed": bool(instructed),
+              "architecture": architecture(model), "settings": cfg.settings(), "metrics": metrics, "outputs": rows}
     if pairs is not None and ref_model_dir is not None:
         same = os.path.realpath(ref_model_dir) == os.path.realpath(model_dir)
         ref = model if same else models.get(ref_model_dir)[0]
@@ -242,8 +263,10 @@ def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | 
 
 def evaluate_models(model_dirs: Sequence[str], questions: Sequence[dict] | str, cfg: EvalConfig | None = None, *,
                     names: Sequence[str] | None = None, ref_model_dirs: Sequence[str | None] | None = None,
-                    pairs: Sequence[dict] | str | None = None) -> list[dict]:
-    """``evaluate`` for several checkpoints (loaded once each); ``ref_model_dirs[i]`` is model i's reference."""
+                    pairs: Sequence[dict] | str | None = None,
+                    instructed: Sequence[bool] | None = None) -> list[dict]:
+    """``evaluate`` for several checkpoints (loaded once each); ``ref_model_dirs[i]`` is model i's reference,
+    ``instructed[i]`` whether model i gets the format instruction (a base model)."""
     cfg = cfg if cfg is not None else EvalConfig()
     questions, pairs = _questions(questions, cfg), _pairs(pairs, cfg)
     for d in model_dirs:
@@ -253,7 +276,8 @@ def evaluate_models(model_dirs: Sequence[str], questions: Sequence[dict] | str, 
     results = []
     for i, d in enumerate(model_dirs):
         results.append(evaluate(d, questions, cfg, ref_model_dir=refs[i], pairs=pairs if refs[i] else None,
-                                name=names[i] if names else None, _models=models))
+                                name=names[i] if names else None,
+                                instructed=bool(instructed[i]) if instructed else False, _models=models))
         if pairs is not None and not refs[i]:
             is_ref = os.path.realpath(d) in {os.path.realpath(r) for r in refs if r}
             results[-1]["reward_note"] = "the reference" if is_ref else "no reference"
@@ -272,18 +296,19 @@ def _stage_dirs(run_dir: str) -> list[tuple[str, str]]:
 
 def evaluate_stages(run_dir: str, questions: Sequence[dict] | str = DEFAULT_QUESTIONS,
                     cfg: EvalConfig | None = None, *, pairs: Sequence[dict] | str | None = None,
-                    out_dir: str | None = None, log_path: str | None = None) -> list[dict]:
+                    out_dir: str | None = None, log_path: str | None = None, base: str | None = None) -> list[dict]:
     """Evaluate ``run_dir/stage0``, ``stage1``, ``stage2`` (those present); one result per stage.
 
-    Each stage's reference for the reward accuracy is the stage before it that is present (the
-    policy that stage started from; stage 0 has none). With ``out_dir`` the report, charts and
-    metrics.json are written there; the training curves come from ``log_path`` (default
-    ``run_dir/log.jsonl`` when it exists). Print ``format_table(results)`` for the table.
+    With ``base`` (the pretrained model the run started from: a name, .gguf file or dir) it comes
+    first, named "base", asked with ``FORMAT_INSTRUCTION``. Each stage's reference for the reward
+    accuracy is the model before it (the policy that stage started from; the first has none). With
+    ``out_dir`` the report, charts and metrics.json are written there; the training curves come from
+    ``log_path`` (default ``run_dir/log.jsonl`` when it exists). Print ``format_table(results)`` for the table.
     """
-    stages = _stage_dirs(run_dir)
+    stages = ([("base", base)] if base is not None else []) + _stage_dirs(run_dir)
     refs = [None] + [d for _, d in stages[:-1]]
     results = evaluate_models([d for _, d in stages], questions, cfg, names=[n for n, _ in stages],
-                              ref_model_dirs=refs, pairs=pairs)
+                              ref_model_dirs=refs, pairs=pairs, instructed=[n == "base" for n, _ in stages])
     if out_dir is not None:
         if log_path is None and os.path.isfile(os.path.join(run_dir, "log.jsonl")):
             log_path = os.path.join(run_dir, "log.jsonl")
