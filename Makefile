@@ -75,3 +75,19 @@ gpu-check:
 
 clean:
 	rm -rf build *.egg-info preflexor_core/_C*.so
+
+# Stage 3 (GRPO on graph rewards) on the bundled model, after `make demo`'s stage 2 when it exists (else from
+# the base model), then base / stage 2 / stage 3 on held-out questions with each answer's graph (GraphML, PNG).
+DEMO_GRAPH := runs/demo-graph
+GRAPH_START = $$(test -f $(DEMO)/stage2/DONE && echo $(DEMO)/stage2 || echo smollm2-135m-instruct)
+GRAPH_STAGE2 = $$(test -f $(DEMO)/stage2/DONE && echo --model stage2=$(DEMO)/stage2)
+
+.PHONY: demo-graph
+
+demo-graph: install
+	rm -rf $(DEMO_GRAPH)
+	$(PY) train.py --stage grpo --model $(GRAPH_START) --out $(DEMO_GRAPH) --grpo-sft-steps 8 --orpo-lr 5e-5 \
+		--grpo-steps 12 --grpo-prompts 2 --num-generations 4 --grpo-max-new-tokens 256 --grpo-lr 1e-5 --warmup-steps 0
+	$(PY) -m preflexor_core.evaluation.graph_eval --model base=smollm2-135m-instruct $(GRAPH_STAGE2) \
+		--model stage3=$(DEMO_GRAPH)/stage3 --retriever $(DEMO_GRAPH)/retriever --n 6 --max-new-tokens 256 \
+		--out $(DEMO_GRAPH)/graph_eval --graphml --png

@@ -92,10 +92,11 @@ def graph_metrics(completions: Sequence[str], references: Sequence[str], rewards
 
 
 def evaluate_graph(models: dict, questions: Sequence[dict], retriever, max_new_tokens: int = 384,
-                   device: str = "cpu", out_dir: str | None = None, graphml: bool = False) -> list[dict]:
+                   device: str = "cpu", out_dir: str | None = None, graphml: bool = False,
+                   png: bool = False) -> list[dict]:
     """Answer ``questions`` (rows with "question", "reference") with each model (name -> spec or
     (model, tokenizer)); score with ``GraphRewards(corpus=retriever)``. ``graphml``: write each answer's
-    graph to ``out_dir/<name>/<id>.graphml``."""
+    graph to ``out_dir/<name>/<id>.graphml`` (``png``: also drawn to ``<id>.png``)."""
     from ..models import load_model_and_tokenizer
     from ..sampler import SamplingParams, generate
     rewards = GraphRewards(corpus=retriever, embedder=getattr(retriever, "embedder", None))
@@ -113,6 +114,10 @@ def evaluate_graph(models: dict, questions: Sequence[dict], retriever, max_new_t
         if graphml and out_dir:
             for row in rows:
                 row["graphml"] = export_graphml(row["completion"], os.path.join(out_dir, name, f"{row['id']}.graphml"))
+        if png and out_dir:
+            for row in rows:
+                row["png"] = draw_graph(row["completion"], os.path.join(out_dir, name, f"{row['id']}.png"),
+                                        f"{name}: {row['question']}")
         results.append({"name": name, "metrics": metrics, "rows": rows})
         del model
     return results
@@ -141,6 +146,7 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cpu", help="cpu or cuda (default: %(default)s)")
     ap.add_argument("--out", default="graph_eval", help="output folder: results.json, table.md, GraphML files")
     ap.add_argument("--graphml", action="store_true", help="write each answer's graph as GraphML")
+    ap.add_argument("--png", action="store_true", help="also draw each answer's graph as a PNG")
     a = ap.parse_args(argv)
     models = {}
     for m in a.model:
@@ -150,7 +156,7 @@ def main(argv=None) -> int:
             return 2
         models[name] = spec
     results = evaluate_graph(models, load_questions(a.questions, limit=a.n), GraphRetriever.load(a.retriever),
-                             a.max_new_tokens, a.device, a.out, a.graphml)
+                             a.max_new_tokens, a.device, a.out, a.graphml, a.png)
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "results.json"), "w", encoding="utf-8") as f:
         json.dump(results, f, indent=1)

@@ -247,7 +247,7 @@ class GRPOStage(StageRun):
                                      max_completion_length=g.grpo_max_new_tokens + 1)
                 w = float(mask.sum()) / n_tok if g.loss_type == "dapo" else (sl.stop - sl.start) / n
                 (loss * w * self.world).backward()
-            total += float(loss) * w
+            total += float(loss.detach()) * w
             tw = float(mask.sum()) / n_tok
             for k_, v in st.items():
                 stats[k_] = stats.get(k_, 0.0) + v * tw
@@ -286,7 +286,7 @@ class GRPOStage(StageRun):
             for sl in self._chunks(len(rows)):
                 part = -self.token_logps(self.model, batch, sl).sum() / n_tok
                 part.backward()
-                nll += float(part)
+                nll += float(part.detach())
             torch.nn.utils.clip_grad_norm_([p for p in self.base.parameters() if p.requires_grad],
                                            self.cfg.optim.max_grad_norm)
             opt.step()
