@@ -105,13 +105,15 @@ def unpatch(patched: list[tuple[nn.Module, str]]) -> None:
 
 def _packed_linear(weights: Sequence[torch.Tensor], bias: torch.Tensor | None) -> Forward:
     packed = cached_derived(weights, torch.ops.mkldnn._reorder_linear_weight, "mkldnn")
+    numel, k = sum(w.numel() for w in weights), weights[0].shape[1]
+    if numel >= PACK_MIN_NUMEL:
+        return lambda x: torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
+    # oneDNN costs ~10 us a call: for a few rows through a small matrix (the tiny preset's decode)
+    # F.linear on the plain (concatenated) weight is faster; from 8 rows on, the packed product wins.
     plain = cached_derived(weights, lambda w: w, "cat") if len(weights) > 1 else weights[0]
-    numel, k = plain.numel(), plain.shape[1]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        # oneDNN costs ~10 us a call: for a few rows through a small matrix (the tiny preset's
-        # decode) F.linear is faster; from ~256k weight elements or 8 rows, the packed product wins.
-        if numel >= PACK_MIN_NUMEL or x.numel() // k >= PACK_MIN_ROWS:
+        if x.numel() // k >= PACK_MIN_ROWS:
             return torch.ops.mkldnn._linear_pointwise(x, packed, bias, "none", [], "")
         return F.linear(x, plain, bias)
     return forward

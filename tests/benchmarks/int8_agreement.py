@@ -1,0 +1,50 @@
+"""Greedy agreement of int8 decoding with fp on the bundled SmolLM2 over the held-out questions.
+
+    python tests/benchmarks/int8_agreement.py [--new-tokens 32] [--dtype float32] [--limit N]
+
+Each question of ``preflexor_core/corpus/eval_questions.jsonl`` as a chat (the model's template),
+greedy, no stop: prints the share of questions whose int8 completion equals the fp one token for
+token, the mean matching prefix, and the share of all token positions before the first
+divergence. A measurement script (not collected by pytest); figures go to the README.
+"""
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
+from preflexor_core.models import load_model_and_tokenizer  # noqa: E402
+from preflexor_core.sampler import SamplingParams, generate  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+    ap.add_argument("--limit", type=int, default=None, help="first N questions only")
+    a = ap.parse_args()
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "preflexor_core", "corpus", "eval_questions.jsonl")
+    with open(path) as f:
+        questions = [json.loads(line)["question"] for line in f if line.strip()][:a.limit]
+    model, tok = load_model_and_tokenizer("smollm2-135m-instruct", "cpu", a.dtype)
+    model.eval()
+    chats = [[{"role": "user", "content": q}] for q in questions]
+    p = SamplingParams(max_new_tokens=a.new_tokens, temperature=0.0, stop_token_ids=[])
+    fp = [c.token_ids for c in generate(model, tok, chats, p, max_batch_size=16)]
+    q8 = [c.token_ids for c in generate(model, tok, chats, p, max_batch_size=16, decode_weights="int8")]
+    prefix = []
+    for x, y in zip(fp, q8):
+        n = next((i for i, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        prefix.append(n)
+    same = sum(x == y for x, y in zip(fp, q8))
+    print(f"{len(questions)} questions, {a.new_tokens} new tokens, {a.dtype} vs int8 (torch {torch.__version__}):")
+    print(f"  identical completions: {same}/{len(questions)} ({same / len(questions):.0%})")
+    print(f"  first token equal: {sum(x[0] == y[0] for x, y in zip(fp, q8))}/{len(questions)}")
+    print(f"  mean matching prefix: {sum(prefix) / len(prefix):.1f} tokens; positions before the first "
+          f"divergence: {sum(prefix) / (len(prefix) * a.new_tokens):.0%}")
+
+
+if __name__ == "__main__":
+    main()
