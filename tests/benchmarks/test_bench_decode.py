@@ -8,8 +8,8 @@ and bf16, at batch 1 and 16; random prompts of ``PROMPT_LEN`` ids, greedy, no st
 from other processes hits them alike) after a first, cold call of N tokens that is reported alone
 (it includes our one-off weight packing / quantization). The bound: one decode step reads every weight once plus the
 KV cache at its length, so bound tokens/s = B * bandwidth / (weight bytes + KV bytes at the mean
-length); the bandwidth is a ``sum`` over a buffer far larger than the cache, measured in the same
-run at one thread and at the thread count in use (``PREFLEXOR_BENCH_THREADS``, default 1).
+length); the bandwidth is a ``sum`` over a buffer far larger than the cache, measured before each
+case at one thread and at the thread count in use (``PREFLEXOR_BENCH_THREADS``, default 1).
 transformers (test-only) runs a LlamaForCausalLM saved from the same weights; llama-cpp-python
 (optional) runs the GGUF itself (batch 1). Numbers land in ``extra_info`` and are printed.
 """
@@ -79,12 +79,11 @@ def threads():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def bandwidth(threads):
+    """Measured right before each benchmark: the load from other processes changes it."""
     one = _bandwidth(1)
     used = one if threads == 1 else _bandwidth(threads)
-    print(f"\n[bandwidth] sum over {BANDWIDTH_BYTES >> 20} MiB: {one / 1e9:.1f} GB/s (1 thread), "
-          f"{used / 1e9:.1f} GB/s ({threads} threads, used for the bound)")
     return {"one_thread": one, "in_use": used}
 
 
@@ -174,7 +173,8 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
     if "llama.cpp" in tok_s:
         info["int8_vs_llama_cpp"] = round(tok_s["int8"] / tok_s["llama.cpp"], 3)
     benchmark.extra_info.update(info)
-    print(f"\n[{name} {dtype_name} B={batch} threads={threads}] " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tok_s.items())
+    print(f"\n[{name} {dtype_name} B={batch} threads={threads}] bandwidth {bandwidth['one_thread'] / 1e9:.1f} GB/s "
+          f"(1 thread), {bandwidth['in_use'] / 1e9:.1f} GB/s ({threads} threads, for the bound); " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tok_s.items())
           + f"; bound {bound['ours']:.0f} (fp) / {bound['int8']:.0f} (int8) tok/s -> {info['ours_bound_fraction']:.0%} / "
           f"{info['int8_bound_fraction']:.0%}; ours/transformers {info['vs_hf']:.2f}x, int8/ours {info['int8_vs_ours']:.2f}x"
           + (f", int8/llama.cpp {info['int8_vs_llama_cpp']:.2f}x" if "int8_vs_llama_cpp" in info else "")
