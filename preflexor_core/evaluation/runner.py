@@ -193,6 +193,24 @@ def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 
 
 # ============================================================================ entry points
 
+def _as_reference(ref, ref_tok, ref_dir: str, tok):
+    """``ref`` as the reference of a model trained from it: a base without the thinking tokens gets them
+    the way training added them (``vocab.setup_thinking_tokens`` on a copy), so the ids of ``tok`` fit."""
+    if ref.model.embed_tokens.weight.shape[0] >= tok.vocab_size:
+        return ref
+    import copy
+    from ..tokenizer import THINKING_TOKENS
+    from ..vocab import setup_thinking_tokens
+    ref, ref_tok = copy.deepcopy(ref), copy.deepcopy(ref_tok)
+    setup_thinking_tokens(ref, ref_tok)
+    if ref_tok.vocab_size != tok.vocab_size or any(ref_tok.token_to_id(t) != tok.token_to_id(t)
+                                                   for t in THINKING_TOKENS):
+        raise EvaluationInputError(f"reference {ref_dir} has {ref_tok.vocab_size} tokens with the thinking tokens "
+                                   f"added, the evaluated model {tok.vocab_size}: pass as --ref-model / --base the "
+                                   f"model this one was trained from")
+    return ref
+
+
 def architecture(model) -> dict:
     """The evaluated model's shape, from its config: hidden size, layers, heads, vocabulary, parameters."""
     c = model.config
@@ -249,7 +267,7 @@ def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | 
               "architecture": architecture(model), "settings": cfg.settings(), "metrics": metrics, "outputs": rows}
     if pairs is not None and ref_model_dir is not None:
         same = os.path.realpath(ref_model_dir) == os.path.realpath(model_dir)
-        ref = model if same else models.get(ref_model_dir)[0]
+        ref = model if same else _as_reference(*models.get(ref_model_dir), ref_model_dir, tok)
         ra = reward_accuracy(model, ref, tok, pairs, beta=cfg.beta, batch_size=max(1, cfg.batch_size // 2))
         result.update(ref_model=str(ref_model_dir), n_pairs=ra["n_pairs"], n_pairs_dropped=ra["n_pairs_dropped"],
                       reward_margin=ra["reward_margin"])
