@@ -52,7 +52,7 @@ def losses(out, stage=0):
 
 
 def test_stage0_trains_and_exports_hf_checkpoint(corpus, tmp_path):
-    Trainer(stage0_cfg(corpus, tmp_path / "run", sft_steps=12)).run()
+    Trainer(stage0_cfg(corpus, tmp_path / "run", sft_steps=12, export_gguf="q8_0")).run()
     out = tmp_path / "run"
     ls = losses(out)
     assert len(ls) == 12 and all(map(lambda x: x == x, ls))
@@ -61,6 +61,19 @@ def test_stage0_trains_and_exports_hf_checkpoint(corpus, tmp_path):
     assert (st / "config.json").exists() and (st / "tokenizer.json").exists() and (st / "DONE").exists()
     assert (out / "plots" / "stage0.png").exists()
     assert_transformers_matches(st)
+    # --export-gguf q8_0: the GGUF beside the export loads with the export's logits within q8_0 rounding
+    hf_dir, gg = Llama.from_pretrained(str(st)).eval(), Llama.from_pretrained(str(st / "model-q8_0.gguf")).eval()
+    x = torch.randint(0, hf_dir.config.vocab_size, (1, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ref, got = hf_dir(x), gg(x)
+    assert (got - ref).abs().max() <= 0.02 * ref.abs().max()       # 8-bit blocks: ~0.4% per weight
+    assert Tokenizer.from_pretrained(str(st / "model-q8_0.gguf")).encode("<|thinking|>") == \
+        Tokenizer.from_pretrained(str(st)).encode("<|thinking|>")
+
+
+def test_export_gguf_choices_are_checked():
+    with pytest.raises(ValueError, match="export_gguf"):
+        TrainConfig.from_flat(export_gguf="q4")
 
 
 def assert_transformers_matches(path):

@@ -169,5 +169,10 @@ def save_final(run) -> None:
             model = merge_lora(copy.deepcopy(model))
         model.save_pretrained(str(run.final_dir))
         run.tok.save_pretrained(str(run.final_dir))
+        kind = run.cfg.checkpoint.export_gguf
+        if kind != "none":
+            from ..gguf import write_gguf        # imported only when asked: the gguf package is optional on GPU hosts
+            write_gguf(model, run.tok, str(run.final_dir / f"model-{kind}.gguf"), dtype=kind,
+                       name=f"{run.final_dir.parent.name}-{run.final_dir.name}")
         (run.final_dir / "DONE").write_text(json.dumps(run.pos) + "\n")
     D.barrier()

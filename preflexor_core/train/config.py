@@ -247,10 +247,14 @@ class CheckpointConfig:
                           resume_safe=True)
     keep_previous: bool = opt(True, "keep the checkpoint before the latest in checkpoints/stageN.prev (hard links; "
                               "a fallback when the latest is damaged)", resume_safe=True)
+    export_gguf: str = opt("none", "also write each stage's export as stageN/model-TYPE.gguf for llama.cpp, Ollama "
+                           "and LM Studio (thinking tokens and chat template in its metadata): none, f16, bf16 or q8_0",
+                           choices=["none", "f16", "bf16", "q8_0"], resume_safe=True)
 
     def __post_init__(self):
         if self.resume not in (False, True, "auto"):
             raise TrainConfigError(f"resume={self.resume!r}: use True, False or 'auto' (--resume, --resume=auto)")
+        _one_of("export_gguf", self.export_gguf, ("none", "f16", "bf16", "q8_0"))
         _check_fields(self)
 
 
