@@ -392,3 +392,17 @@ def test_saved_dirs_and_files_follow_the_umask(tmp_path, umask, fmode, dmode):
     files = [out / n for n in os.listdir(out)] + [tmp_path / "other" / n for n in os.listdir(tmp_path / "other")]
     assert {"model.safetensors", "tokenizer.json"} <= {f.name for f in files}
     assert {f.name: mode(f) for f in files} == {f.name: fmode for f in files}
+
+
+@pytest.mark.parametrize("flag,value", [("--n", "0"), ("--nodes", "0"), ("--k-samples", "0"), ("--max-new-tokens", "-1"),
+                                        ("--batch-size", "0"), ("--concurrency", "0"), ("--temperature", "-0.5"),
+                                        ("--wrong-threshold", "1.5"), ("--teacher-max-items", "0")])
+def test_datagen_numeric_flags_are_checked_before_any_work(tmp_path, capsys, flag, value):
+    from preflexor_core.datagen.__main__ import main as datagen_main
+    corpus = tmp_path / "c.md"
+    corpus.write_text("Nacre is tough because its tablets slide and interlock under load.\n")
+    out = tmp_path / "pairs.jsonl"
+    with pytest.raises(SystemExit) as e:
+        datagen_main(["--corpus", str(corpus), "--out", str(out), "--embedder", "hashing", flag, value])
+    assert e.value.code == 2 and not out.exists()
+    assert f"{flag} {float(value) if '.' in value else value}" in capsys.readouterr().err

@@ -97,6 +97,14 @@ def _build_retriever(args) -> GraphRetriever:
     return GraphRetriever.build([Path(p) for p in args.corpus], embedder=emb() if emb else None)
 
 
+# Every numeric flag and its meaningful range, checked before any work (flag, test, allowed).
+_RANGES = [(name, lambda v: v >= 1, ">= 1") for name in
+           ("n", "concurrency", "k_samples", "nodes", "max_new_tokens", "batch_size", "teacher_max_items",
+            "teacher_answer_sentences")] + [
+    ("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
+    ("wrong_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")]
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_arg_parser()
     args = ap.parse_args(argv)
@@ -105,10 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not os.path.exists(path):
             ap.error(f"--corpus {path}: no such file or directory; give .txt/.md/.jsonl "
                      "files or folders of them")
-    if args.n < 0:
-        ap.error(f"--n must be >= 0, got {args.n}")
-    if args.k_samples < 1:
-        ap.error(f"--k-samples must be >= 1, got {args.k_samples}")
+    for name, ok, allowed in _RANGES:
+        value = getattr(args, name)
+        if not ok(value):
+            ap.error(f"--{name.replace('_', '-')} {value}: must be {allowed}")
     try:
         teacher_kind(args.teacher, args.teacher_model)
     except ValueError as e:
