@@ -177,26 +177,9 @@ def test_varlen_packed(triton_path, lens, causal, Hq, Hkv):
 
 
 # ----------------------------------------------------------------------------- half precision
-def _interpreter_bf16_dot_ok() -> bool:
-    """Triton 3.9's interpreter returns garbage (~1e10) for tl.dot on bf16 operands; probe for it."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _probe_kernel(X, Z, N: tl.constexpr):
-        o = tl.arange(0, N)
-        x = tl.load(X + o[:, None] * N + o[None, :])
-        tl.store(Z + o[:, None] * N + o[None, :], tl.dot(x, x))
-
-    x = torch.randn(16, 16).to(torch.bfloat16)
-    z = torch.empty(16, 16)
-    _probe_kernel[(1,)](x, z, N=16)
-    return torch.allclose(z, x.float() @ x.float(), atol=1e-2, rtol=1e-2)
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_half_precision(triton_path, dtype):
-    if dtype == torch.bfloat16 and not _interpreter_bf16_dot_ok():
+def test_half_precision(triton_path, dtype, interpreter_bf16_dot_ok):
+    if dtype == torch.bfloat16 and not interpreter_bf16_dot_ok:
         pytest.skip("this Triton interpreter computes tl.dot on bf16 operands wrongly (probe failed); "
                     "bf16 is covered by tests/gpu/test_kernels_gpu.py on CUDA")
     q, k, v, do = _inputs(1, 4, 2, 33, 33, 32, dtype=dtype)

@@ -448,29 +448,12 @@ def test_bf16_autocast_steps_on_fp32_weights(corpus, tmp_path, stage):
     assert all(torch.isfinite(p).all() for p in run.base.parameters())
 
 
-def _interpreter_bf16_dot_ok() -> bool:
-    """Triton 3.9's interpreter returns garbage for tl.dot on bf16 operands (see test_kernels_attention)."""
-    import triton
-    import triton.language as tl
-
-    @triton.jit
-    def _probe_kernel(X, Z, N: tl.constexpr):
-        o = tl.arange(0, N)
-        x = tl.load(X + o[:, None] * N + o[None, :])
-        tl.store(Z + o[:, None] * N + o[None, :], tl.dot(x, x))
-
-    x = torch.randn(16, 16).to(torch.bfloat16)
-    z = torch.empty(16, 16)
-    _probe_kernel[(1,)](x, z, N=16)
-    return torch.allclose(z, x.float() @ x.float(), atol=1e-2, rtol=1e-2)
-
-
-def test_autocast_step_with_triton_kernels_in_the_interpreter(corpus, tmp_path, monkeypatch):
+def test_autocast_step_with_triton_kernels_in_the_interpreter(corpus, tmp_path, monkeypatch, interpreter_bf16_dot_ok):
     # tiny model, 2 pairs, an EXO step: Triton attention (model._attend) and log-probs in Triton's
     # interpreter under autocast; bf16 where the interpreter's bf16 dot works, else fp16 (same code
     # path: half q, k, v from the linears, fp32 cos/sin and residual stream)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    half = torch.bfloat16 if _interpreter_bf16_dot_ok() else torch.float16
+    half = torch.bfloat16 if interpreter_bf16_dot_ok else torch.float16
     monkeypatch.setenv("PREFLEXOR_KERNELS", "reference")
     run, ex, refs = make_run(corpus, tmp_path / "a", "2")
     ex = ex[:2]
