@@ -251,12 +251,7 @@ class GRPOStage(StageRun):
             tw = float(mask.sum()) / n_tok
             for k_, v in st.items():
                 stats[k_] = stats.get(k_, 0.0) + v * tw
-        params = [p for p in self.base.parameters() if p.requires_grad]
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
-        lr = self.sched.get_last_lr()[0]
-        self.opt.step()
-        self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        grad_norm, lr = self.clip_and_step()
         return {"loss": total, "grad_norm": float(grad_norm), "lr": lr, "rows": n, **stats}
 
     # -- warm-up ------------------------------------------------------------------

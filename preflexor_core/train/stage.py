@@ -155,17 +155,23 @@ class StageRun:
         metrics["_tokens"] = float(ntok) * self.world
         return metrics
 
-    def optimizer_step(self, micro_batches: list["MicroBatch"]) -> dict:
-        """``accumulate``, clip, step; additive metrics (loss, nll) are the whole step's, the others
-        are averaged over micro-batches and ranks."""
-        t0 = time.perf_counter()
-        metrics = self.accumulate(micro_batches)
+    def clip_and_step(self) -> tuple[torch.Tensor, float]:
+        """Clip the accumulated gradients, step the optimizer and the schedule, clear the gradients;
+        returns (grad norm before clipping, the learning rate used)."""
         params = [p for p in self.base.parameters() if p.requires_grad]
         grad_norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.max_grad_norm)
         lr = self.sched.get_last_lr()[0]
         self.opt.step()
         self.sched.step()
         self.opt.zero_grad(set_to_none=True)
+        return grad_norm, lr
+
+    def optimizer_step(self, micro_batches: list["MicroBatch"]) -> dict:
+        """``accumulate``, clip, step; additive metrics (loss, nll) are the whole step's, the others
+        are averaged over micro-batches and ranks."""
+        t0 = time.perf_counter()
+        metrics = self.accumulate(micro_batches)
+        grad_norm, lr = self.clip_and_step()
         keys = sorted(metrics)
         vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64)
         vals = D.all_reduce_mean(vals.to(self.device)).cpu()
