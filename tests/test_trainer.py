@@ -277,7 +277,9 @@ def test_stage1_resume_is_bit_identical(corpus, tmp_path):
     # rows of iteration 1 sampled by another policy step (p1, not p2) must not be reused on resume
     pairs_path = tmp_path / "b0" / "pairs.jsonl"
     rows = [json.loads(l) for l in open(pairs_path)]
-    assert len(rows) == 8 and {(p["iteration"], p["policy_step"]) for p in rows} == {(0, 0), (1, 2)}
+    # 2 iterations x 4 pairs; a sampled row can be skipped (and is skipped again on resume: same seed)
+    assert 6 <= len(rows) <= 8 and {(p["iteration"], p["policy_step"]) for p in rows} == {(0, 0), (1, 2)}
+    n_stale = sum(p["iteration"] == 1 for p in rows)
     with open(pairs_path, "a") as f:
         for p in rows:
             if p["iteration"] == 1:
@@ -286,8 +288,8 @@ def test_stage1_resume_is_bit_identical(corpus, tmp_path):
     Trainer(pref_cfg(corpus, tmp_path / "b0", stage="1", resume=True)).run()
     assert losses(tmp_path / "a0", stage=1) == losses(tmp_path / "b0", stage=1)
     # the interrupted iteration's rows were reused (none regenerated), the stale ones ignored
-    assert [json.loads(l)["id"] for l in open(pairs_path)][:8] == [p["id"] for p in rows]
-    assert sum(1 for _ in open(pairs_path)) == 12
+    assert [json.loads(l)["id"] for l in open(pairs_path)][:len(rows)] == [p["id"] for p in rows]
+    assert sum(1 for _ in open(pairs_path)) == len(rows) + n_stale
     assert sorted(p["id"] for p in map(json.loads, open(tmp_path / "a0" / "pairs.jsonl"))) == \
         sorted(p["id"] for p in rows)
 
