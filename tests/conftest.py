@@ -27,3 +27,23 @@ def interpreter_bf16_dot_ok() -> bool:
     z = torch.empty(16, 16)
     _probe_kernel[(1,)](x, z, N=16)
     return torch.allclose(z, x.float() @ x.float(), atol=1e-2, rtol=1e-2)
+
+
+class IdTokenizer:
+    """Prompts are space-separated token ids, so the sampler and any reference see exactly the same ids."""
+
+    stop_token_ids: list[int] = []
+
+    def encode(self, text):
+        return [int(x) for x in text.split()]
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(str(int(i)) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        raise NotImplementedError("id prompts are raw strings of token ids")
+
+
+@pytest.fixture
+def id_tokenizer() -> IdTokenizer:
+    return IdTokenizer()

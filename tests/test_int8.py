@@ -11,16 +11,6 @@ from preflexor_core.sampler import SamplingParams, generate, int8_linears, quant
 from preflexor_core.sampler import int8 as int8_mod
 
 
-class IdTokenizer:
-    stop_token_ids: list[int] = []
-
-    def encode(self, text):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(str(int(i)) for i in ids)
-
-
 @pytest.fixture(scope="module")
 def tiny():
     torch.manual_seed(0)
@@ -72,8 +62,8 @@ def test_int8_logits_error_vs_fp32_on_tiny(tiny):
     assert (got.argmax(-1) == ref.argmax(-1)).float().mean() >= 0.9
 
 
-def test_generate_int8_keeps_weights_and_mostly_agrees(tiny):
-    tok = IdTokenizer()
+def test_generate_int8_keeps_weights_and_mostly_agrees(tiny, id_tokenizer):
+    tok = id_tokenizer
     before = {k: v.clone() for k, v in tiny.state_dict().items()}
     prompts = [" ".join(str(7 * i + j) for j in range(12)) for i in range(4)]
     p = SamplingParams(max_new_tokens=8, temperature=0.0, stop_token_ids=[])

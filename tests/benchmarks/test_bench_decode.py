@@ -38,18 +38,6 @@ def _gguf_path() -> str | None:
     return path if os.path.exists(path) else None
 
 
-class IdTokenizer:
-    """Prompts are space-separated token ids, so every side sees exactly the same ids."""
-
-    stop_token_ids: list[int] = []
-
-    def encode(self, text):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(str(int(i)) for i in ids)
-
-
 def _best(fn, n):
     best = float("inf")
     for _ in range(n):
@@ -120,7 +108,7 @@ def _step_bytes(model: Llama, batch: int, length: float, int8: bool) -> float:
 
 @pytest.mark.parametrize("batch", [1, 16])
 @pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
-def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, threads, bandwidth):
+def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, threads, bandwidth, id_tokenizer):
     transformers = pytest.importorskip("transformers", reason="transformers' generate is the outside reference")
     name, base, ckpt, gguf = checkpoint
     dtype = getattr(torch, dtype_name)
@@ -130,7 +118,7 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(10, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g)
     texts = [" ".join(map(str, row.tolist())) for row in ids]
-    tok = IdTokenizer()
+    tok = id_tokenizer
 
     def run_ours(n, weights="fp"):
         out = generate(ours, tok, texts, SamplingParams(max_new_tokens=n, temperature=0.0, stop_token_ids=[]),

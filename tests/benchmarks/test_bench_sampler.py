@@ -29,21 +29,6 @@ ROUNDS = 3
 DEFAULT_THREADS = 1     # one thread: stable timings on shared machines; PREFLEXOR_BENCH_THREADS overrides
 
 
-class IdTokenizer:
-    """Prompts are space-separated token ids, so both sides see exactly the same ids."""
-
-    stop_token_ids: list[int] = []
-
-    def encode(self, text):
-        return [int(x) for x in text.split()]
-
-    def decode(self, ids, skip_special_tokens=False):
-        return " ".join(str(int(i)) for i in ids)
-
-    def apply_chat_template(self, messages, add_generation_prompt=True):
-        raise NotImplementedError("benchmarks use raw id prompts")
-
-
 @pytest.fixture
 def threads():
     before = torch.get_num_threads()
@@ -75,9 +60,9 @@ def _best(fn, times):
 
 
 @pytest.mark.parametrize("batch", [1, 16])
-def test_bench_decode_vs_transformers(benchmark, pair, batch, threads):
+def test_bench_decode_vs_transformers(benchmark, pair, batch, threads, id_tokenizer):
     preset, dtype_name, ours, hf = pair
-    tok = IdTokenizer()
+    tok = id_tokenizer
     g = torch.Generator().manual_seed(batch)
     ids = torch.randint(10, ours.config.vocab_size, (batch, PROMPT_LEN), generator=g)
     texts = [" ".join(map(str, row.tolist())) for row in ids]
@@ -131,11 +116,11 @@ def test_bench_decode_vs_transformers(benchmark, pair, batch, threads):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (llama-3.2-3b shape in bf16)")
 @pytest.mark.parametrize("batch", [1, 16])
-def test_bench_gpu_llama32_3b(benchmark, batch):
+def test_bench_gpu_llama32_3b(benchmark, batch, id_tokenizer):
     torch.manual_seed(0)
     cfg = ModelConfig.preset("llama-3.2-3b").replace(max_position_embeddings=4096)
     model = Llama(cfg, device="cuda", dtype=torch.bfloat16).eval()
-    tok = IdTokenizer()
+    tok = id_tokenizer
     ids = torch.randint(10, cfg.vocab_size, (batch, PROMPT_LEN))
     texts = [" ".join(map(str, row.tolist())) for row in ids]
     n = 65
