@@ -265,7 +265,9 @@ class _Pipeline:
         if isinstance(question_reply, BaseException):
             raise question_reply
         if self.task_questions:
-            return clean_question(self.teacher.make_question(nodes, salt=self.ids[i]))
+            # salted by (seed, index), not the row id: ids carry provenance (a hash of settings and paths),
+            # and the same corpus and seed must give the same questions wherever the corpus lives
+            return clean_question(self.teacher.make_question(nodes, salt=f"{self.cfg.seed}-{i}"))
         return clean_question(question_reply)
 
     def _context(self, question: str, nodes: list) -> Context:
@@ -362,7 +364,7 @@ class _Pipeline:
     def _teacher_samples(self, prepared: list[_Prepared]) -> list[list[Any]]:
         k = self.cfg.k_samples
         if hasattr(self.teacher, "plain_answer"):
-            return [[self.teacher.plain_answer(p.question, salt=f"{p.id}/{s}") for s in range(k)]
+            return [[self.teacher.plain_answer(p.question, salt=f"{self.cfg.seed}-{p.index}/{s}") for s in range(k)]
                     for p in prepared]
         chats = [_user(p.question) for p in prepared for _ in range(k)]
         replies = complete_many(self.teacher, chats, temperature=0.7 if k > 1 else 0.0,
