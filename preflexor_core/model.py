@@ -70,10 +70,8 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
 
     ``mask`` is a boolean (B, 1, T, S) "may attend" mask, a ``Packed`` layout (B = 1), or None
     (then ``causal`` applies). On CUDA (or with PREFLEXOR_KERNELS=triton), None and Packed use the
-    Triton flash-attention kernels. q, k, v share v's dtype (rope under autocast keeps them so anyway).
+    Triton flash-attention kernels. q, k, v share one dtype (under autocast too: rope keeps q/k's).
     """
-    if q.dtype != v.dtype or k.dtype != v.dtype:
-        q, k = q.to(v.dtype), k.to(v.dtype)
     kernels = q.is_cuda or os.environ.get("PREFLEXOR_KERNELS", "").strip().lower() == "triton"
     if isinstance(mask, Packed):
         if kernels:
