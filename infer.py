@@ -3,6 +3,7 @@
     python infer.py --reflect-depth 3 --question "Why is nacre tough?"       # embedded demo checkpoint
     python infer.py --questions qs.jsonl --critic http://127.0.0.1:8000/v1 --critic-model NAME --json trace.json
     python infer.py --model DIR --critic same --mode from-thinking --no-integrate --stream --question "..."
+    python infer.py --model DIR --thinking-format graph --graph-out graphs/ --question "..."   # graph thinking
 
 This file parses flags into ``preflexor_core.reasoning.cli.InferConfig`` (where every default lives)
 and calls ``preflexor_core.reasoning.cli.main(cfg)``, which checks the inputs (bad input: a specific
@@ -19,6 +20,7 @@ from preflexor_core.models import DTYPE_CHOICES, NAMED_MODELS
 from preflexor_core.reasoning import MODES
 from preflexor_core.reasoning.cli import DEMO_MODEL_DIRS, InferConfig
 from preflexor_core.reasoning.cli import main as run
+from preflexor_core.teachers.graph_writer import THINKING_FORMATS
 
 D = InferConfig()
 
@@ -53,6 +55,13 @@ def parse_args(argv=None) -> InferConfig:
     ap.add_argument("--mode", choices=MODES, default=D.mode,
                     help="reflect: the policy writes its own <|reflect|> feedback; from-thinking: the critic "
                          "writes the feedback from the thinking (default: %(default)s)")
+    ap.add_argument("--thinking-format", choices=THINKING_FORMATS, default=D.thinking_format,
+                    help="the thinking the policy is asked for: categories, or graph (Brainstorm, Graph, Graph "
+                         "JSON, Patterns, Synthesis; prints each final graph's size and validity) "
+                         "(default: %(default)s)")
+    ap.add_argument("--graph-out", default=D.graph_out, metavar="DIR",
+                    help="with --thinking-format graph: write each question's final graph as GraphML to "
+                         "DIR/q1.graphml, DIR/q2.graphml, ...")
     ap.add_argument("--integrate", action=argparse.BooleanOptionalAction, default=D.integrate,
                     help="merge the answers of all iterations into the final answer (default: on)")
     ap.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens,
@@ -69,7 +78,8 @@ def parse_args(argv=None) -> InferConfig:
     a = ap.parse_args(argv)
     return InferConfig(questions=list(a.question), questions_file=a.questions, model=a.model,
                        retriever=a.retriever, critic=a.critic, critic_model=a.critic_model,
-                       reflect_depth=a.reflect_depth, mode=a.mode, integrate=a.integrate,
+                       reflect_depth=a.reflect_depth, mode=a.mode, thinking_format=a.thinking_format,
+                       graph_out=a.graph_out, integrate=a.integrate,
                        max_new_tokens=a.max_new_tokens, temperature=a.temperature, top_p=a.top_p,
                        top_k=a.top_k, seed=a.seed, stream=a.stream, json=a.json, device=a.device,
                        dtype=a.dtype, decode_weights=a.decode_weights)

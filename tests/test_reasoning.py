@@ -24,11 +24,13 @@ from preflexor_core.reasoning import (GraphCritic, Policy, QuestionTrace, check_
                                       CriticUnreachableError, extract_spans, make_critic,
                                       recursive_response, recursive_response_from_thinking,
                                       strip_special_tokens)
-from preflexor_core.reasoning.cli import InputError, read_questions
+from preflexor_core.reasoning.cli import InferConfig, InputError, read_questions
+from preflexor_core.reasoning.policy import thinking_prompt
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.sampler import SamplingParams
-from preflexor_core.tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_TOKENS
+from preflexor_core.tokenizer import (REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_INSTRUCTION,
+                                      THINKING_TOKENS)
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ROOT / "infer.py"
@@ -295,6 +297,88 @@ def test_bad_arguments(policy):
         recursive_response(policy, CountingCritic(), "q", depth=1, mode="nope")
 
 
+# ----------------------------------------------------------------------------- graph thinking format
+def _graph_body(edges, nodes=None) -> str:
+    """A graph-format thinking without its <|thinking|> tags (what a critic returns)."""
+    from preflexor_core.graph_format import format_graph_thinking
+    block = format_graph_thinking("platelets and protein", edges, "a chain", "it slides", nodes=nodes)
+    return block[len(THINK_START):-len(THINK_END)].strip()
+
+
+# question 1: a valid graph (validity 1); question 2: "protein layer" is not a listed node, so one of
+# the two JSON edges dangles: validity (json 1 + no_dangling 1/2 + agreement 1) / 3
+GRAPHS = [_graph_body([("nacre", "contains", "aragonite"), ("aragonite", "bonded by", "protein layer")]),
+          _graph_body([("nacre", "contains", "aragonite"), ("aragonite", "slides on", "protein layer")],
+                      nodes=["nacre", "aragonite"])]
+VALIDITY = [1.0, 2.5 / 3]
+
+
+class GraphWritingCritic(CountingCritic):
+    """Improves the thinking of question ``i`` (in QUESTIONS order) into ``GRAPHS[i]``."""
+
+    name = "graph-writing"
+
+    def improve(self, question, thinking, feedback):
+        self.calls.append("improve")
+        return GRAPHS[QUESTIONS.index(question)]
+
+
+def test_graph_format_instruction_reaches_the_policy(policy, monkeypatch):
+    from preflexor_core.teachers.graph_writer import GRAPH_INSTRUCTION
+    assert thinking_prompt(" q? ", "graph") == [{"role": "user", "content": "q?" + GRAPH_INSTRUCTION}]
+    assert thinking_prompt("q?") == [{"role": "user", "content": "q?" + THINKING_INSTRUCTION}]
+    asked = []
+    orig = Policy.generate
+
+    def recording(self, prompts, params, stream=None, max_batch_size=None):
+        asked.append(list(prompts))
+        return orig(self, prompts, params, stream=stream, max_batch_size=max_batch_size)
+
+    monkeypatch.setattr(Policy, "generate", recording)
+    recursive_response(policy, CountingCritic(), QUESTIONS[:2], depth=1, sampling=GREEDY, integrate=False,
+                       thinking_format="graph")
+    think_chats, answer_prompts = asked
+    # the think pass gets the chat, the answer pass the rendered prompt: both carry the graph instruction
+    assert think_chats == [thinking_prompt(q, "graph") for q in QUESTIONS[:2]]
+    for q, p in zip(QUESTIONS[:2], answer_prompts):
+        assert q + GRAPH_INSTRUCTION in p and THINKING_INSTRUCTION not in p
+    asked.clear()
+    recursive_response(policy, CountingCritic(), QUESTIONS[0], depth=1, sampling=GREEDY, integrate=False)
+    assert asked[0] == [thinking_prompt(QUESTIONS[0])]          # the default is unchanged
+    assert QUESTIONS[0] + THINKING_INSTRUCTION in asked[1][0] and GRAPH_INSTRUCTION not in asked[1][0]
+    with pytest.raises(ValueError, match="thinking_format must be one of categories, graph"):
+        recursive_response(policy, CountingCritic(), "q", depth=1, thinking_format="tree")
+    with pytest.raises(ValueError, match="categories, graph"):
+        thinking_prompt("q", "tree")
+
+
+def test_graph_format_trace_carries_the_rewards_of_each_iteration(policy):
+    from preflexor_core.rewards import format_reward, graph_validity_reward
+    traces = recursive_response(policy, GraphWritingCritic(), QUESTIONS[:2], depth=2, sampling=GREEDY,
+                                integrate=False, thinking_format="graph")
+    for tr, graph, validity in zip(traces, GRAPHS, VALIDITY):
+        for it in tr.iterations:
+            assert it.improved_thinking == graph
+            assert it.completion() == it.raw["answer"]
+            assert it.completion().startswith(THINK_START + graph + THINK_END + "\n")
+            assert set(it.rewards) == {"format", "graph_validity"}
+            assert it.rewards["graph_validity"] == pytest.approx(validity)
+            assert it.rewards["graph_validity"] == graph_validity_reward(THINK_START + graph + THINK_END).value
+            assert it.rewards["format"] == format_reward(it.completion()).value
+            # all five sections, in order, in the forced thinking: at least (1 + 1) / 4
+            assert it.rewards["format"] >= 0.5
+            assert it.to_dict()["rewards"] == it.rewards
+        assert tr.to_dict()["iterations"][-1]["rewards"]["graph_validity"] == pytest.approx(validity)
+    # depth 0: the thinking pass is scored; the random model writes no graph
+    tr = recursive_response(policy, None, QUESTIONS[0], depth=0, sampling=GREEDY, thinking_format="graph")
+    it = tr.iterations[0]
+    assert it.completion() == it.raw["think"]
+    assert it.rewards == {"format": format_reward(it.raw["think"]).value, "graph_validity": 0.0}
+    # the categories format records no graph rewards
+    tr = recursive_response(policy, GraphWritingCritic(), QUESTIONS[0], depth=1, sampling=GREEDY)
+    assert tr.iterations[0].rewards == {}
+
+
 # ----------------------------------------------------------------------------- graph critic
 def test_graph_critic_improves_with_missing_facts_and_paths(retriever):
     c = GraphCritic(retriever, max_facts=2)
@@ -469,19 +553,65 @@ def test_infer_cli_same_critic_in_process(model_dir, tmp_path):
     assert q["iterations"][0]["improved_thinking"]  # never empty: falls back to the old thinking
 
 
-@pytest.mark.parametrize("case", ["missing_model", "empty_question", "negative_depth", "unreachable_critic"])
+def test_infer_cli_graph_format_prints_and_exports_graphs(model_dir, tmp_path, monkeypatch, capsys):
+    import networkx as nx
+    from preflexor_core.reasoning import cli
+    infer = load_infer_module()
+    monkeypatch.setattr(cli, "build_critic", lambda cfg, policy: GraphWritingCritic())
+    out, graphs = tmp_path / "t.json", tmp_path / "graphs"
+    rc = infer.main(["--model", str(model_dir), "--thinking-format", "graph", "--graph-out", str(graphs),
+                     "--reflect-depth", "1", "--no-integrate", "--max-new-tokens", "6", "--json", str(out),
+                     "--question", QUESTIONS[0], "--question", QUESTIONS[1]])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    # one graph line per question, after its answer; question 2's graph has 3 nodes (one dangling)
+    want = ["graph: 3 nodes, 2 edges, validity 1.00", "graph: 3 nodes, 2 edges, validity 0.83"]
+    assert [line for line in stdout.splitlines() if line.startswith("graph: ")] == want
+    assert stdout.index("Answer (") < stdout.index(want[0]) < stdout.index("Question 2: ") < stdout.index(want[1])
+    doc = json.loads(out.read_text())
+    assert doc["options"]["thinking_format"] == "graph"
+    assert [q["iterations"][0]["rewards"]["graph_validity"] for q in doc["questions"]] == \
+           pytest.approx(VALIDITY)
+    assert sorted(os.listdir(graphs)) == ["q1.graphml", "q2.graphml"]
+    g = nx.read_graphml(graphs / "q2.graphml")
+    assert set(g.nodes) == {"nacre", "aragonite", "protein layer"}
+    assert {(u, v, d["relation"]) for u, v, d in g.edges(data=True)} == \
+           {("nacre", "aragonite", "contains"), ("aragonite", "protein layer", "slides on")}
+    g1 = nx.read_graphml(graphs / "q1.graphml")
+    assert set(g1.nodes) == {"nacre", "aragonite", "protein layer"}
+    assert g1.edges["aragonite", "protein layer"]["relation"] == "bonded by"
+
+
+def test_infer_cli_thinking_format_checks_in_config(model_dir, tmp_path, capsys):
+    from preflexor_core.io import OutputPathError
+    from preflexor_core.reasoning.cli import check_inputs, main
+    rc = main(InferConfig(questions=["q"], model=str(model_dir), thinking_format="tree"))
+    assert rc == 2
+    assert "--thinking-format must be one of categories, graph, got 'tree'" in capsys.readouterr().err
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(OutputPathError, match="--graph-out .*existing file"):
+        check_inputs(InferConfig(questions=["q"], model=str(model_dir), thinking_format="graph", graph_out=str(f)))
+
+
+@pytest.mark.parametrize("case", ["missing_model", "empty_question", "negative_depth", "unreachable_critic",
+                                  "bad_thinking_format", "graph_out_without_graph"])
 def test_infer_cli_bad_input(case, model_dir, tmp_path):
     args = {
         "missing_model": ["--model", tmp_path / "no-such-model", "--question", "q"],
         "empty_question": ["--model", model_dir, "--question", "  "],
         "negative_depth": ["--model", model_dir, "--question", "q", "--reflect-depth=-1"],
         "unreachable_critic": ["--model", model_dir, "--question", "q", "--critic", "http://127.0.0.1:9/v1"],
+        "bad_thinking_format": ["--model", model_dir, "--question", "q", "--thinking-format", "tree"],
+        "graph_out_without_graph": ["--model", model_dir, "--question", "q", "--graph-out", tmp_path / "g"],
     }[case]
     expected = {
         "missing_model": "make demo",
         "empty_question": "question 1 is empty",
         "negative_depth": "--reflect-depth must be >= 0",
         "unreachable_critic": "http://127.0.0.1:9/v1 is unreachable",
+        "bad_thinking_format": "--thinking-format: invalid choice: 'tree' (choose from",
+        "graph_out_without_graph": "--graph-out needs --thinking-format graph",
     }[case]
     r = run_infer(*args, cwd=tmp_path)
     assert r.returncode == 2, (r.stdout, r.stderr)

@@ -3,6 +3,8 @@
 ``infer.py`` only parses flags into :class:`InferConfig` and calls :func:`main`. Bad input (checked
 before any work: questions, --device, the --json path, a critic URL that does not answer) is reported
 with a specific message and exit code 2; a trace that cannot be written goes to a fallback file.
+``--thinking-format graph`` asks for the graph sections; each answer is followed by one line with the
+final thinking's graph (nodes, edges, graph validity), and ``--graph-out DIR`` writes it as GraphML.
 Method: PRefLexOR, arXiv 2410.12375.
 Tests: ``python -m pytest -q tests/test_reasoning.py -k infer``.
 """
@@ -15,9 +17,10 @@ import time
 from dataclasses import dataclass, field
 
 from ..errors import DeviceError, check_device
-from ..io import OutputPathError, check_output_file, write_fallback
+from ..io import OutputPathError, check_output_dir, check_output_file, write_fallback
 from ..models import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
 from ..models import resolve_model as resolve_model_spec
+from ..teachers.graph_writer import THINKING_FORMATS
 from .critics import CriticUnreachableError, check_endpoint, make_critic
 from .loop import recursive_response
 from .policy import Policy
@@ -43,6 +46,8 @@ class InferConfig:
     critic_model: str | None = None
     reflect_depth: int = 3
     mode: str = "reflect"
+    thinking_format: str = "categories"   # "graph": the graph sections (Brainstorm, Graph, Graph JSON, ...)
+    graph_out: str | None = None          # thinking_format "graph": each final graph as DIR/q<N>.graphml
     integrate: bool = True
     max_new_tokens: int = 256
     temperature: float = 0.1
@@ -137,6 +142,12 @@ def check_inputs(cfg: InferConfig) -> None:
         raise InputError(f"--top-p must be in (0, 1], got {cfg.top_p}")
     if cfg.top_k < 0:
         raise InputError(f"--top-k must be >= 0 (0 = off), got {cfg.top_k}")
+    if cfg.thinking_format not in THINKING_FORMATS:
+        raise InputError(f"--thinking-format must be one of {', '.join(THINKING_FORMATS)}, "
+                         f"got {cfg.thinking_format!r}")
+    if cfg.graph_out and cfg.thinking_format != "graph":
+        raise InputError(f"--graph-out needs --thinking-format graph (got {cfg.thinking_format}): only graph "
+                         "thinking holds a graph to export")
     if cfg.critic is None:
         cfg.critic = "graph" if os.path.isdir(cfg.retriever) else "same"
     if cfg.critic == "graph" and cfg.reflect_depth > 0 and not os.path.isdir(cfg.retriever):
@@ -152,6 +163,8 @@ def check_inputs(cfg: InferConfig) -> None:
         raise InputError(f"--dtype: {e}") from None
     if cfg.json:
         check_output_file(cfg.json, "--json")
+    if cfg.graph_out:
+        check_output_dir(cfg.graph_out, "--graph-out")
     cfg.model = resolve_model(cfg.model)
     if c.startswith(("http://", "https://")) and cfg.reflect_depth > 0:
         try:          # before the model loads; make_critic asks again for the model list
@@ -236,6 +249,26 @@ def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
     print(f"trace written to {cfg.json}")
 
 
+def graph_line(tr) -> str:
+    """``graph: N nodes, M edges, validity V`` of the final thinking of ``tr`` (a graph-format trace)."""
+    from ..evaluation.graph_eval import completion_digraph
+    last = tr.iterations[-1]
+    g = completion_digraph(last.completion())
+    return (f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges, "
+            f"validity {last.rewards.get('graph_validity', 0.0):.2f}")
+
+
+def _write_graphs(out_dir: str, traces) -> None:
+    """Each question's final graph to ``out_dir/q<N>.graphml`` (``graph_eval.export_graphml``)."""
+    from ..evaluation.graph_eval import export_graphml
+    try:
+        for i, tr in enumerate(traces, start=1):
+            export_graphml(tr.iterations[-1].completion(), os.path.join(out_dir, f"q{i}.graphml"))
+    except OSError as e:
+        raise OutputPathError(f"--graph-out {out_dir}: could not write the graphs ({e.strerror or e})") from None
+    print(f"graphs written to {out_dir} (q1.graphml .. q{len(traces)}.graphml)")
+
+
 def main(cfg: InferConfig) -> int:
     """Run inference for ``cfg``: print each answer, write the trace JSON; 2 on bad input."""
     from ..sampler import SamplingParams
@@ -251,7 +284,8 @@ def main(cfg: InferConfig) -> int:
     streamer = _Streamer() if cfg.stream else None
     t0 = time.perf_counter()
     traces = recursive_response(policy, critic, cfg.questions, depth=cfg.reflect_depth, sampling=sampling,
-                                mode=cfg.mode, integrate=cfg.integrate, stream=streamer)
+                                mode=cfg.mode, integrate=cfg.integrate, stream=streamer,
+                                thinking_format=cfg.thinking_format)
     elapsed = time.perf_counter() - t0
     if streamer is not None:
         streamer.flush()
@@ -259,11 +293,16 @@ def main(cfg: InferConfig) -> int:
     for i, tr in enumerate(traces, start=1):
         print(f"Question {i}: {tr.question}")
         print(f"Answer ({len(tr.iterations)} iteration(s){', integrated' if tr.integrated else ''}): "
-              f"{tr.final_answer or '(empty)'}\n")
-    if cfg.json:
-        try:
+              f"{tr.final_answer or '(empty)'}")
+        if cfg.thinking_format == "graph":
+            print(graph_line(tr))
+        print()
+    try:
+        if cfg.graph_out:
+            _write_graphs(cfg.graph_out, traces)
+        if cfg.json:
             _write_json(cfg, critic, traces, elapsed)
-        except OutputPathError as e:
-            print(f"infer.py: error: {e}", file=sys.stderr)
-            return 2
+    except OutputPathError as e:
+        print(f"infer.py: error: {e}", file=sys.stderr)
+        return 2
     return 0

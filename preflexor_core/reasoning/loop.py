@@ -7,6 +7,8 @@ iterations an integrator (default: the critic) merges the answers. Mode ``from-t
 critic writes the feedback instead of the policy's ``<|reflect|>``. Depth 0 is the think step only.
 Every step is one batched ``sampler.generate`` call for all questions; step ``s`` of iteration ``i``
 uses seed ``seed + 100 * i + s`` (with temperature 0 a batch equals one question at a time).
+``thinking_format="graph"`` asks for the graph sections (``policy.thinking_prompt``) and records, per
+iteration, the format and graph-validity rewards (``rewards.structure``) of its completion.
 Tests: ``python -m pytest -q tests/test_reasoning.py``.
 """
 from __future__ import annotations
@@ -41,6 +43,17 @@ class IterationTrace:
     raw: dict[str, str] = field(default_factory=dict)        # raw policy outputs per step
     timings: dict[str, float] = field(default_factory=dict)  # seconds per step (batched steps: whole batch)
     tokens: dict[str, int] = field(default_factory=dict)     # generated tokens per step + span lengths
+    # thinking_format="graph": {"format": x, "graph_validity": y} of completion() (empty otherwise)
+    rewards: dict[str, float] = field(default_factory=dict)
+
+    def completion(self) -> str:
+        """The text this iteration's answer was read from: the answer pass (the improved thinking
+        forced between ``<|thinking|>`` and ``<|/thinking|>``, then the policy's reply), or at depth 0
+        the thinking pass (``<|thinking|>`` forced, then the policy's thinking and draft answer)."""
+        return self.raw.get("answer", self.raw.get("think", ""))
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -65,9 +78,10 @@ class _Run:
     questions: list[str]
     stream: StepStream | None
     max_batch_size: int | None
+    thinking_format: str = "categories"
 
     def __post_init__(self):
-        self.chats = [thinking_prompt(q) for q in self.questions]
+        self.chats = [thinking_prompt(q, self.thinking_format) for q in self.questions]
         self.heads = [self.policy.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in self.chats]
 
     def params(self, iteration: int, step: int, **overrides):
@@ -185,6 +199,14 @@ def _count(policy: Policy, recs: list[IterationTrace]) -> None:
         r.timings["total_s"] = sum(v for k, v in r.timings.items() if k.endswith("_s") and k != "total_s")
 
 
+def _score_graph(recs: list[IterationTrace]) -> None:
+    """Graph format: the format and graph-validity reward values of each iteration's completion."""
+    from ..rewards.structure import format_reward, graph_validity_reward  # the import would cycle at load
+    for r in recs:
+        text = r.completion()
+        r.rewards = {"format": format_reward(text).value, "graph_validity": graph_validity_reward(text).value}
+
+
 def _iteration(run: _Run, it: int, thinking: list[str], depth: int, mode: str) -> list[IterationTrace]:
     """One iteration for all questions, from ``thinking`` (the previous improved thinking)."""
     recs = [IterationTrace(iteration=it, thinking=t) for t in thinking]
@@ -201,12 +223,15 @@ def _iteration(run: _Run, it: int, thinking: list[str], depth: int, mode: str) -
         _improve(run, recs)
         _answer(run, recs, it)
     _count(run.policy, recs)
+    if run.thinking_format == "graph":
+        _score_graph(recs)
     return recs
 
 
 # ============================================================================ entry points
 
-def _check(questions: list[str], depth, mode: str, critic) -> None:
+def _check(questions: list[str], depth, mode: str, critic, thinking_format: str) -> None:
+    from ..teachers.graph_writer import THINKING_FORMATS  # here: graph_writer -> reasoning would cycle at load
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"question {i + 1} is empty; give a non-empty question")
@@ -214,13 +239,15 @@ def _check(questions: list[str], depth, mode: str, critic) -> None:
         raise ValueError(f"depth must be an int >= 0 (0 = a single pass), got {depth!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if thinking_format not in THINKING_FORMATS:
+        raise ValueError(f"thinking_format must be one of {', '.join(THINKING_FORMATS)}, got {thinking_format!r}")
     if depth > 0 and critic is None:
         raise ValueError("depth >= 1 needs a critic (e.g. GraphCritic(retriever) or ModelCritic(model, tok))")
 
 
 def recursive_response(policy, critic, question, depth: int = 3, integrator=None, sampling=None, *,
                        mode: str = "reflect", integrate: bool = True, stream: StepStream | None = None,
-                       max_batch_size: int | None = None):
+                       max_batch_size: int | None = None, thinking_format: str = "categories"):
     """Recursive reflective reasoning for one question (-> :class:`QuestionTrace`) or a list of them
     (-> list, same order; every step is one batched ``generate`` call for all of them).
 
@@ -228,13 +255,15 @@ def recursive_response(policy, critic, question, depth: int = 3, integrator=None
     depth 0; may be None then). ``integrator``: merges the answers (default: the critic).
     ``sampling``: ``SamplingParams`` for the policy (``n``, ``seed`` and ``prepend_response`` are set
     per step). ``stream(question_index, iteration, step, delta)`` receives policy text as it comes;
-    steps are ``"think"``, ``"reflect"`` and ``"answer"``.
+    steps are ``"think"``, ``"reflect"`` and ``"answer"``. ``thinking_format``: "categories" (the
+    question + ``THINKING_INSTRUCTION``) or "graph" (the question + ``GRAPH_INSTRUCTION``; each
+    iteration's ``rewards`` then holds its format and graph-validity reward values).
     """
     from ..sampler import SamplingParams
 
     single = isinstance(question, str)
     questions = [question] if single else list(question)
-    _check(questions, depth, mode, critic)
+    _check(questions, depth, mode, critic, thinking_format)
     policy = as_policy(policy)
     if sampling is None:
         sampling = SamplingParams(max_new_tokens=256, temperature=0.1, top_p=0.9, top_k=50, seed=0)
@@ -242,7 +271,7 @@ def recursive_response(policy, critic, question, depth: int = 3, integrator=None
     if not questions:
         return traces
     t_all = time.perf_counter()
-    run = _Run(policy, critic, sampling, questions, stream, max_batch_size)
+    run = _Run(policy, critic, sampling, questions, stream, max_batch_size, thinking_format)
     thinking = [""] * len(questions)
     for it in range(1, max(depth, 1) + 1):
         recs = _iteration(run, it, thinking, depth, mode)
@@ -263,6 +292,7 @@ def recursive_response(policy, critic, question, depth: int = 3, integrator=None
 def recursive_response_from_thinking(policy, critic, question, depth: int = 3, integrator=None,
                                      sampling=None, **kwargs):
     """:func:`recursive_response` where the critic writes the feedback from the thinking alone
-    (the policy's own reflection is not used; later iterations start from the improved thinking)."""
+    (the policy's own reflection is not used; later iterations start from the improved thinking).
+    ``kwargs`` go to :func:`recursive_response` (``thinking_format``, ``integrate``, ``stream``, ...)."""
     return recursive_response(policy, critic, question, depth=depth, integrator=integrator,
                               sampling=sampling, mode="from-thinking", **kwargs)
