@@ -4,6 +4,9 @@ import os
 # Triton kernels run on CPU only in Triton's interpreter; the flag must be set before triton is
 # imported anywhere in this process. It only matters where a test forces PREFLEXOR_KERNELS=triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
+# Training precision on CPU follows the CPU's bf16 support (models.native_cpu_bf16); the suite pins fp32
+# so that its numbers are the same on every machine (tests that want autocast turn it on themselves).
+os.environ.setdefault("PREFLEXOR_CPU_BF16", "0")
 
 
 import pytest  # noqa: E402

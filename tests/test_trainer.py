@@ -567,3 +567,12 @@ def test_gpu_check_summary_carries_the_train_smoke_record(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True)
     out = json.loads((tmp_path / "o" / "gpu_check.json").read_text())
     assert out["train_smoke"]["status"] == "failed" and out["ok"] is False and r.returncode == 1
+
+
+@pytest.mark.parametrize("env,bf16,want", [("1", True, True), ("0", True, False), ("1", False, False)])
+def test_cpu_autocast_follows_native_bf16_and_the_flag(corpus, tmp_path, monkeypatch, env, bf16, want):
+    """On CPU, --bf16 (the default) autocasts only where the CPU multiplies bf16 natively
+    (PREFLEXOR_CPU_BF16 overrides the detection); --no-bf16 always keeps fp32."""
+    monkeypatch.setenv("PREFLEXOR_CPU_BF16", env)
+    t = Trainer(pref_cfg(corpus, tmp_path / "run", stage="1", bf16=bf16))
+    assert t.autocast is want and t.autocast_dtype == torch.bfloat16

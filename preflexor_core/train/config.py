@@ -196,7 +196,8 @@ class OptimConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory",
                                        resume_safe=True)
-    bf16: bool = opt(True, "bf16 autocast on CUDA (no effect on CPU)")
+    bf16: bool = opt(True, "bf16 autocast over fp32 master weights, on CUDA and on CPUs with native bf16 "
+                     "(AVX512-BF16 or AMX; PREFLEXOR_CPU_BF16=0/1 overrides the detection)")
     lora_r: int = opt(0, "LoRA rank for stages 1/2 (0: full fine-tuning; paper: 64)", ge=0, stages="12")
     lora_alpha: float = opt(64.0, "LoRA alpha (paper: 64)", gt=0.0, stages="12")
     lora_dropout: float = opt(0.0, "LoRA dropout", ge=0.0, lt=1.0, stages="12")

@@ -25,7 +25,7 @@ from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
 from ..io import atomic_dir, recover_dir
-from ..models import resolve_model
+from ..models import native_cpu_bf16, resolve_model
 from ..tokenizer import Tokenizer
 from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
@@ -114,8 +114,10 @@ class Trainer:
         self.log = JsonlLog(self.out / "log.jsonl", self.dist.is_main)
         self.packed = self.device.type == "cuda"      # varlen packing on CUDA, padding on CPU
         # Precision: fp32 master weights (and fp32 AdamW state; LoRA adapters fp32 over any base dtype)
-        # with the forward under bf16 autocast on CUDA. Tests also run it on CPU (and fp16 there).
-        self.autocast = self.device.type == "cuda" and cfg.optim.bf16
+        # with the forward under bf16 autocast on CUDA and on CPUs that multiply bf16 natively
+        # (models.native_cpu_bf16). Tests also run it on CPU (and fp16 there).
+        self.autocast = cfg.optim.bf16 and (self.device.type == "cuda" or
+                                            (self.device.type == "cpu" and native_cpu_bf16()))
         self.autocast_dtype = torch.bfloat16
         self._retriever = None
         self._teacher = None
