@@ -81,8 +81,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _config(ap: argparse.ArgumentParser, args) -> EvalConfig:
     """The flags as an :class:`EvalConfig` (its checks reported as usage errors)."""
-    if bool(args.model) == bool(args.run):
-        ap.error("pass --model DIR (one or more) or --run RUN_DIR")
+    if args.model and args.run:
+        ap.error("pass --model DIR (one or more) or --run RUN_DIR, not both")
+    if not (args.model or args.run or args.base):
+        ap.error("pass --model DIR (one or more), --run RUN_DIR or --base NAME (a base model alone)")
     if args.run and args.ref_model:
         ap.error("--ref-model goes with --model; with --run each stage is scored against the stage before it")
     device = check_device(args.device)
