@@ -28,30 +28,31 @@ $(STAMP): requirements.txt requirements-test.txt setup.py $(CSRC)
 test: install
 	$(PY) -m pytest -q tests --ignore=tests/gpu --ignore=tests/benchmarks $(PYTEST_ARGS)
 
-DEMO := runs/demo
+DEMO ?= runs/demo
 DEMO_TINY := runs/demo-tiny
 Q1 := Why is nacre so much tougher than the aragonite it is made of?
 Q2 := How does the hierarchical structure of bone contribute to its toughness?
 CORPUS_FILES = $$($(PY) -c "from preflexor_core.train import shipped_corpus_files as f; print(' '.join(f()))")
 # The embedded demo: the bundled SmolLM2-135M-Instruct (smollm2-135m-instruct), full fine-tuning, sized for
 # 2 CPU cores (see the README's demo section for why these values).
-DEMO_TRAIN := --out $(DEMO) --pairs-per-iteration 16 --n-steps 6 --batch-size 2 --warmup-steps 2 \
-	--gen-batch-size 16 --thinking-max-new-tokens 640
+SEED ?= 0
+DEMO_TRAIN := --out $(DEMO) --seed $(SEED) --batch-size 2 --warmup-steps 2 --gen-batch-size 16 \
+	--thinking-max-new-tokens 640
 DEMO_TOKENS := 640
 
 .PHONY: demo-tiny
 
 demo: install
 	rm -rf $(DEMO)
-	$(PY) train.py --stage 1 --iterations 3 --orpo-lr 1e-4 $(DEMO_TRAIN)
-	$(PY) train.py --stage 2 --iterations 2 --dpo-lr 1e-5 $(DEMO_TRAIN)
+	$(PY) train.py --stage 1 --iterations 4 --pairs-per-iteration 32 --n-steps 16 --orpo-lr 1e-4 $(DEMO_TRAIN)
+	$(PY) train.py --stage 2 --iterations 2 --pairs-per-iteration 24 --n-steps 12 --dpo-lr 2e-5 $(DEMO_TRAIN)
 	$(PY) -m preflexor_core.datagen --corpus $(CORPUS_FILES) \
 		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens $(DEMO_TOKENS) \
 		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
 	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens $(DEMO_TOKENS) \
 		--question "$(Q1)" --question "$(Q2)" --json $(DEMO)/infer_trace.json
 	$(PY) -m preflexor_core.evaluation --run $(DEMO) --base smollm2-135m-instruct --pairs $(DEMO)/heldout_pairs.jsonl \
-		--log $(DEMO)/log.jsonl --max-new-tokens $(DEMO_TOKENS) --out $(DEMO)/report
+		--log $(DEMO)/log.jsonl --max-new-tokens $(DEMO_TOKENS) --batch-size 25 --out $(DEMO)/report
 	@echo; echo "== demo summary ($(DEMO)) =="; sed -n '1,/^## Base vs/p' $(DEMO)/report/report.md | head -n 30
 
 # The from-scratch path: a BPE tokenizer and the 1.3M-parameter `tiny` preset (stage 0, then 1 and 2).
@@ -78,7 +79,7 @@ clean:
 
 # Stage 3 (GRPO on graph rewards) on the bundled model, after `make demo`'s stage 2 when it exists (else from
 # the base model), then base / stage 2 / stage 3 on held-out questions with each answer's graph (GraphML, PNG).
-DEMO_GRAPH := runs/demo-graph
+DEMO_GRAPH ?= runs/demo-graph
 GRAPH_START = $$(test -f $(DEMO)/stage2/DONE && echo $(DEMO)/stage2 || echo smollm2-135m-instruct)
 GRAPH_STAGE2 = $$(test -f $(DEMO)/stage2/DONE && echo --model stage2=$(DEMO)/stage2)
 
@@ -86,8 +87,8 @@ GRAPH_STAGE2 = $$(test -f $(DEMO)/stage2/DONE && echo --model stage2=$(DEMO)/sta
 
 demo-graph: install
 	rm -rf $(DEMO_GRAPH)
-	$(PY) train.py --stage grpo --model $(GRAPH_START) --out $(DEMO_GRAPH) --grpo-sft-steps 8 --orpo-lr 5e-5 \
-		--grpo-steps 12 --grpo-prompts 2 --num-generations 4 --grpo-max-new-tokens 256 --grpo-lr 1e-5 --warmup-steps 0
+	$(PY) train.py --stage grpo --model $(GRAPH_START) --out $(DEMO_GRAPH) --seed $(SEED) --grpo-sft-steps 24 --orpo-lr 1e-4 \
+		--grpo-steps 12 --grpo-prompts 2 --num-generations 4 --grpo-max-new-tokens 512 --grpo-lr 1e-5 --warmup-steps 0
 	$(PY) -m preflexor_core.evaluation.graph_eval --model base=smollm2-135m-instruct $(GRAPH_STAGE2) \
-		--model stage3=$(DEMO_GRAPH)/stage3 --retriever $(DEMO_GRAPH)/retriever --n 6 --max-new-tokens 256 \
+		--model stage3=$(DEMO_GRAPH)/stage3 --retriever $(DEMO_GRAPH)/retriever --n 12 --max-new-tokens 512 \
 		--out $(DEMO_GRAPH)/graph_eval --graphml --png

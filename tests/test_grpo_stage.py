@@ -138,3 +138,21 @@ def test_graph_eval_metrics_graphml_and_png(tmp_path):
     assert res[0]["metrics"]["graph_validity_rate"] == 0.0 and len(res[0]["rows"]) == 1
     assert (tmp_path / "ev" / "random" / "q1.graphml").exists()
     assert "| random |" in format_graph_table(res)
+
+
+def test_warmup_rows_end_the_turn_only_when_the_chosen_fits(tmp_path):
+    """The graph-format warm-up trains on prompt + chosen + end of turn; a chosen cut at --max-length
+    keeps no end-of-turn token, so the warm-up never teaches stopping inside the thinking."""
+    from preflexor_core.kernels import IGNORE_INDEX
+    from preflexor_core.train.grpo_stage import GRPOPrompt, GRPOStage
+    t = Trainer(cfg(tmp_path, max_length=200, max_prompt_length=160))
+    tok = t.tokenizer()
+    stage = GRPOStage(t, "3", t.initial_model("3", tok), tok, None, None)
+    short = GRPOPrompt("What is nacre?", "Nacre is a composite.", "<|thinking|>\nshort\n<|/thinking|>\nNacre.")
+    long = GRPOPrompt("What is nacre?", "Nacre is a composite.", "<|thinking|>\n" + "nacre tablets slide " * 200)
+    (ids_s, lab_s), (ids_l, lab_l) = stage.sft_rows([short, long])
+    assert len(ids_l) == 200 and len(ids_s) < 200
+    assert ids_s[-1] == lab_s[-1] == stage.end_id                         # fits: the turn ends
+    assert stage.end_id not in lab_l[-4:] and ids_l[-1] != stage.end_id   # cut: no end of turn
+    n_prompt = next(i for i, x in enumerate(lab_s) if x != IGNORE_INDEX)
+    assert lab_s[n_prompt:] == ids_s[n_prompt:] and all(x == IGNORE_INDEX for x in lab_s[:n_prompt])

@@ -255,7 +255,8 @@ class ExtractiveTeacher:
         from .graph_writer import GraphWriter
         ctx = self._as_context(question, context)
         if getattr(self, "_graph_writer", None) is None:
-            self._graph_writer = GraphWriter(self.retriever)
+            # Brainstorm and Synthesis quote as many sentences as a category holds (at most 2 each)
+            self._graph_writer = GraphWriter(self.retriever, max_quotes=min(2, self.max_items))
         return self._graph_writer.write(question, ctx, answer=self.answer(question, ctx))
 
     def plain_answer(self, question: str, salt: Any = "") -> str:

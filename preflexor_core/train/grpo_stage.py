@@ -23,6 +23,7 @@ import torch
 
 from .. import distributed as D
 from ..grpo import group_advantages, grpo_loss, keep_groups_with_spread
+from ..data import prompt_ids
 from ..losses import IGNORE_INDEX, _unwrap, logps_from_hidden
 from ..rewards import REWARD_NAMES, GraphRewards, RewardWeights
 from ..teachers.base import hash_seed
@@ -255,19 +256,29 @@ class GRPOStage(StageRun):
         return {"loss": total, "grad_norm": float(grad_norm), "lr": lr, "rows": n, **stats}
 
     # -- warm-up ------------------------------------------------------------------
+    def sft_rows(self, prompts: list[GRPOPrompt]) -> list[tuple[list[int], list[int]]]:
+        """(ids, labels) of prompt + the teacher's graph-format chosen + end of turn, at most
+        ``--max-length`` tokens (prompts cut from the left at ``--max-prompt-length``); a chosen cut at that length gets no end-of-turn token (a cut answer must
+        not teach the model to stop there)."""
+        rows = []
+        for p in prompts:
+            pid = prompt_ids(self.tok, p.prompt, self.cfg.data.max_prompt_length)
+            cid = self.tok.encode(p.chosen) + [self.end_id]
+            room = self.cfg.data.max_length - len(pid)
+            if len(cid) > room:
+                cid = cid[:max(room, 0)]
+            rows.append((pid + cid, [IGNORE_INDEX] * len(pid) + cid))
+        return rows
+
     def warmup(self) -> None:
         """``--grpo-sft-steps`` causal-LM steps (stage 1's learning rate) on the teacher's graph-format
         answers, with their own AdamW; a checkpoint is written when they are done."""
         opt = torch.optim.AdamW([p for p in self.base.parameters() if p.requires_grad], lr=self.cfg.lr_for("1"))
+        bar = _bar(self.g.grpo_sft_steps, "stage 3 (graph-format warm-up)", self.cfg.run.progress and self.is_main,
+                   initial=self.pos["sft_step"])
         while self.pos["sft_step"] < self.g.grpo_sft_steps:
             s = self.pos["sft_step"]
-            prompts = self.prompts(s, with_chosen=True)
-            rows = []
-            for p in prompts:
-                chat = [{"role": "user", "content": p.prompt}]
-                pid = self.tok.encode(self.tok.apply_chat_template(chat, add_generation_prompt=True))
-                cid = self.tok.encode(p.chosen)[: self.g.grpo_max_new_tokens] + [self.end_id]
-                rows.append((pid + cid, [IGNORE_INDEX] * len(pid) + cid))
+            rows = self.sft_rows(self.prompts(s, with_chosen=True))
             T = max(len(x) for x, _ in rows)
             ids = torch.zeros((len(rows), T), dtype=torch.long)
             lab = torch.full((len(rows), T), IGNORE_INDEX, dtype=torch.long)
@@ -288,4 +299,7 @@ class GRPOStage(StageRun):
             opt.zero_grad(set_to_none=True)
             self.pos["sft_step"] = s + 1
             self.t.log.write({"stage": 3, "event": "grpo_sft", "sft_step": s + 1, "nll": nll, "time": time.time()})
+            bar.update(1)
+            bar.set_postfix(nll=f"{nll:.3f}")
+        bar.close()
         save_checkpoint(self)
