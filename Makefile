@@ -45,7 +45,7 @@ DEMO_TOKENS := 640
 demo: install
 	rm -rf $(DEMO)
 	$(PY) train.py --stage 1 --iterations 4 --pairs-per-iteration 32 --n-steps 16 --orpo-lr 1e-4 $(DEMO_TRAIN)
-	$(PY) train.py --stage 2 --iterations 2 --pairs-per-iteration 24 --n-steps 12 --dpo-lr 2e-5 $(DEMO_TRAIN)
+	$(PY) train.py --stage 2 --iterations 2 --pairs-per-iteration 24 --n-steps 12 --dpo-lr 1e-5 $(DEMO_TRAIN)
 	$(PY) -m preflexor_core.datagen --corpus $(CORPUS_FILES) \
 		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens $(DEMO_TOKENS) \
 		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
