@@ -362,3 +362,20 @@ def test_base_model_is_instructed_and_comes_first(run_dir, tmp_path, monkeypatch
     assert side.count("\n| ") == 1 + 3                                  # header + one row per question
     for row in results[0]["outputs"]:
         assert row["question"] in side
+
+
+def test_cli_base_alone_is_evaluated_as_the_instructed_base(monkeypatch, tmp_path):
+    """``--base NAME`` with no --model / --run evaluates that model alone, named "base", instructed."""
+    from preflexor_core.evaluation import cli
+    seen = {}
+
+    def fake_evaluate_models(dirs, questions, cfg, names=None, ref_model_dirs=None, pairs=None, instructed=None):
+        seen.update(dirs=dirs, names=names, instructed=instructed)
+        raise cli.EvaluationInputError("stop here")
+
+    monkeypatch.setattr(cli, "evaluate_models", fake_evaluate_models)
+    monkeypatch.setattr(cli, "check_model_dir", lambda d: None)
+    assert cli.main(["--base", "smollm2-135m-instruct", "--limit", "2", "--out", str(tmp_path / "r")]) == 2
+    assert seen == {"dirs": ["smollm2-135m-instruct"], "names": ["base"], "instructed": [True]}
+    with pytest.raises(SystemExit):
+        cli.main(["--out", str(tmp_path / "r2")])                  # nothing to evaluate: a usage error
