@@ -20,7 +20,7 @@ from preflexor_core.models import DTYPE_CHOICES, NAMED_MODELS
 from preflexor_core.reasoning import MODES
 from preflexor_core.reasoning.cli import DEMO_MODEL_DIRS, InferConfig
 from preflexor_core.reasoning.cli import main as run
-from preflexor_core.teachers.graph_writer import THINKING_FORMATS
+from preflexor_core.tokenizer import THINKING_FORMATS
 
 D = InferConfig()
 

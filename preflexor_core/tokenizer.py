@@ -34,6 +34,11 @@ THINK_START, THINK_END, REFLECT_START, REFLECT_END = "<|thinking|>", "<|/thinkin
 THINKING_TOKENS = [THINK_START, THINK_END, REFLECT_START, REFLECT_END]
 # Appended to a question to ask for the thinking format (training prompts and inference alike).
 THINKING_INSTRUCTION = " Use <|thinking|>."
+# The thinking formats ("categories": the paper's; "graph": Graph-PRefLexOR's sections) and the graph
+# format's counterpart of THINKING_INSTRUCTION.
+THINKING_FORMATS = ("categories", "graph")
+GRAPH_INSTRUCTION = (" Use <|thinking|> with the sections Brainstorm, Graph (one 'a -[relation]-> b' per line), "
+                     "Graph JSON, Patterns and Synthesis.")
 # Order matters: train_bpe gives these ids 0..8 (see config.TRAINED_*_ID).
 TRAINED_SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, *THINKING_TOKENS]
 LLAMA3_HEADER_TOKENS = (START_HEADER, END_HEADER, EOT)

@@ -27,8 +27,7 @@ from typing import Any, Sequence
 from ..retrieval.context import Context, gather_context
 from ..teachers.base import (DEFAULT_CATEGORIES, TeacherAuthError, TeacherError, TeacherNotFoundError,
                              complete_many, hash_seed)
-from ..teachers.graph_writer import GRAPH_INSTRUCTION, THINKING_FORMATS
-from ..tokenizer import THINK_START, THINKING_INSTRUCTION
+from ..tokenizer import GRAPH_INSTRUCTION, THINK_START, THINKING_FORMATS, THINKING_INSTRUCTION
 from .format import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
 from .pairs_io import DatagenError, GenerationStats, Pairs, PairWriter
 from .scorers import make_scorer

@@ -23,8 +23,7 @@ import networkx as nx
 
 from ..rewards import REWARD_NAMES, GraphRewards
 from ..rewards.structure import completion_graph
-from ..teachers.graph_writer import GRAPH_INSTRUCTION
-from ..tokenizer import THINK_START
+from ..tokenizer import GRAPH_INSTRUCTION, THINK_START
 
 __all__ = ["completion_digraph", "export_graphml", "draw_graph", "graph_metrics", "evaluate_graph",
            "format_graph_table", "main"]

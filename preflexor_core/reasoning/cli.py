@@ -20,7 +20,7 @@ from ..errors import DeviceError, check_device
 from ..io import OutputPathError, check_output_dir, check_output_file, write_fallback
 from ..models import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
 from ..models import resolve_model as resolve_model_spec
-from ..teachers.graph_writer import THINKING_FORMATS
+from ..tokenizer import THINKING_FORMATS
 from .critics import CriticUnreachableError, check_endpoint, make_critic
 from .loop import recursive_response
 from .policy import Policy

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START
+from ..tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_FORMATS
 from .critics import call_many
 from .policy import Policy, as_policy, thinking_prompt
 from .spans import extract_spans, strip_special_tokens
@@ -231,7 +231,6 @@ def _iteration(run: _Run, it: int, thinking: list[str], depth: int, mode: str) -
 # ============================================================================ entry points
 
 def _check(questions: list[str], depth, mode: str, critic, thinking_format: str) -> None:
-    from ..teachers.graph_writer import THINKING_FORMATS  # here: graph_writer -> reasoning would cycle at load
     for i, q in enumerate(questions):
         if not isinstance(q, str) or not q.strip():
             raise ValueError(f"question {i + 1} is empty; give a non-empty question")

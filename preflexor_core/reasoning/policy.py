@@ -3,7 +3,7 @@
 Shared by the loop (``loop.py``) and the same-model / checkpoint critics (``critics.py``).
 The prompt is the question plus ``tokenizer.THINKING_INSTRUCTION``, as in training (PRefLexOR,
 arXiv 2410.12375); with ``thinking_format="graph"`` the question plus
-``teachers.graph_writer.GRAPH_INSTRUCTION`` (the graph sections, as in graph-format training).
+``tokenizer.GRAPH_INSTRUCTION`` (the graph sections, as in graph-format training).
 Tests: ``python -m pytest -q tests/test_reasoning.py``.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..tokenizer import THINKING_INSTRUCTION
+from ..tokenizer import GRAPH_INSTRUCTION, THINKING_FORMATS, THINKING_INSTRUCTION
 
 __all__ = ["Policy", "as_policy", "thinking_prompt", "thinking_instruction"]
 
@@ -67,8 +67,6 @@ def as_policy(policy) -> Policy:
 def thinking_instruction(thinking_format: str = "categories") -> str:
     """The instruction appended to the question for ``thinking_format`` ("categories" or "graph");
     an unknown format raises ValueError naming the choices."""
-    # imported here: graph_writer -> graph_format -> reasoning.spans would make a cycle at import time
-    from ..teachers.graph_writer import GRAPH_INSTRUCTION, THINKING_FORMATS
     if thinking_format not in THINKING_FORMATS:
         raise ValueError(f"thinking_format must be one of {', '.join(THINKING_FORMATS)}, got {thinking_format!r}")
     return GRAPH_INSTRUCTION if thinking_format == "graph" else THINKING_INSTRUCTION

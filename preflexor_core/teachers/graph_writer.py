@@ -21,13 +21,10 @@ from itertools import combinations
 
 from ..graph_format import Edge, format_graph_thinking
 from ..text import STOPWORDS, normalize_text, split_sentences
+from ..tokenizer import GRAPH_INSTRUCTION, THINKING_FORMATS
 
 __all__ = ["GRAPH_INSTRUCTION", "THINKING_FORMATS", "GraphThinking", "GraphWriter", "CorpusSentence"]
 
-THINKING_FORMATS = ("categories", "graph")
-# Appended to the question in graph-format prompts (THINKING_INSTRUCTION's counterpart).
-GRAPH_INSTRUCTION = (" Use <|thinking|> with the sections Brainstorm, Graph (one 'a -[relation]-> b' per line), "
-                     "Graph JSON, Patterns and Synthesis.")
 FALLBACK_RELATION = "co-occurs with"
 MAX_RELATION_WORDS = 5
 

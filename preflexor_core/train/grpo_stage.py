@@ -27,8 +27,7 @@ from ..data import prompt_ids
 from ..losses import IGNORE_INDEX, _unwrap, logps_from_hidden
 from ..rewards import REWARD_NAMES, GraphRewards, RewardWeights
 from ..teachers.base import hash_seed
-from ..teachers.graph_writer import GRAPH_INSTRUCTION
-from ..tokenizer import THINK_START
+from ..tokenizer import GRAPH_INSTRUCTION, THINK_START
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .stage import StageRun, _bar, make_scheduler
 
