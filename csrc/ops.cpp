@@ -15,6 +15,12 @@ TORCH_LIBRARY(preflexor, m) {
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
   m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor grad_q_in, Tensor grad_k_in)");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds) -> Tensor");
+  // CPU decode (decode_cpu.cpp): whether this CPU runs them, the small-M product, one decode step.
+  m.def("decode_cpu_supported() -> bool", &preflexor::decode_cpu_supported);
+  m.def("decode_matmul(Tensor x, Tensor w, Tensor scale) -> Tensor");
+  m.def(
+      "decode_step(Tensor x, Tensor lengths, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] mats,"
+      " Tensor[] scales, Tensor(a!) k_cache, Tensor(b!) v_cache, int n_heads, int n_kv_heads, float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(preflexor, CPU, m) {
@@ -23,7 +29,12 @@ TORCH_LIBRARY_IMPL(preflexor, CPU, m) {
   m.impl("rope", &preflexor::rope_cpu);
   m.impl("rope_backward", &preflexor::rope_backward_cpu);
   m.impl("sample", &preflexor::sample_cpu);
+  m.impl("decode_matmul", &preflexor::decode_matmul_cpu);
+  m.impl("decode_step", &preflexor::decode_step_cpu);
 }
+
+// decode_step with oneDNN-packed weights among its arguments dispatches to the MkldnnCPU key.
+TORCH_LIBRARY_IMPL(preflexor, MkldnnCPU, m) { m.impl("decode_step", &preflexor::decode_step_cpu); }
 
 #ifdef PREFLEXOR_WITH_CUDA
 TORCH_LIBRARY_IMPL(preflexor, CUDA, m) {

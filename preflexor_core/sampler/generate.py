@@ -21,6 +21,7 @@ import torch.nn as nn
 from . import prompts
 from .cuda_graph import CUDAGraphDecoder
 from .detokenize import RowText, trim_to_text
+from . import fused_decode
 from .int8 import DECODE_WEIGHTS, decode_weights_context
 from .kv_cache import KVCache
 from .params import Completion, SamplingParams
@@ -123,23 +124,27 @@ def generate(model: nn.Module, tokenizer, prompts_or_chats, params: SamplingPara
     was_training = model.training
     model.eval()
     try:
-        with torch.inference_mode(), decode_weights_context(model, decode_weights):
+        # On CPU the decode steps may run as one compiled call (fused_decode); with int8 it reads int8
+        # copies of the weights itself, and the prompt's prefill (compute-bound) keeps full precision.
+        fused_ok = model.device.type == "cpu" and fused_decode.usable(model)
+        with torch.inference_mode(), decode_weights_context(model, "fp" if fused_ok else decode_weights) as packed:
+            fused = fused_decode.FusedDecoder(model, decode_weights, packed=packed is True) if fused_ok else None
             for start in range(0, len(rows), chunk):
                 outputs = _Outputs(tokenizer, rows[start:start + chunk], forced, params, stop_ids, stream)
-                results += _generate_rows(model, contexts, outputs, params, base_seed, use_cuda_graph)
+                results += _generate_rows(model, contexts, outputs, params, base_seed, use_cuda_graph, fused)
     finally:
         model.train(was_training)
     return results
 
 
 def _generate_rows(model: nn.Module, contexts: list[list[int]], out: "_Outputs", params: SamplingParams,
-                   base_seed: int, use_cuda_graph: bool) -> list[Completion]:
+                   base_seed: int, use_cuda_graph: bool, fused=None) -> list[Completion]:
     """Decode one chunk of (prompt, sample) rows to completion."""
     use_graph = use_cuda_graph and model.device.type == "cuda"
     cache, logits = _shared_prefill(model, contexts, out.rows, params.max_new_tokens)
     cache.static = use_graph
     batch = _Batch.start(model, contexts, out.rows, params)
-    decode = _DecodeStep(model, cache, use_graph)
+    decode = _DecodeStep(model, cache, use_graph, fused)
     for step in range(params.max_new_tokens):
         nxt, chosen = _pick_tokens(logits, batch, params, base_seed, out.rows, step)
         last = step == params.max_new_tokens - 1
@@ -227,10 +232,11 @@ def _pick_tokens(logits: torch.Tensor, batch: _Batch, params: SamplingParams, ba
 
 
 class _DecodeStep:
-    """``decode_one_token``, or its CUDA-graph replay (captured lazily per batch size)."""
+    """``decode_one_token``, its CUDA-graph replay (captured lazily per batch size), or on CPU the
+    fused compiled step (``fused_decode.FusedDecoder``) for the batch sizes it takes."""
 
-    def __init__(self, model: nn.Module, cache: KVCache, use_graph: bool):
-        self.model, self.cache, self.use_graph = model, cache, use_graph
+    def __init__(self, model: nn.Module, cache: KVCache, use_graph: bool, fused=None):
+        self.model, self.cache, self.use_graph, self.fused = model, cache, use_graph, fused
         self.graph: CUDAGraphDecoder | None = None
 
     def select(self, keep: list[int]) -> None:
@@ -246,6 +252,8 @@ class _DecodeStep:
                 self.use_graph = self.cache.static = False
         if self.graph is not None:
             return self.graph(nxt)
+        if self.fused is not None and self.fused.takes(self.cache.batch_size):
+            return self.fused(self.cache, nxt)
         return decode_one_token(self.model, self.cache, nxt)
 
 

@@ -1,0 +1,148 @@
+"""One CPU decode step of the whole model in one call (``torch.ops.preflexor.decode_step``).
+
+The step of a deep, narrow model spends much of its time outside the matrix products when it runs
+layer by layer from Python (SmolLM2: 30 layers of 576, ~15 torch calls each). ``FusedDecoder`` hands
+the embedded new tokens, the rotary angles, every weight and the KV cache to the compiled step
+(csrc/decode_cpu.cpp), which runs all layers and the LM head without returning to Python: the
+residual stream and every intermediate stay fp32, the products stream each weight once (fp32, bf16
+or int8 with per-row scales, widened to fp32 in registers), k/v are written into the cache in the
+model's dtype at each row's own length. No weight is copied for ``"fp"``; ``"int8"`` quantizes each
+weight once per channel (``int8.quantize_per_channel``, cached while the weight is unchanged).
+
+Used by ``generate``'s decode steps on CPU when ``fused_decoder`` finds the model eligible: plain
+bias-free ``nn.Linear`` layers (no unmerged LoRA), fp32 or bf16 weights, a CPU with AVX-512, and
+the extension built. ``PREFLEXOR_FUSED_DECODE=0`` turns it off (the layer-by-layer torch path),
+``1`` makes an ineligible model an error instead of a silent fallback; ``auto`` (default) uses it
+for up to ``FUSED_MAX_ROWS`` rows with ``"fp"`` weights (above that oneDNN's products win) and for
+any batch with ``"int8"``. Tests: ``python -m pytest tests/test_fused_decode.py -q``.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn as nn
+
+from .cpu_pack import cached_derived
+from .int8 import quantize_per_channel
+from .kv_cache import KVCache
+
+FUSED_MAX_ROWS = 2   # measured: from 3 rows on oneDNN's packed products win (SmolLM2, bf16 and fp32)
+_LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def _mode() -> str:
+    mode = os.environ.get("PREFLEXOR_FUSED_DECODE", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        raise ValueError(f"PREFLEXOR_FUSED_DECODE={mode!r}: use auto, 0 (off) or 1 (required)")
+    return mode
+
+
+def cpu_supported() -> bool:
+    """Whether the compiled step exists and this CPU runs it (AVX-512 F/BW/VL/DQ)."""
+    from .. import ops
+    return ops._HAVE_EXT and hasattr(torch.ops.preflexor, "decode_step") and bool(
+        torch.ops.preflexor.decode_cpu_supported())
+
+
+def ineligible_reason(model: nn.Module) -> str | None:
+    """Why ``model`` cannot take the fused CPU step, or None when it can."""
+    if not cpu_supported():
+        return "the compiled extension is not built or this CPU lacks AVX-512"
+    if getattr(model, "device", None) is None or model.device.type != "cpu":
+        return "the model is not on CPU"
+    if model.dtype not in (torch.float32, torch.bfloat16):
+        return f"the model's dtype is {model.dtype} (fp32 or bf16 needed)"
+    layers = getattr(getattr(model, "model", None), "layers", None)
+    if layers is None or not hasattr(model, "output_weight") or not hasattr(model, "rotary"):
+        return "the model is not a preflexor Llama"
+    for i, layer in enumerate(layers):
+        for name in _LINEARS:
+            m = layer.get_submodule(name)
+            if type(m) is not nn.Linear or m.bias is not None:
+                return f"layer {i} {name} is not a plain bias-free nn.Linear (e.g. an unmerged adapter)"
+            if m.weight.dtype != model.dtype:
+                return f"layer {i} {name} is {m.weight.dtype}, the model {model.dtype}"
+    return None
+
+
+class FusedDecoder:
+    """``decode_one_token`` for one model as one compiled call per step (CPU).
+
+    ``packed``: whether oneDNN-packed copies of the weights may be used (``cpu_packed_linears`` made
+    them, or may make them): for "fp" steps of more than FUSED_MAX_ROWS rows the step then calls
+    oneDNN's products (compute-bound there) instead of its own bandwidth-bound ones."""
+
+    def __init__(self, model: nn.Module, decode_weights: str = "fp", packed: bool = False):
+        reason = ineligible_reason(model)
+        if reason is not None:
+            raise ValueError(f"FusedDecoder: {reason}")
+        if decode_weights not in ("fp", "int8"):
+            raise ValueError(f"FusedDecoder: decode_weights={decode_weights!r}; use fp or int8")
+        cfg = model.config
+        self.model, self.decode_weights, self.packed = model, decode_weights, packed
+        self._packed_mats: list[torch.Tensor] | None = None
+        self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, float(cfg.rms_norm_eps)
+        self.norms: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []
+        for layer in model.model.layers:
+            self.norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+            weights += [layer.get_submodule(n).weight.detach() for n in _LINEARS]
+        self.norms.append(model.model.norm.weight.detach())
+        weights.append(model.output_weight.detach())
+        if decode_weights == "int8":
+            pairs = [cached_derived([w], quantize_per_channel, "int8-row") for w in weights]
+            self.mats = [q for q, _ in pairs]
+            self.scales = [s for _, s in pairs]
+        else:
+            self.mats, self.scales = [w.contiguous() for w in weights], []
+
+    def __call__(self, cache: KVCache, last_tokens: torch.Tensor) -> torch.Tensor:
+        """Feed one token per row (B,) at each row's position; returns next-token logits (B, V) fp32."""
+        if cache.static or cache.k.dtype != self.model.dtype:
+            raise ValueError("FusedDecoder: needs a dynamic KV cache in the model's dtype")
+        x = self.model.model.embed_tokens(last_tokens)                                   # (B, H)
+        cos, sin = self.model.rotary(cache.lengths[:, None], torch.float32)             # (B, 1, D)
+        mats, scales = self.mats, self.scales
+        if self._use_packed(cache.batch_size):
+            mats, scales = self._packed(), []
+        logits = torch.ops.preflexor.decode_step(
+            x, cache.lengths, cos[:, 0].contiguous(), sin[:, 0].contiguous(), self.norms, mats, scales,
+            cache.k, cache.v, self.n_heads, self.n_kv, self.eps)
+        cache.advance(1)
+        return logits
+
+    def takes(self, batch_size: int) -> bool:
+        """Whether to run a step of ``batch_size`` rows here (else the torch path): always for int8,
+        with packed weights or with PREFLEXOR_FUSED_DECODE=1; up to FUSED_MAX_ROWS rows otherwise."""
+        return self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or _mode() == "1"
+
+    def _use_packed(self, batch_size: int) -> bool:
+        return self.packed and self.decode_weights == "fp" and batch_size > FUSED_MAX_ROWS
+
+    def _packed(self) -> list[torch.Tensor]:
+        """Per layer q/k/v, o, gate/up, down, then the head, reordered for oneDNN: the same cached
+        copies ``cpu_packed_linears`` computes with (one copy of the weights, not two)."""
+        if self._packed_mats is None:
+            reorder = torch.ops.mkldnn._reorder_linear_weight
+            groups = []
+            for layer in self.model.model.layers:
+                a, f = layer.self_attn, layer.mlp
+                groups += [[a.q_proj.weight, a.k_proj.weight, a.v_proj.weight], [a.o_proj.weight],
+                           [f.gate_proj.weight, f.up_proj.weight], [f.down_proj.weight]]
+            groups.append([self.model.output_weight])
+            self._packed_mats = [cached_derived(g, reorder, "mkldnn") for g in groups]
+        return self._packed_mats
+
+
+def usable(model: nn.Module) -> bool:
+    """Whether ``generate`` should decode ``model`` with the fused step (PREFLEXOR_FUSED_DECODE and
+    eligibility; with ``1`` an ineligible model raises instead)."""
+    mode = _mode()
+    if mode == "0":
+        return False
+    reason = ineligible_reason(model)
+    if reason is not None and mode == "1":
+        raise ValueError(f"PREFLEXOR_FUSED_DECODE=1 but the fused CPU decode step cannot run: {reason}")
+    return reason is None
