@@ -19,6 +19,11 @@ pytestmark = pytest.mark.skipif(not fused_decode.cpu_supported(),
 P = torch.ops.preflexor
 
 
+@pytest.fixture(autouse=True)
+def _fused_auto(monkeypatch):
+    monkeypatch.setenv("PREFLEXOR_FUSED_DECODE", "auto")
+
+
 def _odd_config(**kw) -> ModelConfig:
     """Sizes that are not multiples of the 16-lane vectors anywhere (hidden 72, head_dim 12, I 100)."""
     base = dict(vocab_size=301, hidden_size=72, intermediate_size=100, num_hidden_layers=2, num_attention_heads=6,
@@ -205,6 +210,9 @@ def test_generate_with_and_without_the_fused_step(odd, id_tokenizer, monkeypatch
 
 
 def test_generate_int8_decodes_with_the_fused_step_and_prefills_at_full_precision(odd, id_tokenizer, monkeypatch):
+    fresh = Llama(odd.config).eval()           # weights no earlier test has quantized
+    fresh.load_state_dict(odd.state_dict())
+    odd = fresh
     seen = []
     real = fused_decode.FusedDecoder.__init__
 
@@ -212,11 +220,28 @@ def test_generate_int8_decodes_with_the_fused_step_and_prefills_at_full_precisio
         seen.append(decode_weights)
         real(self, model, decode_weights, packed)
     monkeypatch.setattr(fused_decode.FusedDecoder, "__init__", spy)
+    from preflexor_core.sampler import int8 as int8_mod
+
+    def no_int8_prefill(*a):
+        raise AssertionError("the prefill ran through int8_linears")
+    monkeypatch.setattr(int8_mod, "_int8_forward", no_int8_prefill)
+    quantized = []
+    real_q = fused_decode.quantize_per_channel
+    monkeypatch.setattr(fused_decode, "quantize_per_channel", lambda w: quantized.append(w.shape) or real_q(w))
     before = {k: v.clone() for k, v in odd.state_dict().items()}
     p = SamplingParams(max_new_tokens=6, temperature=0.0, stop_token_ids=[])
-    out = generate(odd, id_tokenizer, [" ".join(map(str, q)) for q in PROMPTS], p, decode_weights="int8")
+    prompts = [" ".join(map(str, q)) for q in PROMPTS]
+    out = generate(odd, id_tokenizer, prompts, p, decode_weights="int8")
     assert seen == ["int8"] and all(len(c.token_ids) == 6 for c in out)
     assert all(torch.equal(v, odd.state_dict()[k]) for k, v in before.items())
+    assert len(quantized) == 7 * odd.config.num_hidden_layers + 1
+    again = generate(odd, id_tokenizer, prompts, p, decode_weights="int8")
+    assert len(quantized) == 7 * odd.config.num_hidden_layers + 1          # reused: weights unchanged
+    assert [c.token_ids for c in again] == [c.token_ids for c in out]
+    with torch.no_grad():
+        odd.model.layers[0].mlp.down_proj.weight.mul_(1.0)                  # an in-place update: redone once
+    generate(odd, id_tokenizer, prompts, p, decode_weights="int8")
+    assert len(quantized) == 7 * odd.config.num_hidden_layers + 2
 
 
 def test_ineligible_models_fall_back_or_raise(odd, id_tokenizer, monkeypatch):

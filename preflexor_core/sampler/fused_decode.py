@@ -85,18 +85,18 @@ class FusedDecoder:
         self._packed_mats: list[torch.Tensor] | None = None
         self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, float(cfg.rms_norm_eps)
         self.norms: list[torch.Tensor] = []
-        weights: list[torch.Tensor] = []
+        weights: list[torch.Tensor] = []          # the parameters themselves: cached_derived keys on them
         for layer in model.model.layers:
             self.norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
-            weights += [layer.get_submodule(n).weight.detach() for n in _LINEARS]
+            weights += [layer.get_submodule(n).weight for n in _LINEARS]
         self.norms.append(model.model.norm.weight.detach())
-        weights.append(model.output_weight.detach())
+        weights.append(model.output_weight)
         if decode_weights == "int8":
             pairs = [cached_derived([w], quantize_per_channel, "int8-row") for w in weights]
             self.mats = [q for q, _ in pairs]
             self.scales = [s for _, s in pairs]
         else:
-            self.mats, self.scales = [w.contiguous() for w in weights], []
+            self.mats, self.scales = [w.detach().contiguous() for w in weights], []
 
     def __call__(self, cache: KVCache, last_tokens: torch.Tensor) -> torch.Tensor:
         """Feed one token per row (B,) at each row's position; returns next-token logits (B, V) fp32."""
