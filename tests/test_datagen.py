@@ -450,6 +450,25 @@ def test_tiny_policy_with_real_sampler(retriever, tmp_path):
         assert why is None and ex is not None
 
 
+def test_policy_samples_decode_with_the_requested_weights(retriever, monkeypatch):
+    import preflexor_core.sampler as sampler
+    from preflexor_core.datagen import DatagenError
+    seen = []
+
+    def fake_generate(model, tok, chats, params, **kw):
+        seen.append(kw.get("decode_weights"))
+        return [sampler.Completion(text="An answer.", token_ids=[1], finish_reason="stop", prompt_index=i // params.n,
+                                   sample_index=i % params.n) for i in range(len(chats) * params.n)]
+    monkeypatch.setattr(sampler, "generate", fake_generate)
+    rows = generate_pairs(retriever, ExtractiveTeacher(retriever), policy=(object(), object()), n=2, progress=False,
+                          decode_weights="int8", batch_size=2)
+    assert len(rows) == 2 and seen == ["int8"]
+    generate_pairs(retriever, ExtractiveTeacher(retriever), policy=(object(), object()), n=2, progress=False, seed=1)
+    assert seen == ["int8", "fp"]
+    with pytest.raises(DatagenError, match="decode_weights must be fp or int8"):
+        generate_pairs(retriever, ExtractiveTeacher(retriever), policy=(object(), object()), n=1, decode_weights="q4")
+
+
 # ============================================================================ CLI
 
 def _cli(*args, timeout=120):

@@ -95,6 +95,23 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
+def test_sample_weights_int8_reaches_the_group_sampler_and_the_pairs_hash(tmp_path, monkeypatch):
+    import preflexor_core.sampler as sampler
+    from preflexor_core.sampler import SamplingParams
+    from preflexor_core.train.stage import settings_hash
+    seen = []
+    real = sampler.generate
+    monkeypatch.setattr(sampler, "generate", lambda *a, **k: seen.append(k.get("decode_weights")) or real(*a, **k))
+    Trainer(cfg(tmp_path, grpo_sft_steps=1, grpo_steps=1, grpo_max_new_tokens=8, sample_weights="int8")).run()
+    assert seen == ["int8"]                     # the one generation batch of the one GRPO step
+    sp = SamplingParams(max_new_tokens=8)
+    fp, q8 = TrainConfig.from_flat(model="tiny"), TrainConfig.from_flat(model="tiny", sample_weights="int8")
+    assert settings_hash(fp, sp, "1") == settings_hash(TrainConfig.from_flat(model="tiny", sample_weights="fp"), sp, "1")
+    assert settings_hash(q8, sp, "1") != settings_hash(fp, sp, "1")
+    with pytest.raises(ValueError, match="sample_weights"):
+        TrainConfig.from_flat(sample_weights="int4")
+
+
 def test_config_flags():
     c = TrainConfig.from_flat(stage="grpo", model="tiny", loss_type="dr_grpo", scale_rewards="none")
     assert c.run.stage == "3" and c.grpo.loss_type == "dr_grpo" and c.lr_for("3") == 1e-4

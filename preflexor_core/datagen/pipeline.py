@@ -86,6 +86,7 @@ class DatagenConfig:
     id_prefix: str | None = None                # row ids f"{id_prefix}-{i}" (default: the seed)
     row_meta: dict | None = None                # extra fields stored in every new row (provenance)
     thinking_format: str = "categories"         # "graph": teachers.graph_writer (extractive teacher only)
+    decode_weights: str = "fp"                  # the policy's samples: "fp" or "int8" (sampler.generate)
 
     def __post_init__(self):
         if self.n < 0:
@@ -96,6 +97,8 @@ class DatagenConfig:
             raise DatagenError(f"k_samples must be >= 1, got {self.k_samples}")
         if self.batch_size < 1:
             raise DatagenError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.decode_weights not in ("fp", "int8"):
+            raise DatagenError(f"decode_weights must be fp or int8, got {self.decode_weights!r}")
         self.categories = tuple(str(c) for c in self.categories)
         if not self.categories:
             raise DatagenError("categories is empty; give at least one thinking category")
@@ -354,7 +357,7 @@ class _Pipeline:
         params = dataclasses.replace(params, n=k, prepend_response=prepend,
                                      seed=hash_seed(cfg.seed, "policy", prepared[0].index) % (2**31))
         chats = [_user(p.prompt if cfg.with_thinking else p.question) for p in prepared]
-        outs = generate(self.model, self.tokenizer, chats, params)
+        outs = generate(self.model, self.tokenizer, chats, params, decode_weights=cfg.decode_weights)
         if len(outs) != len(prepared) * k:
             raise RuntimeError(f"sampler returned {len(outs)} completions for {len(prepared)} prompts x n={k}")
         texts = [(o.text if not prepend or o.text.startswith(prepend) else prepend + o.text).strip() for o in outs]

@@ -10,11 +10,13 @@ Rooms: ``kv_cache`` (KVCache), ``params`` (SamplingParams, Completion), ``genera
 decode_one_token, generate), ``sampling`` (seeds, repetition penalty; the draw is ``ops.sample``),
 ``detokenize`` (incremental text, stop strings), ``prompts``, ``cpu_pack`` (oneDNN weight packing
 on CPU, fused q/k/v and gate/up), ``int8`` (weight-only int8 decoding: ``generate(...,
-decode_weights="int8")``), ``cuda_graph`` (the decode step as a CUDA graph).
+decode_weights="int8")``), ``fused_decode`` (the CPU decode step as one compiled call: all layers,
+the head, fp32 / bf16 / int8 weights), ``cuda_graph`` (the decode step as a CUDA graph).
 Tests: ``python -m pytest tests/test_sampler.py -q``.
 """
 from .cpu_pack import cpu_packed_linears
 from .cuda_graph import CUDAGraphDecoder, static_decode_step
+from .fused_decode import FusedDecoder
 from .generate import decode_one_token, generate, prefill
 from .int8 import int8_linears, quantize_per_channel
 from .kv_cache import KVCache
@@ -23,4 +25,4 @@ from .sampling import apply_repetition_penalty, row_key, sample, seeds_for_rows
 
 __all__ = ["KVCache", "SamplingParams", "Completion", "prefill", "decode_one_token", "sample", "generate",
            "CUDAGraphDecoder", "static_decode_step", "row_key", "seeds_for_rows", "apply_repetition_penalty",
-           "cpu_packed_linears", "int8_linears", "quantize_per_channel"]
+           "cpu_packed_linears", "int8_linears", "quantize_per_channel", "FusedDecoder"]

@@ -101,8 +101,10 @@ def generate(model: nn.Module, tokenizer, prompts_or_chats, params: SamplingPara
     of a row concatenate to its final ``text``. ``max_batch_size`` caps the rows (prompt x sample)
     decoded together (None = all). ``use_cuda_graph``: replay the decode step from a CUDA graph
     when the model is on CUDA. ``decode_weights``: ``"fp"`` computes in the model's precision
-    (oneDNN-packed on CPU), ``"int8"`` from weight-only int8 copies (``int8.int8_linears``; the
-    model's weights are not changed).
+    (oneDNN-packed on CPU), ``"int8"`` from weight-only int8 copies with per-channel scales (the
+    model's weights are not changed). On CPU the decode steps run as one compiled call each
+    (``fused_decode``; with int8 the prompt's prefill stays at full precision), else layer by layer
+    (``int8.int8_linears`` for int8).
     """
     params = params if params is not None else SamplingParams()
     params.validate()

@@ -6,7 +6,9 @@ every plain ``nn.Linear`` and ``project_logits`` compute from the int8 copy (wei
 so a batch-1 decode step streams a quarter of the bytes); the model's own weights stay untouched
 (training keeps full precision). On CPU the product is ``torch.ops.aten._weight_int8pack_mm`` with bf16
 activations (its vectorized path); elsewhere a dequantize-then-``F.linear`` reference.
-Used by ``generate(..., decode_weights="int8")``. Tests: ``python -m pytest tests/test_int8.py -q``.
+Used by ``generate(..., decode_weights="int8")`` where the fused CPU step (``fused_decode``, which
+reads the same per-channel int8 weights with fp32 activations) cannot run: off CPU, without AVX-512,
+for unmerged adapters. Tests: ``python -m pytest tests/test_int8.py -q``.
 """
 from __future__ import annotations
 
@@ -91,7 +93,7 @@ def int8_linears(model: nn.Module):
 
 def decode_weights_context(model: nn.Module, decode_weights: str):
     """The context ``generate`` runs its steps in: ``"fp"`` = the model's precision (oneDNN-packed
-    on CPU), ``"int8"`` = ``int8_linears``."""
+    on CPU), ``"int8"`` = ``int8_linears`` (used when the fused CPU step does not take the model)."""
     if decode_weights == "fp":
         return cpu_packed_linears(model)
     if decode_weights == "int8":

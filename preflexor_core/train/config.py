@@ -157,6 +157,10 @@ class DataConfig:
     gen_batch_size: int = opt(32, "questions per sampler call while generating pairs", ge=1, stages="12")
     sample_temperature: float = opt(0.8, "temperature when sampling rejected answers", ge=0.0, stages="12")
     sample_top_p: float = opt(0.9, "top-p when sampling rejected answers", gt=0.0, le=1.0, stages="12")
+    sample_weights: str = opt("fp", "weights the policy's own samples (stage 1/2 rejected answers, stage 3 groups) "
+                              "decode with: fp = the model's precision, int8 = weight-only int8 copies with "
+                              "per-channel scales (faster on CPU, slightly different samples); training always "
+                              "uses the full-precision weights", choices=["fp", "int8"], stages="123")
     max_length: int = opt(1024, "max prompt + completion tokens", ge=2, stages="12")
     max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)",
                                  ge=MIN_PROMPT_LENGTH, stages="12")
@@ -170,6 +174,7 @@ class DataConfig:
         _one_of("embedder", self.embedder, ("auto", "minilm", "hashing"))
         _one_of("thinking_format", self.thinking_format, ("categories", "graph"))
         _one_of("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
+        _one_of("sample_weights", self.sample_weights, ("fp", "int8"))
         _check_fields(self)
         if self.max_prompt_length >= self.max_length:
             raise TrainConfigError(f"max_prompt_length={self.max_prompt_length} must be < max_length="

@@ -71,6 +71,8 @@ def settings_hash(cfg, sampling, stage: str) -> str:
             "number_nodes_to_get", "k_samples", "corpus")
     blob = {"stage": stage, "seed": cfg.run.seed, "sampling": dataclasses.asdict(sampling),
             **{k: getattr(d, k) for k in keys}}
+    if d.sample_weights != "fp":            # only then: the hashes of fp runs stay what they were
+        blob["sample_weights"] = d.sample_weights
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
@@ -286,7 +288,8 @@ class StageRun:
                 k_samples=d.k_samples if self.stage == "2" else 1,
                 seed=datagen_seed(self.cfg.run.seed, self.stage, iteration), id_prefix=prefix, row_meta=meta,
                 out_path=str(self.t.out / PAIRS_FILE), sampling=self._sampling_params(),
-                progress=self.cfg.run.progress, batch_size=d.gen_batch_size, thinking_format=d.thinking_format)
+                progress=self.cfg.run.progress, batch_size=d.gen_batch_size, thinking_format=d.thinking_format,
+                decode_weights=d.sample_weights)
             policy.train(was_training)
             del policy
             if hasattr(rows, "stats"):
