@@ -27,7 +27,11 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define PREFLEXOR_DECODE_X86 1
 #include <immintrin.h>
+#endif
 
 #include <algorithm>
 #include <cmath>
@@ -36,6 +40,21 @@
 #include <vector>
 
 #include "ops.h"
+
+#ifndef PREFLEXOR_DECODE_X86
+// Not x86-64 (or not GCC / Clang): the ops exist and report themselves unsupported.
+namespace preflexor {
+bool decode_cpu_supported() { return false; }
+at::Tensor decode_matmul_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
+  TORCH_CHECK(false, "decode_matmul: built without the x86-64 AVX-512 kernels");
+}
+at::Tensor decode_step_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
+                           at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
+                           double) {
+  TORCH_CHECK(false, "decode_step: built without the x86-64 AVX-512 kernels");
+}
+}  // namespace preflexor
+#else
 
 #define PREFLEXOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
@@ -495,3 +514,5 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const at::Tensor& lengths, const
 }
 
 }  // namespace preflexor
+
+#endif  // PREFLEXOR_DECODE_X86

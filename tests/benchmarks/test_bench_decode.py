@@ -27,7 +27,7 @@ from preflexor_core.sampler import SamplingParams, generate
 
 PROMPT_LEN = 32
 NEW_TOKENS = {"tiny": 129, "small": 33, "smollm2": 33}   # t(N) - t(1) covers N - 1 decode steps
-ROUNDS = 3
+ROUNDS = 5
 BANDWIDTH_BYTES = 512 << 20
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -201,3 +201,58 @@ def _llama_cpp_run(llm, prompt: list[int], n: int) -> list[int]:
         if len(out) == n:
             break
     return out
+
+
+@pytest.mark.parametrize("dtype_name", ["float32", "bfloat16"])
+def test_bench_decode_step_share_outside_products(benchmark, checkpoint, dtype_name, threads):
+    """Per-token overhead at batch 1: the share of a decode step spent outside the matrix products,
+    for the fused step (products timed alone through the same kernel, minus the per-call cost of
+    that loop) and the layer-by-layer torch step (``torch.profiler`` self time of its products)."""
+    from preflexor_core.sampler import KVCache, cpu_packed_linears, decode_one_token, prefill
+    from preflexor_core.sampler.fused_decode import FusedDecoder, cpu_supported
+    if not cpu_supported():
+        pytest.skip("the fused decode step needs the compiled extension and an AVX-512 CPU")
+    name, base, _, _ = checkpoint
+    if name != "smollm2":
+        pytest.skip("measured on the deep, narrow model only (SmolLM2: 30 layers of 576)")
+    model = Llama(base.config).to(getattr(torch, dtype_name)).eval()
+    model.load_state_dict(base.state_dict())
+    prompt = list(range(100, 100 + PROMPT_LEN))
+    tok = torch.tensor([7])
+    with torch.inference_mode(), cpu_packed_linears(model):
+        cache = KVCache.for_model(model, 1, PROMPT_LEN + 8)
+        prefill(model, cache, [prompt])
+        fused = FusedDecoder(model)
+
+        def step(fn):
+            def run():
+                cache.set_lengths([PROMPT_LEN])
+                fn(cache, tok)
+            return run
+        t_fused = _best(step(fused), 20)
+        xs = {k: torch.randn(1, k) for k in {w.shape[1] for w in fused.mats}}
+        empty = torch.empty(0)
+        t_products = _best(lambda: [torch.ops.preflexor.decode_matmul(xs[w.shape[1]], w, empty) for w in fused.mats], 20)
+        one = torch.ones(1, 16)
+        per_call = _best(lambda: [torch.ops.preflexor.decode_matmul(one, one, empty) for _ in fused.mats], 20)
+        t_products -= per_call
+        t_torch = _best(step(lambda c, t: decode_one_token(model, c, t)), 20)
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(5):
+                step(lambda c, t: decode_one_token(model, c, t))()
+        names = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
+        prod_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 5
+    info = dict(model=name, dtype=dtype_name, threads=threads, fused_step_ms=round(t_fused * 1e3, 2),
+                fused_products_ms=round(t_products * 1e3, 2),
+                fused_outside_share=round(1 - t_products / t_fused, 3), torch_step_ms=round(t_torch * 1e3, 2),
+                torch_products_ms=round(prod_us / 1e3, 2), torch_outside_share=round(1 - prod_us / 1e3 / (t_torch * 1e3), 3))
+    benchmark.extra_info.update(info)
+    print(f"\n[{name} {dtype_name} B=1 step] fused {info['fused_step_ms']} ms ({info['fused_products_ms']} ms products, "
+          f"{info['fused_outside_share']:.0%} outside); torch layer by layer {info['torch_step_ms']} ms "
+          f"({info['torch_products_ms']} ms products, {info['torch_outside_share']:.0%} outside)")
+    def fused_step():
+        with torch.inference_mode():
+            step(fused)()
+    benchmark.pedantic(fused_step, rounds=5, iterations=1)
+    assert t_fused < t_torch
