@@ -86,7 +86,7 @@ class _FakeCompletion:
 
 
 def _fake_generate(calls):
-    def generate(model, tokenizer, chats, params):
+    def generate(model, tokenizer, chats, params, **kw):
         calls.append((chats, params))
         return [_FakeCompletion(f"{params.prepend_response}sample {p} {s}")
                 for p in range(len(chats)) for s in range(params.n)]
@@ -149,7 +149,7 @@ def test_embedding_scorer_prefers_the_closer_answer(retriever, monkeypatch):
     teacher = ExtractiveTeacher(retriever)
     state = {}
 
-    def gen(model, tok, chats, params):  # sample 1 repeats the chosen answer of its row
+    def gen(model, tok, chats, params, **kw):  # sample 1 repeats the chosen answer of its row
         outs = []
         for c in chats:
             q = c[0]["content"]
