@@ -258,6 +258,13 @@ def test_ineligible_models_fall_back_or_raise(odd, id_tokenizer, monkeypatch):
     assert "layer 1 mlp.up_proj is not a plain bias-free nn.Linear" in reason
     assert fused_decode.ineligible_reason(odd.double()) is not None
     odd.float()
+
+    class Shard(torch.Tensor):
+        pass
+    sharded = Llama(odd.config).eval()
+    sharded.model.layers[0].self_attn.q_proj.weight = torch.nn.Parameter(
+        sharded.model.layers[0].self_attn.q_proj.weight.detach().as_subclass(Shard))
+    assert "layer 0 self_attn.q_proj holds a Shard, not a plain tensor" in fused_decode.ineligible_reason(sharded)
     p = SamplingParams(max_new_tokens=3, temperature=0.0, stop_token_ids=[])
     assert len(generate(lora_like, id_tokenizer, ["5 6 7"], p)[0].token_ids) == 3     # torch path
     monkeypatch.setenv("PREFLEXOR_FUSED_DECODE", "1")

@@ -64,6 +64,8 @@ def ineligible_reason(model: nn.Module) -> str | None:
                 return f"layer {i} {name} is not a plain bias-free nn.Linear (e.g. an unmerged adapter)"
             if m.weight.dtype != model.dtype:
                 return f"layer {i} {name} is {m.weight.dtype}, the model {model.dtype}"
+            if type(m.weight.data) is not torch.Tensor:
+                return f"layer {i} {name} holds a {type(m.weight.data).__name__}, not a plain tensor (e.g. a shard)"
     return None
 
 
