@@ -12,7 +12,7 @@ STAMP := $(VENV)/.preflexor-installed
 CSRC := $(wildcard csrc/*.cpp csrc/*.cu csrc/*.h)
 PYTEST_ARGS ?=
 
-.PHONY: install test bench gpu-check demo clean
+.PHONY: install test bench bench-deps gpu-check demo clean
 
 install: $(STAMP)
 
@@ -70,6 +70,10 @@ demo-tiny: install
 
 bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only $(PYTEST_ARGS)
+
+# optional: llama.cpp for the decode benchmark (skipped with a message when absent)
+bench-deps: install
+	$(PIP) install -q -r requirements-bench.txt
 
 gpu-check:
 	bash tests/gpu/gpu_check.sh
