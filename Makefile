@@ -2,7 +2,7 @@
 #   make install    create .venv and install pinned dependencies + the package (idempotent)
 #   make test       install if needed, then run the CPU test suite
 #   make demo       the embedded demo on the bundled SmolLM2-135M-Instruct (make demo-tiny: from scratch)
-#   make bench      run the CPU benchmarks (pytest-benchmark)
+#   make bench      run the CPU benchmarks (pytest-benchmark; make bench-deps adds the optional llama.cpp)
 #   make gpu-check  on a CUDA machine: build the CUDA extension, run tests/gpu and the benchmarks
 PYTHON ?= python3
 VENV ?= .venv
