@@ -9,12 +9,14 @@ or int8 with per-row scales, widened to fp32 in registers), k/v are written into
 model's dtype at each row's own length. No weight is copied for ``"fp"``; ``"int8"`` quantizes each
 weight once per channel (``int8.quantize_per_channel``, cached while the weight is unchanged).
 
-Used by ``generate``'s decode steps on CPU when ``fused_decoder`` finds the model eligible: plain
-bias-free ``nn.Linear`` layers (no unmerged LoRA), fp32 or bf16 weights, a CPU with AVX-512, and
-the extension built. ``PREFLEXOR_FUSED_DECODE=0`` turns it off (the layer-by-layer torch path),
-``1`` makes an ineligible model an error instead of a silent fallback; ``auto`` (default) uses it
-for up to ``FUSED_MAX_ROWS`` rows with ``"fp"`` weights (above that oneDNN's products win) and for
-any batch with ``"int8"``. Tests: ``python -m pytest tests/test_fused_decode.py -q``.
+Used by ``generate``'s decode steps on CPU when ``usable`` finds the model eligible: plain bias-free
+``nn.Linear`` layers of plain tensors (no unmerged LoRA, no shards), fp32 or bf16 weights, an x86-64
+CPU with AVX-512, and the extension built. Up to ``FUSED_MAX_ROWS`` rows (and always with int8) the
+step uses its own products; for more rows it calls oneDNN's products on the packed copies that
+``cpu_packed_linears`` holds (compute-bound there), or leaves the step to the torch path when nothing
+is packed. ``PREFLEXOR_FUSED_DECODE=0`` turns it off (the layer-by-layer torch path), ``1`` makes an
+ineligible model an error instead of a silent fallback, ``auto`` is the default.
+Tests: ``python -m pytest tests/test_fused_decode.py -q``.
 """
 from __future__ import annotations
 
