@@ -159,8 +159,8 @@ class DataConfig:
     sample_top_p: float = opt(0.9, "top-p when sampling rejected answers", gt=0.0, le=1.0, stages="12")
     sample_weights: str = opt("fp", "weights the policy's own samples (stage 1/2 rejected answers, stage 3 groups) "
                               "decode with: fp = the model's precision, int8 = weight-only int8 copies with "
-                              "per-channel scales (faster on CPU, slightly different samples); training always "
-                              "uses the full-precision weights", choices=["fp", "int8"], stages="123")
+                              "per-channel scales (on CPU faster at 1-2 rows per sampler call, slower than fp at large "
+                              "batches; slightly different samples); training always uses the full-precision weights", choices=["fp", "int8"], stages="123")
     max_length: int = opt(1024, "max prompt + completion tokens", ge=2, stages="12")
     max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)",
                                  ge=MIN_PROMPT_LENGTH, stages="12")
