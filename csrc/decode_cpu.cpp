@@ -247,14 +247,10 @@ void rope_heads(float* x, int64_t heads, int64_t D, const float* cos, const floa
   }
 }
 
+// A cache row (fp32 or bf16) read as 16 fp32 lanes: the weights' widening.
 template <typename T>
 PREFLEXOR_AVX512 inline __m512 load_cache(const T* p, __mmask16 m) {
-  if constexpr (std::is_same_v<T, float>) {
-    return _mm512_maskz_loadu_ps(m, p);
-  } else {
-    __m256i h = _mm256_maskz_loadu_epi16(m, reinterpret_cast<const uint16_t*>(p));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  }
+  return load_w<std::is_same_v<T, float> ? WKind::F32 : WKind::BF16>(p, 0, m);
 }
 
 // One row, one kv head: the G = Hq / Hkv query heads q (G, D) attend over S cached positions

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from .cpu_pack import cached_derived
-from .int8 import quantize_per_channel
+from .int8 import DECODE_WEIGHTS, quantize_per_channel
 from .kv_cache import KVCache
 
 FUSED_MAX_ROWS = 2   # measured: from 3 rows on oneDNN's packed products win (SmolLM2, bf16 and fp32)
@@ -82,18 +82,21 @@ class FusedDecoder:
         reason = ineligible_reason(model)
         if reason is not None:
             raise ValueError(f"FusedDecoder: {reason}")
-        if decode_weights not in ("fp", "int8"):
-            raise ValueError(f"FusedDecoder: decode_weights={decode_weights!r}; use fp or int8")
+        if decode_weights not in DECODE_WEIGHTS:
+            raise ValueError(f"FusedDecoder: decode_weights={decode_weights!r}; use one of {DECODE_WEIGHTS}")
         cfg = model.config
         self.model, self.decode_weights, self.packed = model, decode_weights, packed
+        self.required = _mode() == "1"
         self._packed_mats: list[torch.Tensor] | None = None
         self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, float(cfg.rms_norm_eps)
-        self.norms: list[torch.Tensor] = []
+        norms: list[torch.Tensor] = []
         weights: list[torch.Tensor] = []          # the parameters themselves: cached_derived keys on them
         for layer in model.model.layers:
-            self.norms += [layer.input_layernorm.weight.detach(), layer.post_attention_layernorm.weight.detach()]
+            norms += [layer.input_layernorm.weight, layer.post_attention_layernorm.weight]
             weights += [layer.get_submodule(n).weight for n in _LINEARS]
-        self.norms.append(model.model.norm.weight.detach())
+        norms.append(model.model.norm.weight)
+        # fp32 once per generate call (the step computes in fp32; a no-op for an fp32 model)
+        self.norms = [w.detach().float().contiguous() for w in norms]
         weights.append(model.output_weight)
         if decode_weights == "int8":
             pairs = [cached_derived([w], quantize_per_channel, "int8-row") for w in weights]
@@ -120,7 +123,7 @@ class FusedDecoder:
     def takes(self, batch_size: int) -> bool:
         """Whether to run a step of ``batch_size`` rows here (else the torch path): always for int8,
         with packed weights or with PREFLEXOR_FUSED_DECODE=1; up to FUSED_MAX_ROWS rows otherwise."""
-        return self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or _mode() == "1"
+        return self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or self.required
 
     def _use_packed(self, batch_size: int) -> bool:
         return self.packed and self.decode_weights == "fp" and batch_size > FUSED_MAX_ROWS
