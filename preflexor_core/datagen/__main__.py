@@ -25,6 +25,7 @@ from ..models import DTYPE_CHOICES, NAMED_MODELS, ModelSpecError, load_model_and
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
 from ..teachers import DEFAULT_CATEGORIES, TeacherError, check_teacher_endpoint, teacher_from_spec, teacher_kind
+from ..teachers.net import DEFAULT_MAX_REPLY_BYTES, DEFAULT_TIMEOUT_S, MAX_REPLY_BYTES_LIMIT, MAX_TIMEOUT_S, redact_url
 from .pairs_io import DatagenError, nothing_produced, read_pairs
 from .pipeline import REJECTED_SOURCES, DatagenConfig, generate_pairs
 
@@ -49,6 +50,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key-env", default="OPENAI_API_KEY",
                     help="environment variable with the URL teacher's API key (default: %(default)s)")
     ap.add_argument("--concurrency", type=int, default=8, help="requests in flight to a URL teacher (default: %(default)s)")
+    ap.add_argument("--teacher-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                    help="URL teacher: overall deadline of one request in seconds (connect, headers and body "
+                         "together) (default: %(default)s)")
+    ap.add_argument("--max-reply-bytes", type=int, default=DEFAULT_MAX_REPLY_BYTES,
+                    help="URL teacher: largest reply accepted, in bytes (default: %(default)s)")
     ap.add_argument("--model", default=None, metavar="DIR|FILE.gguf|NAME",
                     help="policy whose samples become 'rejected': a checkpoint dir, a .gguf file or a known "
                          f"model name ({', '.join(NAMED_MODELS)}); without it the "
@@ -97,12 +103,16 @@ def _build_retriever(args) -> GraphRetriever:
     return GraphRetriever.build([Path(p) for p in args.corpus], embedder=emb() if emb else None)
 
 
-# Every numeric flag and its meaningful range, checked before any work (flag, test, allowed).
-_RANGES = [(name, lambda v: v >= 1, ">= 1") for name in
-           ("n", "concurrency", "k_samples", "nodes", "max_new_tokens", "batch_size", "teacher_max_items",
-            "teacher_answer_sentences")] + [
-    ("temperature", lambda v: v >= 0, ">= 0 (0 = greedy)"),
-    ("wrong_threshold", lambda v: 0 <= v <= 1, "in [0, 1]")]
+# Every numeric flag and its meaningful range, checked before any work (flag, test, allowed): the upper
+# limits refuse a typo (1e9) before anything is allocated. NaN fails every test.
+_UPPER = {"n": 10**7, "concurrency": 256, "k_samples": 256, "nodes": 4096, "max_new_tokens": 1 << 17,
+          "batch_size": 4096, "teacher_max_items": 4096, "teacher_answer_sentences": 4096,
+          "max_reply_bytes": MAX_REPLY_BYTES_LIMIT}
+_RANGES = [(name, lambda v, hi=hi: 1 <= v <= hi, f"in 1..{hi}") for name, hi in _UPPER.items()] + [
+    ("temperature", lambda v: 0 <= v <= 100, "in [0, 100] (0 = greedy)"),
+    ("teacher_timeout", lambda v: 0 < v <= MAX_TIMEOUT_S, f"in (0, {MAX_TIMEOUT_S:g}] seconds"),
+    ("wrong_threshold", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("seed", lambda v: 0 <= v < 2**63, "in 0..2**63-1")]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -120,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         teacher_kind(args.teacher, args.teacher_model)
     except ValueError as e:
-        ap.error(f"--teacher {args.teacher!r}: {e}")
+        ap.error(f"--teacher {redact_url(args.teacher)!r}: {e}")
     if args.model:
         try:
             resolve_model(args.model)
@@ -141,6 +151,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         teacher = teacher_from_spec(args.teacher, retriever=retriever, model=args.teacher_model,
                                     seed=args.seed, api_key_env=args.api_key_env,
                                     concurrency=args.concurrency, max_items=args.teacher_max_items,
+                                    timeout=args.teacher_timeout, max_reply_bytes=args.max_reply_bytes,
                                     max_answer_sentences=args.teacher_answer_sentences)
         policy = sampling = None
         if rejected_from == "policy":

@@ -16,6 +16,7 @@ import os
 from .base import Teacher, TeacherAuthError, TeacherUnavailableError
 from .extractive import ExtractiveTeacher
 from .http import OpenAITeacher
+from .net import redact_url
 from .local import LocalTeacher
 
 # Options each kind of teacher takes (its constructor's keywords, less what the spec gives).
@@ -35,14 +36,14 @@ def teacher_kind(spec: str, model: str | None = None) -> str:
         return "extractive"
     if spec.startswith(("http://", "https://")):
         if not model:
-            raise ValueError(f"teacher URL {spec} needs a model name (--teacher-model NAME)")
+            raise ValueError(f"teacher URL {redact_url(spec)} needs a model name (--teacher-model NAME)")
         return "http"
     if os.path.isdir(spec):
         if not os.path.isfile(os.path.join(spec, "config.json")):
             raise ValueError(f"teacher dir {spec} has no config.json; expected a checkpoint dir "
                              "(config.json + *.safetensors + tokenizer.json)")
         return "local"
-    raise ValueError(f"bad teacher spec {spec!r}: expected 'extractive', an http(s):// URL of an "
+    raise ValueError(f"bad teacher spec {redact_url(spec)!r}: expected 'extractive', an http(s):// URL of an "
                      "OpenAI-compatible server, or an existing checkpoint directory")
 
 

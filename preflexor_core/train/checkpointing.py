@@ -88,12 +88,18 @@ def save_checkpoint(run) -> None:
     D.barrier()
 
 
+def _redacted(nested: dict) -> dict:
+    """The config sections with a password in a URL redacted (a checkpoint is shared, passwords are not)."""
+    from ..teachers.net import redact_url
+    return {k: _redacted(v) if isinstance(v, dict) else redact_url(v) for k, v in nested.items()}
+
+
 def _write_main(run, tmp: str, state: dict[str, torch.Tensor]) -> None:
     from safetensors.torch import save_file
     name = WEIGHTS_FILE if run.lora_cfg is None else TRAINABLE_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, name))
     torch.save({"optimizer": None if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
-                "rng": rng_state(), "position": dict(run.pos), "config": asdict(run.cfg),
+                "rng": rng_state(), "position": dict(run.pos), "config": _redacted(asdict(run.cfg)),
                 "world_size": run.world}, os.path.join(tmp, "trainer_state.pt"))
     write_run_config(run.cfg, tmp, run.pos)
 

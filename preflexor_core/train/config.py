@@ -13,6 +13,7 @@ Tests: ``python -m pytest -q tests/test_trainer.py -k config``
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,19 +68,42 @@ def _in_range(value, meta) -> bool:
     return all(checks[k](meta[k]) for k in _BOUNDS if k in meta)       # NaN fails every bound
 
 
+# Upper limits of the numeric flags, so that a typo (1e9) is refused before anything is allocated, not
+# after minutes of work and gigabytes of memory. Integers without an entry share MAX_INT_FLAG.
+MAX_INT_FLAG = 10**7
+MAX_FLAG = {"batch_size": 4096, "sft_batch_size": 4096, "gen_batch_size": 4096, "grpo_prompts": 4096,
+            "grpo_micro_batch": 4096, "num_generations": 256, "k_samples": 256, "grad_accum": 4096,
+            "max_length": 1 << 17, "max_prompt_length": 1 << 17, "sft_seq_len": 1 << 17,
+            "sample_max_new_tokens": 1 << 17, "thinking_max_new_tokens": 1 << 17, "grpo_max_new_tokens": 1 << 17,
+            "number_nodes_to_get": 4096, "teacher_max_items": 4096, "teacher_answer_sentences": 4096,
+            "pairs_per_iteration": 10**6, "iterations": 10**5, "lora_r": 65536, "tokenizer_vocab_size": 1 << 21,
+            "seed": 2**63 - 1, "teacher_concurrency": 256, "teacher_retries": 100,
+            "max_reply_bytes": 1 << 30, "teacher_timeout": 24 * 3600.0}
+# Samples drawn per iteration (steps x accumulation x micro-batch): the data order is materialised.
+MAX_SAMPLES_PER_ITERATION = 10**7
+
+
 def _check_fields(section) -> None:
-    """Every numeric field: the right type (int / float, never bool) and inside its range."""
+    """Every numeric field: the right type (int / float, never bool), finite, inside its range and
+    under its upper limit (``MAX_FLAG``, else ``MAX_INT_FLAG`` for integers)."""
     for f in dataclasses.fields(section):
         value, meta = getattr(section, f.name), f.metadata
-        if value is None or not any(k in meta for k in _BOUNDS):
+        want_int = "int" in str(f.type) and "float" not in str(f.type)
+        numeric = want_int or "float" in str(f.type)
+        if value is None or not (numeric or any(k in meta for k in _BOUNDS)):
             continue
-        want_int = "int" in str(f.type)
         ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))
         if isinstance(value, bool) or not ok_type:
             kind = "an integer" if want_int else "a number"
             raise TrainConfigError(f"{f.name}={value!r} must be {kind} {range_text(meta)} ({flag(f.name)})")
+        if not math.isfinite(value):
+            raise TrainConfigError(f"{f.name}={value!r} must be a finite number ({flag(f.name)})")
         if not _in_range(value, meta):
             raise TrainConfigError(f"{f.name}={value!r} must be {range_text(meta)} ({flag(f.name)})")
+        cap = MAX_FLAG.get(f.name, MAX_INT_FLAG if want_int else None)
+        if cap is not None and value > cap:
+            raise TrainConfigError(f"{f.name}={value!r} is over the limit {cap:g} ({flag(f.name)}); "
+                                   f"this much cannot be held or run on one machine")
 
 
 def parse_resume(text: str) -> bool | str:
@@ -137,6 +161,9 @@ class DataConfig:
     teacher: str = opt("extractive", "'extractive' (offline, grounded in the corpus), an OpenAI-compatible base "
                        "URL (http...), or a checkpoint directory")
     teacher_model: str = opt("gpt-4o-mini", "model name sent to an HTTP teacher (API key from $OPENAI_API_KEY)")
+    teacher_timeout: float = opt(60.0, "HTTP teacher: overall deadline of one request in seconds (connect, "
+                                 "headers and body together)", gt=0.0, resume_safe=True)
+    max_reply_bytes: int = opt(8 << 20, "HTTP teacher: largest reply accepted, in bytes", ge=1, resume_safe=True)
     teacher_max_items: int = opt(1, "extractive teacher: sentences or items per thinking category (shorter "
                                  "thinking trains faster)", ge=1)
     teacher_answer_sentences: int = opt(2, "extractive teacher: at most this many corpus sentences in the "
@@ -210,6 +237,12 @@ class OptimConfig:
     def __post_init__(self):
         _one_of("schedule", self.schedule, ("constant", "cosine"))
         _check_fields(self)
+        for steps, bs in (("n_steps", "batch_size"), ("sft_steps", "sft_batch_size")):
+            n = getattr(self, steps) * self.grad_accum * getattr(self, bs)
+            if n > MAX_SAMPLES_PER_ITERATION:
+                raise TrainConfigError(
+                    f"{flag(steps)} x --grad-accum x {flag(bs)} = {n} samples per iteration is over the limit "
+                    f"{MAX_SAMPLES_PER_ITERATION}; lower one of them")
 
 
 @dataclass(kw_only=True)

@@ -45,8 +45,9 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 
 def flat_options(cfg) -> dict:
-    """Every option of a TrainConfig under its flat (CLI) name."""
-    return {f.name: getattr(getattr(cfg, sec), f.name) for sec, kls in SECTIONS.items()
+    """Every option of a TrainConfig under its flat (CLI) name; a password in a URL is redacted."""
+    from ..teachers.net import redact_url
+    return {f.name: redact_url(getattr(getattr(cfg, sec), f.name)) for sec, kls in SECTIONS.items()
             for f in dataclasses.fields(kls)}
 
 

@@ -25,7 +25,8 @@ from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
 from ..io import atomic_dir, recover_dir
-from ..models import native_cpu_bf16, resolve_model
+from ..cpu_features import native_cpu_bf16
+from ..models import resolve_model
 from ..tokenizer import Tokenizer
 from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
@@ -115,7 +116,7 @@ class Trainer:
         self.packed = self.device.type == "cuda"      # varlen packing on CUDA, padding on CPU
         # Precision: fp32 master weights (and fp32 AdamW state; LoRA adapters fp32 over any base dtype)
         # with the forward under bf16 autocast on CUDA and on CPUs that multiply bf16 natively
-        # (models.native_cpu_bf16). Tests also run it on CPU (and fp16 there).
+        # (cpu_features.native_cpu_bf16). Tests also run it on CPU (and fp16 there).
         self.autocast = cfg.optim.bf16 and (self.device.type == "cuda" or
                                             (self.device.type == "cpu" and native_cpu_bf16()))
         self.autocast_dtype = torch.bfloat16
@@ -171,7 +172,8 @@ class Trainer:
             d = self.cfg.data
             self._teacher = teacher_from_spec(d.teacher, retriever=self.retriever(), model=d.teacher_model,
                                               seed=self.cfg.run.seed, max_items=d.teacher_max_items,
-                                              max_answer_sentences=d.teacher_answer_sentences)
+                                              max_answer_sentences=d.teacher_answer_sentences,
+                                              timeout=d.teacher_timeout, max_reply_bytes=d.max_reply_bytes)
         return self._teacher
 
     def tokenizer(self) -> Tokenizer:
