@@ -1,7 +1,9 @@
-"""Model configuration: a kw_only dataclass mirroring HF ``LlamaConfig``.
+"""Model configuration: a kw_only dataclass mirroring HF ``LlamaConfig``, plus a family's named options.
 
-``ModelConfig.from_hf_dict`` / ``to_hf_dict`` round-trip a transformers ``config.json`` for
-``LlamaForCausalLM``; ``ModelConfig.preset(name)`` returns a named preset (exact names only: "tiny",
+``ModelConfig.from_hf_dict`` / ``to_hf_dict`` round-trip a transformers ``config.json`` of every
+supported family (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text; the per-family translation lives in
+families.py, the options are listed in docs/families.md); ``ModelConfig.for_family("qwen3", ...)``
+builds one with the family's fixed options set; ``ModelConfig.preset(name)`` returns a named preset (exact names only: "tiny",
 "small", "llama-3.2-3b"). Every field is validated when a config is built (kwargs, HF dict or file):
 types, ranges, head divisibility, rope scaling shape; a bad one raises ``ConfigError`` naming the
 file, the field, the value and what is allowed.
@@ -23,7 +25,9 @@ from typing import Any, Mapping
 
 from .errors import PreflexorError
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3")
+SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
+LAYER_TYPES = ("full_attention", "sliding_attention")
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")   # SwiGLU (Llama, Qwen, Mistral); tanh-GELU GeGLU (Gemma)
 
 # Token ids of the special tokens that ``Tokenizer.train_bpe`` places first in its vocabulary.
 # The tiny and small presets use these ids; real checkpoints bring their own in config.json.
@@ -94,6 +98,8 @@ def _validate_rope_scaling(rs: Any, *, name: str = "rope_scaling") -> dict | Non
     rs.pop("type", None)
     if rtype == "default":
         return None
+    if rtype == "linear":
+        return {"rope_type": "linear", "factor": _real(f"{name}.factor", rs.get("factor"), 0.0, strict=True)}
     for key in _LLAMA3_KEYS:
         if key not in rs:
             raise ConfigError(f"{name} of type 'llama3' is missing key {key!r}; it needs {list(_LLAMA3_KEYS)}")
@@ -108,7 +114,7 @@ def _validate_rope_scaling(rs: Any, *, name: str = "rope_scaling") -> dict | Non
 
 @dataclass(kw_only=True)
 class ModelConfig:
-    """Llama architecture hyper-parameters (same names and meaning as HF ``LlamaConfig``)."""
+    """Decoder hyper-parameters (same names and meaning as HF ``LlamaConfig``) plus a family's named options."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -130,9 +136,23 @@ class ModelConfig:
     eos_token_id: int | list[int] | None = 2
     pad_token_id: int | None = None
     torch_dtype: str = "float32"
+    # -- a family's differences from Llama (docs/families.md); the defaults are Llama's ------------
+    model_type: str = "llama"                  # llama | mistral | qwen2 | qwen3 | gemma3_text
+    qkv_bias: bool = False                     # Qwen2: bias on q/k/v only (attention_bias: on o too)
+    qk_norm: bool = False                      # Qwen3, Gemma 3: RMSNorm over each head of q and k before rope
+    norm_offset: float = 0.0                   # Gemma: every RMSNorm scales by (norm_offset + weight)
+    embed_scale: bool = False                  # Gemma: embeddings times sqrt(hidden_size), in their dtype
+    sandwich_norm: bool = False                # Gemma 3: norms after attention and before/after the MLP
+    sliding_window: int | None = None          # keys older than this many positions are hidden (sliding layers)
+    layer_types: list[str] | None = None       # per layer "full_attention" | "sliding_attention"
+    rope_local_theta: float | None = None      # rope base of sliding layers (Gemma 3); None: rope_theta
+    query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
+    attn_logit_softcapping: float | None = None   # scores -> c * tanh(scores / c) before the softmax
+    final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
 
     def __post_init__(self) -> None:
         self._validate_fields()
+        self._validate_family()
         # Derived fields, computed once.
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
@@ -162,8 +182,17 @@ class ModelConfig:
         for name in ("tie_word_embeddings", "attention_bias", "mlp_bias"):
             if not isinstance(getattr(self, name), bool):
                 raise _bad(name, getattr(self, name), "true or false")
-        if self.hidden_act != "silu":
-            raise ConfigError(f"hidden_act={self.hidden_act!r} is not supported (Llama uses 'silu')")
+        if self.hidden_act not in HIDDEN_ACTS:
+            raise _bad("hidden_act", self.hidden_act, f"one of {list(HIDDEN_ACTS)}")
+        for name in ("qkv_bias", "qk_norm", "embed_scale", "sandwich_norm"):
+            if not isinstance(getattr(self, name), bool):
+                raise _bad(name, getattr(self, name), "true or false")
+        self.norm_offset = _real("norm_offset", self.norm_offset, 0.0, strict=False)
+        self.sliding_window = _int("sliding_window", self.sliding_window, 1, optional=True)
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                     "final_logit_softcapping"):
+            if getattr(self, name) is not None:
+                setattr(self, name, _real(name, getattr(self, name), 0.0, strict=True))
         self.bos_token_id = _int("bos_token_id", self.bos_token_id, 0, optional=True)
         self.pad_token_id = _int("pad_token_id", self.pad_token_id, None, optional=True)
         eos = self.eos_token_id
@@ -174,6 +203,21 @@ class ModelConfig:
         if not isinstance(self.torch_dtype, str) or self.torch_dtype.removeprefix("torch.") not in TORCH_DTYPES:
             raise _bad("torch_dtype", self.torch_dtype, f"one of {list(TORCH_DTYPES)}")
         self.rope_scaling = _validate_rope_scaling(self.rope_scaling)
+
+    def _validate_family(self) -> None:
+        """model_type is a known family whose fixed options this config has; layer_types fits."""
+        from .families import check_family
+        check_family(self)
+        n = self.num_hidden_layers
+        if self.layer_types is None:       # Mistral's window covers every layer; no window: all global
+            self.layer_types = ["sliding_attention" if self.sliding_window else "full_attention"] * n
+        if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != n
+                or any(t not in LAYER_TYPES for t in self.layer_types)):
+            raise _bad("layer_types", self.layer_types, f"a list of {n} entries, each one of {list(LAYER_TYPES)}")
+        self.layer_types = list(self.layer_types)
+        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+            raise ConfigError("layer_types has sliding_attention layers but sliding_window is null; "
+                              "set sliding_window (a number of positions)")
 
     # ----------------------------------------------------------------- derived
     @property
@@ -186,16 +230,44 @@ class ModelConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
+    def is_sliding(self, layer_idx: int) -> bool:
+        """Whether layer ``layer_idx`` attends only to the last ``sliding_window`` positions."""
+        return self.layer_types[layer_idx] == "sliding_attention"
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        return self.sliding_window is not None and "sliding_attention" in self.layer_types
+
+    def family_options(self) -> list[str]:
+        """Names of the non-Llama options this config turns on (empty for a plain Llama)."""
+        on = [name for name in ("qkv_bias", "qk_norm", "embed_scale", "sandwich_norm") if getattr(self, name)]
+        on += [name for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
+                                 "final_logit_softcapping") if getattr(self, name) is not None]
+        if self.norm_offset:
+            on.append("norm_offset")
+        if self.hidden_act != "silu":
+            on.append("hidden_act")
+        if self.has_sliding_layers:
+            on.append("sliding_window")
+        return on
+
+    @property
+    def is_plain_llama(self) -> bool:
+        """True when the model computes exactly as a Llama (any family name, no family option on)."""
+        return not self.family_options()
+
     def num_parameters(self) -> int:
         """Exact parameter count of ``Llama(self)`` (no allocation)."""
         h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
         q = self.num_attention_heads * self.head_dim
         kv = self.num_key_value_heads * self.head_dim
         attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias:
-            attn += q + 2 * kv + h
+        if self.attention_bias or self.qkv_bias:
+            attn += q + 2 * kv + (h if self.attention_bias else 0)
+        if self.qk_norm:
+            attn += 2 * self.head_dim
         mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-        layer = attn + mlp + 2 * h
+        layer = attn + mlp + (4 if self.sandwich_norm else 2) * h
         head = 0 if self.tie_word_embeddings else v * h
         return v * h + self.num_hidden_layers * layer + h + head
 
@@ -205,7 +277,7 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
-        """Build from a transformers ``LlamaConfig`` dict; ``source`` names the file in errors.
+        """Build from a transformers config dict of a supported family; ``source`` names the file in errors.
 
         Every field is validated (type, range, head divisibility, rope scaling shape); a bad one raises
         ``ConfigError("<source>: <field> is <value>, expected <allowed>")``. Unknown keys are ignored.
@@ -219,41 +291,20 @@ class ModelConfig:
 
     @classmethod
     def _hf_kwargs(cls, d: Any) -> dict[str, Any]:
-        if not isinstance(d, Mapping):
-            raise ConfigError(f"the top level is {_show(d)}, expected an object of LlamaConfig fields "
-                              '({"model_type": "llama", "hidden_size": ..., ...})')
-        archs = d.get("architectures") or ["LlamaForCausalLM"]
-        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
-            raise _bad("architectures", archs, 'a list of class names like ["LlamaForCausalLM"]')
-        if d.get("model_type", "llama") != "llama" or "LlamaForCausalLM" not in archs:
-            raise ConfigError(
-                f"unsupported architecture model_type={d.get('model_type')!r} "
-                f"architectures={archs}; only Llama (LlamaForCausalLM) checkpoints are supported")
-        names = {f.name for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in names}
-        rp = d.get("rope_parameters")          # newer transformers: theta + scaling in one dict
-        if rp is not None:
-            if not isinstance(rp, Mapping):
-                raise _bad("rope_parameters", rp, 'an object like {"rope_theta": 500000.0, "rope_type": "default"}')
-            rp = dict(rp)
-            if "rope_theta" in rp:
-                kwargs["rope_theta"] = rp.pop("rope_theta")
-            kwargs["rope_scaling"] = _validate_rope_scaling(rp, name="rope_parameters")
-        if kwargs.get("torch_dtype", "") is None:
-            del kwargs["torch_dtype"]           # null: the default
-        if "torch_dtype" not in kwargs and isinstance(d.get("dtype"), str):
-            kwargs["torch_dtype"] = d["dtype"]
-        if d.get("pretraining_tp", 1) not in (1, None):
-            raise ConfigError(f"pretraining_tp={d['pretraining_tp']} is not supported (use 1)")
-        return kwargs
+        from .families import hf_to_kwargs
+        return hf_to_kwargs(cls, d)
 
     def to_hf_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d.update(architectures=["LlamaForCausalLM"], model_type="llama", attention_dropout=0.0,
-                 pretraining_tp=1, use_cache=True)
-        if d["rope_scaling"] is None:
-            d.pop("rope_scaling")
-        return d
+        """The family's own config.json dict (model_type, architectures and its option names)."""
+        from .families import to_hf
+        return to_hf(self)
+
+    @classmethod
+    def for_family(cls, model_type: str, **kwargs: Any) -> "ModelConfig":
+        """A config of family ``model_type`` (llama, mistral, qwen2, qwen3, gemma3_text) with its fixed
+        options set, e.g. ``ModelConfig.for_family("qwen3", hidden_size=64, ...)`` has ``qk_norm=True``."""
+        from .families import family_kwargs
+        return cls(**{**family_kwargs(model_type), **kwargs})
 
     @classmethod
     def from_json_file(cls, path: str) -> "ModelConfig":

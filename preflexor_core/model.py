@@ -1,8 +1,12 @@
-"""Llama decoder (Llama-2/3 family) written from scratch on torch.
+"""The decoder of every supported family (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text), from scratch on torch.
 
-RMSNorm, rotary embeddings (with Llama-3 frequency scaling), grouped-query attention,
-SwiGLU MLP, tied or untied LM head. Parameter names follow HF ``LlamaForCausalLM``
-(``model.layers.N.self_attn.q_proj.weight`` ...) so checkpoints load in transformers.
+RMSNorm, rotary embeddings (with Llama-3 / linear frequency scaling), grouped-query attention
+(attention.py), SwiGLU or GeGLU MLP, tied or untied LM head. A family's differences are named options
+of ``ModelConfig`` (q/k/v bias, q/k norm, norm offset, embedding scale, activation, sandwich norms,
+sliding-window layers with their own rope base, attention scale, softcapping; docs/families.md), never
+a copy of the model. Parameter names follow transformers' ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` /
+``Gemma3ForCausalLM`` (``model.layers.N.self_attn.q_proj.weight`` ...) so checkpoints load there.
+``CausalLM`` is a family-neutral alias of ``Llama``.
 
     model = Llama(ModelConfig.preset("tiny"))
     logits = model(input_ids)                       # (B, T, V)
@@ -13,8 +17,7 @@ Attention runs through torch SDPA on CPU and through ``kernels.flash_attention``
 """
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import math
 from typing import Any
 
 import torch
@@ -22,29 +25,20 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from .attention import Attention, Packed, RMSNorm, _attend, packed_causal_mask, sliding_window_mask  # noqa: F401
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
 from .rope import rope_inv_freq
 
 
-# ----------------------------------------------------------------------------- norms / rope
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float, device=None, dtype=None):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        from . import ops
-        return ops.rms_norm(x, self.weight, self.eps)
-
-
+# ----------------------------------------------------------------------------- rope
 class RotaryEmbedding(nn.Module):
-    """Computes (cos, sin) of shape (B, T, D) for given positions; no parameters."""
+    """Computes (cos, sin) of shape (B, T, D) for given positions; no parameters. ``local``: the
+    frequencies of sliding-window layers (``rope_local_theta``)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, local: bool = False):
         super().__init__()
-        self._inv_freq_cpu = rope_inv_freq(cfg)
+        self._inv_freq_cpu = rope_inv_freq(cfg, local=local)
         self._cache: dict[torch.device, torch.Tensor] = {}
 
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -57,70 +51,7 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
 
-# ----------------------------------------------------------------------------- attention
-@dataclass(frozen=True)
-class Packed:
-    """Sequences packed into one row at ``cu_seqlens`` boundaries (varlen attention on CUDA)."""
-    cu_seqlens: torch.Tensor
-    max_seqlen: int
-
-
-def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
-    """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
-
-    ``mask`` is a boolean (B, 1, T, S) "may attend" mask, a ``Packed`` layout (B = 1), or None
-    (then ``causal`` applies). On CUDA (or with PREFLEXOR_KERNELS=triton), None and Packed use the
-    Triton flash-attention kernels. q, k, v share one dtype (under autocast too: rope keeps q/k's).
-    """
-    kernels = q.is_cuda or os.environ.get("PREFLEXOR_KERNELS", "").strip().lower() == "triton"
-    if isinstance(mask, Packed):
-        if kernels:
-            from .kernels import flash_attention_varlen
-            o = flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                       mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
-            return o.transpose(0, 1)[None]
-        mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
-    if mask is None and kernels:
-        from .kernels import flash_attention
-        return flash_attention(q, k, v, causal=causal)
-    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
-        from .ops import decode_attention       # one new token per row: CPU SDPA is slow outside fp32
-        return decode_attention(q, k, v, mask)
-    gqa = q.shape[1] != k.shape[1]          # SDPA maps query head h to kv head h // (Hq / Hkv) itself
-    if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int, device=None, dtype=None):
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        kw = dict(bias=cfg.attention_bias, device=device, dtype=dtype)
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, **kw)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, **kw)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, **kw)
-        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, **kw)
-
-    def forward(self, x, cos, sin, mask, causal, kv_cache=None):
-        from . import ops
-        B, T, _ = x.shape
-        q, k, v = self.project_qkv(x)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, Hq, T, D)
-        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
-        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
-        q, k = ops.rope(q, k, cos, sin)
-        if kv_cache is not None:
-            k, v = kv_cache.update(self.layer_idx, k, v)                               # (B, Hkv, S, D)
-        o = _attend(q, k, v, mask, causal)                                             # (B, Hq, T, D)
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-    def project_qkv(self, x):
-        """x (B, T, H) -> q, k, v projections (the sampler swaps in one fused product)."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
-
-
+# ----------------------------------------------------------------------------- blocks
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig, device=None, dtype=None):
         super().__init__()
@@ -128,10 +59,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, **kw)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, **kw)
+        self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"      # Gemma's GeGLU; else Llama's SwiGLU
 
     def forward(self, x):
         from . import ops
-        return self.down_proj(ops.swiglu(*self.project_gate_up(x)))
+        gate, up = self.project_gate_up(x)
+        if self.gelu:
+            return self.down_proj(F.gelu(gate, approximate="tanh") * up)
+        return self.down_proj(ops.swiglu(gate, up))
 
     def project_gate_up(self, x):
         """x (B, T, H) -> gate, up projections (the sampler swaps in one fused product)."""
@@ -139,14 +74,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
+    """Pre-norm block. With ``sandwich_norm`` (Gemma 3) ``post_attention_layernorm`` normalises the
+    attention output and two more norms surround the MLP; otherwise (Llama) it is the MLP's input norm."""
+
     def __init__(self, cfg: ModelConfig, layer_idx: int, device=None, dtype=None):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype, offset=cfg.norm_offset)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, layer_idx, device, dtype)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, device, dtype)
+        self.sandwich = cfg.sandwich_norm
+        if self.sandwich:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
 
     def forward(self, x, cos, sin, mask, causal, kv_cache=None):
+        if self.sandwich:
+            h = self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv_cache)
+            x = x + self.post_attention_layernorm(h)
+            return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, causal, kv_cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -158,7 +105,7 @@ class LlamaBackbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, device=device, dtype=dtype)
         self.layers = nn.ModuleList(Block(cfg, i, device, dtype) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, device, dtype, offset=cfg.norm_offset)
 
 
 # ----------------------------------------------------------------------------- the model
@@ -185,16 +132,9 @@ def _right_padded(attention_mask: torch.Tensor) -> bool:
     return bool((m[:, 1:] <= m[:, :-1]).all())
 
 
-def packed_causal_mask(cu_seqlens: torch.Tensor, T: int, device=None) -> torch.Tensor:
-    """Block-diagonal causal (1, 1, T, T) mask for sequences packed at boundaries ``cu_seqlens``."""
-    cu = cu_seqlens.to(device=device, dtype=torch.long)
-    seg = torch.bucketize(torch.arange(T, device=device), cu[1:-1], right=True)         # (T,)
-    pos = torch.arange(T, device=device)
-    return ((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None]))[None, None]
-
-
 class Llama(nn.Module):
-    """Llama causal LM. ``Llama(cfg, device="meta")`` builds without allocating weights."""
+    """Causal LM of any supported family (the config's ``model_type``). ``Llama(cfg, device="meta")``
+    builds without allocating weights."""
 
     def __init__(self, cfg: ModelConfig, device: Any = None, dtype: torch.dtype | None = None):
         super().__init__()
@@ -203,6 +143,9 @@ class Llama(nn.Module):
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(
             cfg.hidden_size, cfg.vocab_size, bias=False, device=device, dtype=dtype)
         self.rotary = RotaryEmbedding(cfg)
+        # sliding layers with their own rope base (Gemma 3) get their own angles
+        self.rotary_local = RotaryEmbedding(cfg, local=True) if cfg.rope_local_theta is not None else None
+        self._embed_scale = math.sqrt(cfg.hidden_size) if cfg.embed_scale else None
         self.gradient_checkpointing = False
         if torch.device(device or "cpu").type != "meta":
             self.reset_parameters()
@@ -218,7 +161,7 @@ class Llama(nn.Module):
                 if getattr(m, "bias", None) is not None:
                     m.bias.zero_()
             elif isinstance(m, RMSNorm):
-                m.weight.fill_(1.0)
+                m.weight.fill_(1.0 - m.offset)            # scale 1 (Gemma stores it as offset + weight)
 
     # -- helpers ------------------------------------------------------------
     @property
@@ -259,6 +202,8 @@ class Llama(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(T, device=input_ids.device).expand(B, T)
         x = self.model.embed_tokens(input_ids)                                         # (B, T, H)
+        if self._embed_scale is not None:                    # Gemma: sqrt(H), rounded to the embedding dtype
+            x = x * torch.tensor(self._embed_scale, dtype=x.dtype, device=x.device)
         cos, sin = self.rotary(position_ids, x.dtype)                                  # (B, T, D)
         if cu_seqlens is not None:
             if B != 1:
@@ -276,19 +221,41 @@ class Llama(nn.Module):
                 attention_mask = None
             mask = attn_mask if attn_mask is not None else build_attention_mask(
                 attention_mask, T, T, device=input_ids.device)
-        for layer in self.model.layers:
+        per_kind = {False: (cos, sin, mask)}
+        if self.config.has_sliding_layers:
+            local_cs = self.rotary_local(position_ids, x.dtype) if self.rotary_local is not None else (cos, sin)
+            per_kind[True] = (*local_cs, self._window_mask(mask, T, kv_cache, input_ids.device))
+        for i, layer in enumerate(self.model.layers):
+            cos_i, sin_i, mask_i = per_kind[self.config.is_sliding(i)]
             if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
-                x = checkpoint(layer, x, cos, sin, mask, True, kv_cache, use_reentrant=False)
+                x = checkpoint(layer, x, cos_i, sin_i, mask_i, True, kv_cache, use_reentrant=False)
             else:
-                x = layer(x, cos, sin, mask, True, kv_cache)
+                x = layer(x, cos_i, sin_i, mask_i, True, kv_cache)
         x = self.model.norm(x)                                                         # (B, T, H)
         if return_hidden:
             return x
         return self.project_logits(x)                                                 # (B, T, V)
 
+    def _window_mask(self, mask, T: int, kv_cache, device) -> torch.Tensor:
+        """The sliding layers' mask: ``mask`` limited to keys less than ``sliding_window`` slots behind each
+        query. With a KV cache, row b's queries sit at slots lengths[b] .. lengths[b] + T - 1."""
+        if kv_cache is None:
+            return sliding_window_mask(mask, T, self.config.sliding_window, device)
+        return kv_cache.sliding_window_mask(mask, T, self.config.sliding_window)
+
     def project_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """Final hidden states (..., H) -> logits (..., V) through the LM head."""
-        return F.linear(hidden, self.output_weight)
+        """Final hidden states (..., H) -> logits (..., V) through the LM head (softcapped if configured)."""
+        logits = F.linear(hidden, self.output_weight)
+        cap = self.config.final_logit_softcapping
+        return logits if cap is None else cap * torch.tanh(logits / cap)
+
+    def fused_decode_blocker(self) -> str | None:
+        """Why the fused CPU decode step (which computes a plain Llama) cannot run this model, or None."""
+        opts = self.config.family_options()
+        if opts:
+            return (f"the {self.config.model_type} model uses {', '.join(opts)}, which the fused decode step "
+                    f"does not implement")
+        return None
 
     # -- checkpoints (implemented in checkpoint.py) --------------------------
     @classmethod
@@ -305,3 +272,6 @@ class Llama(nn.Module):
         """Grow the embedding (and untied head); new rows = mean of the old rows."""
         from .vocab import resize_token_embeddings
         resize_token_embeddings(self, new_vocab_size)
+
+
+CausalLM = Llama     # family-neutral name: the same class

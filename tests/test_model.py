@@ -152,7 +152,7 @@ def test_config_hf_round_trip():
 
 def test_config_errors_are_specific():
     with pytest.raises(ConfigError, match="unsupported architecture"):
-        ModelConfig.from_hf_dict({"model_type": "mistral", "architectures": ["MistralForCausalLM"]}, source="x/config.json")
+        ModelConfig.from_hf_dict({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}, source="x/config.json")
     with pytest.raises(ConfigError, match="rope_scaling type 'yarn' is not supported"):
         ModelConfig.from_hf_dict({"model_type": "llama", "rope_scaling": {"rope_type": "yarn", "factor": 2.0},
                                   "hidden_size": 64, "num_attention_heads": 4})

@@ -2,7 +2,9 @@
 
 Rows of a batch may hold different lengths; ``update`` (called by every attention layer) writes at
 each row's own position, ``advance`` / ``select`` / ``expand`` move, reorder and repeat rows, and
-``decode_mask`` says which cached keys a new token may see.
+``decode_mask`` says which cached keys a new token may see, ``sliding_window_mask`` narrows a mask to the
+last ``sliding_window`` slots for sliding-window layers (Mistral, Gemma 3): the buffers keep every
+position, a window is a mask, at prefill and at decode.
 Tests: ``python -m pytest tests/test_sampler.py -q``.
 """
 from __future__ import annotations
@@ -151,3 +153,12 @@ class KVCache(nn.Module):
         S = self.max_len if self.static else hi + 1
         s = torch.arange(S, device=self.lengths.device)
         return (s[None, :] <= self.lengths[:, None])[:, None, None, :]
+
+    def sliding_window_mask(self, mask: torch.Tensor | None, T: int, window: int) -> torch.Tensor:
+        """Bool (B, 1, T, S) mask for T new queries per row (row b's at slots lengths[b] .. lengths[b] + T - 1,
+        before ``advance``): key slot s visible when slot - window < s <= slot, and ``mask`` allows it
+        (None: every earlier slot). S matches what ``update`` returns."""
+        from ..attention import sliding_window_mask
+        S = self.max_len if self.static else self._span()[1] + T
+        slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)      # (B, T)
+        return sliding_window_mask(mask, T, window, self.lengths.device, query_slots=slots, S=S)

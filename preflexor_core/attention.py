@@ -1,0 +1,163 @@
+"""Grouped-query self-attention of the decoder, its masks, and the family options it carries.
+
+``Attention`` projects q/k/v (biases per ``attention_bias`` / ``qkv_bias``), optionally RMS-normalises
+each head of q and k (``qk_norm``: Qwen3, Gemma 3), rotates them, scales q for a
+``query_pre_attn_scalar`` other than head_dim (Gemma 3), writes the KV cache and attends. Sliding-window
+layers (Mistral, Gemma 3, windowed Qwen) get their own mask from ``sliding_window_mask``: a query at slot
+t sees key slots s with t - window < s <= t (transformers' rule, on cache slots). Masks are boolean
+"may attend" tensors (B, 1, T, S). Reference: Ainslie et al. 2023 (GQA); Beltagy et al. 2020 (sliding
+windows); Gemma Team 2025 (Gemma 3 report).
+
+``_attend`` dispatches: the Triton flash-attention kernels on CUDA for plain causal or packed causal
+attention; any explicit mask (padding, sliding windows) takes torch SDPA, the stated fallback for
+sliding-window layers (the kernels have no window option). Attention-logit softcapping (off in every
+supported checkpoint, kept for configs that set it) runs in plain torch.
+Tests: ``python -m pytest -q tests/test_model.py tests/test_families.py``
+"""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm; with ``offset`` (Gemma) the scale is ``offset + weight``, computed in fp32 before the cast."""
+
+    def __init__(self, dim: int, eps: float, device=None, dtype=None, offset: float = 0.0):
+        super().__init__()
+        self.eps, self.offset = eps, offset
+        self.weight = nn.Parameter(torch.ones(dim, device=device, dtype=dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.offset:
+            xf = x.float()
+            xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+            return (xf * (self.offset + self.weight.float())).to(x.dtype)
+        from . import ops
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+@dataclass(frozen=True)
+class Packed:
+    """Sequences packed into one row at ``cu_seqlens`` boundaries (varlen attention on CUDA)."""
+    cu_seqlens: torch.Tensor
+    max_seqlen: int
+
+
+def packed_causal_mask(cu_seqlens: torch.Tensor, T: int, device=None) -> torch.Tensor:
+    """Block-diagonal causal (1, 1, T, T) mask for sequences packed at boundaries ``cu_seqlens``."""
+    cu = cu_seqlens.to(device=device, dtype=torch.long)
+    seg = torch.bucketize(torch.arange(T, device=device), cu[1:-1], right=True)         # (T,)
+    pos = torch.arange(T, device=device)
+    return ((seg[:, None] == seg[None, :]) & (pos[None, :] <= pos[:, None]))[None, None]
+
+
+def sliding_window_mask(mask, T: int, window: int, device, query_slots: torch.Tensor | None = None,
+                        S: int | None = None) -> torch.Tensor:
+    """``mask`` (bool (B|1, 1, T, S), ``Packed`` or None = causal) restricted to keys less than ``window``
+    slots behind each query. ``query_slots`` (B|1, T): each query's cache slot (default 0..T-1)."""
+    if isinstance(mask, Packed):
+        mask = packed_causal_mask(mask.cu_seqlens, T, device)
+    if S is None:
+        S = mask.shape[-1] if mask is not None else T
+    if query_slots is None:
+        query_slots = torch.arange(S - T, S, device=device)[None]
+    q = query_slots[:, None, :, None]                                      # (B|1, 1, T, 1)
+    s = torch.arange(S, device=device)[None, None, None, :]                # (1, 1, 1, S)
+    near = s > q - window
+    return near & (s <= q) if mask is None else near & mask
+
+
+def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
+    """q (B, Hq, T, D), k/v (B, Hkv, S, D) -> (B, Hq, T, D).
+
+    ``mask`` is a boolean (B, 1, T, S) "may attend" mask, a ``Packed`` layout (B = 1), or None
+    (then ``causal`` applies). On CUDA (or with PREFLEXOR_KERNELS=triton), None and Packed use the
+    Triton flash-attention kernels. q, k, v share one dtype (under autocast too: rope keeps q/k's).
+    """
+    kernels = q.is_cuda or os.environ.get("PREFLEXOR_KERNELS", "").strip().lower() == "triton"
+    if isinstance(mask, Packed):
+        if kernels:
+            from .kernels import flash_attention_varlen
+            o = flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                       mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
+            return o.transpose(0, 1)[None]
+        mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
+    if mask is None and kernels:
+        from .kernels import flash_attention
+        return flash_attention(q, k, v, causal=causal)
+    if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
+        from .ops import decode_attention       # one new token per row: CPU SDPA is slow outside fp32
+        return decode_attention(q, k, v, mask)
+    gqa = q.shape[1] != k.shape[1]          # SDPA maps query head h to kv head h // (Hq / Hkv) itself
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _attend_softcapped(q, k, v, mask, cap: float) -> torch.Tensor:
+    """Attention with scores ``cap * tanh(scores / cap)`` (plain torch; fp32 softmax)."""
+    B, Hq, T, D = q.shape
+    if isinstance(mask, Packed):
+        mask = packed_causal_mask(mask.cu_seqlens, T, q.device)
+    if mask is None:
+        mask = sliding_window_mask(None, T, k.shape[2] + 1, q.device, S=k.shape[2])   # plain causal
+    g = Hq // k.shape[1]
+    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)).float() * D ** -0.5           # (B, Hq, T, S)
+    scores = cap * torch.tanh(scores / cap)
+    scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg, layer_idx: int, device=None, dtype=None):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.sliding = cfg.is_sliding(layer_idx)
+        qkv = dict(bias=cfg.attention_bias or cfg.qkv_bias, device=device, dtype=dtype)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_heads * self.head_dim, **qkv)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, **qkv)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, **qkv)
+        self.o_proj = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=cfg.attention_bias,
+                                device=device, dtype=dtype)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, device, dtype, offset=cfg.norm_offset)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps, device, dtype, offset=cfg.norm_offset)
+        else:
+            self.q_norm = self.k_norm = None
+        # SDPA, the Triton kernels and decode_attention scale scores by head_dim ** -0.5; another
+        # query_pre_attn_scalar is folded into q once.
+        pre = cfg.query_pre_attn_scalar
+        self.q_scale = 1.0 if pre is None or pre == self.head_dim else math.sqrt(self.head_dim / pre)
+        self.softcap = cfg.attn_logit_softcapping
+
+    def forward(self, x, cos, sin, mask, causal, kv_cache=None):
+        from . import ops
+        B, T, _ = x.shape
+        q, k, v = self.project_qkv(x)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, Hq, T, D)
+        k = k.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
+        v = v.view(B, T, self.n_kv, self.head_dim).transpose(1, 2)                     # (B, Hkv, T, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)                                      # per head
+        q, k = ops.rope(q, k, cos, sin)
+        if self.q_scale != 1.0:
+            q = q * self.q_scale
+        if kv_cache is not None:
+            k, v = kv_cache.update(self.layer_idx, k, v)                               # (B, Hkv, S, D)
+        if self.softcap is not None:
+            o = _attend_softcapped(q, k, v, mask, self.softcap)
+        else:
+            o = _attend(q, k, v, mask, causal)                                         # (B, Hq, T, D)
+        return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    def project_qkv(self, x):
+        """x (B, T, H) -> q, k, v projections (the sampler swaps in one fused product)."""
+        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
