@@ -26,7 +26,7 @@ $(STAMP): requirements.txt requirements-test.txt setup.py $(CSRC)
 	touch $(STAMP)
 
 test: install
-	$(PY) -m pytest -q tests --ignore=tests/gpu --ignore=tests/benchmarks $(PYTEST_ARGS)
+	$(PY) -m pytest -q -rs tests --ignore=tests/gpu --ignore=tests/benchmarks $(PYTEST_ARGS)
 
 DEMO ?= runs/demo
 DEMO_TINY := runs/demo-tiny

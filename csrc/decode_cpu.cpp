@@ -20,18 +20,12 @@
 //       gate/up, down; head) whose products run through mkldnn::_linear_pointwise on activations
 //       rounded to the weights' dtype (faster from a few rows on). The caller advances the lengths.
 //
-// The vector kernels need AVX-512 (F, BW, VL, DQ); they are compiled for it with function target
-// attributes and chosen at run time (`decode_cpu_supported`), so the build stays portable. Without
-// AVX-512 the ops raise and the Python side keeps its torch path. Rows of the products run in
-// parallel through at::parallel_for; with one thread there is no task overhead.
+// The vector kernels (decode_kernels.h) exist for three ISA paths (cpu_isa.h): AVX-512, AVX2 + FMA and
+// portable C++; the active path is read at each call, so every CPU runs the ops. Rows of the products
+// run in parallel through at::parallel_for; with one thread there is no task overhead.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
-
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#define PREFLEXOR_DECODE_X86 1
-#include <immintrin.h>
-#endif
 
 #include <algorithm>
 #include <cmath>
@@ -39,29 +33,12 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_isa.h"
+#include "decode_vec.h"
 #include "ops.h"
-
-#ifndef PREFLEXOR_DECODE_X86
-// Not x86-64 (or not GCC / Clang): the ops exist and report themselves unsupported.
-namespace preflexor {
-bool decode_cpu_supported() { return false; }
-at::Tensor decode_matmul_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&) {
-  TORCH_CHECK(false, "decode_matmul: built without the x86-64 AVX-512 kernels");
-}
-at::Tensor decode_step_cpu(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, at::TensorList,
-                           at::TensorList, at::TensorList, const at::Tensor&, const at::Tensor&, int64_t, int64_t,
-                           double) {
-  TORCH_CHECK(false, "decode_step: built without the x86-64 AVX-512 kernels");
-}
-}  // namespace preflexor
-#else
-
-#define PREFLEXOR_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
 namespace preflexor {
 namespace {
-
-enum class WKind { F32, BF16, I8 };
 
 struct Weight {
   const void* data;
@@ -94,144 +71,53 @@ Weight as_weight(const at::Tensor& w, const at::Tensor* scale, const char* name)
   return out;
 }
 
-// ----------------------------------------------------------------------------- vector helpers
-template <WKind KD>
-PREFLEXOR_AVX512 inline __m512 load_w(const void* base, int64_t off, __mmask16 m) {
-  if constexpr (KD == WKind::F32) {
-    return _mm512_maskz_loadu_ps(m, static_cast<const float*>(base) + off);
-  } else if constexpr (KD == WKind::BF16) {
-    __m256i h = _mm256_maskz_loadu_epi16(m, static_cast<const uint16_t*>(base) + off);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
-  } else {
-    __m128i b = _mm_maskz_loadu_epi8(m, static_cast<const int8_t*>(base) + off);
-    return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
-  }
-}
+// The kernels of one ISA path.
+struct Kernels {
+  void (*matmul)(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, bool accumulate);
+  void (*rms_norm_rows)(const float* x, const float* w, float* y, int64_t B, int64_t H, float eps);
+  void (*silu_mul)(const float* gu, float* out, int64_t B, int64_t I);
+  void (*attend_f32)(const float* q, int64_t G, int64_t D, const float* kc, const float* vc, int64_t S, float* o,
+                     float* scores);
+  void (*attend_bf16)(const float* q, int64_t G, int64_t D, const c10::BFloat16* kc, const c10::BFloat16* vc,
+                      int64_t S, float* o, float* scores);
+};
 
-// fp32 exp on 16 lanes: 2^n * p(f), x = n ln2 + f with |f| <= ln2 / 2, p a degree-6 Taylor polynomial
-// (relative error ~2e-7); below -87.3 the result is 0, above 88.7 it is +inf.
-PREFLEXOR_AVX512 inline __m512 exp16(__m512 x) {
-  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
-  x = _mm512_min_ps(x, _mm512_set1_ps(88.72283f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);          // ln2 split in two parts
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.0f / 720);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 120));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 24));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f / 6));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.5f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
+namespace generic {
+#define PREFLEXOR_DK_TARGET
+#define PREFLEXOR_DK_VEC GenericVec
+#include "decode_kernels.h"
+#undef PREFLEXOR_DK_VEC
+#undef PREFLEXOR_DK_TARGET
+}  // namespace generic
 
-inline __mmask16 tail_mask(int64_t left) { return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1); }
+#ifdef PREFLEXOR_X86
+namespace avx2 {
+#define PREFLEXOR_DK_TARGET PREFLEXOR_TARGET_AVX2
+#define PREFLEXOR_DK_VEC Avx2Vec
+#include "decode_kernels.h"
+#undef PREFLEXOR_DK_VEC
+#undef PREFLEXOR_DK_TARGET
+}  // namespace avx2
 
-// ----------------------------------------------------------------------------- products
-// out[m] = sum_k x[m, k] * w[n, k] for MB rows of x and one weight row (raw, before the int8 scale).
-// One weight row at a time: the matrix is read as one sequential stream (interleaving several rows
-// halved the bandwidth the hardware prefetcher sustains here); U independent accumulators per x row
-// hide the FMA latency.
-template <WKind KD, int MB>
-PREFLEXOR_AVX512 void dot_rows(const float* x, int64_t ldx, const Weight& w, int64_t n, float out[4]) {
-  constexpr int U = MB == 1 ? 4 : (MB == 2 ? 2 : 1);
-  __m512 acc[MB][U];
-  for (int m = 0; m < MB; ++m)
-    for (int u = 0; u < U; ++u) acc[m][u] = _mm512_setzero_ps();
-  const int64_t K = w.k;
-  const int64_t row = n * K;
-  int64_t k = 0;
-  for (; k + 16 * U <= K; k += 16 * U) {
-    __m512 wv[U];
-    for (int u = 0; u < U; ++u) wv[u] = load_w<KD>(w.data, row + k + 16 * u, 0xFFFF);
-    for (int m = 0; m < MB; ++m)
-      for (int u = 0; u < U; ++u)
-        acc[m][u] = _mm512_fmadd_ps(wv[u], _mm512_loadu_ps(x + m * ldx + k + 16 * u), acc[m][u]);
-  }
-  for (; k < K; k += 16) {
-    const __mmask16 msk = tail_mask(K - k);
-    const __m512 wv = load_w<KD>(w.data, row + k, msk);
-    for (int m = 0; m < MB; ++m)
-      acc[m][0] = _mm512_fmadd_ps(wv, _mm512_maskz_loadu_ps(msk, x + m * ldx + k), acc[m][0]);
-  }
-  for (int m = 0; m < MB; ++m) {
-    __m512 a = acc[m][0];
-    for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, acc[m][u]);
-    out[m] = _mm512_reduce_add_ps(a);
-  }
-}
+namespace avx512 {
+#define PREFLEXOR_DK_TARGET PREFLEXOR_TARGET_AVX512
+#define PREFLEXOR_DK_VEC Avx512Vec
+#include "decode_kernels.h"
+#undef PREFLEXOR_DK_VEC
+#undef PREFLEXOR_DK_TARGET
+}  // namespace avx512
+#endif
 
-// y[m, n] (+)= x[m, :] . w[n, :] * scale[n] for all M rows; `accumulate` adds to y (the residual).
-// x rows go in groups of 4 per weight row (a row is re-read from L1 for the next group).
-template <WKind KD>
-PREFLEXOR_AVX512 void matmul_kind(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                                  bool accumulate) {
-  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, w.k * M));
-  at::parallel_for(0, w.n, grain, [&](int64_t n0, int64_t n1) {
-    float out[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      const float s = w.scale != nullptr ? w.scale[n] : 1.0f;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const float* xm = x + m0 * ldx;
-        switch (mb) {
-          case 4: dot_rows<KD, 4>(xm, ldx, w, n, out); break;
-          case 3: dot_rows<KD, 3>(xm, ldx, w, n, out); break;
-          case 2: dot_rows<KD, 2>(xm, ldx, w, n, out); break;
-          default: dot_rows<KD, 1>(xm, ldx, w, n, out); break;
-        }
-        for (int m = 0; m < mb; ++m) {
-          float* yv = y + (m0 + m) * ldy + n;
-          *yv = accumulate ? *yv + out[m] * s : out[m] * s;
-        }
-      }
-    }
-  });
-}
-
-void matmul(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, bool accumulate) {
-  switch (w.kind) {
-    case WKind::F32: matmul_kind<WKind::F32>(x, M, ldx, w, y, ldy, accumulate); break;
-    case WKind::BF16: matmul_kind<WKind::BF16>(x, M, ldx, w, y, ldy, accumulate); break;
-    case WKind::I8: matmul_kind<WKind::I8>(x, M, ldx, w, y, ldy, accumulate); break;
+// The kernels of the active ISA path (cpu_isa.h).
+Kernels active_kernels() {
+#ifdef PREFLEXOR_X86
+  switch (active_isa()) {
+    case Isa::Avx512: return avx512::table();
+    case Isa::Avx2: return avx2::table();
+    default: break;
   }
-}
-
-// ----------------------------------------------------------------------------- small ops (fp32)
-PREFLEXOR_AVX512 void rms_norm_rows(const float* x, const float* w, float* y, int64_t B, int64_t H, float eps) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* xr = x + b * H;
-    float* yr = y + b * H;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < H; i += 16) {
-      const __m512 v = _mm512_maskz_loadu_ps(tail_mask(H - i), xr + i);
-      acc = _mm512_fmadd_ps(v, v, acc);
-    }
-    const float s = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(H) + eps);
-    const __m512 sv = _mm512_set1_ps(s);
-    for (int64_t i = 0; i < H; i += 16) {
-      const __mmask16 m = tail_mask(H - i);
-      const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, xr + i), sv);
-      _mm512_mask_storeu_ps(yr + i, m, _mm512_mul_ps(v, _mm512_maskz_loadu_ps(m, w + i)));
-    }
-  }
-}
-
-PREFLEXOR_AVX512 void silu_mul(const float* gu, float* out, int64_t B, int64_t I) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* g = gu + b * 2 * I;
-    const float* u = g + I;
-    float* o = out + b * I;
-    for (int64_t i = 0; i < I; i += 16) {
-      const __mmask16 m = tail_mask(I - i);
-      const __m512 gv = _mm512_maskz_loadu_ps(m, g + i);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-      const __m512 s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0f), e));
-      _mm512_mask_storeu_ps(o + i, m, _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u + i)));
-    }
-  }
+#endif
+  return generic::table();
 }
 
 // HF rotate_half: out[i] = x[i] cos[i] - x[i + D/2] sin[i], out[i + D/2] = x[i + D/2] cos[i + D/2] + x[i] sin[i + D/2].
@@ -247,69 +133,6 @@ void rope_heads(float* x, int64_t heads, int64_t D, const float* cos, const floa
   }
 }
 
-// A cache row (fp32 or bf16) read as 16 fp32 lanes: the weights' widening.
-template <typename T>
-PREFLEXOR_AVX512 inline __m512 load_cache(const T* p, __mmask16 m) {
-  return load_w<std::is_same_v<T, float> ? WKind::F32 : WKind::BF16>(p, 0, m);
-}
-
-// One row, one kv head: the G = Hq / Hkv query heads q (G, D) attend over S cached positions
-// kc/vc (S, D); o (G, D). scores: scratch of G * S floats.
-template <typename T>
-PREFLEXOR_AVX512 void attend_group(const float* q, int64_t G, int64_t D, const T* kc, const T* vc, int64_t S,
-                                   float* o, float* scores) {
-  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
-  for (int64_t j = 0; j < S; ++j) {
-    const T* kj = kc + j * D;
-    for (int64_t g = 0; g < G; ++g) {
-      const float* qg = q + g * D;
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t d = 0; d < D; d += 16) {
-        const __mmask16 m = tail_mask(D - d);
-        acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, qg + d), load_cache<T>(kj + d, m), acc);
-      }
-      scores[g * S + j] = _mm512_reduce_add_ps(acc) * scale;
-    }
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    float* sg = scores + g * S;
-    float mx = -INFINITY;
-    for (int64_t j = 0; j < S; ++j) mx = std::max(mx, sg[j]);
-    const __m512 mv = _mm512_set1_ps(mx);
-    __m512 sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < S; j += 16) {
-      const __mmask16 m = tail_mask(S - j);
-      const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + j), mv));
-      _mm512_mask_storeu_ps(sg + j, m, e);
-      sum = _mm512_add_ps(sum, _mm512_maskz_mov_ps(m, e));
-    }
-    const float inv = 1.0f / _mm512_reduce_add_ps(sum);
-    for (int64_t j = 0; j < S; ++j) sg[j] *= inv;
-  }
-  for (int64_t g = 0; g < G; ++g) {
-    const float* pg = scores + g * S;
-    float* og = o + g * D;
-    for (int64_t d = 0; d < D; d += 16) {
-      const __mmask16 m = tail_mask(D - d);
-      __m512 acc = _mm512_setzero_ps();
-      for (int64_t j = 0; j < S; ++j)
-        acc = _mm512_fmadd_ps(_mm512_set1_ps(pg[j]), load_cache<T>(vc + j * D + d, m), acc);
-      _mm512_mask_storeu_ps(og + d, m, acc);
-    }
-  }
-}
-
-bool cpu_has_avx512() {
-  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return ok;
-}
-
-void require_avx512(const char* name) {
-  TORCH_CHECK(cpu_has_avx512(), name, ": needs a CPU with AVX-512 (F, BW, VL, DQ); check "
-              "torch.ops.preflexor.decode_cpu_supported() first and use the torch path otherwise");
-}
-
 // The products of a step, by group: per layer 0 = q/k/v, 1 = o, 2 = gate/up, 3 = down; then the head.
 // Either raw weights (7 per layer + head, this file's kernels) or oneDNN-packed weights (4 per layer +
 // head: q/k/v and gate/up concatenated, as sampler.cpu_pack makes them), called through the dispatcher
@@ -319,14 +142,16 @@ struct Products {
   std::vector<at::Tensor> packed;
   int64_t L = 0;
 
-  void run(int64_t l, int g, const float* x, int64_t M, int64_t K, float* y, int64_t ldy, bool acc) const {
+  Kernels K;
+
+  void run(int64_t l, int g, const float* x, int64_t M, int64_t Kd, float* y, int64_t ldy, bool acc) const {
     if (packed.empty()) {
       const Weight* w = l < L ? raw.data() + 7 * l : raw.data() + 7 * L;
-      if (l == L) return matmul(x, M, K, w[0], y, ldy, acc);
+      if (l == L) return K.matmul(x, M, Kd, w[0], y, ldy, acc);
       static constexpr int first[4] = {0, 3, 4, 6}, count[4] = {3, 1, 2, 1};
       int64_t off = 0;
       for (int i = first[g]; i < first[g] + count[g]; ++i) {
-        matmul(x, M, K, w[i], y + off, ldy, acc);
+        K.matmul(x, M, Kd, w[i], y + off, ldy, acc);
         off += w[i].n;
       }
       return;
@@ -334,7 +159,7 @@ struct Products {
     const at::Tensor& wp = packed[l < L ? 4 * l + g : 4 * L];
     static const c10::OperatorHandle op =
         c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-    at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, K}, at::kFloat).to(wp.scalar_type());
+    at::Tensor xt = at::from_blob(const_cast<float*>(x), {M, Kd}, at::kFloat).to(wp.scalar_type());
     std::vector<c10::IValue> stack{xt, wp, c10::IValue(), std::string("none"),
                                    c10::List<std::optional<at::Scalar>>(), c10::IValue()};
     op.callBoxed(&stack);
@@ -357,8 +182,13 @@ void decode_layers(float* h, const int64_t* lengths, const float* cos, const flo
   for (int64_t b = 0; b < B; ++b) max_s = std::max(max_s, lengths[b] + 1);
   std::vector<float> xn(B * H), qkv(B * nqkv), att(B * nq), gu(B * 2 * I), act(B * I);
   const int64_t layer_stride = B * Hkv * max_len * D;
+  const auto attend = [&](const float* q, int64_t G_, int64_t D_, const T* kc, const T* vc, int64_t S, float* o,
+                          float* scores) {
+    if constexpr (std::is_same_v<T, float>) P.K.attend_f32(q, G_, D_, kc, vc, S, o, scores);
+    else P.K.attend_bf16(q, G_, D_, kc, vc, S, o, scores);
+  };
   for (int64_t l = 0; l < L; ++l) {
-    rms_norm_rows(h, norms[2 * l].data_ptr<float>(), xn.data(), B, H, eps);
+    P.K.rms_norm_rows(h, norms[2 * l].data_ptr<float>(), xn.data(), B, H, eps);
     P.run(l, 0, xn.data(), B, H, qkv.data(), nqkv, false);
     T* kl = kcache + l * layer_stride;
     T* vl = vcache + l * layer_stride;
@@ -381,26 +211,26 @@ void decode_layers(float* h, const int64_t* lengths, const float* cos, const flo
         const int64_t b = t / Hkv, g = t % Hkv;
         const T* kc = kl + (b * Hkv + g) * max_len * D;
         const T* vc = vl + (b * Hkv + g) * max_len * D;
-        attend_group<T>(qkv.data() + b * nqkv + g * G * D, G, D, kc, vc, lengths[b] + 1,
+        attend(qkv.data() + b * nqkv + g * G * D, G, D, kc, vc, lengths[b] + 1,
                         att.data() + b * nq + g * G * D, scores.data());
       }
     });
     P.run(l, 1, att.data(), B, nq, h, H, true);
-    rms_norm_rows(h, norms[2 * l + 1].data_ptr<float>(), xn.data(), B, H, eps);
+    P.K.rms_norm_rows(h, norms[2 * l + 1].data_ptr<float>(), xn.data(), B, H, eps);
     P.run(l, 2, xn.data(), B, H, gu.data(), 2 * I, false);
-    silu_mul(gu.data(), act.data(), B, I);
+    P.K.silu_mul(gu.data(), act.data(), B, I);
     P.run(l, 3, act.data(), B, I, h, H, true);
   }
-  rms_norm_rows(h, norms[2 * L].data_ptr<float>(), xn.data(), B, H, eps);
+  P.K.rms_norm_rows(h, norms[2 * L].data_ptr<float>(), xn.data(), B, H, eps);
   P.run(L, 0, xn.data(), B, H, logits, P.packed.empty() ? P.raw.back().n : P.packed.back().size(0), false);
 }
 
 }  // namespace
 
-bool decode_cpu_supported() { return cpu_has_avx512(); }
+// Every CPU runs the ops (the portable path at least); kept for callers that ask.
+bool decode_cpu_supported() { return true; }
 
 at::Tensor decode_matmul_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
-  require_avx512("decode_matmul");
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "decode_matmul: need x (M, K) and w (N, K); got ",
               x.sizes(), " and ", w.sizes());
   TORCH_CHECK(x.is_floating_point() && x.device().is_cpu(), "decode_matmul: x must be a floating CPU tensor");
@@ -411,14 +241,13 @@ at::Tensor decode_matmul_cpu(const at::Tensor& x, const at::Tensor& w, const at:
   const Weight W = as_weight(wc, int8 ? &scale : nullptr, "decode_matmul");
   at::Tensor y = at::empty({x.size(0), w.size(0)}, x.options().dtype(at::kFloat));
   if (x.size(0) > 0 && w.size(0) > 0)
-    matmul(xf.data_ptr<float>(), x.size(0), x.size(1), W, y.data_ptr<float>(), w.size(0), false);
+    active_kernels().matmul(xf.data_ptr<float>(), x.size(0), x.size(1), W, y.data_ptr<float>(), w.size(0), false);
   return y;
 }
 
 at::Tensor decode_step_cpu(const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& cos, const at::Tensor& sin,
                            at::TensorList norms, at::TensorList mats, at::TensorList scales, const at::Tensor& k_cache,
                            const at::Tensor& v_cache, int64_t n_heads, int64_t n_kv_heads, double eps) {
-  require_avx512("decode_step");
   TORCH_CHECK(k_cache.dim() == 5 && k_cache.sizes() == v_cache.sizes() && k_cache.is_contiguous() &&
                   v_cache.is_contiguous() && k_cache.scalar_type() == v_cache.scalar_type(),
               "decode_step: k_cache and v_cache must be contiguous (L, B, Hkv, max_len, D) tensors of one dtype; got ",
@@ -451,6 +280,7 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const at::Tensor& lengths, const
   const int64_t nq = n_heads * D, nkv = Hkv * D;
   Products P;
   P.L = L;
+  P.K = active_kernels();
   int64_t I = 0, V = 0;
   if (static_cast<int64_t>(mats.size()) == 4 * L + 1 && !mats.empty() && mats[0].layout() == at::kMkldnn) {
     TORCH_CHECK(scales.empty(), "decode_step: packed weights take no scales");
@@ -510,5 +340,3 @@ at::Tensor decode_step_cpu(const at::Tensor& x, const at::Tensor& lengths, const
 }
 
 }  // namespace preflexor
-
-#endif  // PREFLEXOR_DECODE_X86

@@ -5,6 +5,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu_isa.h"
 #include "ops.h"
 
 TORCH_LIBRARY(preflexor, m) {
@@ -15,6 +16,10 @@ TORCH_LIBRARY(preflexor, m) {
   m.def("rope(Tensor q, Tensor k, Tensor cos, Tensor sin) -> (Tensor q_out, Tensor k_out)");
   m.def("rope_backward(Tensor grad_q, Tensor grad_k, Tensor cos, Tensor sin) -> (Tensor grad_q_in, Tensor grad_k_in)");
   m.def("sample(Tensor logits, Tensor temperature, Tensor top_k, Tensor top_p, Tensor seeds) -> Tensor");
+  // CPU ISA paths (cpu_isa.h): 0 generic, 1 avx2, 2 avx512; the native level, the active one, lowering it.
+  m.def("cpu_isa_native() -> int", &preflexor::cpu_isa_native_op);
+  m.def("cpu_isa_active() -> int", &preflexor::cpu_isa_active_op);
+  m.def("set_cpu_isa(int level) -> int", &preflexor::set_cpu_isa_op);
   // CPU decode (decode_cpu.cpp): whether this CPU runs them, the small-M product, one decode step.
   m.def("decode_cpu_supported() -> bool", &preflexor::decode_cpu_supported);
   m.def("decode_matmul(Tensor x, Tensor w, Tensor scale) -> Tensor");

@@ -1,5 +1,6 @@
 // CPU kernels for RMSNorm (HF Llama semantics): the forward and the backward for x and weight. fp32 accumulation for every dtype; rows run in parallel
-// through at::parallel_for (OpenMP), the hidden dimension is a `#pragma omp simd` loop.
+// through at::parallel_for (OpenMP), the hidden dimension is a `#pragma omp simd` loop, compiled for each ISA
+// path (cpu_isa.h: AVX-512, AVX2 + FMA, portable) and run on the active one.
 // fp64 inputs are computed in fp64 (rstd is then fp64) so that fp64 gradchecks are meaningful.
 //
 //   y = weight * (x_f32 * rstd).to(x.dtype),   rstd = 1 / sqrt(mean(x_f32^2) + eps)   (per row)
@@ -10,6 +11,7 @@
 
 #include <cmath>
 
+#include "cpu_isa.h"
 #include "ops.h"
 
 namespace preflexor {
@@ -28,13 +30,12 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight, const char* nam
   TORCH_CHECK(x.size(-1) > 0, name, ": the normalised dimension must be non-empty");
 }
 
-// Normalises `rows` rows of `src` (hidden H) into `y`; writes rstd.
+// Normalises rows [begin, end) of `src` (hidden H) into `y`; writes rstd. Compiled once per ISA path.
 template <typename scalar_t>
-void rms_forward_rows(const scalar_t* src, const scalar_t* w, scalar_t* y, acc_t<scalar_t>* rstd, int64_t rows,
-                      int64_t H, double eps_d) {
+PREFLEXOR_ALWAYS_INLINE void rms_forward_range(const scalar_t* src, const scalar_t* w, scalar_t* y,
+                                               acc_t<scalar_t>* rstd, int64_t begin, int64_t end, int64_t H,
+                                               acc_t<scalar_t> eps) {
   using A = acc_t<scalar_t>;
-  const A eps = static_cast<A>(eps_d);
-  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       const scalar_t* xr = src + r * H;
       scalar_t* yr = y + r * H;
@@ -52,17 +53,25 @@ void rms_forward_rows(const scalar_t* src, const scalar_t* w, scalar_t* y, acc_t
         yr[i] = from_acc<scalar_t>(to_acc(w[i]) * n);
       }
     }
+}
+PREFLEXOR_ISA_VARIANTS(rms_forward_range_isa, rms_forward_range)
+
+template <typename scalar_t>
+void rms_forward_rows(const scalar_t* src, const scalar_t* w, scalar_t* y, acc_t<scalar_t>* rstd, int64_t rows,
+                      int64_t H, double eps_d) {
+  const acc_t<scalar_t> eps = static_cast<acc_t<scalar_t>>(eps_d);
+  at::parallel_for(0, rows, 16, [&](int64_t begin, int64_t end) {
+    rms_forward_range_isa<scalar_t>(src, w, y, rstd, begin, end, H, eps);
   });
 }
 
+// grad_x of the rows of blocks [b0, b1) and each block's grad_weight partial. Compiled once per ISA path.
 template <typename scalar_t>
-void rms_backward_rows(const scalar_t* gyp, const scalar_t* xp, const scalar_t* wp, const acc_t<scalar_t>* sp,
-                       scalar_t* gxp, acc_t<scalar_t>* pp, acc_t<scalar_t>* gw, int64_t rows, int64_t H,
-                       int64_t kBlock) {
+PREFLEXOR_ALWAYS_INLINE void rms_backward_blocks(const scalar_t* gyp, const scalar_t* xp, const scalar_t* wp,
+                                                 const acc_t<scalar_t>* sp, scalar_t* gxp, acc_t<scalar_t>* pp,
+                                                 int64_t rows, int64_t H, int64_t kBlock, int64_t b0, int64_t b1) {
   using A = acc_t<scalar_t>;
-  const int64_t nblocks = (rows + kBlock - 1) / kBlock;
   const A inv_h = A(1) / static_cast<A>(H);
-  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       A* acc_w = pp + b * H;
       const int64_t r_end = std::min(rows, (b + 1) * kBlock);
@@ -87,6 +96,17 @@ void rms_backward_rows(const scalar_t* gyp, const scalar_t* xp, const scalar_t* 
         }
       }
     }
+}
+PREFLEXOR_ISA_VARIANTS(rms_backward_blocks_isa, rms_backward_blocks)
+
+template <typename scalar_t>
+void rms_backward_rows(const scalar_t* gyp, const scalar_t* xp, const scalar_t* wp, const acc_t<scalar_t>* sp,
+                       scalar_t* gxp, acc_t<scalar_t>* pp, acc_t<scalar_t>* gw, int64_t rows, int64_t H,
+                       int64_t kBlock) {
+  using A = acc_t<scalar_t>;
+  const int64_t nblocks = (rows + kBlock - 1) / kBlock;
+  at::parallel_for(0, nblocks, 1, [&](int64_t b0, int64_t b1) {
+    rms_backward_blocks_isa<scalar_t>(gyp, xp, wp, sp, gxp, pp, rows, H, kBlock, b0, b1);
   });
   at::parallel_for(0, H, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1; ++i) {

@@ -3,10 +3,12 @@
 // applied to q (B, Hq, T, D) and k (B, Hkv, T, D) with cos/sin (B or 1, T, D).
 // Defines the out-of-place forward, its backward (the transpose of the rotation, which equals
 // rope with -sin when the two halves of sin are equal, as HF builds them).
-// Any strides are accepted as long as the head dimension is contiguous; compute is fp32.
+// Any strides are accepted as long as the head dimension is contiguous; compute is fp32. The row loop is
+// compiled for each ISA path (cpu_isa.h) and runs on the active one.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 
+#include "cpu_isa.h"
 #include "ops.h"
 
 namespace preflexor {
@@ -33,28 +35,24 @@ void check_rope(const at::Tensor& q, const at::Tensor& k, const at::Tensor& cos,
 
 at::Tensor last_dim_contiguous(const at::Tensor& t) { return t.stride(-1) == 1 ? t : t.contiguous(); }
 
-// `transpose` applies the adjoint rotation (the backward).
+// Rows [begin, end) of the (B, H, T) rows; `transpose` applies the adjoint rotation (the backward).
+struct RopeArgs {
+  int64_t H, Tn, half;
+  int64_t sb, sh, st, db, dh, dt, cb, ct, nb, nt;
+  bool transpose;
+};
+
 template <typename T>
-void rope_apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
-                bool transpose) {
-  const int64_t B = src.size(0), H = src.size(1), Tn = src.size(2), D = src.size(3), half = D / 2;
-  if (src.numel() == 0) return;
-  const T* sp = src.data_ptr<T>();
-  T* dp = dst.data_ptr<T>();
-  const T* cp = cos.data_ptr<T>();
-  const T* np = sin.data_ptr<T>();
-  const int64_t sb = src.stride(0), sh = src.stride(1), st = src.stride(2);
-  const int64_t db = dst.stride(0), dh = dst.stride(1), dt = dst.stride(2);
-  const int64_t cb = cos.size(0) == 1 ? 0 : cos.stride(0), ct = cos.stride(1);
-  const int64_t nb = sin.size(0) == 1 ? 0 : sin.stride(0), nt = sin.stride(1);
-  at::parallel_for(0, B * H * Tn, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
+PREFLEXOR_ALWAYS_INLINE void rope_rows(const T* sp, T* dp, const T* cp, const T* np, const RopeArgs* a,
+                                       int64_t begin, int64_t end) {
+  const int64_t half = a->half;
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t t = row % Tn, h = (row / Tn) % H, b = row / (Tn * H);
-      const T* x = sp + b * sb + h * sh + t * st;
-      T* o = dp + b * db + h * dh + t * dt;
-      const T* c = cp + b * cb + t * ct;
-      const T* s = np + b * nb + t * nt;
-      if (!transpose) {
+      const int64_t t = row % a->Tn, h = (row / a->Tn) % a->H, b = row / (a->Tn * a->H);
+      const T* x = sp + b * a->sb + h * a->sh + t * a->st;
+      T* o = dp + b * a->db + h * a->dh + t * a->dt;
+      const T* c = cp + b * a->cb + t * a->ct;
+      const T* s = np + b * a->nb + t * a->nt;
+      if (!a->transpose) {
 #pragma omp simd
         for (int64_t i = 0; i < half; ++i) {
           const auto x1 = to_acc(x[i]), x2 = to_acc(x[i + half]);
@@ -71,6 +69,24 @@ void rope_apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& 
         }
       }
     }
+}
+PREFLEXOR_ISA_VARIANTS(rope_rows_isa, rope_rows)
+
+template <typename T>
+void rope_apply(const at::Tensor& src, const at::Tensor& dst, const at::Tensor& cos, const at::Tensor& sin,
+                bool transpose) {
+  const int64_t B = src.size(0), H = src.size(1), Tn = src.size(2), D = src.size(3);
+  if (src.numel() == 0) return;
+  const RopeArgs a{H, Tn, D / 2,
+                   src.stride(0), src.stride(1), src.stride(2), dst.stride(0), dst.stride(1), dst.stride(2),
+                   cos.size(0) == 1 ? 0 : cos.stride(0), cos.stride(1), sin.size(0) == 1 ? 0 : sin.stride(0),
+                   sin.stride(1), transpose};
+  const T* sp = src.data_ptr<T>();
+  T* dp = dst.data_ptr<T>();
+  const T* cp = cos.data_ptr<T>();
+  const T* np = sin.data_ptr<T>();
+  at::parallel_for(0, B * H * Tn, std::max<int64_t>(1, 4096 / D), [&](int64_t begin, int64_t end) {
+    rope_rows_isa<T>(sp, dp, cp, np, &a, begin, end);
   });
 }
 

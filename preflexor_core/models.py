@@ -23,7 +23,7 @@ from .config import PRESETS
 from .errors import DeviceError, PreflexorError
 
 __all__ = ["NamedModel", "NAMED_MODELS", "DEFAULT_MODEL", "DTYPE_CHOICES", "ModelSpecError", "DtypeError",
-           "is_preset", "resolve_model", "parse_dtype", "load_model_and_tokenizer", "native_cpu_bf16"]
+           "is_preset", "resolve_model", "parse_dtype", "load_model_and_tokenizer"]
 
 
 class ModelSpecError(PreflexorError, ValueError):
@@ -122,27 +122,6 @@ def _device_type(device) -> str:
         return torch.device(device).type
     except (RuntimeError, ValueError, TypeError):
         raise DeviceError(f"device {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
-
-
-_CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
-
-
-def native_cpu_bf16() -> bool:
-    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX), which makes bf16 autocast training
-    about 2x faster than fp32 there (SmolLM2-135M forward + backward, 4 x 512 tokens: 10.7 s -> 4.6 s on
-    a 2-core Zen 4). ``PREFLEXOR_CPU_BF16=0`` / ``=1`` overrides the detection (the test suite pins 0 so
-    its numbers do not depend on the machine)."""
-    env = os.environ.get("PREFLEXOR_CPU_BF16", "auto").strip().lower()
-    if env in ("0", "1"):
-        return env == "1"
-    if env != "auto":
-        raise ValueError(f"PREFLEXOR_CPU_BF16={env!r}: use 0, 1 or auto")
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
-    except OSError:
-        return False
-    return any(flag in flags for flag in _CPU_BF16_FLAGS)
 
 
 def parse_dtype(name, device="cpu") -> torch.dtype:

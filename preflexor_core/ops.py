@@ -22,6 +22,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 
+from .cpu_features import cpu_isa
 from .kernels._checks import check_values
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ def _kernel_devices() -> frozenset[str]:
 _EXT_DEVICES = _kernel_devices()
 if _HAVE_EXT:
     log.info("preflexor ops: compiled csrc kernels available for %s", sorted(_EXT_DEVICES))
+    cpu_isa()      # applies PREFLEXOR_CPU_ISA before any kernel runs, and logs the CPU path once
 
 
 def _use_ext(op: str, device: torch.device) -> bool:

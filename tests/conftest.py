@@ -4,12 +4,22 @@ import os
 # Triton kernels run on CPU only in Triton's interpreter; the flag must be set before triton is
 # imported anywhere in this process. It only matters where a test forces PREFLEXOR_KERNELS=triton.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-# Training precision on CPU follows the CPU's bf16 support (models.native_cpu_bf16); the suite pins fp32
+# Training precision on CPU follows the CPU's bf16 support (cpu_features.native_cpu_bf16); the suite pins fp32
 # so that its numbers are the same on every machine (tests that want autocast turn it on themselves).
 os.environ.setdefault("PREFLEXOR_CPU_BF16", "0")
 
 
 import pytest  # noqa: E402
+
+from preflexor_core.cpu_features import available_isas, forced_isa  # noqa: E402
+
+
+@pytest.fixture(params=available_isas())
+def every_isa(request):
+    """Runs the test once per CPU ISA path at or below this machine's own (avx512, avx2, generic), so that
+    every machine tests every path it can run. PREFLEXOR_CPU_ISA lowers the top for the whole suite."""
+    with forced_isa(request.param):
+        yield request.param
 
 
 @pytest.fixture(scope="session")

@@ -1,7 +1,8 @@
 """The fused CPU decode step (csrc/decode_cpu.cpp, preflexor_core/sampler/fused_decode.py): the
 small-M product against torch for fp32 / bf16 / int8 weights, one whole decode step against the
 layer-by-layer torch step (fp32, bf16, int8 against its dequantized model, ragged rows, GQA, odd
-sizes, the oneDNN-packed products), generate with and without it, and its errors.
+sizes, the oneDNN-packed products), generate with and without it, and its errors; each on every CPU
+ISA path at or below this machine's (cpu_features.available_isas()).
 
     python -m pytest tests/test_fused_decode.py -q
 """
@@ -9,13 +10,13 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig
+from preflexor_core.cpu_features import onednn_bf16_packing
 from preflexor_core.sampler import (KVCache, SamplingParams, cpu_packed_linears, decode_one_token, generate,
                                     prefill, quantize_per_channel)
 from preflexor_core.sampler import fused_decode
 from preflexor_core.sampler.int8 import dequantize
 
-pytestmark = pytest.mark.skipif(not fused_decode.cpu_supported(),
-                                reason="the fused decode step needs the compiled extension and an AVX-512 CPU")
+pytestmark = pytest.mark.usefixtures("every_isa")    # each test on every ISA path of this CPU
 P = torch.ops.preflexor
 
 
@@ -175,6 +176,14 @@ def test_fused_step_with_onednn_packed_products(odd, dtype, tol):
     m = Llama(odd.config).to(dtype).eval()
     m.load_state_dict(odd.state_dict())
     prompts = PROMPTS + [[30, 31, 32, 33]] * 2
+    if dtype == torch.bfloat16 and not onednn_bf16_packing():
+        # oneDNN cannot pack bf16 on this path (no AVX-512): nothing is packed, and the bf16 step keeps
+        # its own products at every batch size instead of torch's emulated bf16 products
+        with torch.inference_mode(), cpu_packed_linears(m) as packed:
+            assert not packed
+            fused = fused_decode.FusedDecoder(m, "fp", packed=packed)
+            assert fused.takes(len(prompts)) and not fused._use_packed(len(prompts))
+        return
     with torch.inference_mode(), cpu_packed_linears(m) as packed:
         assert packed
         cache = _ragged_cache(m, prompts)

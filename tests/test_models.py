@@ -239,32 +239,3 @@ def test_cli_model_errors_are_specific(tmp_path, capsys):
     with pytest.raises(ModelSpecError, match=r"unknown model name 'smollm3-instruct'"):
         Trainer(TrainConfig.from_flat(model="smollm3-instruct", out=str(out)))
     assert not out.exists()                   # refused before any work
-
-
-def test_native_cpu_bf16_reads_the_cpu_flags_and_the_override(monkeypatch, tmp_path):
-    import builtins
-    real_open = builtins.open
-    cpuinfo = {"flags": "fpu sse avx2 avx512f"}
-
-    def fake_open(path, *a, **k):
-        if path == "/proc/cpuinfo":
-            p = tmp_path / "cpuinfo"
-            p.write_text(f"processor\t: 0\nflags\t\t: {cpuinfo['flags']}\n")
-            return real_open(p, *a, **k)
-        return real_open(path, *a, **k)
-
-    monkeypatch.setattr(builtins, "open", fake_open)
-    monkeypatch.setenv("PREFLEXOR_CPU_BF16", "auto")
-    assert models.native_cpu_bf16() is False                  # AVX-512 without its BF16 extension
-    cpuinfo["flags"] = "fpu avx512f avx512_bf16"
-    assert models.native_cpu_bf16() is True
-    cpuinfo["flags"] = "fpu amx_bf16 amx_tile"
-    assert models.native_cpu_bf16() is True
-    monkeypatch.setenv("PREFLEXOR_CPU_BF16", "0")
-    assert models.native_cpu_bf16() is False
-    cpuinfo["flags"] = "fpu"
-    monkeypatch.setenv("PREFLEXOR_CPU_BF16", "1")
-    assert models.native_cpu_bf16() is True
-    monkeypatch.setenv("PREFLEXOR_CPU_BF16", "yes")
-    with pytest.raises(ValueError, match="PREFLEXOR_CPU_BF16"):
-        models.native_cpu_bf16()

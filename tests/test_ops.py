@@ -10,6 +10,7 @@ errors) and the torch fallback path.
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -24,8 +25,35 @@ BF16_ULP = 2.0 ** -8
 
 
 @pytest.fixture
-def ext_mode(monkeypatch):
+def ext_mode(monkeypatch, every_isa):
+    """The default dispatch (the compiled op where built), on each CPU ISA path this machine runs."""
     monkeypatch.delenv("PREFLEXOR_KERNELS", raising=False)
+
+
+def test_compiled_extension_imports():
+    """The suite fails, not skips, when preflexor_core._C did not build or import: a broken build must not
+    pass as a run of torch fallbacks. PREFLEXOR_ALLOW_NO_EXT=1 accepts a machine without a compiler."""
+    if os.environ.get("PREFLEXOR_ALLOW_NO_EXT") == "1" and not ops._HAVE_EXT:
+        pytest.skip(f"PREFLEXOR_ALLOW_NO_EXT=1 and preflexor_core._C is not available ({ops._IMPORT_ERROR})")
+    assert ops._HAVE_EXT, f"preflexor_core._C failed to import: {ops._IMPORT_ERROR}"
+    for op in ("rms_norm_forward", "rope", "sample", "decode_step", "cpu_isa_native"):
+        assert hasattr(torch.ops.preflexor, op), op
+
+
+def test_cpu_isa_levels_and_their_errors():
+    """The extension runs every path up to the native one and refuses one above it."""
+    from preflexor_core import cpu_features
+    native = cpu_features.native_isa()
+    assert native == cpu_features.ISA_LEVELS[int(torch.ops.preflexor.cpu_isa_native())]
+    for level in cpu_features.available_isas():
+        with cpu_features.forced_isa(level):
+            assert cpu_features.ISA_LEVELS[int(torch.ops.preflexor.cpu_isa_active())] == level
+    assert cpu_features.cpu_isa() == cpu_features.ISA_LEVELS[int(torch.ops.preflexor.cpu_isa_active())]
+    with pytest.raises(RuntimeError, match="must be 0"):
+        torch.ops.preflexor.set_cpu_isa(3)
+    if native != "avx512":
+        with pytest.raises(cpu_features.CpuIsaError, match="runs at most"):
+            cpu_features.set_cpu_isa("avx512")
 
 
 def _grads(fn, inputs, grad_out):

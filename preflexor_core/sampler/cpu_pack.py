@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..cpu_features import onednn_bf16_packing
+
 CPU_PACK_MAX_BYTES = 4 << 30    # "auto" packs only when the packed copies stay below this
 PACK_MIN_NUMEL = 1 << 18        # weights this large always use the packed product ...
 PACK_MIN_ROWS = 8               # ... smaller ones from this many rows (tokens) on
@@ -30,6 +32,12 @@ FUSED = {"project_qkv": ("q_proj", "k_proj", "v_proj"), "project_gate_up": ("gat
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
 MakeForward = Callable[[Sequence[torch.Tensor], torch.Tensor | None], Forward]
+
+
+def packable_dtypes() -> tuple[torch.dtype, ...]:
+    """Weight dtypes oneDNN packs on this CPU: fp32 everywhere; bf16 only where oneDNN's bf16 reorder
+    runs (cpu_features.onednn_bf16_packing), else bf16 models keep their plain products."""
+    return (torch.float32, torch.bfloat16) if onednn_bf16_packing() else (torch.float32,)
 
 
 def _pack_mode() -> str:
@@ -125,14 +133,14 @@ def cpu_packed_linears(model: nn.Module):
     compute with oneDNN on weights reordered at entry (or reused from an earlier entry while a weight
     is unchanged), q/k/v and gate/up fused. The packed weights are a snapshot: use it only where the
     weights do not change inside the block (inference). A no-op off CPU, for dtypes other than
-    fp32 / bf16, without oneDNN, with ``PREFLEXOR_CPU_PACK=0``, or (``auto``) when the copies would
+    ``packable_dtypes()`` (bf16 only where oneDNN packs it), without oneDNN, with ``PREFLEXOR_CPU_PACK=0``, or (``auto``) when the copies would
     exceed ``CPU_PACK_MAX_BYTES``. Yields whether it packed."""
     mode = _pack_mode()
     linears = [m for m in model.modules() if type(m) is nn.Linear]
     head = getattr(model, "output_weight", None) if hasattr(model, "project_logits") else None
     params = [m.weight for m in linears] + ([head] if head is not None else [])
     usable = (mode != "0" and bool(params) and torch.backends.mkldnn.is_available()
-              and all(p.device.type == "cpu" and p.dtype in (torch.float32, torch.bfloat16) for p in params))
+              and all(p.device.type == "cpu" and p.dtype in packable_dtypes() for p in params))
     if usable and mode == "auto":
         usable = sum(p.numel() * p.element_size() for p in params) <= CPU_PACK_MAX_BYTES
     if not usable:

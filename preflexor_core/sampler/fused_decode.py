@@ -10,11 +10,13 @@ model's dtype at each row's own length. No weight is copied for ``"fp"``; ``"int
 weight once per channel (``int8.quantize_per_channel``, cached while the weight is unchanged).
 
 Used by ``generate``'s decode steps on CPU when ``usable`` finds the model eligible: plain bias-free
-``nn.Linear`` layers of plain tensors (no unmerged LoRA, no shards), fp32 or bf16 weights, an x86-64
-CPU with AVX-512, and the extension built. Up to ``FUSED_MAX_ROWS`` rows (and always with int8) the
-step uses its own products; for more rows it calls oneDNN's products on the packed copies that
-``cpu_packed_linears`` holds (compute-bound there), or leaves the step to the torch path when nothing
-is packed. ``PREFLEXOR_FUSED_DECODE=0`` turns it off (the layer-by-layer torch path), ``1`` makes an
+``nn.Linear`` layers of plain tensors (no unmerged LoRA, no shards), fp32 or bf16 weights, and the
+extension built. Any CPU: the kernels take the ISA path ``cpu_features.cpu_isa()`` names (AVX-512, AVX2 +
+FMA, or portable C++). Up to ``FUSED_MAX_ROWS`` rows (and always with int8) the step uses its own
+products; for more rows it calls oneDNN's products on the packed copies that ``cpu_packed_linears``
+holds (compute-bound there), or leaves the step to the torch path when nothing is packed; bf16 weights
+that oneDNN cannot pack on this CPU (no AVX-512) stay on the step's own products at every batch size,
+since torch's bf16 products there are emulated. ``PREFLEXOR_FUSED_DECODE=0`` turns it off (the layer-by-layer torch path), ``1`` makes an
 ineligible model an error instead of a silent fallback, ``auto`` is the default.
 Tests: ``python -m pytest tests/test_fused_decode.py -q``.
 """
@@ -25,6 +27,7 @@ import os
 import torch
 import torch.nn as nn
 
+from ..cpu_features import onednn_bf16_packing
 from .cpu_pack import cached_derived
 from .int8 import DECODE_WEIGHTS, quantize_per_channel
 from .kv_cache import KVCache
@@ -42,16 +45,15 @@ def _mode() -> str:
 
 
 def cpu_supported() -> bool:
-    """Whether the compiled step exists and this CPU runs it (AVX-512 F/BW/VL/DQ)."""
+    """Whether the compiled step exists (every CPU runs it, on the ISA path cpu_features.cpu_isa() names)."""
     from .. import ops
-    return ops._HAVE_EXT and hasattr(torch.ops.preflexor, "decode_step") and bool(
-        torch.ops.preflexor.decode_cpu_supported())
+    return ops._HAVE_EXT and hasattr(torch.ops.preflexor, "decode_step")
 
 
 def ineligible_reason(model: nn.Module) -> str | None:
     """Why ``model`` cannot take the fused CPU step, or None when it can."""
     if not cpu_supported():
-        return "the compiled extension is not built or this CPU lacks AVX-512"
+        return "the compiled extension is not built (pip install --no-build-isolation -e .)"
     if getattr(model, "device", None) is None or model.device.type != "cpu":
         return "the model is not on CPU"
     if model.dtype not in (torch.float32, torch.bfloat16):
@@ -122,8 +124,10 @@ class FusedDecoder:
 
     def takes(self, batch_size: int) -> bool:
         """Whether to run a step of ``batch_size`` rows here (else the torch path): always for int8,
-        with packed weights or with PREFLEXOR_FUSED_DECODE=1; up to FUSED_MAX_ROWS rows otherwise."""
-        return self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or self.required
+        with packed weights, with PREFLEXOR_FUSED_DECODE=1, or for bf16 weights that oneDNN cannot pack
+        here; up to FUSED_MAX_ROWS rows otherwise."""
+        return (self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or self.required
+                or (self.model.dtype == torch.bfloat16 and not onednn_bf16_packing()))
 
     def _use_packed(self, batch_size: int) -> bool:
         return self.packed and self.decode_weights == "fp" and batch_size > FUSED_MAX_ROWS

@@ -7,8 +7,8 @@ so a batch-1 decode step streams a quarter of the bytes); the model's own weight
 (training keeps full precision). On CPU the product is ``torch.ops.aten._weight_int8pack_mm`` with bf16
 activations (its vectorized path); elsewhere a dequantize-then-``F.linear`` reference.
 Used by ``generate(..., decode_weights="int8")`` where the fused CPU step (``fused_decode``, which
-reads the same per-channel int8 weights with fp32 activations) cannot run: off CPU, without AVX-512,
-for unmerged adapters. Tests: ``python -m pytest tests/test_int8.py -q``.
+reads the same per-channel int8 weights with fp32 activations) cannot run: off CPU, without the compiled
+extension, for unmerged adapters. Tests: ``python -m pytest tests/test_int8.py -q``.
 """
 from __future__ import annotations
 
