@@ -1,4 +1,4 @@
-"""HF-compatible Llama checkpoints: safetensors load/save and sharding (transformers' layout:
+"""HF-compatible checkpoints of every supported family (config.json of the family, see families.py): safetensors load/save and sharding (transformers' layout:
 config.json, generation_config.json, model.safetensors or shards + model.safetensors.index.json).
 
 Loading builds the model on the meta device and fills it one tensor at a time (weights are never
@@ -102,7 +102,7 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 # ----------------------------------------------------------------------------- load
 def load_pretrained(path: str, model_cls: Callable[..., nn.Module], dtype: Any = None, device: Any = "cpu"):
-    """Load an HF Llama directory into ``model_cls(config, device="meta")`` (normally ``Llama``).
+    """Load an HF directory of a supported family into ``model_cls(config, device="meta")`` (normally ``Llama``).
 
     dtype: None keeps each tensor's stored dtype; otherwise every tensor is cast to it.
     device: where parameters end up; tensors are moved one at a time.
@@ -126,7 +126,7 @@ def load_pretrained(path: str, model_cls: Callable[..., nn.Module], dtype: Any =
                     log.info("%s: ignoring lm_head.weight (config ties it to the embedding)", fn)
                     continue
                 if key not in expected:
-                    raise CheckpointError(f"{fn}: unexpected key {key!r} (not a parameter of a Llama with this config.json)")
+                    raise CheckpointError(f"{fn}: unexpected key {key!r} (not a parameter of a {cfg.model_type} model with this config.json)")
                 if key in seen:
                     raise CheckpointError(f"{fn}: key {key!r} appears in more than one shard")
                 try:
@@ -160,7 +160,7 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
 
 
 def save_pretrained(model, path: str, max_shard_size: int | str = "5GB", dtype: Any = None) -> None:
-    """Write ``model`` as an HF Llama directory (atomic: temp dir, then rename)."""
+    """Write ``model`` as an HF directory of its family (atomic: temp dir, then rename)."""
     from safetensors.torch import save_file
 
     cfg: ModelConfig = model.config

@@ -1,4 +1,7 @@
-"""Convert a Llama checkpoint between an HF folder and a llama.cpp GGUF file.
+"""Convert a checkpoint of any supported family between an HF folder and a llama.cpp GGUF file.
+
+Llama and Mistral become GGUF architecture ``llama``, Qwen2/2.5 ``qwen2``, Qwen3 ``qwen3``, Gemma 3 text
+``gemma3``; the way back gives each its own config.json (docs/families.md).
 
     python -m preflexor_core.convert ckpt/ model.gguf --dtype q8_0     # HF folder -> GGUF (llama.cpp, Ollama, LM Studio)
     python -m preflexor_core.convert model.gguf ckpt/                  # GGUF -> HF folder (safetensors + tokenizer)
@@ -83,11 +86,11 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "f32") -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m preflexor_core.convert",
-        description="Convert a Llama checkpoint: an HF folder (config.json, *.safetensors, tokenizer.json) to a "
+        description="Convert a checkpoint (Llama, Mistral, Qwen2/2.5, Qwen3, Gemma 3 text): an HF folder (config.json, *.safetensors, tokenizer.json) to a "
                     "llama.cpp .gguf file, or a .gguf file to an HF folder. The direction follows SRC: a folder "
                     "-> DST must end in .gguf; a .gguf file -> DST is a folder (created or replaced).")
-    p.add_argument("src", metavar="SRC", help="an HF Llama folder, or a .gguf file (architecture 'llama', "
-                                             "byte-level BPE vocabulary)")
+    p.add_argument("src", metavar="SRC", help="an HF folder of a supported family, or a .gguf file (architecture "
+                                             "llama, qwen2, qwen3 or gemma3; byte-level BPE vocabulary)")
     p.add_argument("dst", metavar="DST", help="output: a .gguf file name, or a folder")
     p.add_argument("--dtype", default=None,
                    help="weight type. GGUF output: f16 (default), bf16, q8_0 (8-bit blocks, ~half of f16), f32. "
@@ -103,9 +106,9 @@ def main(argv=None) -> int:
     elif os.path.isfile(src) and src.endswith(".gguf"):
         gguf_to_hf(src, dst, args.dtype or "f32")
     elif not os.path.exists(src):
-        raise ConvertError(f"{src}: not found; SRC must be an HF Llama folder or a .gguf file")
+        raise ConvertError(f"{src}: not found; SRC must be an HF model folder or a .gguf file")
     else:
-        raise ConvertError(f"{src}: not a folder or a .gguf file; SRC must be an HF Llama folder or a .gguf file")
+        raise ConvertError(f"{src}: not a folder or a .gguf file; SRC must be an HF model folder or a .gguf file")
     print(f"wrote {dst}")
     return 0
 

@@ -1,4 +1,4 @@
-"""GGUF (llama.cpp's file format) in and out for Llama-architecture models.
+"""GGUF (llama.cpp's file format) in and out for the llama, qwen2, qwen3 and gemma3 architectures.
 
     model = Llama.from_pretrained("m.gguf")    # -> load_gguf_model(path, Llama, ...)
     tok = Tokenizer.from_pretrained("m.gguf")  # -> load_gguf_tokenizer(path, Tokenizer)

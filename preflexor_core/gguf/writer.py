@@ -1,11 +1,17 @@
-"""Write ``Llama`` + ``Tokenizer`` as a llama.cpp GGUF file (architecture ``llama``).
+"""Write ``Llama`` + ``Tokenizer`` as a llama.cpp GGUF file of the model family's architecture.
 
-Metadata and tensor names are the ones llama.cpp's loader reads for ``llama`` (general.*, llama.*,
+Llama and Mistral are written as ``llama``, Qwen2 as ``qwen2``, Qwen3 as ``qwen3``, Gemma 3 as ``gemma3``
+(families.py). Metadata and tensor names are the ones llama.cpp's loader reads for it (general.*, <arch>.*,
 tokenizer.ggml.* with tokens / token_type / merges / pre / bos / eos / padding ids, and
 tokenizer.chat_template). q/k rows are put in llama.cpp's order (layout.py); norms and biases stay
 F32, 2-D weights use the requested type (F16 when a row does not fill whole blocks, as llama.cpp's
 converter does). Special added tokens (thinking tokens included) are CONTROL tokens; a Llama-3
-rope_scaling is written as llama.cpp's ``rope_freqs.weight``.
+rope_scaling is written as llama.cpp's ``rope_freqs.weight``, a linear one as rope.scaling.type/factor.
+Sliding windows: ``<arch>.attention.sliding_window``; for gemma3 also the per-layer pattern
+(``attention.sliding_window_pattern``, true = sliding), the local rope base (``rope.freq_base_swa``) and,
+when query_pre_attn_scalar differs from head_dim, ``attention.scale``. llama.cpp fixes some of these for
+gemma3 itself (docs/families.md); this package's reader honours every one. Gemma norm weights are
+stored as 1 + w, as llama.cpp's converter does.
 
     write_gguf(model, tok, "out.gguf", dtype="q8_0")
 Tests: .venv/bin/python -m pytest -q tests/test_gguf.py tests/test_convert.py
@@ -53,8 +59,38 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[s
     return tokens, types, merges
 
 
+def gguf_arch(cfg) -> str:
+    """llama.cpp's architecture name of ``cfg``'s family."""
+    from ..families import family
+    return family(cfg.model_type).gguf_arch
+
+
+def _family_metadata(w, cfg) -> None:
+    """The keys of a family's options (sliding windows, Gemma 3's rope base / scale / pattern, softcaps)."""
+    import gguf
+    arch = gguf_arch(cfg)
+    if cfg.has_sliding_layers:
+        if arch not in ("llama", "gemma3"):
+            raise GGUFError(f"{cfg.model_type} with sliding-window layers cannot be written to GGUF: llama.cpp's "
+                            f"{arch} has no sliding-window keys")
+        w.add_sliding_window(int(cfg.sliding_window))
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "linear":
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
+    if arch != "gemma3":
+        return
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
+    if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != cfg.head_dim:
+        w.add_attention_scale(float(cfg.query_pre_attn_scalar) ** -0.5)
+    if cfg.attn_logit_softcapping is not None:
+        w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
+    if cfg.final_logit_softcapping is not None:
+        w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
+
+
 def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "model") -> None:
-    """All key/value metadata of a llama GGUF (model hyper-parameters + tokenizer) onto GGUFWriter ``w``."""
+    """All key/value metadata of the family's GGUF (model hyper-parameters + tokenizer) onto GGUFWriter ``w``."""
     import gguf
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
@@ -63,12 +99,13 @@ def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "mo
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads or cfg.model_type != "llama":
         w.add_key_length(cfg.head_dim)
         w.add_value_length(cfg.head_dim)
     w.add_rope_dimension_count(cfg.head_dim)
     w.add_rope_freq_base(float(cfg.rope_theta))
     w.add_layer_norm_rms_eps(float(cfg.rms_norm_eps))
+    _family_metadata(w, cfg)
     w.add_vocab_size(cfg.vocab_size)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = vocabulary(tokenizer, cfg.vocab_size)
@@ -105,6 +142,7 @@ def _encode(w32: np.ndarray, qname: str):
 def llama_tensors(model) -> list[tuple[str, np.ndarray]]:
     """(GGUF name, fp32 array in llama.cpp layout) for every tensor of ``model`` (+ rope_freqs)."""
     cfg = model.config
+    arch = gguf_arch(cfg)
     out = []
     for name, t in model.state_dict().items():
         if name == "lm_head.weight" and cfg.tie_word_embeddings:
@@ -112,11 +150,12 @@ def llama_tensors(model) -> list[tuple[str, np.ndarray]]:
         if t.device.type == "meta":
             raise GGUFError(f"cannot write {name!r}: it is on the meta device (load the weights first)")
         t = t.detach().to("cpu", torch.float32)
-        heads = layout.rotary_heads(name, cfg.num_attention_heads, cfg.num_key_value_heads)
+        heads = layout.rotary_heads(name, cfg.num_attention_heads, cfg.num_key_value_heads, arch)
         if heads is not None:
             t = layout.to_gguf_rows(t, heads)
-        out.append((layout.gguf_name(name), t.contiguous().numpy()))
-    if cfg.rope_scaling:
+        t = t + layout.norm_shift(name, arch) if layout.norm_shift(name, arch) else t
+        out.append((layout.gguf_name(name, arch), t.contiguous().numpy()))
+    if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "llama3":
         divisors = rope_inv_freq(cfg.replace(rope_scaling=None)) / rope_inv_freq(cfg)
         out.append((layout.ROPE_FREQS, divisors.numpy().astype(np.float32)))
     return out
@@ -136,7 +175,7 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "f16", chat_template: s
         chat_template = getattr(tokenizer, "chat_template", None)
     path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
-    w = gguf.GGUFWriter(tmp, "llama")
+    w = gguf.GGUFWriter(tmp, gguf_arch(model.config))
     try:
         write_metadata(w, model.config, tokenizer, chat_template, name=name)
         w.add_file_type(int(gguf.LlamaFileType[ftype]))
