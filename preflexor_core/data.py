@@ -4,6 +4,11 @@
     ex, why = tokenize_pair(tok, row, PairFormat(mask_mode="answer_only"))   # None + reason when dropped
     batch = collate_pairs([ex, ...], pad_id, packed=False)          # chosen rows first, then rejected
 
+Rows are untrusted text: a control token's string inside a prompt or completion (``<|im_end|>``,
+``<|start_header_id|>``, any added token of the vocabulary) is encoded as plain text, so each row
+has exactly the template's control tokens plus the one end of turn appended to each completion
+(``Tokenizer.encode_text``); only the pipeline's thinking tags stay special.
+
 Labels are aligned to input_ids (IGNORE_INDEX on the prompt, padding and masked thinking);
 the causal shift happens in ``losses.logps_from_hidden``. The end-of-turn token that closes
 each completion stays in the labels, even when the pad id equals it.
@@ -55,7 +60,7 @@ class PairExample:
 
 
 def _completion(tok, text: str, budget: int, mode: str) -> list[int]:
-    ids = tok.encode(text)
+    ids = tok.encode_text(text)   # untrusted: only the pipeline's thinking tags may be control tokens
     end = tok.end_of_turn_id      # the chat template's end-of-turn token, else eos
     if end is not None and (not ids or ids[-1] != end):
         ids = ids + [end]
@@ -65,6 +70,7 @@ def _completion(tok, text: str, budget: int, mode: str) -> list[int]:
 
 
 def prompt_ids(tok, prompt: str, max_prompt_length: int) -> list[int]:
+    # the template neutralises the prompt: only its markup and the thinking tags are control tokens
     ids = tok.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=True)
     if len(ids) > max_prompt_length:
         keep_bos = bool(ids) and ids[0] == tok.bos_token_id

@@ -7,6 +7,13 @@
     tok.stop_token_ids                                   # eos, generation_config eos ids, the template's end of turn
     vocab.setup_thinking_tokens(model, tok)               # thinking tokens: reserved reused, else added
 
+Untrusted text (corpus, teacher / critic / judge replies, user questions) is text, never control tokens:
+``encode_text`` and ``apply_chat_template`` (message contents) break every occurrence of an added token's
+string (any added token of the vocabulary, found by the tokenizer's own matcher) with a zero-width space,
+except the pipeline's own tags (``THINKING_TOKENS``) where the pipeline wrote them; ``strip_pipeline_tags``
+removes those tags from text the pipeline did not write. ``encode`` recognises every special token, for
+text the project rendered itself (a chat template's output).
+
 The chat template is the checkpoint's Jinja template, rendered as transformers renders it (chat_template.py).
 Llama-3's format (CHAT_TEMPLATE) is the default only of tokenizers trained here and of a checkpoint that has
 no template but has Llama-3's header tokens. Tests: ``python -m pytest -q tests/test_tokenizer.py``.
@@ -25,6 +32,7 @@ import torch
 from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
 from .io import file_mode
 from .chat_template import SPECIAL_TOKEN_NAMES, end_of_turn_token, render_chat_template, select_template
+from .control_text import ZERO_WIDTH_BREAK  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +61,16 @@ CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
 class TokenizerError(ValueError):
     pass
+
+
+
+
+def strip_pipeline_tags(text: str) -> str:
+    """``text`` without the pipeline's own tags (``THINKING_TOKENS``): for text the pipeline did not write
+    (corpus, teacher replies, questions) before it is placed where those tags mean structure."""
+    for tag in THINKING_TOKENS:
+        text = text.replace(tag, "")
+    return text
 
 
 def _token_text(v) -> str | None:
@@ -292,13 +310,30 @@ class Tokenizer:
 
     # -- encode / decode ----------------------------------------------------
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
-        """Token ids of ``text``; special-token strings inside it map to their single ids."""
+        """Token ids of ``text``; special-token strings inside it map to their single ids. For text the
+        project rendered itself; untrusted text goes through :meth:`encode_text`."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         ids = self._tk.encode(text, add_special_tokens=False).ids
         if add_bos and self.bos_token_id is not None:
             ids = [self.bos_token_id] + ids
         return ids
+
+    def control_ids(self, allow: Sequence[str] = ()) -> frozenset[int]:
+        """Ids that untrusted text must never produce (``control_text.control_ids``)."""
+        from .control_text import control_ids
+        return control_ids(self, allow)
+
+    def neutralize(self, text: str, allow: Sequence[str] = THINKING_TOKENS) -> str:
+        """``text`` with every string that would encode to a control token broken by a zero-width space,
+        so that it encodes as plain text; ``allow``'s tags stay special (``control_text.neutralize``)."""
+        from .control_text import neutralize
+        return neutralize(self, text, allow)[0]
+
+    def encode_text(self, text: str, allow: Sequence[str] = THINKING_TOKENS) -> list[int]:
+        """Token ids of untrusted ``text``: no control token but ``allow``'s (the pipeline's own tags)."""
+        from .control_text import neutralize
+        return neutralize(self, text, allow)[1]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
@@ -309,10 +344,18 @@ class Tokenizer:
         return self._tk.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = False,
-                            tokenize: bool = False, **extra):
+                            tokenize: bool = False, *, allow: Sequence[str] | None = THINKING_TOKENS, **extra):
         """Render ``[{"role", "content"}, ...]`` with the checkpoint's chat template (str, or ids with
         ``tokenize``), exactly as transformers' ``apply_chat_template(..., tokenize=False)`` does. ``extra``
-        keyword arguments (tools=, documents=, date_string=, ...) become template variables."""
+        keyword arguments (tools=, documents=, date_string=, ...) become template variables.
+
+        Message contents (and reasoning fields) are untrusted: strings of control tokens in them are broken
+        (:meth:`neutralize`) so that only the template's own markup, ``allow``'s tags and the reasoning tags
+        the template itself handles (``control_text.template_tags``) encode as control tokens; ``allow=None``
+        renders the contents as given (for text that is known to be the project's)."""
+        if allow is not None:
+            from .control_text import neutralize_messages
+            messages = neutralize_messages(self, messages, allow)
         if self.chat_template is None:
             raise TokenizerError(
                 f"{self.source}: no chat template (tokenizer_config.json has no 'chat_template', there is no "

@@ -17,7 +17,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from ..tokenizer import THINK_END, THINK_START
+from ..tokenizer import THINK_END, THINK_START, strip_pipeline_tags
 
 
 def format_thinking(sections: Sequence[tuple[str, str]]) -> str:
@@ -40,7 +40,10 @@ def answer_part(text: str) -> str:
 
 
 def strip_thinking_tokens(text: str) -> str:
-    return text.replace(THINK_START, "").replace(THINK_END, "").strip()
+    """``text`` without the pipeline's own tags (thinking and reflect): text the pipeline did not write
+    must not open or close its structure. Every other control token's string is encoded as plain text
+    when rows are tokenised (``Tokenizer.encode_text``)."""
+    return strip_pipeline_tags(text).strip()
 
 
 def clean_section(category: str, text: str) -> str:

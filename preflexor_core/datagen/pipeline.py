@@ -340,7 +340,7 @@ class _Pipeline:
         except ValueError:            # no two concepts share a corpus sentence
             self.stats.skipped["no_thinking"] += 1
             return None
-        answer = self.teacher.answer(question, ctx)
+        answer = strip_thinking_tokens(self.teacher.answer(question, ctx) or "")
         if not answer:
             self.stats.skipped["empty_answer"] += 1
             return None
@@ -366,11 +366,14 @@ class _Pipeline:
     def _teacher_samples(self, prepared: list[_Prepared]) -> list[list[Any]]:
         k = self.cfg.k_samples
         if hasattr(self.teacher, "plain_answer"):
-            return [[self.teacher.plain_answer(p.question, salt=f"{self.cfg.seed}-{p.index}/{s}") for s in range(k)]
-                    for p in prepared]
-        chats = [_user(p.question) for p in prepared for _ in range(k)]
-        replies = complete_many(self.teacher, chats, temperature=0.7 if k > 1 else 0.0,
-                                max_tokens=self.cfg.teacher_max_tokens)
+            replies = [self.teacher.plain_answer(p.question, salt=f"{self.cfg.seed}-{p.index}/{s}")
+                       for p in prepared for s in range(k)]
+        else:
+            chats = [_user(p.question) for p in prepared for _ in range(k)]
+            replies = complete_many(self.teacher, chats, temperature=0.7 if k > 1 else 0.0,
+                                    max_tokens=self.cfg.teacher_max_tokens)
+        # a teacher's text must not open or close the pipeline's thinking structure
+        replies = [strip_thinking_tokens(r) if isinstance(r, str) else r for r in replies]
         return [replies[j * k:(j + 1) * k] for j in range(len(prepared))]
 
     def finish_batch(self, prepared: list[_Prepared]) -> list[dict]:

@@ -21,7 +21,7 @@ from itertools import combinations
 
 from ..graph_format import Edge, format_graph_thinking
 from ..text import STOPWORDS, normalize_text, split_sentences
-from ..tokenizer import GRAPH_INSTRUCTION, THINKING_FORMATS
+from ..tokenizer import GRAPH_INSTRUCTION, THINKING_FORMATS, strip_pipeline_tags
 
 __all__ = ["GRAPH_INSTRUCTION", "THINKING_FORMATS", "GraphThinking", "GraphWriter", "CorpusSentence"]
 
@@ -87,7 +87,7 @@ class GraphWriter:
         if self._sentences is None:
             out, seen = [], set()
             for c in self.retriever.chunks:
-                for s in split_sentences(c.text):
+                for s in split_sentences(strip_pipeline_tags(c.text)):     # corpus text: no pipeline tags
                     s = " ".join(s.split())
                     if s and s not in seen:
                         seen.add(s)

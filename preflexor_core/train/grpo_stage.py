@@ -262,7 +262,7 @@ class GRPOStage(StageRun):
         rows = []
         for p in prompts:
             pid = prompt_ids(self.tok, p.prompt, self.cfg.data.max_prompt_length)
-            cid = self.tok.encode(p.chosen) + [self.end_id]
+            cid = self.tok.encode_text(p.chosen) + [self.end_id]
             room = self.cfg.data.max_length - len(pid)
             if len(cid) > room:
                 cid = cid[:max(room, 0)]

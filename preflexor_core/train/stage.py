@@ -234,7 +234,7 @@ class StageRun:
 
     def train_lm(self) -> None:
         o = self.cfg.optim
-        blocks = pack_lm_stream([self.tok.encode(t) for t in self.t.corpus_texts()], self.cfg.data.sft_seq_len + 1,
+        blocks = pack_lm_stream([self.tok.encode_text(t, allow=()) for t in self.t.corpus_texts()], self.cfg.data.sft_seq_len + 1,
                                 self.tok.token_to_id("<|end_of_text|>") or self.tok.eos_token_id)
         g = torch.Generator().manual_seed(self.cfg.run.seed)
         need = self.total_steps * o.sft_batch_size * self.world * o.grad_accum
