@@ -31,7 +31,8 @@ import torch
 
 from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
 from .io import file_mode
-from .chat_template import SPECIAL_TOKEN_NAMES, end_of_turn_token, render_chat_template, select_template
+from .chat_template import (SPECIAL_TOKEN_NAMES, ChatTemplateBudgetError, end_of_turn_token, render_chat_template,
+                            select_template)
 from .control_text import ZERO_WIDTH_BREAK  # noqa: F401  (re-exported)
 
 log = logging.getLogger(__name__)
@@ -364,6 +365,9 @@ class Tokenizer:
         try:
             text = render_chat_template(self.chat_template, messages, add_generation_prompt=add_generation_prompt,
                                         special_tokens=self.special_tokens_map, **extra)
+        except ChatTemplateBudgetError as e:
+            raise TokenizerError(f"{self.source}: {e}; the checkpoint's chat template is broken or hostile: replace "
+                                 f"chat_template in tokenizer_config.json (or {CHAT_TEMPLATE_FILE})") from None
         except (jinja2.TemplateError, TypeError, AttributeError, KeyError, IndexError) as e:
             raise TokenizerError(f"{self.source}: the chat template failed to render: {e} "
                                  f"({type(e).__name__}); check the messages against what the template expects, "
