@@ -10,8 +10,7 @@ windows); Gemma Team 2025 (Gemma 3 report).
 
 ``_attend`` dispatches: the Triton flash-attention kernels on CUDA for plain causal or packed causal
 attention; any explicit mask (padding, sliding windows) takes torch SDPA, the stated fallback for
-sliding-window layers (the kernels have no window option). Attention-logit softcapping (off in every
-supported checkpoint, kept for configs that set it) runs in plain torch.
+sliding-window layers (the kernels have no window option).
 Tests: ``python -m pytest -q tests/test_model.py tests/test_families.py``
 """
 from __future__ import annotations
@@ -100,21 +99,6 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
-def _attend_softcapped(q, k, v, mask, cap: float) -> torch.Tensor:
-    """Attention with scores ``cap * tanh(scores / cap)`` (plain torch; fp32 softmax)."""
-    B, Hq, T, D = q.shape
-    if isinstance(mask, Packed):
-        mask = packed_causal_mask(mask.cu_seqlens, T, q.device)
-    if mask is None:
-        mask = sliding_window_mask(None, T, k.shape[2] + 1, q.device, S=k.shape[2])   # plain causal
-    g = Hq // k.shape[1]
-    k, v = k.repeat_interleave(g, dim=1), v.repeat_interleave(g, dim=1)
-    scores = torch.matmul(q, k.transpose(-1, -2)).float() * D ** -0.5           # (B, Hq, T, S)
-    scores = cap * torch.tanh(scores / cap)
-    scores = scores.masked_fill(~mask, float("-inf"))
-    return torch.matmul(torch.softmax(scores, dim=-1).to(v.dtype), v)
-
-
 class Attention(nn.Module):
     def __init__(self, cfg, layer_idx: int, device=None, dtype=None):
         super().__init__()
@@ -136,7 +120,6 @@ class Attention(nn.Module):
         # query_pre_attn_scalar is folded into q once.
         pre = cfg.query_pre_attn_scalar
         self.q_scale = 1.0 if pre is None or pre == self.head_dim else math.sqrt(self.head_dim / pre)
-        self.softcap = cfg.attn_logit_softcapping
 
     def forward(self, x, cos, sin, mask, causal, kv_cache=None):
         from . import ops
@@ -152,10 +135,7 @@ class Attention(nn.Module):
             q = q * self.q_scale
         if kv_cache is not None:
             k, v = kv_cache.update(self.layer_idx, k, v)                               # (B, Hkv, S, D)
-        if self.softcap is not None:
-            o = _attend_softcapped(q, k, v, mask, self.softcap)
-        else:
-            o = _attend(q, k, v, mask, causal)                                         # (B, Hq, T, D)
+        o = _attend(q, k, v, mask, causal)                                             # (B, Hq, T, D)
         return self.o_proj(o.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
     def project_qkv(self, x):

@@ -147,7 +147,6 @@ class ModelConfig:
     layer_types: list[str] | None = None       # per layer "full_attention" | "sliding_attention"
     rope_local_theta: float | None = None      # rope base of sliding layers (Gemma 3); None: rope_theta
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
-    attn_logit_softcapping: float | None = None   # scores -> c * tanh(scores / c) before the softmax
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
 
     def __post_init__(self) -> None:
@@ -189,8 +188,7 @@ class ModelConfig:
                 raise _bad(name, getattr(self, name), "true or false")
         self.norm_offset = _real("norm_offset", self.norm_offset, 0.0, strict=False)
         self.sliding_window = _int("sliding_window", self.sliding_window, 1, optional=True)
-        for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
-                     "final_logit_softcapping"):
+        for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping"):
             if getattr(self, name) is not None:
                 setattr(self, name, _real(name, getattr(self, name), 0.0, strict=True))
         self.bos_token_id = _int("bos_token_id", self.bos_token_id, 0, optional=True)
@@ -241,8 +239,8 @@ class ModelConfig:
     def family_options(self) -> list[str]:
         """Names of the non-Llama options this config turns on (empty for a plain Llama)."""
         on = [name for name in ("qkv_bias", "qk_norm", "embed_scale", "sandwich_norm") if getattr(self, name)]
-        on += [name for name in ("rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
-                                 "final_logit_softcapping") if getattr(self, name) is not None]
+        on += [name for name in ("rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
+               if getattr(self, name) is not None]
         if self.norm_offset:
             on.append("norm_offset")
         if self.hidden_act != "silu":

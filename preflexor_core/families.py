@@ -29,7 +29,7 @@ class Family:
 
 _LLAMA_OPTIONS = dict(qkv_bias=False, qk_norm=False, norm_offset=0.0, embed_scale=False, sandwich_norm=False,
                       hidden_act="silu", sliding_window=None, rope_local_theta=None, query_pre_attn_scalar=None,
-                      attn_logit_softcapping=None, final_logit_softcapping=None, attention_bias=False,
+                      final_logit_softcapping=None, attention_bias=False,
                       mlp_bias=False)
 _WINDOW = ("sliding_window", "layer_types")
 
@@ -41,8 +41,8 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("gemma3_text", "Gemma3ForCausalLM", "gemma3",
            fixed=dict(qk_norm=True, norm_offset=1.0, embed_scale=True, sandwich_norm=True,
                       hidden_act="gelu_pytorch_tanh"),
-           free=("attention_bias", "rope_local_theta", "query_pre_attn_scalar", "attn_logit_softcapping",
-                 "final_logit_softcapping") + _WINDOW),
+           free=("attention_bias", "rope_local_theta", "query_pre_attn_scalar", "final_logit_softcapping")
+           + _WINDOW),
 )}
 BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 
@@ -111,7 +111,7 @@ def hf_to_kwargs(cls, d: Any) -> dict[str, Any]:
         kwargs["torch_dtype"] = d["dtype"]
     for name in fam.free:
         if name in d and name in ("attention_bias", "mlp_bias", "query_pre_attn_scalar",
-                                  "attn_logit_softcapping", "final_logit_softcapping", "layer_types"):
+                                  "final_logit_softcapping", "layer_types"):
             kwargs[name] = d[name]
     rp = d.get("rope_parameters")          # newer transformers: theta + scaling in one dict
     if mtype == "llama":
@@ -189,7 +189,6 @@ def to_hf(cfg) -> dict[str, Any]:
         full = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
         d.update(hidden_activation=cfg.hidden_act, attention_bias=cfg.attention_bias, sliding_window=cfg.sliding_window,
                  layer_types=list(cfg.layer_types), query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
-                 attn_logit_softcapping=cfg.attn_logit_softcapping,
                  final_logit_softcapping=cfg.final_logit_softcapping,
                  rope_parameters={"full_attention": full, "sliding_attention": {
                      "rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}})

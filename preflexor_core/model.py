@@ -3,7 +3,7 @@
 RMSNorm, rotary embeddings (with Llama-3 / linear frequency scaling), grouped-query attention
 (attention.py), SwiGLU or GeGLU MLP, tied or untied LM head. A family's differences are named options
 of ``ModelConfig`` (q/k/v bias, q/k norm, norm offset, embedding scale, activation, sandwich norms,
-sliding-window layers with their own rope base, attention scale, softcapping; docs/families.md), never
+sliding-window layers with their own rope base, attention scale, final softcapping; docs/families.md), never
 a copy of the model. Parameter names follow transformers' ``LlamaForCausalLM`` / ``Qwen3ForCausalLM`` /
 ``Gemma3ForCausalLM`` (``model.layers.N.self_attn.q_proj.weight`` ...) so checkpoints load there.
 ``CausalLM`` is a family-neutral alias of ``Llama``.

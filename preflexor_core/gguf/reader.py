@@ -106,13 +106,15 @@ def _family_kwargs(arch: str, get, meta: dict, tensors: dict, n_layers: int, pat
         rope_local_theta=float(get("rope.freq_base_swa", 10000.0)),
         attention_bias="blk.0.attn_q.bias" in tensors)
     scale = get("attention.scale", None)
+    heads = int(get("attention.head_count"))
     if scale:
         kw["query_pre_attn_scalar"] = round(float(scale) ** -2, 4)
     elif n_layers == 62:                              # llama.cpp: Gemma 3 27B scales by 1/sqrt(hidden / heads)
-        kw["query_pre_attn_scalar"] = int(get("embedding_length")) // int(get("attention.head_count"))
-    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
-        if get(key, None):
-            kw[key] = float(get(key))
+        kw["query_pre_attn_scalar"] = int(get("embedding_length")) // heads
+    else:                                             # llama.cpp: 1/sqrt(head_dim) otherwise
+        kw["query_pre_attn_scalar"] = int(get("attention.key_length", int(get("embedding_length")) // heads))
+    if get("final_logit_softcapping", None):
+        kw["final_logit_softcapping"] = float(get("final_logit_softcapping"))
     return kw
 
 

@@ -66,7 +66,7 @@ def gguf_arch(cfg) -> str:
 
 
 def _family_metadata(w, cfg) -> None:
-    """The keys of a family's options (sliding windows, Gemma 3's rope base / scale / pattern, softcaps)."""
+    """The keys of a family's options (sliding windows, Gemma 3's rope base / scale / pattern, final softcap)."""
     import gguf
     arch = gguf_arch(cfg)
     if cfg.has_sliding_layers:
@@ -83,8 +83,6 @@ def _family_metadata(w, cfg) -> None:
     w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
     if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != cfg.head_dim:
         w.add_attention_scale(float(cfg.query_pre_attn_scalar) ** -0.5)
-    if cfg.attn_logit_softcapping is not None:
-        w.add_attn_logit_softcapping(float(cfg.attn_logit_softcapping))
     if cfg.final_logit_softcapping is not None:
         w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 

@@ -1,0 +1,231 @@
+"""Every supported family against transformers: Llama, Mistral, Qwen2, Qwen3, Gemma 3 (text).
+
+For a random small config of each family (odd sizes, GQA, tied and untied heads, sliding windows
+smaller than the sequence): logits equal in fp32 both ways (ours loads theirs, theirs loads ours),
+greedy tokens equal for 32 steps (our KV-cached decode vs transformers' generate), one ORPO step that
+lowers the loss, a GGUF round trip, LoRA through PEFT. transformers / peft are test-only references.
+Run: .venv/bin/python -m pytest -q tests/test_families.py
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from preflexor_core import Llama, ModelConfig, Tokenizer
+from preflexor_core.data import PairExample, collate_pairs
+from preflexor_core.families import FAMILIES
+from preflexor_core.sampler.generate import decode_one_token, prefill
+from preflexor_core.sampler.kv_cache import KVCache
+from preflexor_core.train.objectives import orpo_objective
+
+transformers = pytest.importorskip("transformers")
+
+V = 101
+_BASE = dict(vocab_size=V, hidden_size=48, intermediate_size=72, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=12, max_position_embeddings=128, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+_GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention"]
+CASES = {   # name -> (family, options); each a different corner of the family
+    "llama": ("llama", dict(num_hidden_layers=2, tie_word_embeddings=False)),
+    "mistral": ("mistral", dict(num_hidden_layers=2, sliding_window=5, tie_word_embeddings=False)),
+    "qwen2": ("qwen2", dict(num_hidden_layers=2, tie_word_embeddings=True, sliding_window=4,
+                            layer_types=["full_attention", "sliding_attention"])),
+    "qwen3": ("qwen3", dict(num_hidden_layers=2, tie_word_embeddings=False, head_dim=16)),
+    "gemma3": ("gemma3_text", dict(num_hidden_layers=3, tie_word_embeddings=True, sliding_window=5,
+                                   layer_types=_GEMMA_TYPES, rope_theta=1e6, rope_local_theta=1e4,
+                                   query_pre_attn_scalar=20)),
+    "gemma3-untied-softcap": ("gemma3_text", dict(num_hidden_layers=3, tie_word_embeddings=False, sliding_window=4,
+                                                  layer_types=_GEMMA_TYPES, rope_local_theta=1e4,
+                                                  query_pre_attn_scalar=12, final_logit_softcapping=3.0)),
+}
+
+
+def config(name: str) -> ModelConfig:
+    fam, opts = CASES[name]
+    return ModelConfig.for_family(fam, **{**_BASE, **opts})
+
+
+def ours(name: str, seed: int = 0) -> Llama:
+    """Our model with every parameter random (norms too, so (1 + w) and biases matter)."""
+    torch.manual_seed(seed)
+    m = Llama(config(name)).eval()
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0.0, 0.15)
+    return m
+
+
+def theirs_from(path) -> torch.nn.Module:
+    return transformers.AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                             attn_implementation="eager").eval()
+
+
+def ids(shape=(2, 17), seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, V, shape, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_theirs_load_ours_same_family_and_logits(tmp_path, name):
+    model = ours(name)
+    model.save_pretrained(str(tmp_path))
+    conf = json.loads((tmp_path / "config.json").read_text())
+    fam = FAMILIES[model.config.model_type]
+    assert conf["model_type"] == fam.model_type and conf["architectures"] == [fam.architecture]
+    hf = theirs_from(tmp_path)
+    assert type(hf).__name__ == fam.architecture
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), hf(x).logits, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_ours_load_theirs_logits_and_config(tmp_path, name):
+    cfg = config(name)
+    hf_cfg = transformers.AutoConfig.for_model(**cfg.to_hf_dict())
+    torch.manual_seed(3)
+    hf = transformers.AutoModelForCausalLM.from_config(hf_cfg, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0.0, 0.15)
+    hf.save_pretrained(str(tmp_path))
+    model = Llama.from_pretrained(str(tmp_path))
+    assert model.config == cfg
+    x = ids(seed=4)
+    mask = torch.ones_like(x)
+    mask[1, 12:] = 0                                    # right padding in row 1
+    with torch.no_grad():
+        a, b = model(x, attention_mask=mask), hf(x, attention_mask=mask).logits
+    torch.testing.assert_close(a[0], b[0], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(a[1, :12], b[1, :12], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if config(n).has_sliding_layers])
+def test_the_window_matters(name):
+    """The windowed cases would pass the parity tests above with the window ignored only if it changed nothing."""
+    model = ours(name)
+    wide = Llama(model.config.replace(sliding_window=None, layer_types=None)).eval()
+    wide.load_state_dict(model.state_dict())
+    x = ids()
+    with torch.no_grad():
+        assert (model(x) - wide(x)).abs().max() > 1e-3
+
+
+def _our_greedy(model, prompt: list[int], n: int) -> list[int]:
+    cache = KVCache.for_model(model, 1, len(prompt) + n)
+    out = []
+    with torch.inference_mode():
+        logits = prefill(model, cache, [prompt])
+        for _ in range(n):
+            tok = logits.argmax(-1)
+            out.append(int(tok))
+            logits = decode_one_token(model, cache, tok)
+    return out
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_greedy_32_tokens_equal_transformers(tmp_path, name):
+    model = ours(name, seed=5)
+    model.save_pretrained(str(tmp_path))
+    hf = theirs_from(tmp_path)
+    prompt = ids((1, 7), seed=6)
+    hf.generation_config.eos_token_id = None          # no early stop and no eos suppression: 32 plain argmaxes
+    with torch.no_grad():
+        want = hf.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=32,
+                           pad_token_id=0)[0, 7:].tolist()
+    assert len(want) == 32
+    assert _our_greedy(model, prompt[0].tolist(), 32) == want
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_orpo_step_lowers_the_loss(name):
+    torch.manual_seed(7)
+    model = Llama(config(name)).train()
+    g = torch.Generator().manual_seed(8)
+    rnd = lambda n: torch.randint(3, V, (n,), generator=g).tolist()  # noqa: E731
+    examples = []
+    for _ in range(2):
+        prompt, chosen, rejected = rnd(5), rnd(6), rnd(4)
+        examples.append(PairExample(prompt + chosen, [-100] * 5 + chosen, prompt + rejected, [-100] * 5 + rejected))
+    batch = collate_pairs(examples, pad_id=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    loss0 = orpo_objective(model, batch, beta=0.1)[0]
+    loss0.backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+    opt.step()
+    with torch.no_grad():
+        loss1 = orpo_objective(model, batch, beta=0.1)[0]
+    assert torch.isfinite(loss0) and loss1 < loss0
+
+
+@pytest.fixture(scope="module")
+def bpe():
+    return Tokenizer.train_bpe(["the cat sat on the mat while the dog ran in the park"] * 8, vocab_size=280)
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_gguf_round_trip(tmp_path, bpe, name):
+    from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.gguf.writer import gguf_arch
+    from preflexor_core.gguf.reader import GGUFError
+    cfg = config(name).replace(vocab_size=bpe.vocab_size + 3)
+    path = tmp_path / "m.gguf"
+    if cfg.model_type.startswith("qwen") and cfg.has_sliding_layers:    # llama.cpp's qwen has no window keys
+        with pytest.raises(GGUFError, match="qwen2 with sliding-window layers cannot be written to GGUF"):
+            write_gguf(Llama(cfg), bpe, str(path), dtype="f32")
+        cfg = cfg.replace(sliding_window=None, layer_types=None)
+    torch.manual_seed(9)
+    model = Llama(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.15)
+    write_gguf(model, bpe, str(path), dtype="f32")
+    assert read_metadata(open_gguf(str(path)))["general.architecture"] == gguf_arch(cfg)
+    back = Llama.from_pretrained(str(path))
+    ignore = ("rms_norm_eps", "bos_token_id", "eos_token_id", "pad_token_id", "max_position_embeddings")
+    assert back.config.replace(**{k: getattr(cfg, k) for k in ignore}) == cfg
+    x = torch.randint(3, cfg.vocab_size, (2, 13), generator=torch.Generator().manual_seed(10))
+    with torch.no_grad():
+        torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
+
+
+def test_fused_decode_blocker_names_the_options():
+    assert Llama(config("llama"), device="meta").fused_decode_blocker() is None
+    reason = Llama(config("gemma3"), device="meta").fused_decode_blocker()
+    assert "qk_norm" in reason and "sliding_window" in reason and "norm_offset" in reason
+    assert "qkv_bias" in Llama(config("qwen2"), device="meta").fused_decode_blocker()
+
+
+def test_family_options_are_checked():
+    from preflexor_core.config import ConfigError
+    with pytest.raises(ConfigError, match=r"qk_norm is False but the qwen3 family needs True.*for_family"):
+        ModelConfig(model_type="qwen3", hidden_size=48, num_attention_heads=4)
+    with pytest.raises(ConfigError, match=r"sliding_window=4 is not an option of the llama family"):
+        ModelConfig(hidden_size=48, num_attention_heads=4, sliding_window=4)
+    with pytest.raises(ConfigError, match=r"model_type is 'gpt2', expected one of"):
+        ModelConfig(model_type="gpt2", hidden_size=48, num_attention_heads=4)
+    with pytest.raises(ConfigError, match=r"Gemma 3 multimodal checkpoint"):
+        ModelConfig.from_hf_dict({"model_type": "gemma3", "architectures": ["Gemma3ForConditionalGeneration"]})
+    with pytest.raises(ConfigError, match=r"layer_types is .* expected a list of 2 entries"):
+        ModelConfig.for_family("gemma3_text", hidden_size=48, num_attention_heads=4, num_hidden_layers=2,
+                               sliding_window=4, layer_types=["sliding_attention"])
+
+
+@pytest.mark.parametrize("name", ["qwen2", "gemma3"])
+def test_lora_adapter_loads_in_peft(tmp_path, name):
+    peft = pytest.importorskip("peft")
+    from preflexor_core.lora import LoRAConfig, apply_lora, lora_state_dict, save_adapter
+    base = ours(name, seed=11)
+    base.save_pretrained(str(tmp_path / "base"))
+    model = ours(name, seed=11)
+    cfg = LoRAConfig(r=4, alpha=8)
+    apply_lora(model, cfg)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for t in lora_state_dict(model).values():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.05)
+    save_adapter(model, tmp_path / "adapter", cfg, base_model_name_or_path=str(tmp_path / "base"))
+    pm = peft.PeftModel.from_pretrained(theirs_from(tmp_path / "base"), str(tmp_path / "adapter")).eval()
+    x = ids()
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x).logits, model.eval()(x), rtol=1e-4, atol=1e-4)
