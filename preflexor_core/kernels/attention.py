@@ -6,26 +6,23 @@ block for dK, dV (over its GQA group's query heads, no atomics) and one per quer
 Layouts (only the head dim contiguous): padded q [B, Hq, T, D], k/v [B, Hkv, S, D]; varlen
 q [total, Hq, D], k/v [total, Hkv, D], cu_seqlens [nseq + 1] int32. Causal alignment is
 bottom-right (``kernels/reference.py``). fp16/bf16/fp32 inputs, head dims multiple of 16 up to 256,
-fp32 accumulation (fp32 dots: the backend default, TF32 on recent NVIDIA GPUs).
+fp32 accumulation; fp32 inputs' dots follow torch.get_float32_matmul_precision() ("highest": IEEE,
+"high"/"medium": TF32). Tiles per device, 64-bit base offsets and grids: ``_launch``.
 Run the tests (CPU, Triton interpreter): ``TRITON_INTERPRET=1 python -m pytest tests/test_kernels_attention.py -q``;
 on CUDA: ``python -m pytest tests/gpu/test_kernels_gpu.py``; speed: ``make bench``.
 """
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from . import _launch
 from .reference import autocast_off
 
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 # ----------------------------------------------------------------------------- kernels
@@ -48,6 +45,13 @@ def _seq_bounds(CU, b, T, S, VARLEN: tl.constexpr):
 
 
 @triton.jit
+def _program_bh(NBH):
+    """Linear (batch, head) index of this program over grid y and z (``_launch.grid_3d``)."""
+    pid = tl.program_id(1) + tl.program_id(2) * tl.num_programs(1)
+    return pid, pid < NBH
+
+
+@triton.jit
 def _flash_attention_fwd_kernel(
     Q, K, V, O, LSE, CU,
     stride_qb, stride_qh, stride_qt,
@@ -55,12 +59,14 @@ def _flash_attention_fwd_kernel(
     stride_vb, stride_vh, stride_vt,
     stride_ob, stride_oh, stride_ot,
     stride_lb, stride_lh,
-    T, S, HQ, HEAD_DIM, qk_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    T, S, HQ, NBH, HEAD_DIM, qk_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, live = _program_bh(NBH)
+    if not live:
+        return
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -70,16 +76,19 @@ def _flash_attention_fwd_kernel(
         return
     diag = k_len - q_len                                    # query i sits at key position i + diag
 
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)                          # in-tile offsets stay 32-bit,
+    offs_m = m0 + offs_r                                    # per-program bases are 64-bit scalars
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < q_len
     d_ok = offs_d < HEAD_DIM
+    b64, h64, hk64 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64)
+    row0 = (q_start + m0).to(tl.int64)
 
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + offs_m)[:, None] * stride_qt + offs_d[None, :],
-                mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kt
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vt
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt + offs_r[:, None] * stride_qt
+                + offs_d[None, :], mask=m_ok[:, None] & d_ok[None, :], other=0.0)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vt
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -89,11 +98,12 @@ def _flash_attention_fwd_kernel(
     if CAUSAL:
         hi = tl.minimum(k_len, m0 + BLOCK_M + diag)
     for n0 in range(0, hi, BLOCK_N):
+        n64 = tl.cast(n0, tl.int64)
         cols = n0 + offs_n
         n_ok = cols < k_len
-        kt = tl.load(k_base + cols[None, :] * stride_kt + offs_d[:, None],
+        kt = tl.load(k_base + n64 * stride_kt + offs_n[None, :] * stride_kt + offs_d[:, None],
                      mask=n_ok[None, :] & d_ok[:, None], other=0.0)                  # (D, N)
-        s = tl.dot(q, kt) * qk_scale                                                 # (M, N), log2 units
+        s = tl.dot(q, kt, input_precision=DOT_PRECISION) * qk_scale                  # (M, N), log2 units
         ok = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= offs_m[:, None] + diag)
@@ -103,18 +113,18 @@ def _flash_attention_fwd_kernel(
         p = tl.math.exp2(s - m_safe[:, None])
         alpha = tl.math.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        vb = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :],
+        vb = tl.load(v_base + n64 * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :],
                      mask=n_ok[:, None] & d_ok[None, :], other=0.0)                  # (N, D)
         acc = acc * alpha[:, None]
-        acc = tl.dot(p.to(vb.dtype), vb, acc)
+        acc = tl.dot(p.to(vb.dtype), vb, acc, input_precision=DOT_PRECISION)
         m_i = m_new
 
     empty = l_i == 0.0
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, 0.0, m_i + tl.math.log2(tl.where(empty, 1.0, l_i)))
-    tl.store(O + b * stride_ob + h * stride_oh + (q_start + offs_m)[:, None] * stride_ot + offs_d[None, :],
+    tl.store(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot + offs_r[:, None] * stride_ot + offs_d[None, :],
              out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
-    tl.store(LSE + b * stride_lb + h * stride_lh + q_start + offs_m, lse, mask=m_ok)
+    tl.store(LSE + b64 * stride_lb + h64 * stride_lh + row0 + offs_r, lse, mask=m_ok)
 
 
 @triton.jit
@@ -123,26 +133,31 @@ def _flash_attention_bwd_preprocess_kernel(
     stride_ob, stride_oh, stride_ot,
     stride_db, stride_dh, stride_dt,
     stride_lb, stride_lh,
-    T, S, HQ, HEAD_DIM,
+    T, S, HQ, NBH, HEAD_DIM,
     VARLEN: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """delta_i = sum_d O[i, d] * dO[i, d] (fp32)."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, live = _program_bh(NBH)
+    if not live:
+        return
     b = pid_bh // HQ
     h = pid_bh % HQ
     q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T, S, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
         return
-    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_m < q_len)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    rows = (q_start + offs_m)[:, None]
-    o = tl.load(O + b * stride_ob + h * stride_oh + rows * stride_ot + offs_d[None, :], mask=mask, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + rows * stride_dt + offs_d[None, :], mask=mask, other=0.0)
+    m_ok = m0 + offs_r < q_len
+    mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    b64, h64, row0 = b.to(tl.int64), h.to(tl.int64), (q_start + m0).to(tl.int64)
+    o = tl.load(O + b64 * stride_ob + h64 * stride_oh + row0 * stride_ot + offs_r[:, None] * stride_ot
+                + offs_d[None, :], mask=mask, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + row0 * stride_dt + offs_r[:, None] * stride_dt
+                 + offs_d[None, :], mask=mask, other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(DELTA + b * stride_lb + h * stride_lh + q_start + offs_m, delta, mask=offs_m < q_len)
+    tl.store(DELTA + b64 * stride_lb + h64 * stride_lh + row0 + offs_r, delta, mask=m_ok)
 
 
 @triton.jit
@@ -155,13 +170,15 @@ def _flash_attention_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkt,
     stride_dvb, stride_dvh, stride_dvt,
     stride_lb, stride_lh,
-    T, S, HKV, HEAD_DIM, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    T, S, HKV, NBH, HEAD_DIM, qk_scale, sm_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One key block of one kv head: dV = sum P^T dO, dK = sum dS^T Q * scale over its query heads."""
     pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, live = _program_bh(NBH)
+    if not live:
+        return
     b = pid_bh // HKV
     hk = pid_bh % HKV
     q_start, k_start, q_len, k_len = _seq_bounds(CU, b, T, S, VARLEN)
@@ -171,48 +188,53 @@ def _flash_attention_bwd_dkdv_kernel(
     diag = k_len - q_len
 
     offs_m = tl.arange(0, BLOCK_M)
-    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_c = tl.arange(0, BLOCK_N)
+    cols = n0 + offs_c
     offs_d = tl.arange(0, BLOCK_D)
     n_ok = cols < k_len
     d_ok = offs_d < HEAD_DIM
     kv_mask = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + hk * stride_kh + (k_start + cols)[:, None] * stride_kt + offs_d[None, :],
-                mask=kv_mask, other=0.0)                                             # (N, D)
-    v = tl.load(V + b * stride_vb + hk * stride_vh + (k_start + cols)[:, None] * stride_vt + offs_d[None, :],
-                mask=kv_mask, other=0.0)
+    b64, hk64, col0 = b.to(tl.int64), hk.to(tl.int64), (k_start + n0).to(tl.int64)
+    tile_k = offs_c[:, None] * stride_kt + offs_d[None, :]
+    k = tl.load(K + b64 * stride_kb + hk64 * stride_kh + col0 * stride_kt + tile_k, mask=kv_mask, other=0.0)
+    v = tl.load(V + b64 * stride_vb + hk64 * stride_vh + col0 * stride_vt + offs_c[:, None] * stride_vt
+                + offs_d[None, :], mask=kv_mask, other=0.0)                          # (N, D)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
 
     lo = 0
     if CAUSAL:                                              # queries with i + diag >= n0 see this block
         lo = (tl.maximum(n0 - diag, 0) // BLOCK_M) * BLOCK_M
+    q_row0 = q_start.to(tl.int64)
     for g in range(GROUP):
-        h = hk * GROUP + g
-        q_base = Q + b * stride_qb + h * stride_qh + q_start * stride_qt
-        do_base = DO + b * stride_db + h * stride_dh + q_start * stride_dt
-        l_base = b * stride_lb + h * stride_lh + q_start
+        h64 = (hk * GROUP + g).to(tl.int64)
+        q_base = Q + b64 * stride_qb + h64 * stride_qh + q_row0 * stride_qt
+        do_base = DO + b64 * stride_db + h64 * stride_dh + q_row0 * stride_dt
+        l_base = b64 * stride_lb + h64 * stride_lh + q_row0
         for m0 in range(lo, q_len, BLOCK_M):
-            rows = m0 + offs_m
-            m_ok = rows < q_len
+            m64 = tl.cast(m0, tl.int64)
+            m_ok = m0 + offs_m < q_len
             qm = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(q_base + rows[:, None] * stride_qt + offs_d[None, :], mask=qm, other=0.0)     # (M, D)
-            do = tl.load(do_base + rows[:, None] * stride_dt + offs_d[None, :], mask=qm, other=0.0)
-            lse = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0)
-            delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-            s = tl.dot(q, tl.trans(k)) * qk_scale                                                     # (M, N)
+            q = tl.load(q_base + m64 * stride_qt + offs_m[:, None] * stride_qt + offs_d[None, :], mask=qm,
+                        other=0.0)                                                                    # (M, D)
+            do = tl.load(do_base + m64 * stride_dt + offs_m[:, None] * stride_dt + offs_d[None, :], mask=qm,
+                         other=0.0)
+            lse = tl.load(LSE + l_base + m64 + offs_m, mask=m_ok, other=0.0)
+            delta = tl.load(DELTA + l_base + m64 + offs_m, mask=m_ok, other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale                     # (M, N)
             ok = m_ok[:, None] & n_ok[None, :]
             if CAUSAL:
-                ok = ok & (cols[None, :] <= rows[:, None] + diag)
+                ok = ok & (cols[None, :] <= (m0 + offs_m)[:, None] + diag)
             p = tl.math.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
-            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv)
-            dp = tl.dot(do, tl.trans(v))                                                              # (M, N)
+            dv = tl.dot(tl.trans(p.to(do.dtype)), do, dv, input_precision=DOT_PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)                              # (M, N)
             ds = p * (dp - delta[:, None])
-            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk)
+            dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=DOT_PRECISION)
     dk = dk * sm_scale
-    tl.store(DK + b * stride_dkb + hk * stride_dkh + (k_start + cols)[:, None] * stride_dkt + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=kv_mask)
-    tl.store(DV + b * stride_dvb + hk * stride_dvh + (k_start + cols)[:, None] * stride_dvt + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=kv_mask)
+    tl.store(DK + b64 * stride_dkb + hk64 * stride_dkh + col0 * stride_dkt + offs_c[:, None] * stride_dkt
+             + offs_d[None, :], dk.to(DK.dtype.element_ty), mask=kv_mask)
+    tl.store(DV + b64 * stride_dvb + hk64 * stride_dvh + col0 * stride_dvt + offs_c[:, None] * stride_dvt
+             + offs_d[None, :], dv.to(DV.dtype.element_ty), mask=kv_mask)
 
 
 @triton.jit
@@ -224,13 +246,15 @@ def _flash_attention_bwd_dq_kernel(
     stride_db, stride_dh, stride_dt,
     stride_dqb, stride_dqh, stride_dqt,
     stride_lb, stride_lh,
-    T, S, HQ, HEAD_DIM, qk_scale, sm_scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr,
+    T, S, HQ, NBH, HEAD_DIM, qk_scale, sm_scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, VARLEN: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """One query block of one query head: dQ = sum dS K * scale."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
+    pid_bh, live = _program_bh(NBH)
+    if not live:
+        return
     b = pid_bh // HQ
     h = pid_bh % HQ
     hk = h // GROUP
@@ -240,43 +264,46 @@ def _flash_attention_bwd_dq_kernel(
         return
     diag = k_len - q_len
 
-    rows = m0 + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_M)
+    rows = m0 + offs_r
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = rows < q_len
     d_ok = offs_d < HEAD_DIM
     qm = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + (q_start + rows)[:, None] * stride_qt + offs_d[None, :],
-                mask=qm, other=0.0)
-    do = tl.load(DO + b * stride_db + h * stride_dh + (q_start + rows)[:, None] * stride_dt + offs_d[None, :],
-                 mask=qm, other=0.0)
-    l_base = b * stride_lb + h * stride_lh + q_start
-    lse = tl.load(LSE + l_base + rows, mask=m_ok, other=0.0)
-    delta = tl.load(DELTA + l_base + rows, mask=m_ok, other=0.0)
-    k_base = K + b * stride_kb + hk * stride_kh + k_start * stride_kt
-    v_base = V + b * stride_vb + hk * stride_vh + k_start * stride_vt
+    b64, h64, hk64, row0 = b.to(tl.int64), h.to(tl.int64), hk.to(tl.int64), (q_start + m0).to(tl.int64)
+    q = tl.load(Q + b64 * stride_qb + h64 * stride_qh + row0 * stride_qt + offs_r[:, None] * stride_qt
+                + offs_d[None, :], mask=qm, other=0.0)
+    do = tl.load(DO + b64 * stride_db + h64 * stride_dh + row0 * stride_dt + offs_r[:, None] * stride_dt
+                 + offs_d[None, :], mask=qm, other=0.0)
+    l_off = b64 * stride_lb + h64 * stride_lh + row0
+    lse = tl.load(LSE + l_off + offs_r, mask=m_ok, other=0.0)
+    delta = tl.load(DELTA + l_off + offs_r, mask=m_ok, other=0.0)
+    k_base = K + b64 * stride_kb + hk64 * stride_kh + k_start.to(tl.int64) * stride_kt
+    v_base = V + b64 * stride_vb + hk64 * stride_vh + k_start.to(tl.int64) * stride_vt
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     hi = k_len
     if CAUSAL:
         hi = tl.minimum(k_len, m0 + BLOCK_M + diag)
     for n0 in range(0, hi, BLOCK_N):
+        n64 = tl.cast(n0, tl.int64)
         cols = n0 + offs_n
         n_ok = cols < k_len
         kvm = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(k_base + cols[:, None] * stride_kt + offs_d[None, :], mask=kvm, other=0.0)       # (N, D)
-        v = tl.load(v_base + cols[:, None] * stride_vt + offs_d[None, :], mask=kvm, other=0.0)
-        s = tl.dot(q, tl.trans(k)) * qk_scale
+        k = tl.load(k_base + n64 * stride_kt + offs_n[:, None] * stride_kt + offs_d[None, :], mask=kvm, other=0.0)
+        v = tl.load(v_base + n64 * stride_vt + offs_n[:, None] * stride_vt + offs_d[None, :], mask=kvm, other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         ok = m_ok[:, None] & n_ok[None, :]
         if CAUSAL:
             ok = ok & (cols[None, :] <= rows[:, None] + diag)
         p = tl.math.exp2(tl.where(ok, s, float("-inf")) - lse[:, None])
-        dp = tl.dot(do, tl.trans(v))
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     dq = dq * sm_scale
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + (q_start + rows)[:, None] * stride_dqt + offs_d[None, :],
-             dq.to(DQ.dtype.element_ty), mask=qm)
+    tl.store(DQ + b64 * stride_dqb + h64 * stride_dqh + row0 * stride_dqt + offs_r[:, None] * stride_dqt
+             + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=qm)
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -289,29 +316,6 @@ def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _config(D: int, backward: bool, elem_size: int = 2) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages). Small blocks under the interpreter (speed);
-    on GPU sized so the fp32 accumulators fit in registers for the head dim and the pipelined tiles
-    fit in shared memory (fp32 inputs: half the key block, one stage less; checked by compiling for
-    sm_90 / sm_80 limits). Not autotuned."""
-    if _interpreting():
-        return 32, 32, 4, 1
-    if elem_size >= 4:
-        bm, bn, warps, stages = _config(D, backward)
-        return bm, max(16, bn // 2), warps, max(1, stages - 1)
-    if not backward:
-        if D <= 64:
-            return 128, 64, 4, 3
-        if D <= 128:
-            return 128, 64, 8, 2
-        return 64, 32, 8, 2
-    if D <= 64:
-        return 64, 64, 4, 2
-    if D <= 128:
-        return 64, 64, 8, 2
-    return 32, 32, 8, 1
 
 
 class _Layout:
@@ -330,6 +334,19 @@ class _Layout:
         self.group = self.hq // self.hkv
         self.block_d = max(16, triton.next_power_of_2(self.d))
         self.cu = cu_seqlens.contiguous() if self.varlen else torch.empty(1, dtype=torch.int32, device=q.device)
+        self.dtype = q.dtype
+        self.limits = None if _launch.interpreting() else _launch.device_limits(q.device)
+        self.precision = _launch.dot_precision(q.dtype)
+
+    def config(self, kind: str) -> tuple[int, int, int, int]:
+        return _launch.attention_config(kind, self.d, self.dtype, self.limits, self.precision)
+
+    def grid(self, length: int, block: int, heads: int) -> tuple[int, int, int]:
+        return _launch.grid_3d(triton.cdiv(max(length, 1), block), self.nbatch * heads)
+
+    def check_spans(self, tensors, block_rows: int) -> None:
+        for name, t in tensors:
+            _launch.check_tile_span("flash_attention", name, _strides(t, self.varlen)[2], block_rows, self.block_d)
 
     def lse_buffer(self, q):
         if self.varlen:                                        # [Hq, total]
@@ -341,20 +358,20 @@ class _Layout:
 
 def flash_attention_forward(q, k, v, causal, sm_scale, cu_seqlens=None, max_seqlen=None, block_m=None,
                             block_n=None):
-    """Launch the forward kernel. Returns (o, lse, layout, lse strides); lse is fp32 in log2 units."""
+    """Launch the forward kernel. Returns (o, lse); lse is fp32 in log2 units."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
     L = _Layout(q, k, cu_seqlens, max_seqlen)
-    bm, bn, warps, stages = _config(L.d, backward=False, elem_size=q.element_size())
+    bm, bn, warps, stages = L.config("fwd")
     bm = min(bm, max(16, triton.next_power_of_2(L.t)))     # decode: T = 1..few needs no 128-row tile
     bm, bn = block_m or bm, block_n or bn
+    L.check_spans((("q", q), ("k", k), ("v", v)), max(bm, bn))
     o = torch.zeros_like(q)
     lse, slb, slh = L.lse_buffer(q)
-    grid = (triton.cdiv(max(L.t, 1), bm), L.nbatch * L.hq)
-    _flash_attention_fwd_kernel[grid](
+    _flash_attention_fwd_kernel[L.grid(L.t, bm, L.hq)](
         q, k, v, o, lse, L.cu,
         *_strides(q, L.varlen), *_strides(k, L.varlen), *_strides(v, L.varlen), *_strides(o, L.varlen),
-        slb, slh, L.t, L.s, L.hq, L.d, sm_scale * LOG2E,
-        GROUP=L.group, CAUSAL=bool(causal), VARLEN=L.varlen,
+        slb, slh, L.t, L.s, L.hq, L.nbatch * L.hq, L.d, sm_scale * LOG2E,
+        GROUP=L.group, CAUSAL=bool(causal), VARLEN=L.varlen, DOT_PRECISION=L.precision,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=L.block_d, num_warps=warps, num_stages=stages,
     )
     return o, lse
@@ -362,31 +379,38 @@ def flash_attention_forward(q, k, v, causal, sm_scale, cu_seqlens=None, max_seql
 
 def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, cu_seqlens=None, max_seqlen=None,
                              block_m=None, block_n=None):
-    """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes."""
+    """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes. dK/dV and dQ have their
+    own tiles (``_launch.attention_config``); ``block_m`` / ``block_n`` override both."""
     do = _last_dim_contiguous(do)
     L = _Layout(q, k, cu_seqlens, max_seqlen)
-    bm, bn, warps, stages = _config(L.d, backward=True, elem_size=q.element_size())
-    bm, bn = block_m or bm, block_n or bn
     slb, slh = (0, lse.stride(0)) if L.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.zeros_like(lse)
-    grid_m = (triton.cdiv(max(L.t, 1), bm), L.nbatch * L.hq)
-    _flash_attention_bwd_preprocess_kernel[grid_m](
-        o, do, delta, L.cu, *_strides(o, L.varlen), *_strides(do, L.varlen), slb, slh,
-        L.t, L.s, L.hq, L.d, VARLEN=L.varlen, BLOCK_M=bm, BLOCK_D=L.block_d,
-    )
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    common = dict(GROUP=L.group, CAUSAL=bool(causal), VARLEN=L.varlen,
-                  BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=L.block_d, num_warps=warps, num_stages=stages)
     qkv_strides = (*_strides(q, L.varlen), *_strides(k, L.varlen), *_strides(v, L.varlen),
                    *_strides(do, L.varlen))
-    _flash_attention_bwd_dkdv_kernel[(triton.cdiv(max(L.s, 1), bn), L.nbatch * L.hkv)](
-        q, k, v, do, lse, delta, dk, dv, L.cu, *qkv_strides,
-        *_strides(dk, L.varlen), *_strides(dv, L.varlen), slb, slh,
-        L.t, L.s, L.hkv, L.d, sm_scale * LOG2E, sm_scale, **common,
+    common = dict(GROUP=L.group, CAUSAL=bool(causal), VARLEN=L.varlen, DOT_PRECISION=L.precision,
+                  BLOCK_D=L.block_d)
+
+    bm, bn, warps, stages = L.config("dq")
+    bm, bn = block_m or bm, block_n or bn
+    L.check_spans((("q", q), ("k", k), ("v", v), ("do", do), ("o", o)), max(bm, bn))
+    grid_m = L.grid(L.t, bm, L.hq)
+    _flash_attention_bwd_preprocess_kernel[grid_m](
+        o, do, delta, L.cu, *_strides(o, L.varlen), *_strides(do, L.varlen), slb, slh,
+        L.t, L.s, L.hq, L.nbatch * L.hq, L.d, VARLEN=L.varlen, BLOCK_M=bm, BLOCK_D=L.block_d,
     )
     _flash_attention_bwd_dq_kernel[grid_m](
         q, k, v, do, lse, delta, dq, L.cu, *qkv_strides, *_strides(dq, L.varlen), slb, slh,
-        L.t, L.s, L.hq, L.d, sm_scale * LOG2E, sm_scale, **common,
+        L.t, L.s, L.hq, L.nbatch * L.hq, L.d, sm_scale * LOG2E, sm_scale, **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
+    )
+    bm, bn, warps, stages = L.config("dkdv")
+    bm, bn = block_m or bm, block_n or bn
+    _flash_attention_bwd_dkdv_kernel[L.grid(L.s, bn, L.hkv)](
+        q, k, v, do, lse, delta, dk, dv, L.cu, *qkv_strides,
+        *_strides(dk, L.varlen), *_strides(dv, L.varlen), slb, slh,
+        L.t, L.s, L.hkv, L.nbatch * L.hkv, L.d, sm_scale * LOG2E, sm_scale, **common,
+        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages,
     )
     return dq, dk, dv
 
