@@ -101,6 +101,16 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 # ----------------------------------------------------------------------------- load
+def _raw_json(path: str) -> dict:
+    """``path`` as a JSON object, {} when unreadable (``ModelConfig.from_json_file`` then says why)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
 def load_pretrained(path: str, model_cls: Callable[..., nn.Module], dtype: Any = None, device: Any = "cpu"):
     """Load an HF directory of a supported family into ``model_cls(config, device="meta")`` (normally ``Llama``).
 
@@ -109,6 +119,9 @@ def load_pretrained(path: str, model_cls: Callable[..., nn.Module], dtype: Any =
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
+    from .limits import check_config_fits
+    check_config_fits(_raw_json(os.path.join(path, "config.json")), source=os.path.join(path, "config.json"),
+                      dtype=dtype, device=device)                    # before the config or model is built
     cfg = ModelConfig.from_json_file(os.path.join(path, "config.json"))
     dtype = _resolve_dtype(dtype)
     device = torch.device(device)
