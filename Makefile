@@ -96,3 +96,14 @@ demo-graph: install
 	$(PY) -m preflexor_core.evaluation.graph_eval --model base=smollm2-135m-instruct $(GRAPH_STAGE2) \
 		--model stage3=$(DEMO_GRAPH)/stage3 --retriever $(DEMO_GRAPH)/retriever --n 12 --max-new-tokens 512 \
 		--out $(DEMO_GRAPH)/graph_eval --graphml --png
+
+# GPU readiness with no GPU: every Triton launch compiled for sm_80/86/89/90 through the launchers
+# (fake CUDA driver, Triton's bundled ptxas; the quick set is part of make test), and csrc/*.cu
+# compiled for sm_90 with nvcc from PyPI (installed into build/cuda-nvcc on first use).
+.PHONY: compile-check cuda-compile-check
+
+compile-check: install
+	env -u TRITON_INTERPRET $(PY) tests/triton_compile.py --set full
+
+cuda-compile-check: install
+	PYTHON=$(PY) bash tests/gpu/cuda_compile_check.sh
