@@ -229,3 +229,70 @@ def test_lora_adapter_loads_in_peft(tmp_path, name):
     x = ids()
     with torch.no_grad():
         torch.testing.assert_close(pm(x).logits, model.eval()(x), rtol=1e-4, atol=1e-4)
+
+
+# ----------------------------------------------------------------------------- chat templates
+# Written for these tests in the style of the families' own templates (their constructs: namespace
+# scans, reverse slices, reasoning_content and '</think>' splitting, raise_exception, role renaming,
+# a system prompt folded into the first user turn, `| trim`).
+QWEN3_LIKE = """{%- if messages[0].role == 'system' %}{{- '<|im_start|>system\\n' + messages[0].content + '<|im_end|>\\n' }}{%- endif %}
+{%- set ns = namespace(last_query=messages|length - 1, found=false) %}
+{%- for m in messages[::-1] %}{%- set i = (messages|length - 1) - loop.index0 %}
+{%- if m.role == 'user' and not ns.found %}{%- set ns.found = true %}{%- set ns.last_query = i %}{%- endif %}{%- endfor %}
+{%- for m in messages %}
+{%- if m.role == 'user' or (m.role == 'system' and not loop.first) %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}
+{%- elif m.role == 'assistant' %}{%- set body = m.content %}{%- set thought = '' %}
+{%- if m.reasoning_content is string %}{%- set thought = m.reasoning_content %}
+{%- elif '</think>' in body %}{%- set thought = body.split('</think>')[0].split('<think>')[-1].strip('\\n') %}
+{%- set body = body.split('</think>')[-1].lstrip('\\n') %}{%- endif %}
+{%- if loop.index0 > ns.last_query %}{{- '<|im_start|>assistant\\n<think>\\n' + thought.strip('\\n') + '\\n</think>\\n\\n' + body.lstrip('\\n') }}
+{%- else %}{{- '<|im_start|>assistant\\n' + body }}{%- endif %}{{- '<|im_end|>\\n' }}
+{%- endif %}{%- endfor %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}
+{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\\n\\n</think>\\n\\n' }}{%- endif %}{%- endif %}"""
+GEMMA_LIKE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}{%- set prefix = messages[0]['content'] | trim + '\\n\\n' -%}{%- set turns = messages[1:] -%}
+{%- else -%}{%- set prefix = '' -%}{%- set turns = messages -%}{%- endif -%}
+{%- for message in turns -%}
+{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}{{ raise_exception('turns must alternate user/assistant') }}{%- endif -%}
+{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}
+{{ '<start_of_turn>' + role + '\\n' + (prefix if loop.first else '') }}{{ message['content'] | trim }}<end_of_turn>
+{% endfor -%}
+{%- if add_generation_prompt -%}{{ '<start_of_turn>model\\n' }}{%- endif -%}"""
+_TEMPLATES = {"qwen3-like": (QWEN3_LIKE, {"eos_token": "<|im_end|>"}, ["<|im_start|>", "<|im_end|>", "<think>", "</think>"]),
+              "gemma-like": (GEMMA_LIKE, {"bos_token": "<bos>", "eos_token": "<eos>"},
+                             ["<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"])}
+_THOUGHT = "<|thinking|> **Reasoning Steps** tablets slide <|/thinking|> Nacre deflects cracks."
+_CHATS = [
+    [{"role": "system", "content": "You are a materials scientist."}, {"role": "user", "content": "Why is nacre tough?"}],
+    [{"role": "user", "content": "Silk?"}, {"role": "assistant", "content": "<think>\nfibres\n</think>\n\nBeta sheets."},
+     {"role": "user", "content": "Nacre?"}, {"role": "assistant", "content": _THOUGHT}],
+    [{"role": "user", "content": "Nacre?"}, {"role": "assistant", "content": _THOUGHT, "reasoning_content": "own"}],
+]
+
+
+@pytest.mark.parametrize("name", _TEMPLATES)
+def test_family_chat_templates_render_like_transformers(bpe, name):
+    from tokenizers import AddedToken, Tokenizer as TK
+    template, named, specials = _TEMPLATES[name]
+    tk = TK.from_str(bpe._tk.to_str())
+    tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    tok = Tokenizer(tk, chat_template=template, **{"bos_token": None, **named})
+    hf = transformers.PreTrainedTokenizerFast(tokenizer_object=TK.from_str(tk.to_str()), **named)
+    hf.chat_template = template
+    for chat in _CHATS:
+        for gen in (False, True):
+            want = hf.apply_chat_template(chat, tokenize=False, add_generation_prompt=gen)
+            # allow=None: contents as given (by default a '<think>' typed into a message is neutralised, as any
+            # control text of the template's own markup; our thinking tags are allowed either way)
+            assert tok.apply_chat_template(chat, add_generation_prompt=gen, allow=None) == want, (chat, gen)
+    if name == "qwen3-like":   # our thinking tags pass through Qwen3-style <think> handling untouched
+        text = tok.apply_chat_template(_CHATS[1], allow=None)
+        assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n" + _THOUGHT + "<|im_end|>\n")
+        assert "<|im_start|>assistant\nBeta sheets.<|im_end|>" in text        # earlier turn: reasoning dropped
+        off = hf.apply_chat_template(_CHATS[0], tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        assert tok.apply_chat_template(_CHATS[0], add_generation_prompt=True, enable_thinking=False) == off
+        assert off.endswith("<think>\n\n</think>\n\n")
+    else:
+        with pytest.raises(Exception, match="alternate"):
+            tok.apply_chat_template([{"role": "assistant", "content": "x"}])
