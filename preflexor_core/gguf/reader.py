@@ -194,13 +194,13 @@ def _default_dtype(device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
-def load_gguf_model(path: str, model_cls, dtype: Any = None, device: Any = "cpu"):
+def load_gguf_model(path: str, model_cls, dtype: Any = None, device: Any = "cpu", reader=None):
     """Load a GGUF file of a supported architecture as ``model_cls`` (``Llama``); dtype None = bf16 on CUDA, fp32 otherwise.
     Users call ``Llama.from_pretrained(path)``, which passes its class (this package never imports the model)."""
     from ..checkpoint import _resolve_dtype
     device = torch.device(device)
     dtype = _resolve_dtype(dtype) or _default_dtype(device)
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)     # a caller may pass the one it opened
     cfg = config_from_gguf(read_metadata(reader), reader, path, dtype)
     arch = read_metadata_arch(reader)
     model = model_cls(cfg, device="meta")
