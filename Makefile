@@ -3,6 +3,7 @@
 #   make test       install if needed, then run the CPU test suite
 #   make demo       the embedded demo on the bundled SmolLM2-135M-Instruct (make demo-tiny: from scratch)
 #   make bench      run the CPU benchmarks (pytest-benchmark; make bench-deps adds the optional llama.cpp)
+#   make bench-isa  the SmolLM2 decode benchmark on every CPU ISA path of this machine
 #   make gpu-check  on a CUDA machine: build the CUDA extension, run tests/gpu and the benchmarks
 PYTHON ?= python3
 VENV ?= .venv
@@ -96,6 +97,17 @@ demo-graph: install
 	$(PY) -m preflexor_core.evaluation.graph_eval --model base=smollm2-135m-instruct $(GRAPH_STAGE2) \
 		--model stage3=$(DEMO_GRAPH)/stage3 --retriever $(DEMO_GRAPH)/retriever --n 12 --max-new-tokens 512 \
 		--out $(DEMO_GRAPH)/graph_eval --graphml --png
+
+# The SmolLM2 decode benchmark on every CPU ISA path this machine runs (avx512 / avx2 / generic), one JSON each
+# under $(BENCH_OUT) (default runs/bench-isa/).
+BENCH_OUT ?= runs/bench-isa
+.PHONY: bench-isa
+bench-isa: install
+	mkdir -p $(BENCH_OUT)
+	for isa in $$($(PY) -c "from preflexor_core.cpu_features import available_isas as a; print(' '.join(reversed(a())))"); do \
+		PREFLEXOR_CPU_ISA=$$isa $(PY) -m pytest -q -s tests/benchmarks/test_bench_decode.py -k "smollm2 and vs_bandwidth" \
+			--benchmark-only --benchmark-json=$(BENCH_OUT)/decode-$$isa.json $(PYTEST_ARGS) || exit 1; \
+	done
 
 # GPU readiness with no GPU: every Triton launch compiled for sm_80/86/89/90 through the launchers
 # (fake CUDA driver, Triton's bundled ptxas; the quick set is part of make test), and csrc/*.cu

@@ -43,30 +43,37 @@ PREFLEXOR_DK_TARGET void dot_rows(const float* x, int64_t ldx, const Weight& w, 
   }
 }
 
-// y[m, n] (+)= x[m, :] . w[n, :] * scale[n] for all M rows; `accumulate` adds to y (the residual).
-// x rows go in groups of 4 per weight row (a row is re-read from L1 for the next group).
+// y[m, n] (+)= x[m, :] . w[n, :] * scale[n] for weight rows [n0, n1) and all M rows; `accumulate` adds to y
+// (the residual). x rows go in groups of 4 per weight row (a row is re-read from L1 for the next group).
+template <WKind KD>
+PREFLEXOR_DK_TARGET void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                                     bool accumulate, int64_t n0, int64_t n1) {
+  float out[4];
+  for (int64_t n = n0; n < n1; ++n) {
+    const float s = w.scale != nullptr ? w.scale[n] : 1.0f;
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
+      const float* xm = x + m0 * ldx;
+      switch (mb) {
+        case 4: dot_rows<KD, 4>(xm, ldx, w, n, out); break;
+        case 3: dot_rows<KD, 3>(xm, ldx, w, n, out); break;
+        case 2: dot_rows<KD, 2>(xm, ldx, w, n, out); break;
+        default: dot_rows<KD, 1>(xm, ldx, w, n, out); break;
+      }
+      for (int m = 0; m < mb; ++m) {
+        float* yv = y + (m0 + m) * ldy + n;
+        *yv = accumulate ? *yv + out[m] * s : out[m] * s;
+      }
+    }
+  }
+}
+
+// The rows of the weight split over threads (at::parallel_for; with one thread there is no task overhead).
 template <WKind KD>
 void matmul_kind(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy, bool accumulate) {
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(1, w.k * M));
   at::parallel_for(0, w.n, grain, [&](int64_t n0, int64_t n1) {
-    float out[4];
-    for (int64_t n = n0; n < n1; ++n) {
-      const float s = w.scale != nullptr ? w.scale[n] : 1.0f;
-      for (int64_t m0 = 0; m0 < M; m0 += 4) {
-        const int mb = static_cast<int>(std::min<int64_t>(4, M - m0));
-        const float* xm = x + m0 * ldx;
-        switch (mb) {
-          case 4: dot_rows<KD, 4>(xm, ldx, w, n, out); break;
-          case 3: dot_rows<KD, 3>(xm, ldx, w, n, out); break;
-          case 2: dot_rows<KD, 2>(xm, ldx, w, n, out); break;
-          default: dot_rows<KD, 1>(xm, ldx, w, n, out); break;
-        }
-        for (int m = 0; m < mb; ++m) {
-          float* yv = y + (m0 + m) * ldy + n;
-          *yv = accumulate ? *yv + out[m] * s : out[m] * s;
-        }
-      }
-    }
+    matmul_rows<KD>(x, M, ldx, w, y, ldy, accumulate, n0, n1);
   });
 }
 

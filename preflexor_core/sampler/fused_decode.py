@@ -61,6 +61,9 @@ def ineligible_reason(model: nn.Module) -> str | None:
     layers = getattr(getattr(model, "model", None), "layers", None)
     if layers is None or not hasattr(model, "output_weight") or not hasattr(model, "rotary"):
         return "the model is not a preflexor Llama"
+    blocker = getattr(model, "fused_decode_blocker", None)
+    if blocker is not None and (why := blocker()) is not None:      # a family option the step lacks
+        return why
     for i, layer in enumerate(layers):
         for name in _LINEARS:
             m = layer.get_submodule(name)

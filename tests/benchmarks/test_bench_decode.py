@@ -13,7 +13,9 @@ after each case (the higher is used) at one thread and at the thread count in us
 (``PREFLEXOR_BENCH_THREADS``, default 1). ``tiny`` (2 MB of weights) fits in the last-level cache, so
 its DRAM bound does not apply (fractions above 1). N per model: ``NEW_TOKENS``.
 transformers (test-only) runs a LlamaForCausalLM saved from the same weights; llama-cpp-python
-(optional) runs the GGUF itself (batch 1). Numbers land in ``extra_info`` and are printed.
+(optional) runs the GGUF itself (batch 1). Numbers land in ``extra_info`` (with the CPU model and the ISA
+path of our kernels) and are printed. Each ISA path: ``PREFLEXOR_CPU_ISA=avx2`` (or ``generic``) before
+the command; ``make bench-isa`` runs the SmolLM2 cases on every path this CPU has.
 """
 import importlib.util
 import os
@@ -38,6 +40,13 @@ def _gguf_path() -> str | None:
         return None
     path = os.path.join(spec.submodule_search_locations[0], GGUF_NAME)
     return path if os.path.exists(path) else None
+
+
+def _cpu_info() -> dict:
+    """The CPU and the ISA path the kernels ran on (PREFLEXOR_CPU_ISA=avx2|generic lowers it for a run)."""
+    from preflexor_core import cpu_features
+    return {"cpu_model": cpu_features.cpu_model(), "isa": cpu_features.cpu_isa(),
+            "native_isa": cpu_features.native_isa()}
 
 
 def _best(fn, n):
@@ -157,7 +166,7 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
     length = PROMPT_LEN + new_tokens / 2
     bound = {k: batch * bandwidth["in_use"] / _step_bytes(ours, batch, length, int8=(k == "int8"))
              for k in ("ours", "int8")}
-    info = dict(model=name, dtype=dtype_name, batch=batch, threads=threads,
+    info = dict(model=name, dtype=dtype_name, batch=batch, threads=threads, **_cpu_info(),
                 bandwidth_gb_s=round(bandwidth["in_use"] / 1e9, 2),
                 bandwidth_1thread_gb_s=round(bandwidth["one_thread"] / 1e9, 2),
                 **{f"{k}_tok_s": round(v, 1) for k, v in tok_s.items()},
@@ -169,7 +178,7 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
     if "llama.cpp" in tok_s:
         info["int8_vs_llama_cpp"] = round(tok_s["int8"] / tok_s["llama.cpp"], 3)
     benchmark.extra_info.update(info)
-    print(f"\n[{name} {dtype_name} B={batch} threads={threads}] bandwidth {bandwidth['one_thread'] / 1e9:.1f} GB/s "
+    print(f"\n[{name} {dtype_name} B={batch} threads={threads} {info['isa']} path] bandwidth {bandwidth['one_thread'] / 1e9:.1f} GB/s "
           f"(1 thread), {bandwidth['in_use'] / 1e9:.1f} GB/s ({threads} threads, for the bound); " + ", ".join(f"{k} {v:.0f} tok/s" for k, v in tok_s.items())
           + f"; bound {bound['ours']:.0f} (fp) / {bound['int8']:.0f} (int8) tok/s -> {info['ours_bound_fraction']:.0%} / "
           f"{info['int8_bound_fraction']:.0%}; ours/transformers {info['vs_hf']:.2f}x, int8/ours {info['int8_vs_ours']:.2f}x"
@@ -211,7 +220,7 @@ def test_bench_decode_step_share_outside_products(benchmark, checkpoint, dtype_n
     from preflexor_core.sampler import KVCache, cpu_packed_linears, decode_one_token, prefill
     from preflexor_core.sampler.fused_decode import FusedDecoder, cpu_supported
     if not cpu_supported():
-        pytest.skip("the fused decode step needs the compiled extension and an AVX-512 CPU")
+        pytest.skip("the fused decode step needs the compiled extension (pip install --no-build-isolation -e .)")
     name, base, _, _ = checkpoint
     if name != "smollm2":
         pytest.skip("measured on the deep, narrow model only (SmolLM2: 30 layers of 576)")
@@ -243,7 +252,7 @@ def test_bench_decode_step_share_outside_products(benchmark, checkpoint, dtype_n
                 step(lambda c, t: decode_one_token(model, c, t))()
         names = ("mkldnn::_linear_pointwise", "aten::addmm", "aten::mm", "aten::linear")
         prod_us = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in names) / 5
-    info = dict(model=name, dtype=dtype_name, threads=threads, fused_step_ms=round(t_fused * 1e3, 2),
+    info = dict(model=name, dtype=dtype_name, threads=threads, **_cpu_info(), fused_step_ms=round(t_fused * 1e3, 2),
                 fused_products_ms=round(t_products * 1e3, 2),
                 fused_outside_share=round(1 - t_products / t_fused, 3), torch_step_ms=round(t_torch * 1e3, 2),
                 torch_products_ms=round(prod_us / 1e3, 2), torch_outside_share=round(1 - prod_us / 1e3 / (t_torch * 1e3), 3))
