@@ -137,6 +137,47 @@ def test_greedy_32_tokens_equal_transformers(tmp_path, name):
     assert _our_greedy(model, prompt[0].tolist(), 32) == want
 
 
+@pytest.mark.parametrize("name", ["mistral", "gemma3"])
+def test_windowed_batch_rows_and_packed_rows_match_single_rows(name):
+    """Rows of different lengths in one KV cache, and sequences packed into one row (cu_seqlens), see the
+    same window as each sequence alone: per-row slots at prefill and decode, per-segment when packed."""
+    model = ours(name, seed=13)
+    prompts = [ids((1, 9), seed=14)[0].tolist(), ids((1, 4), seed=15)[0].tolist()]
+    cache = KVCache.for_model(model, 2, 9 + 8)
+    rows = [[], []]
+    with torch.inference_mode():
+        logits = prefill(model, cache, prompts)
+        for _ in range(8):
+            tok = logits.argmax(-1)
+            for r in range(2):
+                rows[r].append(int(tok[r]))
+            logits = decode_one_token(model, cache, tok)
+    assert rows == [_our_greedy(model, p, 8) for p in prompts]
+    a, b = ids((1, 11), seed=16), ids((1, 7), seed=17)
+    packed = torch.cat([a, b], 1)
+    pos = torch.cat([torch.arange(11), torch.arange(7)])[None]
+    with torch.no_grad():
+        out = model(packed, position_ids=pos, cu_seqlens=torch.tensor([0, 11, 18], dtype=torch.int32))
+        torch.testing.assert_close(out[0, :11], model(a)[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[0, 11:], model(b)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_triton_path_global_layers_in_kernels_sliding_layers_fall_back(monkeypatch):
+    """PREFLEXOR_KERNELS=triton (Triton's interpreter on CPU): Gemma 3's global layers run the flash-attention
+    kernels (plain and packed), its sliding layers the stated SDPA fallback; logits equal the torch path."""
+    pytest.importorskip("triton")
+    torch.manual_seed(18)
+    model = Llama(config("gemma3").replace(head_dim=16)).eval()      # the kernels take head dims of 16k
+    x, packed = ids(), ids((1, 12), seed=19)
+    kw = dict(position_ids=torch.cat([torch.arange(5), torch.arange(7)])[None],
+              cu_seqlens=torch.tensor([0, 5, 12], dtype=torch.int32))
+    with torch.no_grad():
+        ref, ref_packed = model(x), model(packed, **kw)
+        monkeypatch.setenv("PREFLEXOR_KERNELS", "triton")
+        torch.testing.assert_close(model(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(packed, **kw), ref_packed, rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.parametrize("name", CASES)
 def test_orpo_step_lowers_the_loss(name):
     torch.manual_seed(7)
