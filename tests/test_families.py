@@ -230,6 +230,30 @@ def test_gguf_round_trip(tmp_path, bpe, name):
         torch.testing.assert_close(back(x), model(x), rtol=1e-5, atol=1e-5)
 
 
+def test_qwen_style_tokenizer_round_trips_through_gguf(tmp_path):
+    """A byte-level BPE with Qwen2's pre-tokenizer (single digits) is written as tokenizer.ggml.pre 'qwen2'
+    next to a qwen3 model, and reads back encoding every text the same."""
+    from tokenizers import Regex, Tokenizer as TK, decoders, models, pre_tokenizers as pt, trainers
+    from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.gguf.tokenizer import QWEN2_PATTERN
+    tk = TK(models.BPE())
+    tk.pre_tokenizer = pt.Sequence([pt.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+                                    pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
+    tk.decoder = decoders.ByteLevel()
+    texts = ["In 2024 the 12345 samples of nacre were tested.", "Silk's beta sheets resist shear; bone  is tough!"]
+    tk.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=300, initial_alphabet=pt.ByteLevel.alphabet(),
+                                                          special_tokens=["<|endoftext|>", "<|im_start|>",
+                                                                          "<|im_end|>"]))
+    tok = Tokenizer(tk, eos_token="<|im_end|>")
+    model = Llama(config("qwen3").replace(vocab_size=tk.get_vocab_size()))
+    write_gguf(model, tok, str(tmp_path / "q.gguf"), dtype="f32")
+    assert read_metadata(open_gguf(str(tmp_path / "q.gguf")))["tokenizer.ggml.pre"] == "qwen2"
+    back = Tokenizer.from_pretrained(str(tmp_path / "q.gguf"))
+    for text in texts + ["x 987654 <|im_end|>", "  spaced\n\nlines\t"]:
+        assert back.encode(text) == tok.encode(text), text
+    assert [tok.decode([i]) for i in tok.encode("12345")] == list("12345")
+
+
 def test_fused_decode_blocker_names_the_options():
     assert Llama(config("llama"), device="meta").fused_decode_blocker() is None
     reason = Llama(config("gemma3"), device="meta").fused_decode_blocker()

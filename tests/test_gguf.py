@@ -202,8 +202,8 @@ def test_bad_files_each_get_their_own_error(tmp_path, tok):
         Llama.from_pretrained(_meta_only(tmp_path / "arch.gguf", arch="gpt2"))
     with pytest.raises(GGUFError, match=r"sentencepiece"):
         Tokenizer.from_pretrained(_meta_only(tmp_path / "spm.gguf", tokenizer_model="llama"))
-    with pytest.raises(GGUFError, match=r"tokenizer.ggml.pre='qwen2' is not supported"):
-        Tokenizer.from_pretrained(_meta_only(tmp_path / "pre.gguf", tokenizer_model="gpt2", pre="qwen2"))
+    with pytest.raises(GGUFError, match=r"tokenizer.ggml.pre='deepseek-llm' is not supported"):
+        Tokenizer.from_pretrained(_meta_only(tmp_path / "pre.gguf", tokenizer_model="gpt2", pre="deepseek-llm"))
 
 
 def test_unsupported_and_unknown_quant_types(tmp_path, tok):

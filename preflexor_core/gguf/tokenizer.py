@@ -3,7 +3,8 @@
 Supported: ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) with the pre-tokenizer splits of
 the ``tokenizer.ggml.pre`` names below (llama.cpp's llama-vocab.cpp defines them: ``llama-bpe`` is
 Llama-3's regex with whole-word vocabulary lookups first; ``smollm`` / ``starcoder`` split digits
-one by one, then apply GPT-2's regex; ``gpt2`` is GPT-2's regex alone). CONTROL tokens become
+one by one, then apply GPT-2's regex; ``gpt2`` is GPT-2's regex alone; ``qwen2`` (Qwen2/2.5/3) is
+Llama-3's regex with single digits). CONTROL tokens become
 special tokens, USER_DEFINED ones added tokens. bos/eos/pad ids, ``add_bos_token`` and
 ``tokenizer.chat_template`` are carried over. ``pre_tokenizer_name`` is the reverse lookup the
 writer uses. Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
@@ -20,13 +21,19 @@ TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TO
 LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx")
 DIGITS_GPT2_PRES = ("smollm", "starcoder", "refact", "codeshell")
 GPT2_PRES = ("gpt2", "mpt", "olmo")
-SUPPORTED_PRES = LLAMA3_PRES + DIGITS_GPT2_PRES + GPT2_PRES
+QWEN2_PRES = ("qwen2",)
+SUPPORTED_PRES = LLAMA3_PRES + DIGITS_GPT2_PRES + GPT2_PRES + QWEN2_PRES
+# Qwen2/2.5/3's split: Llama-3's regex with one digit per piece (\p{N} where Llama-3 has \p{N}{1,3}).
+QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def _pre_tokenizer(pre: str, path: str):
-    from tokenizers import pre_tokenizers as pt
+    from tokenizers import Regex, pre_tokenizers as pt
     if pre in LLAMA3_PRES:
         return llama3_pre_tokenizer()
+    if pre in QWEN2_PRES:
+        return pt.Sequence([pt.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
+                            pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
     if pre in DIGITS_GPT2_PRES:
         return pt.Sequence([pt.Digits(individual_digits=True),
                             pt.ByteLevel(add_prefix_space=False, trim_offsets=True, use_regex=True)])
@@ -44,13 +51,16 @@ def pre_tokenizer_name(tk) -> str:
     if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == LLAMA3_PATTERN \
             and not parts[1].get("use_regex", True):
         return "llama-bpe"
+    if kinds == ["Split", "ByteLevel"] and parts[0].get("pattern", {}).get("Regex") == QWEN2_PATTERN \
+            and not parts[1].get("use_regex", True):
+        return "qwen2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
     if kinds == ["ByteLevel"] and parts[0].get("use_regex", True):
         return "gpt2"
     raise GGUFError(f"pre-tokenizer {json.dumps(pre)[:200]} has no llama.cpp equivalent in this converter; "
-                     f"supported: Llama-3 regex split (llama-bpe), digits + GPT-2 byte level (smollm), "
-                     f"GPT-2 byte level (gpt2)")
+                     f"supported: Llama-3 regex split (llama-bpe), Qwen2 regex split (qwen2), digits + GPT-2 byte "
+                     f"level (smollm), GPT-2 byte level (gpt2)")
 
 
 def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
