@@ -239,3 +239,37 @@ def test_bad_network_limits_are_refused(kw):
 
 def test_deadline_error_class():
     assert issubclass(RequestDeadlineError, TeacherUnavailableError)
+
+
+def test_critic_endpoint_check_keeps_the_key_home(servers, monkeypatch):
+    from preflexor_core.reasoning.critics import check_endpoint
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-critic-secret")
+    evil = servers(_ok)
+
+    def redirect(h):
+        h.send_response(302)
+        h.send_header("Location", evil.url + "/v1/models")
+        h.send_header("Content-Length", "0")
+        h.end_headers()
+    home = servers(redirect)
+    with pytest.raises(CrossOriginRedirectError):
+        check_endpoint(home.url + "/v1", timeout=2)
+    assert evil.seen == []
+
+
+def test_critic_endpoint_check_has_an_overall_deadline(servers):
+    from preflexor_core.reasoning.critics import CriticUnreachableError, check_endpoint
+
+    def drip(h):
+        h.send_response(200)
+        h.send_header("Content-Length", "100")
+        h.end_headers()
+        for _ in range(100):
+            h.wfile.write(b" ")
+            h.wfile.flush()
+            time.sleep(0.1)
+    s = servers(drip)
+    t0 = time.monotonic()
+    with pytest.raises(CriticUnreachableError, match="deadline"):
+        check_endpoint(s.url + "/v1", timeout=0.5)
+    assert time.monotonic() - t0 < 3.0

@@ -201,21 +201,22 @@ def check_endpoint(base_url: str, timeout: float = 3.0) -> list[str]:
     Any HTTP reply (even an error status) means the server is reachable. Connection refused, a
     DNS failure or a timeout raise :class:`CriticUnreachableError` naming the URL.
     """
+    from ..teachers.net import RequestDeadlineError, fetch, redact_url
     if not re.match(r"^https?://[^/\s]+", base_url or ""):
-        raise ValueError(f"critic URL must look like http://host:port/v1, got {base_url!r}")
+        raise ValueError(f"critic URL must look like http://host:port/v1, got {redact_url(base_url)!r}")
     url = _models_url(base_url)
     req = urllib.request.Request(url, headers={"Accept": "application/json"}, method="GET")
     key = os.environ.get("OPENAI_API_KEY")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
-    try:
-        with urllib.request.urlopen(req, timeout=timeout) as resp:
-            raw = resp.read()
+    try:    # an overall deadline, a size cap, and no redirect to another origin (the key stays home)
+        _, raw = fetch(req, timeout=timeout, max_bytes=1 << 20)
     except urllib.error.HTTPError:
         return []
-    except (urllib.error.URLError, OSError) as e:
+    except (urllib.error.URLError, OSError, RequestDeadlineError) as e:
         reason = getattr(e, "reason", e)
-        raise CriticUnreachableError(f"critic endpoint {base_url} is unreachable ({url}: {reason})") from None
+        raise CriticUnreachableError(f"critic endpoint {redact_url(base_url)} is unreachable "
+                                     f"({redact_url(url)}: {redact_url(str(reason))})") from None
     try:   # a reply that is not the OpenAI model list names no models
         data = json.loads(raw.decode("utf-8"))
         return [str(m["id"]) for m in data.get("data", []) if isinstance(m, dict) and "id" in m]

@@ -8,6 +8,15 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from ..errors import PreflexorError
+
+MAX_NEW_TOKENS = 1 << 20        # far above any context window; a typo (1e9) is refused before any work
+MAX_SAMPLES = 4096              # samples per prompt
+
+
+class SamplingParamsError(PreflexorError, ValueError):
+    """A sampling setting out of range (one line, naming the setting, its value and what is allowed)."""
+
 
 @dataclass
 class SamplingParams:
@@ -44,18 +53,18 @@ class SamplingParams:
 
     def validate(self) -> None:
         def bad(msg: str):
-            raise ValueError(f"SamplingParams: {msg}")
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            bad(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
-        if not isinstance(self.n, int) or self.n < 1:
-            bad(f"n must be an int >= 1 (samples per prompt), got {self.n!r}")
+            raise SamplingParamsError(f"SamplingParams: {msg}")
+        if not isinstance(self.max_new_tokens, int) or not 1 <= self.max_new_tokens <= MAX_NEW_TOKENS:
+            bad(f"max_new_tokens must be an int in 1..{MAX_NEW_TOKENS}, got {self.max_new_tokens!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_SAMPLES:
+            bad(f"n must be an int in 1..{MAX_SAMPLES} (samples per prompt), got {self.n!r}")
         if not (isinstance(self.temperature, (int, float)) and math.isfinite(self.temperature)) or self.temperature < 0:
             bad(f"temperature must be a finite number >= 0 (0 = greedy), got {self.temperature!r}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
             bad(f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
         if not isinstance(self.top_p, (int, float)) or not (0 < self.top_p <= 1):
             bad(f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        if not isinstance(self.repetition_penalty, (int, float)) or not self.repetition_penalty > 0:
+        if not isinstance(self.repetition_penalty, (int, float)) or not 0 < self.repetition_penalty < math.inf:
             bad(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
         if self.stop_token_ids is not None:
             if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):

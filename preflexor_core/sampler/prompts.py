@@ -6,7 +6,7 @@ with ``truncate_prompt_left``, cut from the left. Tests: ``python -m pytest test
 """
 from __future__ import annotations
 
-from .params import SamplingParams
+from .params import SamplingParams, SamplingParamsError
 
 
 def prompt_texts(tokenizer, prompts_or_chats) -> list[str]:
@@ -39,23 +39,23 @@ def contexts(tokenizer, texts: list[str], forced: list[int], params: SamplingPar
     for i, t in enumerate(texts):
         ids = tokenizer.encode(t)
         if not ids:
-            raise ValueError(f"generate: prompt {i} is empty (encodes to no tokens); pass at least one token")
+            raise SamplingParamsError(f"generate: prompt {i} is empty (encodes to no tokens); pass at least one token")
         ctx = ids + forced
         if len(ctx) > budget:
             if not params.truncate_prompt_left:
-                raise ValueError(
+                raise SamplingParamsError(
                     f"generate: prompt {i} has {len(ctx)} tokens (incl. {len(forced)} of prepend_response); with "
                     f"max_new_tokens={params.max_new_tokens} that exceeds the model's max_position_embeddings="
                     f"{max_pos}; shorten it, lower max_new_tokens, or set truncate_prompt_left=True")
             if budget < len(forced) + 1:
-                raise ValueError(
+                raise SamplingParamsError(
                     f"generate: max_new_tokens={params.max_new_tokens} leaves {max(budget, 0)} of "
                     f"max_position_embeddings={max_pos} for prompt {i}, which needs at least "
                     f"{len(forced) + 1} tokens (prepend_response + one prompt token); lower max_new_tokens")
             ctx = ctx[len(ctx) - budget:]
         bad = [x for x in ctx if x >= vocab]
         if bad:
-            raise ValueError(f"generate: prompt {i} has token id {bad[0]} >= the model's vocab_size={vocab}; "
+            raise SamplingParamsError(f"generate: prompt {i} has token id {bad[0]} >= the model's vocab_size={vocab}; "
                              f"the tokenizer and the model do not match (resize the embeddings?)")
         out.append(ctx)
     return out
