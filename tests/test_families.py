@@ -254,6 +254,36 @@ def test_qwen_style_tokenizer_round_trips_through_gguf(tmp_path):
     assert [tok.decode([i]) for i in tok.encode("12345")] == list("12345")
 
 
+def _spm_style_tokenizer() -> Tokenizer:
+    """A sentencepiece-style BPE as Gemma's tokenizer.json has it: spaces as U+2581, <0xXX> byte fallback."""
+    from tokenizers import Tokenizer as TK, decoders, models, normalizers, trainers
+    tk = TK(models.BPE(unk_token="<unk>", byte_fallback=True))
+    tk.normalizer = normalizers.Replace(" ", "\u2581")
+    tk.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    texts = ["Nacre is tough because its tablets slide.", "Silk fibres resist shear; bone is tough too!"]
+    tk.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=200, special_tokens=[
+        "<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"]))
+    spec = json.loads(tk.to_str())
+    vocab = spec["model"]["vocab"]
+    for b in range(256):
+        vocab[f"<0x{b:02X}>"] = len(vocab)
+    return Tokenizer(TK.from_str(json.dumps(spec)), bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+
+
+def test_sentencepiece_style_tokenizer_round_trips_through_gguf(tmp_path):
+    from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
+    tok = _spm_style_tokenizer()
+    model = Llama(config("gemma3").replace(vocab_size=tok.vocab_size))
+    write_gguf(model, tok, str(tmp_path / "g.gguf"), dtype="f32")
+    meta = read_metadata(open_gguf(str(tmp_path / "g.gguf")))
+    assert meta["tokenizer.ggml.model"] == "llama" and meta["tokenizer.ggml.token_type"][-1] == 6   # BYTE
+    back = Tokenizer.from_pretrained(str(tmp_path / "g.gguf"))
+    for text in ["Nacre is tough.", "  silk\n\nbone 🙂 é", "<start_of_turn>user\nWhy?<end_of_turn>"]:
+        assert back.encode(text) == tok.encode(text), text
+        assert back.decode(back.encode(text)) == text
+    assert back.encode("<start_of_turn>") == [tok.token_to_id("<start_of_turn>")]
+
+
 def test_fused_decode_blocker_names_the_options():
     assert Llama(config("llama"), device="meta").fused_decode_blocker() is None
     reason = Llama(config("gemma3"), device="meta").fused_decode_blocker()
@@ -379,19 +409,26 @@ def gemma3_270m():
 
 
 def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
-    """Q4_K / Q6_K / Q5_0 / Q8_0 blocks dequantised by both loaders from the same file: equal logits."""
+    """Q4_K / Q6_K / Q5_0 / Q8_0 blocks dequantised by both loaders from the same file: equal logits and greedy
+    tokens; its sentencepiece vocabulary tokenises as transformers' GGUF tokenizer does."""
     import os
     path, meta, model = gemma3_270m
     cfg = model.config
     assert meta["general.architecture"] == "gemma3" and cfg.model_type == "gemma3_text"
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.sliding_window) == (18, 640, 256, 512)
     assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17]
+    from preflexor_core.gguf import tokenizer_from_metadata
     tokens = meta["tokenizer.ggml.tokens"]
-    words = ["<bos>", "<start_of_turn>", "user", "\n", "What", "▁is", "▁na", "cre", "?", "<end_of_turn>", "\n",
-             "<start_of_turn>", "model", "\n"]
-    index = {t: i for i, t in enumerate(tokens)}
-    prompt = torch.tensor([[index[w] for w in words]])               # "What is nacre?" in Gemma's chat format
+    tok = tokenizer_from_metadata(meta, path, Tokenizer)               # sentencepiece vocabulary, byte fallback
+    assert tok.add_bos_token and "tokenizer.chat_template" not in meta   # this file carries no chat template
     folder, name = os.path.split(path)
+    hf_tok = transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    for text in ["<start_of_turn>user\nWhat is nacre?<end_of_turn>\n<start_of_turn>model\n", "The year 2024.",
+                 "  leading spaces\n\nnew\tlines", "café — 你好 🙂 naïve", "a\n\n\n\nb     c", "ÿ\x00\x7f"]:
+        assert tok.encode(text, add_bos=True) == hf_tok.encode(text), text
+        assert tok.decode(tok.encode(text)) == text
+    prompt = torch.tensor([tok.encode("<start_of_turn>user\nWhat is nacre?<end_of_turn>\n<start_of_turn>model\n",
+                                      add_bos=True)])
     theirs = transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32).eval()
     with torch.no_grad():
         a, b = model(prompt), theirs(prompt).logits

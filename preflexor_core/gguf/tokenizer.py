@@ -1,6 +1,7 @@
-"""Tokenizer from GGUF metadata (``tokenizer.ggml.*``): byte-level BPE built with ``tokenizers``.
+"""Tokenizer from GGUF metadata (``tokenizer.ggml.*``): byte-level or sentencepiece BPE built with ``tokenizers``.
 
-Supported: ``tokenizer.ggml.model == "gpt2"`` (byte-level BPE) with the pre-tokenizer splits of
+Supported: ``tokenizer.ggml.model == "llama"`` (sentencepiece BPE with scores and byte fallback: Gemma,
+Llama 2, Mistral; ``_spm_model``), and ``"gpt2"`` (byte-level BPE) with the pre-tokenizer splits of
 the ``tokenizer.ggml.pre`` names below (llama.cpp's llama-vocab.cpp defines them: ``llama-bpe`` is
 Llama-3's regex with whole-word vocabulary lookups first; ``smollm`` / ``starcoder`` split digits
 one by one, then apply GPT-2's regex; ``gpt2`` is GPT-2's regex alone; ``qwen2`` (Qwen2/2.5/3) is
@@ -63,23 +64,12 @@ def pre_tokenizer_name(tk) -> str:
                      f"level (smollm), GPT-2 byte level (gpt2)")
 
 
-def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
-    """Build ``tokenizer_cls`` (our ``Tokenizer``) from GGUF metadata (see the module docstring for what is
-    supported). ``Tokenizer.from_pretrained(path)`` passes its class: this package never imports it."""
-    from tokenizers import AddedToken, Tokenizer as TK, decoders, models
-    kind = meta.get("tokenizer.ggml.model")
-    if kind is None:
-        raise GGUFError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.model is missing)")
-    if kind == "llama":
-        raise GGUFError(f"{path}: tokenizer.ggml.model='llama' (a sentencepiece vocabulary) is not supported; "
-                        f"only byte-level BPE ('gpt2') vocabularies load; use the HF folder's tokenizer.json")
-    if kind != "gpt2":
-        raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported; only byte-level BPE ('gpt2')")
-    tokens = meta.get("tokenizer.ggml.tokens")
+def _bpe_model(meta: dict[str, Any], tokens, path: str):
+    """Byte-level BPE from tokens + merges, with the pre-tokenizer ``tokenizer.ggml.pre`` names."""
+    from tokenizers import Tokenizer as TK, decoders, models
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise GGUFError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges missing; a BPE vocabulary needs both")
-    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens)
     pre = meta.get("tokenizer.ggml.pre", "default")
     pre_tok = _pre_tokenizer(pre, path)
     pairs = []
@@ -93,7 +83,60 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
                        ignore_merges=pre in LLAMA3_PRES))
     tk.pre_tokenizer = pre_tok
     tk.decoder = decoders.ByteLevel()
-    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_CONTROL]
+    return tk
+
+
+def _spm_model(meta: dict[str, Any], tokens, types, path: str):
+    """A sentencepiece BPE vocabulary (Gemma, Llama 2, Mistral) as a ``tokenizers`` BPE.
+
+    llama.cpp's SPM tokenizer starts from characters and repeatedly merges the adjacent pair whose
+    concatenation is a vocabulary piece of the highest score, falling back to <0xXX> byte pieces. A BPE
+    whose merges are every (left, right) split of each piece, ranked by the piece's score, merges in the
+    same order. Spaces are written as U+2581 (a leading one when ``add_space_prefix``)."""
+    from tokenizers import Tokenizer as TK, decoders, models, normalizers
+    scores = meta.get("tokenizer.ggml.scores")
+    if not tokens or scores is None or len(scores) != len(tokens):
+        raise GGUFError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.scores missing or of different lengths; "
+                        f"a sentencepiece ('llama') vocabulary needs both")
+    vocab = {t: i for i, t in enumerate(tokens)}
+    ranked = []
+    for i, (piece, ty) in enumerate(zip(tokens, types)):
+        if ty != TOKEN_NORMAL or len(piece) < 2:
+            continue
+        for cut in range(1, len(piece)):
+            left, right = vocab.get(piece[:cut]), vocab.get(piece[cut:])
+            if left is not None and right is not None:
+                ranked.append((-scores[i], left, right))
+    ranked.sort()
+    unk = meta.get("tokenizer.ggml.unknown_token_id")
+    tk = TK(models.BPE(vocab=vocab, merges=[(tokens[a], tokens[b]) for _, a, b in ranked], dropout=None,
+                       unk_token=tokens[unk] if isinstance(unk, int) else None, fuse_unk=True, byte_fallback=True))
+    prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", False))
+    norm = [normalizers.Prepend("\u2581")] if prefix else []
+    tk.normalizer = normalizers.Sequence(norm + [normalizers.Replace(" ", "\u2581")])
+    dec = [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+    tk.decoder = decoders.Sequence(dec + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+    return tk
+
+
+def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
+    """Build ``tokenizer_cls`` (our ``Tokenizer``) from GGUF metadata (see the module docstring for what is
+    supported). ``Tokenizer.from_pretrained(path)`` passes its class: this package never imports it."""
+    from tokenizers import AddedToken
+    kind = meta.get("tokenizer.ggml.model")
+    if kind is None:
+        raise GGUFError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.model is missing)")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    types = meta.get("tokenizer.ggml.token_type") or [TOKEN_NORMAL] * len(tokens or ())
+    if kind == "llama":
+        tk = _spm_model(meta, tokens, types, path)
+    elif kind == "gpt2":
+        tk = _bpe_model(meta, tokens, path)
+    else:
+        raise GGUFError(f"{path}: tokenizer.ggml.model={kind!r} is not supported; supported: byte-level BPE "
+                        f"('gpt2') and sentencepiece BPE ('llama')")
+    special = (TOKEN_CONTROL, TOKEN_UNKNOWN) if kind == "llama" else (TOKEN_CONTROL,)   # sentencepiece's <unk> too
+    control = [AddedToken(t, special=True, normalized=False) for t, ty in zip(tokens, types) if ty in special]
     user = [AddedToken(t, special=False, normalized=False) for t, ty in zip(tokens, types) if ty == TOKEN_USER_DEFINED]
     if control:
         tk.add_special_tokens(control)

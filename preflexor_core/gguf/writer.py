@@ -3,7 +3,8 @@
 Llama and Mistral are written as ``llama``, Qwen2 as ``qwen2``, Qwen3 as ``qwen3``, Gemma 3 as ``gemma3``
 (families.py). Metadata and tensor names are the ones llama.cpp's loader reads for it (general.*, <arch>.*,
 tokenizer.ggml.* with tokens / token_type / merges / pre / bos / eos / padding ids, and
-tokenizer.chat_template). q/k rows are put in llama.cpp's order (layout.py); norms and biases stay
+tokenizer.chat_template; a sentencepiece-style vocabulary as tokenizer.ggml.model "llama" with scores).
+q/k rows are put in llama.cpp's order (layout.py); norms and biases stay
 F32, 2-D weights use the requested type (F16 when a row does not fill whole blocks, as llama.cpp's
 converter does). Special added tokens (thinking tokens included) are CONTROL tokens; a Llama-3
 rope_scaling is written as llama.cpp's ``rope_freqs.weight``, a linear one as rope.scaling.type/factor.
@@ -27,7 +28,8 @@ import torch
 from ..rope import rope_inv_freq
 from . import layout
 from .reader import GGUFError
-from .tokenizer import TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED, pre_tokenizer_name
+from .tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED,
+                        pre_tokenizer_name)
 
 # dtype name -> (tensor type name, llama.cpp general.file_type name)
 DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -56,7 +58,21 @@ def vocabulary(tokenizer, vocab_size: int) -> tuple[list[str], list[int], list[s
         tokens.append(by_id[i])
         types.append(TOKEN_NORMAL if i not in added else TOKEN_CONTROL if added[i].special else TOKEN_USER_DEFINED)
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    if spec["model"].get("byte_fallback"):     # sentencepiece-style: <0xXX> pieces are byte tokens
+        types = [TOKEN_BYTE if ty == TOKEN_NORMAL and len(t) == 6 and t.startswith("<0x") and t.endswith(">")
+                 else ty for t, ty in zip(tokens, types)]
     return tokens, types, merges
+
+
+def _is_sentencepiece(tokenizer) -> tuple[bool, bool]:
+    """(whether ``tokenizer`` is a sentencepiece-style BPE: byte fallback, spaces as U+2581; whether it
+    prepends a U+2581)."""
+    spec = json.loads(tokenizer._tk.to_str())
+    if not spec.get("model", {}).get("byte_fallback"):
+        return False, False
+    norm = spec.get("normalizer") or {}
+    parts = norm.get("normalizers", [norm]) if norm.get("type") == "Sequence" else [norm]
+    return True, any(p.get("type") == "Prepend" for p in parts)
 
 
 def gguf_arch(cfg) -> str:
@@ -107,11 +123,20 @@ def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "mo
     w.add_vocab_size(cfg.vocab_size)
     w.add_quantization_version(gguf.GGML_QUANT_VERSION)
     tokens, types, merges = vocabulary(tokenizer, cfg.vocab_size)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(pre_tokenizer_name(tokenizer._tk))
-    w.add_token_list(tokens)
-    w.add_token_types(types)
-    w.add_token_merges(merges)
+    spm, prefix = _is_sentencepiece(tokenizer)
+    if spm:     # llama.cpp's SPM merges by score: -id keeps the vocabulary's order (as sentencepiece files have)
+        w.add_tokenizer_model("llama")
+        w.add_tokenizer_pre("default")
+        w.add_token_list(tokens)
+        w.add_token_scores([-float(i) for i in range(len(tokens))])
+        w.add_token_types(types)
+        w.add_add_space_prefix(prefix)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre(pre_tokenizer_name(tokenizer._tk))
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
     for key, ident in (("bos", tokenizer.bos_token_id if tokenizer.bos_token_id is not None else cfg.bos_token_id),
                        ("eos", tokenizer.eos_token_id if tokenizer.eos_token_id is not None
                         else (cfg.eos_token_ids or [None])[0]),
