@@ -119,3 +119,12 @@ compile-check: install
 
 cuda-compile-check: install
 	PYTHON=$(PY) bash tests/gpu/cuda_compile_check.sh
+
+# Compile the C++ sources as a CPU without the x86 paths sees them (-DPREFLEXOR_PORTABLE_ONLY, host compiler),
+# and for aarch64 when the cross compiler is there (apt-get install g++-aarch64-linux-gnu). About 20 s a file.
+.PHONY: check-portable
+check-portable: install
+	@inc=$$($(PY) -c "import sysconfig, torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths() + [sysconfig.get_paths()['include']]))"); \
+	for cxx in "c++ -DPREFLEXOR_PORTABLE_ONLY" $$(command -v aarch64-linux-gnu-g++ >/dev/null && echo aarch64-linux-gnu-g++); do \
+		for f in csrc/*.cpp; do echo "$$cxx $$f"; $$cxx -fsyntax-only -std=c++20 -fopenmp $$inc $$f || exit 1; done; \
+	done

@@ -5,12 +5,13 @@
 // aarch64). The paths are compiled side by side with function target attributes, so one build runs on
 // any CPU; `active_isa()` picks the path at run time. `set_active_isa(level)` lowers it (the Python side
 // does so for PREFLEXOR_CPU_ISA), so a machine can run every path at or below its own; asking for a level
-// above the CPU's is an error.
+// above the CPU's is an error. -DPREFLEXOR_PORTABLE_ONLY builds the portable path alone, as on a non-x86
+// CPU (`make check-portable` compiles the sources that way).
 #pragma once
 
 #include <cstdint>
 
-#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(PREFLEXOR_PORTABLE_ONLY)
 #define PREFLEXOR_X86 1
 #include <immintrin.h>
 // Function attributes that compile one function for one ISA (callers check active_isa() first).
