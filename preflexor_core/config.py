@@ -144,7 +144,7 @@ class ModelConfig:
     embed_scale: bool = False                  # Gemma: embeddings times sqrt(hidden_size), in their dtype
     sandwich_norm: bool = False                # Gemma 3: norms after attention and before/after the MLP
     sliding_window: int | None = None          # keys older than this many positions are hidden (sliding layers)
-    layer_types: list[str] | None = None       # per layer "full_attention" | "sliding_attention"
+    layer_types: list[str] | None = None       # per layer "full_attention" | "sliding_attention"; None: uniform
     rope_local_theta: float | None = None      # rope base of sliding layers (Gemma 3); None: rope_theta
     query_pre_attn_scalar: float | None = None  # attention scale = this ** -0.5 (None: head_dim)
     final_logit_softcapping: float | None = None  # logits -> c * tanh(logits / c)
@@ -207,13 +207,14 @@ class ModelConfig:
         from .families import check_family
         check_family(self)
         n = self.num_hidden_layers
-        if self.layer_types is None:       # Mistral's window covers every layer; no window: all global
-            self.layer_types = ["sliding_attention" if self.sliding_window else "full_attention"] * n
-        if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != n
-                or any(t not in LAYER_TYPES for t in self.layer_types)):
-            raise _bad("layer_types", self.layer_types, f"a list of {n} entries, each one of {list(LAYER_TYPES)}")
-        self.layer_types = list(self.layer_types)
-        if "sliding_attention" in self.layer_types and self.sliding_window is None:
+        if self.layer_types is not None:
+            if (not isinstance(self.layer_types, (list, tuple)) or len(self.layer_types) != n
+                    or any(t not in LAYER_TYPES for t in self.layer_types)):
+                raise _bad("layer_types", self.layer_types, f"a list of {n} entries, each one of {list(LAYER_TYPES)}")
+            self.layer_types = list(self.layer_types)
+            if self.layer_types == self._uniform_layer_types():
+                self.layer_types = None            # the default: kept implicit, so equal configs compare equal
+        if "sliding_attention" in self.layer_kinds and self.sliding_window is None:
             raise ConfigError("layer_types has sliding_attention layers but sliding_window is null; "
                               "set sliding_window (a number of positions)")
 
@@ -228,13 +229,22 @@ class ModelConfig:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
 
+    def _uniform_layer_types(self) -> list[str]:
+        """The layer types when none are given: Mistral's window covers every layer; no window, all global."""
+        return ["sliding_attention" if self.sliding_window else "full_attention"] * self.num_hidden_layers
+
+    @property
+    def layer_kinds(self) -> list[str]:
+        """Every layer's type ("full_attention" | "sliding_attention"): ``layer_types`` or the uniform default."""
+        return list(self.layer_types) if self.layer_types is not None else self._uniform_layer_types()
+
     def is_sliding(self, layer_idx: int) -> bool:
         """Whether layer ``layer_idx`` attends only to the last ``sliding_window`` positions."""
-        return self.layer_types[layer_idx] == "sliding_attention"
+        return self.layer_kinds[layer_idx] == "sliding_attention"
 
     @property
     def has_sliding_layers(self) -> bool:
-        return self.sliding_window is not None and "sliding_attention" in self.layer_types
+        return self.sliding_window is not None and "sliding_attention" in self.layer_kinds
 
     def family_options(self) -> list[str]:
         """Names of the non-Llama options this config turns on (empty for a plain Llama)."""

@@ -188,7 +188,7 @@ def to_hf(cfg) -> dict[str, Any]:
     if fam.model_type == "gemma3_text":
         full = {"rope_type": "default", **(scaling or {}), "rope_theta": cfg.rope_theta}
         d.update(hidden_activation=cfg.hidden_act, attention_bias=cfg.attention_bias, sliding_window=cfg.sliding_window,
-                 layer_types=list(cfg.layer_types), query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
+                 layer_types=cfg.layer_kinds, query_pre_attn_scalar=_int_if_whole(cfg.query_pre_attn_scalar),
                  final_logit_softcapping=cfg.final_logit_softcapping,
                  rope_parameters={"full_attention": full, "sliding_attention": {
                      "rope_type": "default", "rope_theta": cfg.rope_local_theta or cfg.rope_theta}})
@@ -204,8 +204,9 @@ def to_hf(cfg) -> dict[str, Any]:
         if fam.model_type == "qwen3":
             d["attention_bias"] = cfg.attention_bias
         sliding = cfg.has_sliding_layers
-        d.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window, layer_types=list(cfg.layer_types),
-                 max_window_layers=next((i for i, t in enumerate(cfg.layer_types) if t == "sliding_attention"),
+        kinds = cfg.layer_kinds
+        d.update(use_sliding_window=sliding, sliding_window=cfg.sliding_window, layer_types=kinds,
+                 max_window_layers=next((i for i, t in enumerate(kinds) if t == "sliding_attention"),
                                         cfg.num_hidden_layers))
     return d
 

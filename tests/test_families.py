@@ -416,7 +416,7 @@ def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
     cfg = model.config
     assert meta["general.architecture"] == "gemma3" and cfg.model_type == "gemma3_text"
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.sliding_window) == (18, 640, 256, 512)
-    assert [i for i, t in enumerate(cfg.layer_types) if t == "full_attention"] == [5, 11, 17]
+    assert [i for i, t in enumerate(cfg.layer_kinds) if t == "full_attention"] == [5, 11, 17]
     from preflexor_core.gguf import tokenizer_from_metadata
     tokens = meta["tokenizer.ggml.tokens"]
     tok = tokenizer_from_metadata(meta, path, Tokenizer)               # sentencepiece vocabulary, byte fallback

@@ -95,7 +95,7 @@ def _family_metadata(w, cfg) -> None:
         w.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
     if arch != "gemma3":
         return
-    w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_types])
+    w.add_sliding_window_pattern([t == "sliding_attention" for t in cfg.layer_kinds])
     w.add_rope_freq_base_swa(float(cfg.rope_local_theta or cfg.rope_theta))
     if cfg.query_pre_attn_scalar is not None and cfg.query_pre_attn_scalar != cfg.head_dim:
         w.add_attention_scale(float(cfg.query_pre_attn_scalar) ** -0.5)
