@@ -89,10 +89,16 @@ def case_id(case: dict, cap: int) -> str:
 
 
 def source_hash() -> str:
+    """Hash of what a launch record depends on: the Triton version, the kernel package and the code
+    here that makes the records (the checks run again on every read, so they may change freely)."""
+    import inspect
     import triton
     h = hashlib.sha256(triton.__version__.encode())
-    for p in sorted((ROOT / "preflexor_core" / "kernels").glob("*.py")) + [Path(__file__)]:
+    for p in sorted((ROOT / "preflexor_core" / "kernels").glob("*.py")):
         h.update(p.name.encode() + p.read_bytes())
+    for fn in (_install_fake_driver, _ptxas_info, _dots, _capture_launches, _run_case):
+        h.update(inspect.getsource(fn).encode())
+    h.update(repr(TARGETS).encode())
     return h.hexdigest()[:16]
 
 
@@ -262,10 +268,22 @@ def run(which: str, jobs: int, use_cache: bool) -> dict:
     cached = json.loads(cache_file.read_text()) if use_cache and cache_file.exists() else {}
     todo = [(c, cap) for c, cap in cases(which) if case_id(c, cap) not in cached]
     t0 = time.perf_counter()
+
+    def save():
+        if use_cache:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
+            ok = {k: v for k, v in cached.items() if not any("error" in r for r in v["records"])}
+            tmp.write_text(json.dumps(ok))                          # failures compile again next time
+            tmp.replace(cache_file)
+
     if todo:
         with ProcessPoolExecutor(max_workers=max(1, min(jobs, len(todo)))) as pool:
-            for cid, recs, secs in pool.map(_worker, todo):
+            for i, (cid, recs, secs) in enumerate(pool.map(_worker, todo)):
                 cached[cid] = {"records": recs, "seconds": round(secs, 2)}
+                if i % 8 == 7:
+                    save()                                          # an interrupted run keeps its work
+    save()
     results = []
     for c, cap in cases(which):
         entry = cached[case_id(c, cap)]
@@ -273,11 +291,6 @@ def run(which: str, jobs: int, use_cache: bool) -> dict:
             rec = dict(rec, case=case_id(c, cap), target=cap,
                        problems=check(rec, cap, c["precision"], c["dtype"]))
             results.append(rec)
-    if use_cache:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(cached))
-        tmp.replace(cache_file)
     return {"triton": triton.__version__, "set": which, "compiled": len(todo), "cached": len(cases(which)) - len(todo),
             "seconds": round(time.perf_counter() - t0, 1), "launches": results}
 

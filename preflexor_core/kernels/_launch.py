@@ -72,21 +72,37 @@ def dot_precision(dtype: torch.dtype) -> str:
 # Candidates per (pass, head-dim bucket), preferred first: (BLOCK_M, BLOCK_N, num_warps, num_stages).
 # The first whose shared-memory estimate fits the device is used. BLOCK_M is the query tile and
 # BLOCK_N the key tile in every pass (in dK/dV the key tile is the program's own, fixed block).
-_ATTN = {
+# Each table entry is compiled for sm_80/86/89/90 by ``make compile-check`` (no spills, fits).
+_ATTN = {           # 16-bit inputs
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
     ("fwd", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
     ("fwd", 256): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1)],
-    ("dkdv", 64): [(64, 64, 4, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
+    # dK/dV: a 32-row query tile; 64 rows held 255 registers and spilled 4-56 bytes (8 at 4 warps, D 64).
+    ("dkdv", 64): [(32, 64, 8, 2), (32, 32, 4, 1)],
     ("dkdv", 128): [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
-    ("dkdv", 256): [(32, 32, 8, 1), (16, 32, 8, 1)],
+    ("dkdv", 256): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
     ("dq", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
     ("dq", 128): [(64, 64, 8, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
-    ("dq", 256): [(32, 32, 8, 1), (16, 32, 8, 1)],
+    ("dq", 256): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
+}
+# Cards with under 128 KB per block (sm_86 / sm_89): their ptxas spilled the 128-row forward tile at
+# head dim 128 (60 bytes, varlen), which fits their shared memory; start one step smaller.
+_ATTN_SMALL_SMEM = {("fwd", 128): [(64, 64, 4, 2), (64, 32, 4, 2)]}
+_ATTN_TF32 = {      # fp32 inputs on TF32 tensor cores: twice the bytes per element
+    ("fwd", 64): [(128, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 1)],
+    ("fwd", 128): [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 1)],
+    ("fwd", 256): [(32, 32, 8, 2), (32, 16, 8, 1), (16, 16, 4, 1)],
+    ("dkdv", 64): [(32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
+    ("dkdv", 128): [(16, 64, 8, 2), (16, 32, 4, 2), (16, 32, 4, 1)],
+    ("dkdv", 256): [(16, 32, 8, 1), (16, 16, 4, 1)],
+    ("dq", 64): [(64, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 1)],
+    ("dq", 128): [(64, 32, 8, 2), (64, 16, 4, 2), (32, 16, 4, 1)],
+    ("dq", 256): [(32, 16, 8, 1), (16, 16, 8, 1), (16, 16, 4, 1)],
 }
 # IEEE fp32 dots run on FMA units with their operands in registers: smaller tiles, no tensor cores.
 # A 16-wide key tile keeps them spill-free up to head dim 256 (32-wide tiles spilled 400-1100 bytes).
 _ATTN_IEEE = {
-    "fwd": [(64, 16, 8, 2), (32, 16, 8, 2), (32, 16, 4, 1)],
+    "fwd": [(32, 16, 4, 2), (16, 16, 4, 1)],     # 8 warps: ptxas for sm_86/89 kept 64 registers, spilled
     "dkdv": [(32, 16, 8, 1), (16, 16, 4, 1)],
     "dq": [(32, 16, 8, 1), (16, 16, 4, 1)],
 }
@@ -97,8 +113,8 @@ def attention_smem(kind: str, bm: int, bn: int, bd: int, stages: int, elem: int)
     [BLOCK_M, BLOCK_N] operand; the compile check holds the estimate against the compiled kernels."""
     if kind == "fwd":       # Q once, K and V per stage
         return elem * bd * (bm + 2 * stages * bn)
-    if kind == "dkdv":      # K and V once, Q and dO per stage, P / dS staged
-        return elem * (bd * (2 * bn + 2 * stages * bm) + bm * bn)
+    if kind == "dkdv":      # K and V once, Q and dO per stage (fp32: in two operand layouts), P / dS
+        return elem * (bd * (2 * bn + (4 if elem >= 4 else 2) * stages * bm) + bm * bn)
     return elem * (bd * (2 * bm + 2 * stages * bn) + bm * bn)        # dq: Q, dO once; K, V per stage
 
 
@@ -110,14 +126,13 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, limits: Devic
         return 32, 32, 4, 1
     elem = torch.empty((), dtype=dtype).element_size()
     bd = max(16, triton.next_power_of_2(head_dim))
-    if elem >= 4 and precision == "ieee":
-        cands = _ATTN_IEEE[kind]
+    bucket = 64 if bd <= 64 else 128 if bd <= 128 else 256
+    if elem >= 4:
+        cands = _ATTN_IEEE[kind] if precision == "ieee" else _ATTN_TF32[(kind, bucket)]
+    elif limits.max_shared < 128 * KB and (kind, bucket) in _ATTN_SMALL_SMEM:
+        cands = _ATTN_SMALL_SMEM[(kind, bucket)]
     else:
-        bucket = 64 if bd <= 64 else 128 if bd <= 128 else 256
         cands = _ATTN[(kind, bucket)]
-        if elem >= 4:       # TF32: half the key (fwd, dq) or query (dkdv) tile, at most 2 stages
-            cands = [(bm // 2 if kind == "dkdv" else bm, bn if kind == "dkdv" else max(16, bn // 2), w,
-                      min(s, 2)) for bm, bn, w, s in cands]
     budget = limits.max_shared - 2 * KB          # reduction scratch and alignment
     for bm, bn, warps, stages in cands:
         if attention_smem(kind, bm, bn, bd, stages, elem) <= budget:
@@ -133,8 +148,8 @@ def logprobs_config(dtype: torch.dtype, limits: DeviceLimits | None,
     if limits is None:
         return 16, 32, 32, 4, 1
     elem = torch.empty((), dtype=dtype).element_size()
-    if elem >= 4 and precision == "ieee":
-        return 32, 64, 32, 4, 2
+    if elem >= 4 and precision == "ieee":     # FMA dots; 4 warps spilled 16 bytes on sm_86/89
+        return 32, 64, 32, 8, 2
     cands = [(64, 128, 64, 8, 3), (64, 128, 64, 8, 2), (64, 64, 64, 4, 2), (32, 64, 32, 4, 2)]
     budget = limits.max_shared - 2 * KB
     for bn, bv, bh, warps, stages in cands:

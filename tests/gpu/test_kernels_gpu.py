@@ -145,3 +145,27 @@ def test_linear_logprobs_bf16_llama3_vocab():
     # buffer; the naive one several [N, V] fp32 tensors (2 GiB each here)
     assert fused_extra < 0.5 * naive_extra, (f"fused path peaked {fused_extra / 2**30:.2f} GiB, naive "
                                              f"{naive_extra / 2**30:.2f} GiB")
+
+
+@pytest.mark.parametrize("setting,bound", [("highest", 1e-5), ("high", 5e-3)])
+def test_fp32_dots_follow_torch_matmul_precision(setting, bound):
+    """fp32 inputs: "highest" computes IEEE fp32 dots (errors ~1e-7 relative to float64), "high" TF32
+    (10-bit mantissa operands, ~1e-3); the CPU interpreter cannot show TF32, the GPU must."""
+    from preflexor_core.kernels import flash_attention, linear_logprobs
+    from preflexor_core.kernels.reference import attention_reference, linear_logprobs_chunked
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(setting)
+    try:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(1, 4, 512, 64, device="cuda", generator=g) for _ in range(3))
+        hidden = torch.randn(512, 576, device="cuda", generator=g)
+        weight = torch.randn(4096, 576, device="cuda", generator=g) * 0.05
+        labels = torch.randint(0, 4096, (512,), device="cuda", generator=g)
+        with torch.no_grad():
+            o = flash_attention(q, k, v, causal=True)
+            lp = linear_logprobs(hidden, weight, labels)
+    finally:
+        torch.set_float32_matmul_precision(before)
+    o64 = attention_reference(q.double(), k.double(), v.double(), True, None)
+    lp64 = linear_logprobs_chunked(hidden.double(), weight.double(), labels)
+    assert _rel(o.double(), o64) < bound and _rel(lp.double(), lp64) < bound
