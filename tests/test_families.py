@@ -273,6 +273,7 @@ def _spm_style_tokenizer() -> Tokenizer:
 def test_sentencepiece_style_tokenizer_round_trips_through_gguf(tmp_path):
     from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
     tok = _spm_style_tokenizer()
+    tok.add_bos_token = True
     model = Llama(config("gemma3").replace(vocab_size=tok.vocab_size))
     write_gguf(model, tok, str(tmp_path / "g.gguf"), dtype="f32")
     meta = read_metadata(open_gguf(str(tmp_path / "g.gguf")))
@@ -282,6 +283,9 @@ def test_sentencepiece_style_tokenizer_round_trips_through_gguf(tmp_path):
         assert back.encode(text) == tok.encode(text), text
         assert back.decode(back.encode(text)) == text
     assert back.encode("<start_of_turn>") == [tok.token_to_id("<start_of_turn>")]
+    back.save_pretrained(str(tmp_path / "hf"))           # transformers adds the BOS the GGUF asks for
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    assert hf.encode("Nacre is tough.") == back.encode("Nacre is tough.", add_bos=True) != back.encode("Nacre is tough.")
 
 
 def test_fused_decode_blocker_names_the_options():
@@ -313,7 +317,7 @@ def test_lora_adapter_loads_in_peft(tmp_path, name):
     base = ours(name, seed=11)
     base.save_pretrained(str(tmp_path / "base"))
     model = ours(name, seed=11)
-    cfg = LoRAConfig(r=4, alpha=8)
+    cfg = LoRAConfig(r=4, alpha=8, trainable_token_indices=(5, 6))   # token rows: Gemma scales them as embeddings
     apply_lora(model, cfg)
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
@@ -321,7 +325,7 @@ def test_lora_adapter_loads_in_peft(tmp_path, name):
             t.copy_(torch.randn(t.shape, generator=g) * 0.05)
     save_adapter(model, tmp_path / "adapter", cfg, base_model_name_or_path=str(tmp_path / "base"))
     pm = peft.PeftModel.from_pretrained(theirs_from(tmp_path / "base"), str(tmp_path / "adapter")).eval()
-    x = ids()
+    x = torch.cat([ids(), torch.tensor([[5, 6]] * 2)], 1)
     with torch.no_grad():
         torch.testing.assert_close(pm(x).logits, model.eval()(x), rtol=1e-4, atol=1e-4)
 

@@ -154,8 +154,15 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
         kw["model_max_length"] = ctx
     kw.update(chat_template=meta.get("tokenizer.chat_template"), unk_token=tok("unknown_token_id"), source=path,
               eos_token_ids=[i for i in (meta.get("tokenizer.ggml.eot_token_id"),) if isinstance(i, int)])
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    if kind == "llama" and add_bos and kw["bos_token"] is not None:
+        # as the families' own tokenizer.json: transformers adds the BOS through this post-processor
+        from tokenizers import processors
+        bos = kw["bos_token"]
+        tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
+                                                          special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])
     out = tokenizer_cls(tk, **kw)
-    out.add_bos_token = bool(meta.get("tokenizer.ggml.add_bos_token", False))
+    out.add_bos_token = add_bos
     return out
 
 
