@@ -286,6 +286,9 @@ def test_sentencepiece_style_tokenizer_round_trips_through_gguf(tmp_path):
     back.save_pretrained(str(tmp_path / "hf"))           # transformers adds the BOS the GGUF asks for
     hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
     assert hf.encode("Nacre is tough.") == back.encode("Nacre is tough.", add_bos=True) != back.encode("Nacre is tough.")
+    folder_tok = Tokenizer.from_pretrained(str(tmp_path / "hf"))       # and the folder's GGUF still adds it
+    write_gguf(model, folder_tok, str(tmp_path / "g2.gguf"), dtype="f32")
+    assert read_metadata(open_gguf(str(tmp_path / "g2.gguf")))["tokenizer.ggml.add_bos_token"] is True
 
 
 def test_fused_decode_blocker_names_the_options():

@@ -103,6 +103,18 @@ def _family_metadata(w, cfg) -> None:
         w.add_final_logit_softcapping(float(cfg.final_logit_softcapping))
 
 
+def _post_processor_adds(tokenizer, token_id) -> bool:
+    """Whether the tokenizer.json post-processor puts ``token_id`` first (a BOS it adds)."""
+    spec = json.loads(tokenizer._tk.to_str()).get("post_processor") or {}
+    procs = spec.get("processors", [spec]) if spec.get("type") == "Sequence" else [spec]
+    for p in procs:
+        if p.get("type") == "TemplateProcessing" and p.get("single"):
+            first = p["single"][0].get("SpecialToken", {}).get("id")
+            ids = (p.get("special_tokens", {}).get(first) or {}).get("ids", [])
+            return token_id is not None and ids == [token_id]
+    return False
+
+
 def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "model") -> None:
     """All key/value metadata of the family's GGUF (model hyper-parameters + tokenizer) onto GGUFWriter ``w``."""
     import gguf
@@ -143,7 +155,10 @@ def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "mo
                        ("pad", tokenizer._id(tokenizer.pad_token))):
         if ident is not None:
             getattr(w, f"add_{key}_token_id")(int(ident))
-    w.add_add_bos_token(bool(getattr(tokenizer, "add_bos_token", False)))
+    add_bos = getattr(tokenizer, "add_bos_token", None)
+    if add_bos is None and spm:          # a sentencepiece tokenizer.json says it through its post-processor
+        add_bos = _post_processor_adds(tokenizer, tokenizer.bos_token_id)
+    w.add_add_bos_token(bool(add_bos))
     if chat_template:
         w.add_chat_template(chat_template)
 
