@@ -27,12 +27,12 @@ ZERO_WIDTH_BREAK = "\u200b"
 def control_ids(tok, allow: Sequence[str] = ()) -> frozenset[int]:
     """Ids that untrusted text must never produce: every added token (special or not, whitespace-only
     ones excepted) and the named bos/eos/pad/unk/stop ids, less those of ``allow``."""
-    key = (tok.vocab_size, tuple(allow))
+    named = (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token)
+    key = (tok.vocab_size, tuple(allow), tuple(tok._tk.token_to_id(t) for t in allow), named)   # renames change ids
     cached = getattr(tok, "_control_ids_cache", None)
     if cached is None or cached[0] != key:
         tk = tok._tk
         ids = {i for i, t in tk.get_added_tokens_decoder().items() if t.content.strip()}
-        named = (tok.bos_token, tok.eos_token, tok.pad_token, tok.unk_token)
         ids |= {tk.token_to_id(t) for t in named if t is not None} - {None}
         ids |= set(getattr(tok, "_eos_token_ids", ()))
         ids -= {tk.token_to_id(t) for t in allow}

@@ -1,7 +1,12 @@
 """The project's error base class, the CLI wrapper that turns its errors into one line, and --device checks.
 
 ``PreflexorError`` is the base that the package's own error classes share (``ConfigError``,
-``DeviceError``, ...). ``run_cli(main)`` runs a CLI's ``main(argv)``: bad input (a project error or
+``DeviceError``, ...). ``with writing("the stage-1 checkpoint", path, hint):`` turns a failed write
+(ENOSPC, EIO, a read-only disk, quota: an ``OSError``, or the ``RuntimeError`` / ``SafetensorError``
+that torch.save and safetensors raise from C++ with "iostream error" / "No space left" in their
+message) into one :class:`WriteFailedError` line that says what was being written, where and what to
+do; ``run_cli`` reports such a C++ write failure in one line even where no ``writing`` wraps it. An
+error with an ``exit_code`` attribute (an interrupted run: 128 + the signal) exits with that code. ``run_cli(main)`` runs a CLI's ``main(argv)``: bad input (a project error or
 an OS error such as a missing or unwritable file) prints ``error: <message>`` on one line to stderr
 and gives exit code 2; a traceback is for bugs only, and ``PREFLEXOR_DEBUG=1`` shows it for the
 errors above too. ``check_device("cuda")`` refuses a device this torch cannot use, before any work.
@@ -13,12 +18,14 @@ Tests: ``python -m pytest -q tests/test_cli_errors.py``.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import sys
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
-__all__ = ["PreflexorError", "DeviceError", "register_error", "is_project_error", "run_cli",
-           "check_device", "DEBUG_ENV", "EXIT_BAD_INPUT"]
+__all__ = ["PreflexorError", "DeviceError", "WriteFailedError", "register_error", "is_project_error", "run_cli",
+           "check_device", "writing", "write_failure_reason", "DEBUG_ENV", "EXIT_BAD_INPUT"]
 
 DEBUG_ENV = "PREFLEXOR_DEBUG"
 EXIT_BAD_INPUT = 2            # argparse's code for a usage error; the CLIs use it for every bad input
@@ -31,6 +38,48 @@ class PreflexorError(Exception):
 
 class DeviceError(PreflexorError, ValueError):
     """A --device this torch build or this machine cannot provide."""
+
+
+class WriteFailedError(PreflexorError, OSError):
+    """Writing an output failed (disk full, I/O error, read-only disk); says what, where and what to do."""
+
+
+# The messages C++ writers (torch.save's PyTorchStreamWriter, safetensors, iostreams) give a failed write.
+_CPP_WRITE_FAILURE = re.compile(r"No space left on device|iostream error|file write failed|Disk quota exceeded|"
+                                r"Read-only file system|StorageFull|Input/output error|unexpected pos \d+ vs",
+                                re.IGNORECASE)
+
+
+def write_failure_reason(exc: BaseException) -> str | None:
+    """Why ``exc`` is a failed write, in a few words (None when it is not one)."""
+    if isinstance(exc, WriteFailedError):
+        return str(exc)
+    if isinstance(exc, OSError):
+        reason = exc.strerror or str(exc)
+        return f"{reason} (errno {exc.errno})" if exc.errno else reason
+    msg = str(exc)
+    m = _CPP_WRITE_FAILURE.search(msg)
+    if m is None:
+        return None
+    if re.search(r"No space left|StorageFull|unexpected pos", msg, re.IGNORECASE):
+        return "No space left on device"
+    return m.group(0)
+
+
+@contextlib.contextmanager
+def writing(what: str, path, hint: str = "") -> Iterator[None]:
+    """Run the block; a failed write in it becomes one :class:`WriteFailedError` line naming ``what``,
+    ``path`` and ``hint`` (e.g. that the previous checkpoint is intact). Other errors pass unchanged."""
+    try:
+        yield
+    except WriteFailedError:
+        raise
+    except Exception as e:
+        reason = write_failure_reason(e)
+        if reason is None:
+            raise
+        raise WriteFailedError(f"could not write {what} to {os.fspath(path)}: {' '.join(reason.split())[:200]}"
+                               f"{'; ' + hint if hint else ''}") from None
 
 
 # Error classes that predate PreflexorError (CheckpointError, TokenizerError, DatagenError,
@@ -97,10 +146,13 @@ def run_cli(main_fn: Callable[..., int | None], argv: Sequence[str] | None = Non
         print("error: interrupted", file=sys.stderr)
         return 130
     except Exception as e:
-        if _debug() or not is_project_error(e, errors):
+        cpp_write = not is_project_error(e, errors) and write_failure_reason(e) is not None
+        if _debug() or not (is_project_error(e, errors) or cpp_write):
             raise
-        print(f"error: {_one_line(e)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        msg = f"a write failed: {write_failure_reason(e)}" if cpp_write else _one_line(e)
+        print(f"error: {' '.join(msg.split())}", file=sys.stderr)
+        code = getattr(e, "exit_code", EXIT_BAD_INPUT)
+        return code if isinstance(code, int) and code > 0 else EXIT_BAD_INPUT
     return 0 if code is None else int(code)
 
 

@@ -1,8 +1,10 @@
 """``pairs.jsonl``: the append-only, resumable file of preference rows, and the counters of a run.
 
 ``PairWriter(path)`` appends one JSON row per ``write`` (flush + fsync) after cutting a torn last
-line (no newline) left by a crash; ``read_pairs(path)`` reads and checks the rows (errors name the
-file, line and id); a file that is not a pairs file is refused, never modified. ``Pairs`` is the list
+line (no newline) left by a crash; it is the file's only writer (a lock, ``.NAME.lock`` beside it: a
+second writer is refused naming the first one's pid) and refuses a field longer than
+``MAX_FIELD_CHARS``. ``read_pairs(path)`` reads and checks the rows (errors name the file, line and id;
+an id that appears twice is refused); a file that is not a pairs file is refused, never modified. ``Pairs`` is the list
 ``generate_pairs`` returns, with ``.stats`` (:class:`GenerationStats`); ``nothing_produced`` is the
 error of a run that dropped every row, naming the dominant reason.
 
@@ -19,6 +21,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+MAX_FIELD_CHARS = 1 << 20          # longest text field of a row (prompt, chosen, rejected, ...)
 
 
 class DatagenError(ValueError):
@@ -78,6 +82,7 @@ SKIP_HINTS = {
                          "--on-unclosed keep",
     "empty_chosen": "a completion was cut to nothing: raise --max-length or lower --max-prompt-length",
     "nothing_to_score": "no completion token was left to score: raise --max-length",
+    "too_long": "a generated field was longer than the cap (a runaway teacher or sampler?): check the teacher",
 }
 
 
@@ -139,6 +144,7 @@ def read_pairs(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         keep = data.rfind(b"\n") + 1
     lines = data[:keep].split(b"\n")[:-1] if keep else []
     rows = []
+    first_line: dict[str, int] = {}
     for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
@@ -149,6 +155,12 @@ def read_pairs(path: str | os.PathLike, repair: bool = False) -> list[dict]:
         else:
             problem = row_problem(row)
         if problem is None:
+            rid = str(row["id"])
+            if rid in first_line:
+                raise PairsFileError(f"{path}:{lineno}: id {row['id']!r} appears again (first on line "
+                                     f"{first_line[rid]}); a pairs file has one row per id (were two writers "
+                                     "at work?): remove the duplicate lines")
+            first_line[rid] = lineno
             rows.append(row)
             continue
         ours = isinstance(row, dict) and ("id" in row and any(k in row for k in PAIR_KEYS))
@@ -185,19 +197,33 @@ class PairWriter:
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise DatagenError(f"output directory does not exist: {parent}")
-        self.rows = read_pairs(self.path, repair=True)
+        from ..rundir import WriterLock, file_lock_path
+        self._lock = WriterLock(file_lock_path(self.path), "--out", what=self.path).acquire()
+        try:
+            self.rows = read_pairs(self.path, repair=True)
+            self._f = open(self.path, "a", encoding="utf-8")
+        except BaseException:
+            self._lock.release()
+            raise
         self.ids = {str(r["id"]) for r in self.rows}
-        self._f = open(self.path, "a", encoding="utf-8")
 
     def write(self, row: dict) -> None:
-        self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        self._f.flush()
-        os.fsync(self._f.fileno())
+        long = [k for k, v in row.items() if isinstance(v, str) and len(v) > MAX_FIELD_CHARS]
+        if long:
+            raise DatagenError(f"{self.path}: row {row.get('id')!r} has field(s) {', '.join(long)} longer than "
+                               f"{MAX_FIELD_CHARS} characters; a generated field is capped at that")
+        from ..errors import writing
+        with writing(f"pair {row.get('id')!r}", self.path,
+                     "the rows before it are kept; free disk space and rerun (rows already there are skipped)"):
+            self._f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self._f.flush()
+            os.fsync(self._f.fileno())
         self.ids.add(str(row["id"]))
 
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
+        self._lock.release()
 
     def __enter__(self):
         return self

@@ -29,7 +29,7 @@ from ..teachers.base import (DEFAULT_CATEGORIES, TeacherAuthError, TeacherError,
                              complete_many, hash_seed)
 from ..tokenizer import GRAPH_INSTRUCTION, THINK_START, THINKING_FORMATS, THINKING_INSTRUCTION
 from .format import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
-from .pairs_io import DatagenError, GenerationStats, Pairs, PairWriter
+from .pairs_io import MAX_FIELD_CHARS, DatagenError, GenerationStats, Pairs, PairWriter
 from .scorers import make_scorer
 
 log = logging.getLogger(__name__)
@@ -402,6 +402,9 @@ class _Pipeline:
             rejected, chosen = cands[j], p.chosen
             if rejected.strip() == chosen.strip():
                 stats.skipped["identical"] += 1
+                continue
+            if max(len(rejected), len(chosen), len(p.prompt)) > MAX_FIELD_CHARS:
+                stats.skipped["too_long"] += 1
                 continue
             if cfg.only_include_wrong_answers and sc[j] > cfg.wrong_threshold:
                 stats.skipped["not_wrong"] += 1

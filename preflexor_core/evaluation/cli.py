@@ -5,7 +5,7 @@
     python -m preflexor_core.evaluation --run runs/x            # stage0/1/2 of one run, its log
 
 Flags map onto :class:`runner.EvalConfig` (whose defaults they show); bad input (checked before any
-work: inputs, --device, a writable --out) exits with 2; a report that still cannot be written goes to
+work: inputs, --device, a writable --out that holds no earlier report unless --overwrite) exits with 2; a report that still cannot be written goes to
 a fallback folder in the system temp dir, and the error says where.
 Tests: ``python -m pytest -q tests/test_evaluation.py -k "cli or main"``.
 """
@@ -58,6 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "is then itself reported without one; with --run: the stage before each stage)")
     ap.add_argument("--beta", type=float, default=D.beta, help="DPO beta of the implicit reward (default: %(default)s)")
     ap.add_argument("--out", default="eval_report", metavar="DIR", help="report dir (default: %(default)s)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace the report files (report.md, metrics.json, outputs.jsonl, plots) already in --out")
     ap.add_argument("--log", metavar="LOG_JSONL", help="training log.jsonl to plot into --out (stage{N}.png, training.png)")
     ap.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="generated tokens per answer (default: %(default)s)")
     ap.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy (default: %(default)s)")
@@ -140,6 +142,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         check_output_dir(args.out, "--out")
+        check_no_report(args.out, args.overwrite)
         results, log_path = _run(args, cfg)
         paths = _write(results, args.out, log_path, args.examples)
     except (EvaluationInputError, OutputPathError) as e:
@@ -149,6 +152,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"\nwrote {paths['report']}, {paths['metrics_json']}, {paths['metrics_png']}"
           + (f" and {len(paths['training_plots'])} training plot(s)" if paths["training_plots"] else ""))
     return 0
+
+
+REPORT_FILES = ("report.md", "metrics.json", "outputs.jsonl", "metrics.png", "training.png")
+
+
+def check_no_report(out: str, overwrite: bool) -> None:
+    """Before any work: ``out`` must not hold a report (or files of its names) unless ``overwrite``."""
+    if overwrite or not os.path.isdir(out):
+        return
+    found = [f for f in REPORT_FILES if os.path.exists(os.path.join(out, f))]
+    found += sorted(f for f in os.listdir(out) if f.startswith("stage") and f.endswith(".png"))
+    if found:
+        raise OutputPathError(f"--out {out} already holds {', '.join(found)} (an earlier report?); it is kept: "
+                              f"pass --overwrite to replace it, or choose another --out")
 
 
 def _write(results: list[dict], out: str, log_path: str | None, n_examples: int) -> dict:

@@ -13,6 +13,7 @@ Tests: ``python -m pytest -q tests/test_evaluation.py``.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -73,8 +74,18 @@ class EvalConfig:
         for name in ("limit", "pairs_limit"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"EvalConfig: {name} must be >= 1 (or None for all), got {getattr(self, name)}")
-        if self.beta <= 0:
-            raise ValueError(f"EvalConfig: beta must be > 0, got {self.beta}")
+        if not 0 < self.beta < math.inf:
+            raise ValueError(f"EvalConfig: beta must be > 0 and finite, got {self.beta}")
+        # upper limits: a typo (1e9) is refused before anything is allocated; NaN fails every test
+        for name, ok, allowed in (("max_new_tokens", lambda v: v <= 1 << 20, f"<= {1 << 20}"),
+                                  ("batch_size", lambda v: v <= 4096, "<= 4096"),
+                                  ("temperature", lambda v: 0 <= v <= 100, "in [0, 100] (0 = greedy)"),
+                                  ("top_p", lambda v: 0 < v <= 1, "in (0, 1]"),
+                                  ("seed", lambda v: 0 <= v < 2**63, "in 0..2**63-1"),
+                                  ("limit", lambda v: v is None or v <= 10**7, "<= 10000000"),
+                                  ("pairs_limit", lambda v: v is None or v <= 10**7, "<= 10000000")):
+            if not ok(getattr(self, name)):
+                raise ValueError(f"EvalConfig: {name} must be {allowed}, got {getattr(self, name)}")
 
     def settings(self) -> dict:
         """The generation and scoring settings recorded with each result."""

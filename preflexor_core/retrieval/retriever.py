@@ -267,8 +267,18 @@ class GraphRetriever:
 
     # ------------------------------------------------------------------ persistence
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the retriever to folder ``path`` atomically (temp folder + rename)."""
+        """Write the retriever to folder ``path`` atomically (temp folder + rename). Only a new or empty
+        folder or an earlier retriever is replaced: any other non-empty folder is refused."""
+        from ..errors import writing
+        from ..rundir import NotOurFolderError
         path = Path(path)
+        if path.is_dir() and any(path.iterdir()) and not (path / "meta.json").is_file():
+            raise NotOurFolderError(f"{path} is a non-empty folder that is not a saved retriever (no meta.json); "
+                                    f"it is left alone: save the retriever into a new or empty folder")
+        with writing("the retriever", path, "an earlier retriever there is intact; free disk space and rerun"):
+            return self._save(path)
+
+    def _save(self, path: Path) -> Path:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
         try:

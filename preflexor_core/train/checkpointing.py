@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from .. import distributed as D
+from ..errors import writing
 from ..io import atomic_dir, recover_dir
 from .resume import damaged, keep_previous, verify_checkpoint, write_run_config
 
@@ -77,7 +78,9 @@ def save_checkpoint(run) -> None:
         state = D.full_state_dict(run.base) if run.fsdp or run.is_main else None   # all-gather under FSDP2
     if run.is_main and run.cfg.checkpoint.keep_previous:
         keep_previous(run.ckpt_dir)
-    with contextlib.ExitStack() as stack:
+    what = f"the stage-{run.stage} checkpoint"
+    hint = _intact(run.ckpt_dir) + "; free disk space and rerun with --resume"
+    with writing(what, run.ckpt_dir, hint), contextlib.ExitStack() as stack:
         tmp = stack.enter_context(atomic_dir(run.ckpt_dir)) if run.is_main else None
         if run.fsdp:
             tmp = D.broadcast_object(tmp)
@@ -86,6 +89,16 @@ def save_checkpoint(run) -> None:
         if run.is_main:
             _write_main(run, tmp, state)
     D.barrier()
+
+
+def _intact(ckpt) -> str:
+    """What a failed save leaves: the checkpoint before it, where it is (saves are atomic)."""
+    from .resume import previous_dir
+    if (ckpt / "trainer_state.pt").exists():
+        return f"the previous checkpoint in {ckpt} is intact"
+    if (previous_dir(ckpt) / "trainer_state.pt").exists():
+        return f"the previous checkpoint in {previous_dir(ckpt)} is intact"
+    return "no earlier checkpoint of this stage existed"
 
 
 def _redacted(nested: dict) -> dict:
@@ -168,17 +181,24 @@ def save_final(run) -> None:
     """The stage's HF export (LoRA merged; the adapter saved beside it), tokenizer and DONE marker."""
     state = D.full_state_dict(run.base) if run.fsdp else None       # collective under FSDP2
     if run.is_main:
-        model = run.plain_model(state)
-        if run.lora_cfg is not None:
-            from ..lora import merge_lora, save_adapter
-            save_adapter(model, str(run.final_dir / "adapter"), run.lora_cfg)
-            model = merge_lora(copy.deepcopy(model))
-        model.save_pretrained(str(run.final_dir))
-        run.tok.save_pretrained(str(run.final_dir))
-        kind = run.cfg.checkpoint.export_gguf
-        if kind != "none":
-            from ..gguf import write_gguf        # imported only when asked: the gguf package is optional on GPU hosts
-            write_gguf(model, run.tok, str(run.final_dir / f"model-{kind}.gguf"), dtype=kind,
-                       name=f"{run.final_dir.parent.name}-{run.final_dir.name}")
-        (run.final_dir / "DONE").write_text(json.dumps(run.pos) + "\n")
+        with writing(f"the stage-{run.stage} export", run.final_dir,
+                     _intact(run.ckpt_dir) + "; free disk space and rerun with --resume (the export is redone)"):
+            _export(run, state)
     D.barrier()
+
+
+def _export(run, state) -> None:
+    """Write the stage's HF export (LoRA merged; the adapter beside it), tokenizer, GGUF if asked, DONE."""
+    model = run.plain_model(state)
+    if run.lora_cfg is not None:
+        from ..lora import merge_lora, save_adapter
+        save_adapter(model, str(run.final_dir / "adapter"), run.lora_cfg)
+        model = merge_lora(copy.deepcopy(model))
+    model.save_pretrained(str(run.final_dir))
+    run.tok.save_pretrained(str(run.final_dir))
+    kind = run.cfg.checkpoint.export_gguf
+    if kind != "none":
+        from ..gguf import write_gguf        # imported only when asked: the gguf package is optional on GPU hosts
+        write_gguf(model, run.tok, str(run.final_dir / f"model-{kind}.gguf"), dtype=kind,
+                   name=f"{run.final_dir.parent.name}-{run.final_dir.name}")
+    (run.final_dir / "DONE").write_text(json.dumps(run.pos) + "\n")

@@ -144,6 +144,8 @@ class RunConfig:
     max_steps: int | None = opt(None, "stop a stage after this many optimizer steps (checkpoint kept for --resume)",
                                 ge=1, resume_safe=True)
     progress: bool = opt(True, "show progress bars", resume_safe=True)
+    force_out: bool = opt(False, "write into an existing non-empty --out folder that this project did not make "
+                          "(files of the names a run writes are then replaced)", resume_safe=True)
 
     def __post_init__(self):
         self.stage = STAGE_ALIASES.get(self.stage, self.stage)

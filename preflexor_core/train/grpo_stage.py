@@ -129,8 +129,10 @@ class GRPOStage(StageRun):
             self.generation_step(self.pos["step"])
             self.pos["step"] += 1
             bar.update(1)
-            if every and self.pos["global_step"] // every > before // every:
+            saved = bool(every) and self.pos["global_step"] // every > before // every
+            if saved:
                 save_checkpoint(self)
+            self.stop_if_signalled(saved)
         bar.close()
         if self.pos["step"] < self.g.grpo_steps:
             save_checkpoint(self)

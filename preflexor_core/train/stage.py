@@ -29,6 +29,7 @@ from ..losses import forward_logps
 from ..model import Llama
 from ..tokenizer import Tokenizer
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
+from .signals import TrainingInterrupted, current_stop
 from .objectives import ADDITIVE_METRICS, dpo_objective, lm_objective, orpo_objective
 
 log = logging.getLogger("preflexor.train")
@@ -209,8 +210,21 @@ class StageRun:
         bar.update(1)
         bar.set_postfix(loss=f"{m['loss']:.3f}")
         every = self.cfg.checkpoint.save_every
-        if every and self.pos["global_step"] % every == 0:
+        saved = bool(every) and self.pos["global_step"] % every == 0
+        if saved:
             save_checkpoint(self)
+        self.stop_if_signalled(saved)
+
+    def stop_if_signalled(self, saved: bool = False) -> None:
+        """At a step boundary: after SIGTERM / SIGINT, save a resumable checkpoint (unless one was just
+        saved) and stop with :class:`TrainingInterrupted` (see ``signals``)."""
+        stop = current_stop()
+        if stop is None or not stop.requested():
+            return
+        if not saved:
+            save_checkpoint(self)
+        raise TrainingInterrupted(f"stopped by {stop.name} at stage {self.stage}, step {self.pos['global_step']}: "
+                                  f"a checkpoint was saved in {self.ckpt_dir}; continue with --resume", stop.signum)
 
     # -- the loops --------------------------------------------------------------
     def train(self) -> None:

@@ -5,7 +5,9 @@ stage sequence, logs and plots.
 
 Run layout (``run.out``): ``tokenizer/ retriever/ stage0/ stage1/ stage2/`` (HF checkpoints +
 tokenizer), ``pairs.jsonl`` (every generated pair), ``log.jsonl``, ``plots/*.png`` and
-``checkpoints/stageN/`` (exact resume). A stage starts from the previous stage's output when it
+``checkpoints/stageN/`` (exact resume); ``.preflexor-run`` marks the folder as the project's (a user's
+non-empty folder is refused without ``--force-out``) and ``.preflexor-lock`` keeps a second run out
+while one writes it (``rundir``). A stage starts from the previous stage's output when it
 exists, else from ``run.model`` (a preset is initialised at random and needs stage 0 first).
 
 Tests: ``python -m pytest -q tests/test_trainer.py``
@@ -24,7 +26,9 @@ import torch
 from .. import distributed as D
 from ..config import ModelConfig
 from ..model import Llama
+from ..errors import writing
 from ..io import atomic_dir, recover_dir
+from ..rundir import WriterLock, claim_dir, run_lock_path
 from ..cpu_features import native_cpu_bf16
 from ..models import resolve_model
 from ..tokenizer import Tokenizer
@@ -32,6 +36,7 @@ from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
 from .provenance import built_from, corpus_fingerprint, reuse_artefact, write_built_from
 from .resume import check_resume
+from .signals import TrainingInterrupted, stop_on_signals
 from .stage import PAIRS_FILE, StageRun
 
 log = logging.getLogger("preflexor.train")
@@ -81,7 +86,8 @@ class JsonlLog:
     def write(self, row: dict) -> None:
         if not self.enabled:
             return
-        with open(self.path, "a", encoding="utf-8") as f:
+        with writing("the training log", self.path, "free disk space and rerun with --resume"), \
+                open(self.path, "a", encoding="utf-8") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
 
@@ -109,7 +115,8 @@ class Trainer:
             raise NotImplementedError("--fsdp with --lora-r is not supported yet; use DDP (no --fsdp) for LoRA")
         self.device = self.dist.device
         self.out = Path(cfg.run.out)
-        if self.dist.is_main:
+        if self.dist.is_main:      # never into a user's folder: a run dir is marked as the project's
+            claim_dir(self.out, "--out", force=cfg.run.force_out)
             (self.out / "plots").mkdir(parents=True, exist_ok=True)
         D.barrier()
         self.log = JsonlLog(self.out / "log.jsonl", self.dist.is_main)
@@ -226,6 +233,22 @@ class Trainer:
 
     # -- main -----------------------------------------------------------------
     def run(self) -> dict:
+        """Every configured stage, with the run dir locked against a second writer (rank 0 holds it)."""
+        lock = WriterLock(run_lock_path(self.out), "--out") if self.dist.is_main else None
+        if lock is not None:
+            lock.acquire()
+        try:
+            with stop_on_signals() as stop:        # SIGTERM / SIGINT: checkpoint at the next step, then stop
+                summary = self._run()
+                if stop.requested():
+                    raise TrainingInterrupted(f"stopped by {stop.name} after the last step; every output in "
+                                              f"{self.out} is complete", stop.signum)
+                return summary
+        finally:
+            if lock is not None:
+                lock.release()
+
+    def _run(self) -> dict:
         stages = self.cfg.stages
         if self.dist.is_main:
             for s in stages:                                 # a crash between the renames of a checkpoint
