@@ -37,13 +37,16 @@ __all__ = [
 
 
 # ----------------------------------------------------------------------------- log-probs
-def logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+def logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                      softcap: float | None = None) -> torch.Tensor:
     """Per-token log-probs of the *shifted* labels.
 
     hidden (B, T, H) final (normed) hidden states, weight (V, H) LM-head weight, labels (B, T)
     aligned to input_ids. Returns (B, T - 1) fp32 where entry t = log p(labels[:, t + 1] |
     tokens <= t), and 0 where that label is IGNORE_INDEX. Only labelled rows are sent to the
-    log-prob kernel, so prompt tokens cost nothing beyond the forward pass.
+    log-prob kernel, so prompt tokens cost nothing beyond the forward pass. ``softcap`` (a model's
+    final_logit_softcapping, Gemma-style c * tanh(logits / c)) takes a torch path over the labelled rows
+    in chunks, since the fused kernel has no cap.
     """
     if hidden.dim() != 3 or labels.dim() != 2 or hidden.shape[:2] != labels.shape:
         raise ValueError(f"logps_from_hidden: expected hidden (B, T, H) and labels (B, T) with the same "
@@ -55,14 +58,33 @@ def logps_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     valid = lab != IGNORE_INDEX                          # (B, T-1)
     out = torch.zeros(lab.shape, dtype=torch.float32, device=hidden.device)
     if bool(valid.any()):
-        lp = linear_logprobs(h[valid], weight, lab[valid], ignore_index=IGNORE_INDEX)    # (N,)
+        if softcap is None:
+            lp = linear_logprobs(h[valid], weight, lab[valid], ignore_index=IGNORE_INDEX)    # (N,)
+        else:
+            lp = _softcapped_logprobs(h[valid], weight, lab[valid], float(softcap))
         out = out.masked_scatter(valid, lp.float())
     return out
+
+
+def _softcapped_logprobs(h: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, cap: float,
+                         chunk: int = 1024) -> torch.Tensor:
+    """log softmax(cap * tanh(h @ W.T / cap))[label] for (N, H) rows, ``chunk`` rows at a time (fp32 math)."""
+    parts = []
+    for i in range(0, h.shape[0], chunk):
+        z = F.linear(h[i:i + chunk], weight).float()
+        z = cap * torch.tanh(z / cap)
+        parts.append(torch.log_softmax(z, dim=-1).gather(-1, labels[i:i + chunk, None]).squeeze(-1))
+    return torch.cat(parts)
 
 
 def _unwrap(model):
     """The bare Llama under DDP-style wrappers (which expose it as ``.module``)."""
     return getattr(model, "module", model)
+
+
+def _softcap(model) -> float | None:
+    """The model's final logit softcapping (Gemma-style), or None."""
+    return getattr(getattr(model, "config", None), "final_logit_softcapping", None)
 
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
@@ -86,7 +108,8 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
         labels = labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
     hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                    return_hidden=True, cu_seqlens=cu_seqlens)                         # (R, T, H)
-    tok = logps_from_hidden(hidden, _unwrap(model).output_weight, labels)            # (R, T-1)
+    bare = _unwrap(model)
+    tok = logps_from_hidden(hidden, bare.output_weight, labels, _softcap(bare))       # (R, T-1)
     valid = (labels[:, 1:] != IGNORE_INDEX).to(tok.device)                           # (R, T-1)
     if cu_seqlens is None:
         total, counts = tok.sum(-1), valid.sum(-1)

@@ -448,3 +448,28 @@ def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
     assert _our_greedy(model, prompt[0].tolist(), 12) == want
     print(f"Gemma 3 270M Q4_K_M: max |logits ours - transformers| = {diff:.2e}; greedy: "
           + "".join(tokens[i] for i in want).replace("▁", " "))
+
+
+def test_final_softcap_reaches_training_logps_and_packed_heads():
+    """A model with final_logit_softcapping scores training tokens and decodes through packed / int8 heads
+    with the cap applied, as its forward does (the fused log-prob kernel has no cap: a torch path takes it)."""
+    from preflexor_core.losses import sequence_logps
+    from preflexor_core.sampler import cpu_packed_linears
+    from preflexor_core.sampler.int8 import int8_linears
+    m = ours("gemma3-untied-softcap").eval()
+    x = ids()
+    labels = x.clone()
+    labels[:, :5] = -100
+    with torch.no_grad():
+        got, counts = sequence_logps(m, x, labels)
+        logp = torch.log_softmax(m(x).float(), -1)[:, :-1].gather(-1, x[:, 1:, None]).squeeze(-1)
+        want = (logp * (labels[:, 1:] != -100)).sum(-1)
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+        assert counts.tolist() == [x.shape[1] - 5] * x.shape[0]
+        h = torch.randn(3, m.config.hidden_size)
+        ref = m.project_logits(h)
+        assert ref.abs().max() <= m.config.final_logit_softcapping
+        with torch.inference_mode(), cpu_packed_linears(m):
+            torch.testing.assert_close(m.project_logits(h), ref, atol=1e-5, rtol=1e-5)
+        with torch.inference_mode(), int8_linears(m):
+            assert m.project_logits(h).abs().max() <= m.config.final_logit_softcapping + 1e-5

@@ -101,7 +101,9 @@ def patch_linears(model: nn.Module, make: MakeForward) -> list[tuple[nn.Module, 
             patched.append((m, "forward"))
     head = getattr(model, "output_weight", None) if hasattr(model, "project_logits") else None
     if head is not None:
-        model.project_logits = make([head], None)
+        fwd = make([head], None)
+        cap = getattr(getattr(model, "config", None), "final_logit_softcapping", None)
+        model.project_logits = fwd if cap is None else (lambda x, fwd=fwd, cap=cap: cap * torch.tanh(fwd(x) / cap))
         patched.append((model, "project_logits"))
     return patched
 
