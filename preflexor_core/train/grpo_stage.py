@@ -218,7 +218,8 @@ class GRPOStage(StageRun):
         ids, lab, att = (batch[k][sl].to(self.device) for k in ("input_ids", "labels", "attention_mask"))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
             hidden = model(ids, attention_mask=att, return_hidden=True)
-            return logps_from_hidden(hidden, _unwrap(model).output_weight, lab)
+            bare = _unwrap(model)
+            return logps_from_hidden(hidden, bare.output_weight, lab, bare.config.final_logit_softcapping)
 
     @torch.no_grad()
     def batch_logps(self, batch: dict, model) -> torch.Tensor:
