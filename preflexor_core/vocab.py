@@ -4,8 +4,8 @@
     init_token_rows(model, tok, change)        # resize the embedding (and untied head), initialise new rows
     change = setup_thinking_tokens(model, tok) # both; model.new_token_ids = rows the base never trained
 
-Llama-3 vocabularies hold unused ``<|reserved_special_token_N|>`` entries: they are renamed to the
-thinking tags (same ids, embedding rows reused). Otherwise the tags are added as special tokens and
+Llama-3 vocabularies hold unused ``<|reserved_special_token_N|>`` entries, Gemma's ``<unusedN>``: they
+are renamed to the thinking tags (same ids, embedding rows reused). Otherwise the tags are added as special tokens and
 each new row (input embedding, and an untied head's row) starts at the mean of the rows of the tag's
 own word pieces (``<|/thinking|>`` -> the pieces of "/thinking"), so the four rows differ from the
 start. Under LoRA these rows must stay trainable: ``LoRAConfig(trainable_token_indices=
@@ -23,7 +23,8 @@ import torch.nn as nn
 
 from .tokenizer import THINKING_TOKENS, Tokenizer
 
-RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>")
+# Llama-3's <|reserved_special_token_N|> and Gemma's <unusedN>
+RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>|<unused(\d+)>")
 
 __all__ = ["VocabChange", "add_thinking_tokens", "init_token_rows", "setup_thinking_tokens",
            "resize_token_embeddings", "unused_reserved_tokens", "rename_special_tokens", "tag_words"]
@@ -48,14 +49,14 @@ def tag_words(token: str) -> str:
 
 
 def unused_reserved_tokens(tok: Tokenizer) -> list[tuple[int, str]]:
-    """[(id, text)] of ``<|reserved_special_token_N|>`` special tokens that the chat template does not
-    mention, in order of N."""
+    """[(id, text)] of reserved special tokens (Llama-3's ``<|reserved_special_token_N|>``, Gemma's
+    ``<unusedN>``) that the chat template does not mention, in order of N."""
     template = str(getattr(tok, "chat_template", None) or "")
     found = []
     for i, t in tok._tk.get_added_tokens_decoder().items():
         m = RESERVED_TOKEN.fullmatch(t.content)
         if m and t.special and t.content not in template:
-            found.append((int(m.group(1)), i, t.content))
+            found.append((int(m.group(1) or m.group(2)), i, t.content))
     return [(i, text) for _, i, text in sorted(found)]
 
 

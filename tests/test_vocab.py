@@ -20,9 +20,10 @@ TEXTS = ["thinking about reflect and reflection, nacre is thinking material", "t
          "Reasoning steps: think, reflect, answer. Mother of pearl is tough."] * 20
 
 
-def base_tokenizer(tmp_path, reserved: int = 0, template: str | None = None) -> Tokenizer:
+def base_tokenizer(tmp_path, reserved: int = 0, template: str | None = None,
+                   reserved_format: str = "<|reserved_special_token_{}|>") -> Tokenizer:
     """A byte-level BPE without thinking tokens (like a pretrained checkpoint's), optionally with
-    Llama-3-style reserved special tokens after the ordinary vocabulary."""
+    reserved special tokens after the ordinary vocabulary (Llama-3-style names unless told)."""
     import json
 
     from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
@@ -32,9 +33,9 @@ def base_tokenizer(tmp_path, reserved: int = 0, template: str | None = None) -> 
     tk.train_from_iterator(TEXTS, trainer=trainers.BpeTrainer(
         vocab_size=320, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     from tokenizers import AddedToken
-    tk.add_special_tokens([AddedToken(f"<|reserved_special_token_{i}|>", special=True, normalized=False)
+    tk.add_special_tokens([AddedToken(reserved_format.format(i), special=True, normalized=False)
                            for i in range(reserved)])
-    d = tmp_path / f"tok{reserved}"
+    d = tmp_path / f"tok{reserved}-{abs(hash(reserved_format))}"
     d.mkdir()
     tk.save(str(d / "tokenizer.json"))
     conf = {"eos_token": "<|endoftext|>", "bos_token": None}
@@ -120,6 +121,18 @@ def test_reserved_tokens_are_renamed_and_their_rows_kept(tmp_path):
     again = Tokenizer.from_pretrained(str(tmp_path / "saved"))
     assert {t: again.token_to_id(t) for t in THINKING_TOKENS} == change.ids
     assert add_thinking_tokens(again).new_rows == ()                          # nothing left to add
+
+
+def test_gemma_unused_tokens_are_reused(tmp_path):
+    """Gemma's vocabulary reserves <unusedN>: the thinking tags take the first free ones, in order of N."""
+    tok = base_tokenizer(tmp_path, reserved=12, reserved_format="<unused{}>",
+                         template="{{ '<unused0>' }}{% for m in messages %}{{ m['content'] }}{% endfor %}")
+    free = [i for i, _ in unused_reserved_tokens(tok)]
+    assert free == [tok.token_to_id(f"<unused{i}>") for i in range(1, 12)]      # <unused0> is in the template
+    V = tok.vocab_size
+    change = add_thinking_tokens(tok)
+    assert change.added == () and tok.vocab_size == V and list(change.reused) == free[:4]
+    assert tok.token_to_id("<unused1>") is None and tok.token_to_id("<unused5>") is not None
 
 
 def test_zero_reserved_rows_are_initialised_and_partial_reuse(tmp_path):
