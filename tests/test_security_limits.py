@@ -112,3 +112,23 @@ def test_datagen_flags_are_bounded(tmp_path, argv, capsys):
         main(["--corpus", str(corpus), "--out", str(tmp_path / "p.jsonl"), *argv])
     assert e.value.code == 2
     assert argv[0] in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["--max-new-tokens", "1000000000"], ["--temperature", "nan"],
+                                  ["--temperature", "inf"], ["--reflect-depth", "100000"], ["--seed", "-1"]])
+def test_infer_flags_are_bounded_before_the_model_loads(argv, capsys, monkeypatch):
+    import importlib.util
+    import os
+    from preflexor_core import models
+    from preflexor_core.errors import run_cli
+    spec = importlib.util.spec_from_file_location(
+        "infer_cli", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer.py"))
+    infer = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(infer)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the flags were checked")
+    monkeypatch.setattr(models, "load_model_and_tokenizer", no_load)
+    assert run_cli(infer.main, ["--model", "tiny", "--question", "q", *argv]) == 2
+    err = capsys.readouterr().err
+    assert argv[0] in err and err.count("\n") == 1

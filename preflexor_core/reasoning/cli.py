@@ -20,6 +20,7 @@ from ..errors import DeviceError, check_device
 from ..io import OutputPathError, check_output_dir, check_output_file, write_fallback
 from ..models import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
 from ..models import resolve_model as resolve_model_spec
+from ..sampler.params import MAX_NEW_TOKENS
 from ..tokenizer import THINKING_FORMATS
 from .critics import CriticUnreachableError, check_endpoint, make_critic
 from .loop import recursive_response
@@ -132,14 +133,16 @@ def check_inputs(cfg: InferConfig) -> None:
         if not q.strip():
             raise InputError(f"question {i + 1} is empty: give --question a non-empty text")
     cfg.questions = [q.strip() for q in cfg.questions]
-    if cfg.reflect_depth < 0:
-        raise InputError(f"--reflect-depth must be >= 0 (0 = a single pass), got {cfg.reflect_depth}")
-    if cfg.max_new_tokens < 1:
-        raise InputError(f"--max-new-tokens must be >= 1, got {cfg.max_new_tokens}")
-    if cfg.temperature < 0:
-        raise InputError(f"--temperature must be >= 0 (0 = greedy), got {cfg.temperature}")
+    if not 0 <= cfg.reflect_depth <= 64:
+        raise InputError(f"--reflect-depth must be >= 0 and <= 64 (0 = a single pass), got {cfg.reflect_depth}")
+    if not 1 <= cfg.max_new_tokens <= MAX_NEW_TOKENS:
+        raise InputError(f"--max-new-tokens must be >= 1 and <= {MAX_NEW_TOKENS}, got {cfg.max_new_tokens}")
+    if not 0 <= cfg.temperature <= 100:        # NaN fails too
+        raise InputError(f"--temperature must be >= 0 (0 = greedy) and <= 100, got {cfg.temperature}")
     if not 0 < cfg.top_p <= 1:
         raise InputError(f"--top-p must be in (0, 1], got {cfg.top_p}")
+    if not 0 <= cfg.seed < 2**63:
+        raise InputError(f"--seed must be in 0..2**63-1, got {cfg.seed}")
     if cfg.top_k < 0:
         raise InputError(f"--top-k must be >= 0 (0 = off), got {cfg.top_k}")
     if cfg.thinking_format not in THINKING_FORMATS:
