@@ -273,3 +273,13 @@ def test_critic_endpoint_check_has_an_overall_deadline(servers):
     with pytest.raises(CriticUnreachableError, match="deadline"):
         check_endpoint(s.url + "/v1", timeout=0.5)
     assert time.monotonic() - t0 < 3.0
+
+
+def test_critic_spec_errors_redact_the_password():
+    from preflexor_core.reasoning.critics import make_critic
+    with pytest.raises(Exception) as e:
+        make_critic("http://bob:hunter2@127.0.0.1:9/v1", check_timeout=1)
+    assert "hunter2" not in str(e.value)
+    with pytest.raises(ValueError) as e:
+        make_critic("ftp://bob:hunter2@host/x")
+    assert "hunter2" not in str(e.value)

@@ -235,7 +235,8 @@ class _Streamer:
 
 def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
     """The trace to ``cfg.json``; when that write fails, to a fallback file, and an error that says where."""
-    options = {k: v for k, v in vars(cfg).items() if k != "questions"}
+    from ..teachers.net import redact_url
+    options = {k: redact_url(v) for k, v in vars(cfg).items() if k != "questions"}   # no password in a trace
     options["critic_name"] = getattr(critic, "name", None)
     doc = {"options": options, "elapsed_s": elapsed, "questions": [tr.to_dict() for tr in traces]}
     text = json.dumps(doc, indent=2, ensure_ascii=False, default=str)

@@ -229,6 +229,7 @@ def make_critic(spec: str, policy=None, retriever=None, critic_model: str | None
                 timeout: float = 60.0, check_timeout: float = 3.0):
     """A critic from a spec: ``same`` (the policy), ``graph`` (needs ``retriever``), an
     ``http(s)://`` URL of an OpenAI-compatible server, or a checkpoint directory."""
+    from ..teachers.net import redact_url
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("critic spec is empty; use same, graph, an http(s):// URL or a checkpoint dir")
     spec = spec.strip()
@@ -246,7 +247,8 @@ def make_critic(spec: str, policy=None, retriever=None, critic_model: str | None
         served = check_endpoint(spec, timeout=check_timeout)
         model = critic_model or (served[0] if served else None)
         if not model:
-            raise ValueError(f"critic endpoint {spec} does not list its models; name one with --critic-model")
+            raise ValueError(f"critic endpoint {redact_url(spec)} does not list its models; name one with "
+                             "--critic-model")
         from ..teachers import OpenAITeacher
         return TeacherCritic(OpenAITeacher(spec, model, timeout=timeout, max_retries=2),
                              max_tokens=max_new_tokens, temperature=temperature)
@@ -255,5 +257,5 @@ def make_critic(spec: str, policy=None, retriever=None, critic_model: str | None
             raise ValueError(f"critic dir {spec} has no config.json; expected a checkpoint dir "
                              "(config.json + *.safetensors + tokenizer.json)")
         return ModelCritic.from_pretrained(spec, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed)
-    raise ValueError(f"bad critic {spec!r}: expected same, graph, an http(s):// URL of an OpenAI-compatible "
-                     "server, or an existing checkpoint directory")
+    raise ValueError(f"bad critic {redact_url(spec)!r}: expected same, graph, an http(s):// URL of an "
+                     "OpenAI-compatible server, or an existing checkpoint directory")
