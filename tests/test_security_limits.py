@@ -92,7 +92,8 @@ def test_gguf_header_past_a_limit_is_refused_before_building(tmp_path, key, fiel
                                    {"thinking_max_new_tokens": 10**9}, {"sample_temperature": float("nan")},
                                    {"lora_alpha": float("inf")}, {"grpo_temperature": float("nan")},
                                    {"pairs_per_iteration": 10**12}, {"n_steps": 100_000, "batch_size": 4096},
-                                   {"teacher_timeout": float("inf")}, {"max_reply_bytes": 1 << 40}])
+                                   {"teacher_timeout": float("inf")}, {"max_reply_bytes": 1 << 40},
+                                   {"grpo_prompts": 4096, "num_generations": 256}, {"seed": -1}])
 def test_train_flags_are_bounded(flags):
     from preflexor_core.train.config import TrainConfig, TrainConfigError
     with pytest.raises(TrainConfigError) as e:

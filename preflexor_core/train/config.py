@@ -81,6 +81,7 @@ MAX_FLAG = {"batch_size": 4096, "sft_batch_size": 4096, "gen_batch_size": 4096, 
             "max_reply_bytes": 1 << 30, "teacher_timeout": 24 * 3600.0}
 # Samples drawn per iteration (steps x accumulation x micro-batch): the data order is materialised.
 MAX_SAMPLES_PER_ITERATION = 10**7
+MAX_GRPO_SAMPLES = 1 << 14          # completions decoded together in one stage-3 generation batch
 
 
 def _check_fields(section) -> None:
@@ -344,6 +345,10 @@ class GRPOConfig:
         _one_of("loss_type", self.loss_type, GRPO_LOSSES)
         _one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
         _check_fields(self)
+        n = self.grpo_prompts * self.num_generations
+        if n > MAX_GRPO_SAMPLES:
+            raise TrainConfigError(f"--grpo-prompts x --num-generations = {n} samples per generation batch is over "
+                                   f"the limit {MAX_GRPO_SAMPLES}; lower one of them")
 
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig,
