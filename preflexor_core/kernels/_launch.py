@@ -77,8 +77,9 @@ _ATTN = {           # 16-bit inputs
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
     ("fwd", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
     ("fwd", 256): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1)],
-    # dK/dV: a 32-row query tile; 64 rows held 255 registers and spilled 4-56 bytes (8 at 4 warps, D 64).
-    ("dkdv", 64): [(32, 64, 8, 2), (32, 32, 4, 1)],
+    # dK/dV: a 32-row query tile; 64 rows held 255 registers and spilled 4-56 bytes (at head dim 64,
+    # 32 x 64 still spilled 8-12 bytes on sm_80; 32 x 32 holds 168 registers).
+    ("dkdv", 64): [(32, 32, 4, 2), (32, 32, 4, 1)],
     ("dkdv", 128): [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
     ("dkdv", 256): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
     ("dq", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
@@ -88,11 +89,13 @@ _ATTN = {           # 16-bit inputs
 # Cards with under 128 KB per block (sm_86 / sm_89): their ptxas spilled the 128-row forward tile at
 # head dim 128 (60 bytes, varlen), which fits their shared memory; start one step smaller.
 _ATTN_SMALL_SMEM = {("fwd", 128): [(64, 64, 4, 2), (64, 32, 4, 2)]}
+# Before sm_90 (mma, not wgmma): triton 3.6 spilled 8 bytes at 128 x 64, non-causal; 128 x 32 holds 198.
+_ATTN_PRE_HOPPER = {("fwd", 128): [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]}
 _ATTN_TF32 = {      # fp32 inputs on TF32 tensor cores: twice the bytes per element
     ("fwd", 64): [(128, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 1)],
     ("fwd", 128): [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 1)],
     ("fwd", 256): [(32, 32, 8, 2), (32, 16, 8, 1), (16, 16, 4, 1)],
-    ("dkdv", 64): [(32, 64, 4, 2), (16, 64, 4, 2), (16, 32, 4, 1)],
+    ("dkdv", 64): [(16, 64, 4, 2), (16, 32, 4, 1)],         # 32 x 64: 12 bytes of spills (triton 3.6)
     ("dkdv", 128): [(16, 64, 8, 2), (16, 32, 4, 2), (16, 32, 4, 1)],
     ("dkdv", 256): [(16, 32, 8, 1), (16, 16, 4, 1)],
     ("dq", 64): [(64, 32, 4, 2), (64, 16, 4, 2), (32, 16, 4, 1)],
@@ -106,6 +109,7 @@ _ATTN_IEEE = {
     "dkdv": [(32, 16, 8, 1), (16, 16, 4, 1)],
     "dq": [(32, 16, 8, 1), (16, 16, 4, 1)],
 }
+_ATTN_IEEE_256 = {"dkdv": [(16, 16, 4, 1)]}     # 32 x 16 at head dim 256: 12 bytes of spills (triton 3.6)
 
 
 def attention_smem(kind: str, bm: int, bn: int, bd: int, stages: int, elem: int) -> int:
@@ -127,12 +131,16 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, limits: Devic
     elem = torch.empty((), dtype=dtype).element_size()
     bd = max(16, triton.next_power_of_2(head_dim))
     bucket = 64 if bd <= 64 else 128 if bd <= 128 else 256
-    if elem >= 4:
-        cands = _ATTN_IEEE[kind] if precision == "ieee" else _ATTN_TF32[(kind, bucket)]
-    elif limits.max_shared < 128 * KB and (kind, bucket) in _ATTN_SMALL_SMEM:
-        cands = _ATTN_SMALL_SMEM[(kind, bucket)]
+    if elem >= 4 and precision == "ieee":
+        cands = _ATTN_IEEE_256.get(kind, _ATTN_IEEE[kind]) if bucket == 256 else _ATTN_IEEE[kind]
+    elif elem >= 4:
+        cands = _ATTN_TF32[(kind, bucket)]
     else:
         cands = _ATTN[(kind, bucket)]
+        if limits.capability < 90:
+            cands = _ATTN_PRE_HOPPER.get((kind, bucket), cands)
+        if limits.max_shared < 128 * KB:
+            cands = _ATTN_SMALL_SMEM.get((kind, bucket), cands)
     budget = limits.max_shared - 2 * KB          # reduction scratch and alignment
     for bm, bn, warps, stages in cands:
         if attention_smem(kind, bm, bn, bd, stages, elem) <= budget:
