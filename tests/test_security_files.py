@@ -265,3 +265,16 @@ def test_sigterm_to_train_py_exits_non_zero_with_one_line(tmp_path):
     assert p.returncode == 128 + signal.SIGTERM, err[-2000:]
     assert len(lines) == 1 and "SIGTERM" in lines[0] and "--resume" in lines[0]
     assert (out / "checkpoints" / "stage0" / "trainer_state.pt").exists()
+
+
+def test_graph_eval_keeps_an_earlier_report_unless_overwrite(tmp_path, capsys):
+    from preflexor_core.evaluation.graph_eval import main
+    out = tmp_path / "ge"
+    out.mkdir()
+    (out / "table.md").write_text("mine")
+    with pytest.raises(SystemExit) as e:
+        main(["--model", "a=b", "--retriever", str(tmp_path / "none"), "--out", str(out)])
+    assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert (out / "table.md").read_text() == "mine"
+    with pytest.raises(SystemExit):
+        main(["--model", "a=b", "--retriever", "r", "--n", "1000000000", "--out", str(tmp_path / "x")])

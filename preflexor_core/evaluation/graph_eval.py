@@ -146,7 +146,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="graph_eval", help="output folder: results.json, table.md, GraphML files")
     ap.add_argument("--graphml", action="store_true", help="write each answer's graph as GraphML")
     ap.add_argument("--png", action="store_true", help="also draw each answer's graph as a PNG")
+    ap.add_argument("--overwrite", action="store_true", help="replace results.json / table.md already in --out")
     a = ap.parse_args(argv)
+    if not 1 <= a.n <= 10**6 or not 1 <= a.max_new_tokens <= 1 << 20:
+        ap.error(f"--n must be in 1..1000000 and --max-new-tokens in 1..{1 << 20}; got {a.n} and {a.max_new_tokens}")
+    earlier = [f for f in ("results.json", "table.md") if os.path.exists(os.path.join(a.out, f))]
+    if earlier and not a.overwrite:     # before any work: an earlier report is kept unless asked
+        ap.error(f"--out {a.out} already holds {', '.join(earlier)} (an earlier report?); pass --overwrite to "
+                 f"replace it, or choose another --out")
     models = {}
     for m in a.model:
         name, sep, spec = m.partition("=")
