@@ -4,7 +4,8 @@
 folder is created and marked (``MARKER``, a small JSON file); a marked one is ours; a non-empty folder
 without the marker belongs to the user and is refused (:class:`NotOurFolderError`) unless ``force``
 (``--force-out``): the project never deletes or rewrites files it did not write. A run folder made by
-an earlier version (it holds ``checkpoints/stageN/run_config.json`` or ``stageN/DONE``) is ours too.
+an earlier version (it holds ``checkpoints/stageN/run_config.json``, ``stageN/DONE`` or a ``built_from.json``
+record in ``retriever/`` or ``tokenizer/``) is ours too.
 
 ``WriterLock(path, flag)``: an exclusive ``fcntl.flock`` on ``path`` (a lock file holding the holder's
 pid), taken without waiting. A second writer gets :class:`LockedError`, one line naming the holder's
@@ -45,7 +46,9 @@ class LockedError(PreflexorError, OSError):
 
 
 def _legacy_run(path: Path) -> bool:
-    return any(path.glob("checkpoints/stage*/run_config.json")) or any(path.glob("stage*/DONE"))
+    """A run folder written before the marker existed: files only this project writes."""
+    return (any(path.glob("checkpoints/stage*/run_config.json")) or any(path.glob("stage*/DONE"))
+            or (path / "retriever" / "built_from.json").is_file() or (path / "tokenizer" / "built_from.json").is_file())
 
 
 def is_ours(path: str | os.PathLike) -> bool:

@@ -56,6 +56,12 @@ def test_claim_dir_refuses_a_user_folder_unless_forced(tmp_path):
     assert (empty / MARKER).is_file()
     with pytest.raises(NotOurFolderError):
         claim_dir(d / "log.jsonl", "--out")      # a file
+    legacy = tmp_path / "old-run"                 # a run of an earlier version: ours without a marker
+    (legacy / "checkpoints" / "stage1").mkdir(parents=True)
+    (legacy / "checkpoints" / "stage1" / "run_config.json").write_text("{}")
+    (legacy / "log.jsonl").write_text("")
+    claim_dir(legacy, "--out")
+    assert (legacy / MARKER).is_file()
 
 
 def test_train_refuses_a_user_folder_and_leaves_it_alone(tmp_path):
