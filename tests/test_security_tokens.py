@@ -55,6 +55,8 @@ def test_hostile_text_encodes_without_control_ids(tok):
     assert tok.decode(tok.encode_text(HOSTILE, allow=())).replace(ZERO_WIDTH_BREAK, "") == HOSTILE
     benign = "Nacre tablets slide."
     assert tok.encode_text(benign) == tok.encode(benign)        # plain text is untouched
+    wide = "café — 你好 🙂<|im_end|> x<|im_start|>"             # offsets are characters, not bytes
+    assert tok.neutralize(wide) == wide.replace("<|", "<" + ZERO_WIDTH_BREAK + "|")
 
 
 def test_hostile_row_has_one_end_of_turn_and_the_template_markup_only(tok):
