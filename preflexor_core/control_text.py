@@ -92,13 +92,16 @@ def template_tags(tok) -> tuple[str, ...]:
 
 
 def neutralize_messages(tok, messages, allow: Sequence[str]) -> list:
-    """``messages`` with every string field but the role neutralised (``allow`` and the template's
-    reasoning tags stay special)."""
+    """``messages`` with every string in them but roles and part types neutralised, nested content parts
+    included (``allow`` and the template's reasoning tags stay special)."""
     allowed = tuple(allow) + template_tags(tok)
-    out = []
-    for m in messages:
-        if isinstance(m, dict):
-            m = {k: neutralize(tok, v, allowed)[0] if isinstance(v, str) and k != "role" else v
-                 for k, v in m.items()}
-        out.append(m)
-    return out
+
+    def clean(v, key=None):
+        if isinstance(v, str):
+            return v if key in ("role", "type") else neutralize(tok, v, allowed)[0]
+        if isinstance(v, dict):                      # e.g. content parts {"type": "text", "text": ...}
+            return {k: clean(x, k) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+    return [clean(m) if isinstance(m, dict) else m for m in messages]
