@@ -140,10 +140,11 @@ def gguf_sizes(meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple] | Non
             "tie_word_embeddings": "output.weight" not in shapes if shapes else False}
 
 
-def check_gguf_fits(path: str, *, dtype: Any = None, device: Any = None) -> int:
-    """``check_config_fits`` on the header of the GGUF file ``path`` (no tensor is read)."""
+def check_gguf_fits(path: str, *, dtype: Any = None, device: Any = None, reader=None) -> int:
+    """``check_config_fits`` on the header of the GGUF file ``path`` (no tensor is read); ``reader``: the
+    file already opened with ``gguf.open_gguf``."""
     from .gguf.reader import open_gguf, read_metadata
-    reader = open_gguf(path)
+    reader = reader if reader is not None else open_gguf(path)
     meta = read_metadata(reader)
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
     sizes = {k: v if not isinstance(v, (list, tuple)) else None for k, v in gguf_sizes(meta, shapes).items()}

@@ -19,9 +19,10 @@ __all__ = ["GGUFError", "SUPPORTED_TYPES", "load_gguf_model", "load_gguf_tokeniz
            "read_metadata", "tokenizer_from_metadata", "write_gguf"]
 
 
-def load_gguf_model(path: str, model_cls, dtype=None, device="cpu"):
+def load_gguf_model(path: str, model_cls, dtype=None, device="cpu", reader=None):
     """``reader.load_gguf_model`` once the header's sizes fit this machine (``limits.check_gguf_fits``:
-    checked before any model is built or tensor read)."""
+    checked before any model is built or tensor read); ``reader``: an already opened file."""
     from ..limits import check_gguf_fits
-    check_gguf_fits(path, dtype=dtype, device=device)
-    return _load_gguf_model(path, model_cls, dtype=dtype, device=device)
+    reader = reader if reader is not None else open_gguf(path)
+    check_gguf_fits(path, dtype=dtype, device=device, reader=reader)
+    return _load_gguf_model(path, model_cls, dtype=dtype, device=device, reader=reader)
