@@ -89,3 +89,26 @@ def test_shared_memory_estimate_is_conservative(report):
 def test_target_limits_table():
     assert triton_compile.TARGETS[80][0] == 163 * 1024 and triton_compile.TARGETS[90][0] == 227 * 1024
     assert triton_compile.TARGETS[86][0] == triton_compile.TARGETS[89][0] == 99 * 1024
+
+
+def test_checker_flags_each_kind_of_problem():
+    ok = {"kernel": "k", "grid": [4, 16, 1], "shared": 1000, "regs": 128, "spill_stores": 0, "dots": 2,
+          "tensor_core_dots": 2}
+    check = triton_compile.check
+    assert check(ok, 90, "highest", "bfloat16") == []
+    assert "shared memory" in check(dict(ok, shared=100 * 1024), 86, "highest", "bfloat16")[0]
+    assert check(dict(ok, shared=100 * 1024), 80, "highest", "bfloat16") == []
+    assert "spill" in check(dict(ok, spill_stores=8), 90, "highest", "bfloat16")[0]
+    assert "launch limits" in check(dict(ok, grid=[4, 65536, 1]), 90, "highest", "bfloat16")[0]
+    assert "tensor cores" in check(dict(ok, tensor_core_dots=1), 90, "highest", "bfloat16")[0]
+    assert "IEEE" in check(ok, 90, "highest", "float32")[0]                  # fp32 "highest" must not be TF32
+    assert check(dict(ok, tensor_core_dots=0), 90, "highest", "float32") == []
+    assert check(ok, 90, "high", "float32") == []
+    assert "compile error" in check({"kernel": "k", "error": "PTXASError: x"}, 90, "highest", "bfloat16")[0]
+
+
+def test_ttgir_dot_classification():
+    mma = "%5 = tt.dot %a, %b, %c : tensor<64x16xf16, #ttg.dot_op<{opIdx = 0}>> -> tensor<64x64xf32, #mma>"
+    wgmma = "%7 = ttng.warp_group_dot %a, %b, %c : !ttg.memdesc<64x16xf16> -> tensor<64x64xf32, #mma1>"
+    fma = "%9 = tt.dot %a, %b, %c, inputPrecision = ieee : tensor<32x16xf32> -> tensor<32x32xf32, #blocked2>"
+    assert triton_compile._dots("\n".join([mma, wgmma, fma, "%1 = arith.addf %x, %y"])) == (3, 2)

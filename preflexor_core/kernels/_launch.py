@@ -77,9 +77,8 @@ _ATTN = {           # 16-bit inputs
     ("fwd", 64): [(128, 64, 4, 3), (128, 64, 4, 2), (64, 64, 4, 2)],
     ("fwd", 128): [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
     ("fwd", 256): [(64, 32, 8, 2), (64, 32, 8, 1), (32, 32, 4, 1)],
-    # dK/dV: a 32-row query tile; 64 rows held 255 registers and spilled 4-56 bytes (at head dim 64,
-    # 32 x 64 still spilled 8-12 bytes on sm_80; 32 x 32 holds 168 registers).
-    ("dkdv", 64): [(32, 32, 4, 2), (32, 32, 4, 1)],
+    # dK/dV: a 32-row query tile; 64 rows held 255 registers and spilled 4-56 bytes.
+    ("dkdv", 64): [(32, 64, 8, 2), (32, 32, 4, 1)],
     ("dkdv", 128): [(32, 64, 8, 2), (32, 64, 4, 2), (32, 32, 4, 1)],
     ("dkdv", 256): [(32, 32, 8, 1), (16, 32, 8, 1), (16, 16, 4, 1)],
     ("dq", 64): [(64, 64, 4, 2), (64, 32, 4, 2), (32, 32, 4, 1)],
@@ -89,8 +88,10 @@ _ATTN = {           # 16-bit inputs
 # Cards with under 128 KB per block (sm_86 / sm_89): their ptxas spilled the 128-row forward tile at
 # head dim 128 (60 bytes, varlen), which fits their shared memory; start one step smaller.
 _ATTN_SMALL_SMEM = {("fwd", 128): [(64, 64, 4, 2), (64, 32, 4, 2)]}
-# Before sm_90 (mma, not wgmma): triton 3.6 spilled 8 bytes at 128 x 64, non-causal; 128 x 32 holds 198.
-_ATTN_PRE_HOPPER = {("fwd", 128): [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)]}
+# Before sm_90 (mma, not wgmma), where triton 3.6 spilled 8-12 bytes: the forward at 128 x 64 (non-causal;
+# 128 x 32 holds 198 registers) and dK/dV at 32 x 64, head dim 64 (32 x 32 holds 168; on sm_90 it spilled).
+_ATTN_PRE_HOPPER = {("fwd", 128): [(128, 32, 8, 2), (64, 64, 4, 2), (64, 32, 4, 2)],
+                    ("dkdv", 64): [(32, 32, 4, 2), (32, 32, 4, 1)]}
 _ATTN_TF32 = {      # fp32 inputs on TF32 tensor cores: twice the bytes per element
     ("fwd", 64): [(128, 32, 4, 2), (64, 32, 4, 2), (64, 16, 4, 1)],
     ("fwd", 128): [(128, 32, 8, 2), (64, 32, 4, 2), (64, 16, 4, 1)],
