@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # make cuda-compile-check: compile csrc/*.cu for sm_90 (or CUDA_ARCH) with no GPU and no system CUDA.
 #
-# nvcc comes from PyPI (the CUDA 13 nvidia-cuda-nvcc, -runtime and -cccl wheels, installed once into
-# build/cuda-nvcc; the CUDA 12 nvcc wheels ship no nvcc binary). torch's CPU wheels carry the c10/cuda
+# nvcc comes from PyPI: the CUDA 13 wheels nvidia-cuda-nvcc (nvcc, ptxas), nvidia-nvvm (cicc),
+# nvidia-cuda-crt (crt/ headers), nvidia-cuda-runtime and nvidia-cuda-cccl, installed once into
+# build/cuda-nvcc (the CUDA 12 nvcc wheels ship no nvcc binary). torch's CPU wheels carry the c10/cuda
 # and ATen/cuda headers but not c10/cuda/impl/cuda_cmake_macros.h, which CMake generates in a CUDA
 # build; a minimal one is written to a temporary include directory. Each .cu is compiled to an object
 # (-c, nothing linked), so this checks that the sources compile against the installed torch.
@@ -16,10 +17,10 @@ NVCC_DIR=${NVCC_DIR:-build/cuda-nvcc}
 JOBS=${JOBS:-2}
 CU13=$NVCC_DIR/nvidia/cu13
 
-if [[ ! -x $CU13/bin/nvcc ]]; then
+if [[ ! -x $CU13/bin/nvcc || ! -x $CU13/nvvm/bin/cicc || ! -f $CU13/include/crt/host_config.h ]]; then
     echo "-- installing nvcc (CUDA 13, PyPI) into $NVCC_DIR"
-    "$PY" -m pip install -q --target "$NVCC_DIR" --no-deps \
-        "nvidia-cuda-nvcc==13.*" "nvidia-cuda-runtime==13.*" "nvidia-cuda-cccl==13.*"
+    "$PY" -m pip install -q --upgrade --target "$NVCC_DIR" --no-deps "nvidia-cuda-nvcc==13.*" "nvidia-nvvm==13.*" \
+        "nvidia-cuda-crt==13.*" "nvidia-cuda-runtime==13.*" "nvidia-cuda-cccl==13.*" 2>&1 | grep -v "^WARNING" || true
 fi
 NVCC=$CU13/bin/nvcc
 "$NVCC" --version | tail -n 2
@@ -38,7 +39,7 @@ PY_INC=$("$PY" -c "import sysconfig; print(sysconfig.get_paths()['include'])")
 CXX_STD=$("$PY" -c "import torch; v = tuple(int(x) for x in torch.__version__.split('+')[0].split('.')[:2]); print('c++20' if v >= (2, 10) else 'c++17')")
 FLAGS=(-c -std="$CXX_STD" -O3 -gencode "arch=compute_${ARCH},code=sm_${ARCH}" --expt-relaxed-constexpr
        -DTORCH_EXTENSION_NAME=_C -DTORCH_API_INCLUDE_EXTENSION_H -D__CUDA_NO_HALF_OPERATORS__
-       -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
+       -DPREFLEXOR_WITH_CUDA -D__CUDA_NO_HALF_CONVERSIONS__ -D__CUDA_NO_BFLOAT16_CONVERSIONS__ -D__CUDA_NO_HALF2_OPERATORS__
        -I"$TMP/include" -I"$CU13/include" -I"$PY_INC" -Icsrc)
 for inc in "${TORCH_INC[@]}"; do FLAGS+=(-I"$inc"); done
 
