@@ -4,7 +4,8 @@ The check runs in its own process (this suite sets TRITON_INTERPRET=1, which tur
 Python), through the project's launchers with the tiles they choose on those GPUs, down to cubin with
 the ptxas in Triton's wheel. It fails on a compile error, shared memory over the target's limit,
 register spills over ``SPILL_BOUND``, a grid outside CUDA's limits, or a dot off the tensor cores.
-The quick set runs here (about 1.5 min on 2 cores, then cached per source hash); ``make
+The quick set runs here (24 launches: 18 s on 2 idle cores, about 70 s on 2 busy ones; then cached
+per source hash); ``make
 compile-check`` runs the full set (sm_80/86/89/90, head dims 64-256, vocab 128256, every dtype).
 """
 import json
