@@ -4,8 +4,9 @@
 #
 #   1. CUDA must be visible to torch (else: message, exit 2).
 #   2. Build the compiled extension in place (setup.py build_ext --inplace, ninja) for this card's
-#      architecture only, capped at BUILD_CAP_S -> $OUT/build.log with the measured build time. A failed build is reported, the run goes on (the
-#      torch fallbacks then run and the csrc CUDA checks skip).
+#      architecture only, capped at BUILD_CAP_S -> $OUT/build.log with the measured build time.
+#      A failed build is reported, the run goes on (the torch fallbacks then run and the csrc CUDA
+#      checks skip).
 #   3. python -m pytest tests/gpu -> $OUT/gpu-tests.xml (junit).
 #   4. The GPU benchmarks (tests/benchmarks, marker "gpu"; the retrieval benchmarks are left out:
 #      hnswlib may be absent) -> $OUT/bench.json (pytest-benchmark).
@@ -14,9 +15,11 @@
 #
 # Usage:  bash tests/gpu/gpu_check.sh          (from anywhere; runs in the repository root)
 # Env:    OUT (default tests/benchmarks/results/latest), PYTHON (default python3),
-#         GPU_CHECK_BUDGET_S (default 420: total seconds for steps 2-4; each step also has its own cap).
+#         GPU_CHECK_BUDGET_S (default 420: total seconds for steps 2-4; each step also has its own cap),
+#         BUILD_CAP_S (200), BUILD_RESERVE_S (220: budget seconds the build leaves to what follows).
 # Exit:   0 all passed, 1 something failed or timed out, 2 no CUDA.
-# The package is used from the working tree (PYTHONPATH=repo root), nothing is pip-installed.
+# The package is used from the working tree (PYTHONPATH=repo root). Nothing is pip-installed, except
+# ninja when it is missing and an index answers within 30 s.
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/../.." || exit 1
