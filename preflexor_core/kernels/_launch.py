@@ -150,6 +150,51 @@ def attention_config(kind: str, head_dim: int, dtype: torch.dtype, limits: Devic
     return max(16, bm), bn, warps, 1
 
 
+def seq_strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
+    """(batch, head, seq) element strides; packed [total, H, D] tensors have no batch stride."""
+    if varlen:
+        return 0, t.stride(1), t.stride(0)
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+class AttentionLayout:
+    """Shape bookkeeping of the attention launchers (padded vs packed): sizes, tiles, grids, spans."""
+
+    def __init__(self, q, k, cu_seqlens, max_seqlen):
+        self.varlen = cu_seqlens is not None
+        if self.varlen:
+            _, self.hq, self.d = q.shape
+            self.hkv = k.shape[1]
+            self.nbatch = cu_seqlens.shape[0] - 1
+            self.t = self.s = int(max_seqlen)
+        else:
+            self.nbatch, self.hq, self.t, self.d = q.shape
+            self.hkv, self.s = k.shape[1], k.shape[2]
+        self.group = self.hq // self.hkv
+        self.block_d = max(16, triton.next_power_of_2(self.d))
+        self.cu = cu_seqlens.contiguous() if self.varlen else torch.empty(1, dtype=torch.int32, device=q.device)
+        self.dtype = q.dtype
+        self.limits = None if interpreting() else device_limits(q.device)
+        self.precision = dot_precision(q.dtype)
+
+    def config(self, kind: str) -> tuple[int, int, int, int]:
+        return attention_config(kind, self.d, self.dtype, self.limits, self.precision)
+
+    def grid(self, length: int, block: int, heads: int) -> tuple[int, int, int]:
+        return grid_3d(triton.cdiv(max(length, 1), block), self.nbatch * heads)
+
+    def check_spans(self, tensors, block_rows: int) -> None:
+        for name, t in tensors:
+            check_tile_span("flash_attention", name, seq_strides(t, self.varlen)[2], block_rows, self.block_d)
+
+    def lse_buffer(self, q):
+        if self.varlen:                                        # [Hq, total]
+            buf = torch.zeros(self.hq, q.shape[0], dtype=torch.float32, device=q.device)
+            return buf, 0, buf.stride(0)
+        buf = torch.zeros(self.nbatch, self.hq, self.t, dtype=torch.float32, device=q.device)
+        return buf, buf.stride(0), buf.stride(1)
+
+
 # ----------------------------------------------------------------------------- log-prob tiles
 def logprobs_config(dtype: torch.dtype, limits: DeviceLimits | None,
                     precision: str = "tf32") -> tuple[int, int, int, int, int]:

@@ -307,60 +307,18 @@ def _flash_attention_bwd_dq_kernel(
 
 
 # ----------------------------------------------------------------------------- launchers
-def _strides(t: torch.Tensor, varlen: bool) -> tuple[int, int, int]:
-    """(batch, head, seq) element strides; packed [total, H, D] tensors have no batch stride."""
-    if varlen:
-        return 0, t.stride(1), t.stride(0)
-    return t.stride(0), t.stride(1), t.stride(2)
+_strides = _launch.seq_strides          # (batch, head, seq) element strides
 
 
 def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-class _Layout:
-    """Shape bookkeeping shared by the launchers (padded vs packed)."""
-
-    def __init__(self, q, k, cu_seqlens, max_seqlen):
-        self.varlen = cu_seqlens is not None
-        if self.varlen:
-            _, self.hq, self.d = q.shape
-            self.hkv = k.shape[1]
-            self.nbatch = cu_seqlens.shape[0] - 1
-            self.t = self.s = int(max_seqlen)
-        else:
-            self.nbatch, self.hq, self.t, self.d = q.shape
-            self.hkv, self.s = k.shape[1], k.shape[2]
-        self.group = self.hq // self.hkv
-        self.block_d = max(16, triton.next_power_of_2(self.d))
-        self.cu = cu_seqlens.contiguous() if self.varlen else torch.empty(1, dtype=torch.int32, device=q.device)
-        self.dtype = q.dtype
-        self.limits = None if _launch.interpreting() else _launch.device_limits(q.device)
-        self.precision = _launch.dot_precision(q.dtype)
-
-    def config(self, kind: str) -> tuple[int, int, int, int]:
-        return _launch.attention_config(kind, self.d, self.dtype, self.limits, self.precision)
-
-    def grid(self, length: int, block: int, heads: int) -> tuple[int, int, int]:
-        return _launch.grid_3d(triton.cdiv(max(length, 1), block), self.nbatch * heads)
-
-    def check_spans(self, tensors, block_rows: int) -> None:
-        for name, t in tensors:
-            _launch.check_tile_span("flash_attention", name, _strides(t, self.varlen)[2], block_rows, self.block_d)
-
-    def lse_buffer(self, q):
-        if self.varlen:                                        # [Hq, total]
-            buf = torch.zeros(self.hq, q.shape[0], dtype=torch.float32, device=q.device)
-            return buf, 0, buf.stride(0)
-        buf = torch.zeros(self.nbatch, self.hq, self.t, dtype=torch.float32, device=q.device)
-        return buf, buf.stride(0), buf.stride(1)
-
-
 def flash_attention_forward(q, k, v, causal, sm_scale, cu_seqlens=None, max_seqlen=None, block_m=None,
                             block_n=None):
     """Launch the forward kernel. Returns (o, lse); lse is fp32 in log2 units."""
     q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    L = _Layout(q, k, cu_seqlens, max_seqlen)
+    L = _launch.AttentionLayout(q, k, cu_seqlens, max_seqlen)
     bm, bn, warps, stages = L.config("fwd")
     bm = min(bm, max(16, triton.next_power_of_2(L.t)))     # decode: T = 1..few needs no 128-row tile
     bm, bn = block_m or bm, block_n or bn
@@ -382,7 +340,7 @@ def flash_attention_backward(do, q, k, v, o, lse, causal, sm_scale, cu_seqlens=N
     """Launch the backward kernels. Returns (dq, dk, dv) in the input dtypes. dK/dV and dQ have their
     own tiles (``_launch.attention_config``); ``block_m`` / ``block_n`` override both."""
     do = _last_dim_contiguous(do)
-    L = _Layout(q, k, cu_seqlens, max_seqlen)
+    L = _launch.AttentionLayout(q, k, cu_seqlens, max_seqlen)
     slb, slh = (0, lse.stride(0)) if L.varlen else (lse.stride(0), lse.stride(1))
     delta = torch.zeros_like(lse)
     dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
