@@ -227,9 +227,6 @@ void decode_layers(float* h, const int64_t* lengths, const float* cos, const flo
 
 }  // namespace
 
-// Every CPU runs the ops (the portable path at least); kept for callers that ask.
-bool decode_cpu_supported() { return true; }
-
 at::Tensor decode_matmul_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "decode_matmul: need x (M, K) and w (N, K); got ",
               x.sizes(), " and ", w.sizes());

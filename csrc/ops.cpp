@@ -20,8 +20,7 @@ TORCH_LIBRARY(preflexor, m) {
   m.def("cpu_isa_native() -> int", &preflexor::cpu_isa_native_op);
   m.def("cpu_isa_active() -> int", &preflexor::cpu_isa_active_op);
   m.def("set_cpu_isa(int level) -> int", &preflexor::set_cpu_isa_op);
-  // CPU decode (decode_cpu.cpp): whether this CPU runs them, the small-M product, one decode step.
-  m.def("decode_cpu_supported() -> bool", &preflexor::decode_cpu_supported);
+  // CPU decode (decode_cpu.cpp): the small-M product, one decode step (every CPU, on its ISA path).
   m.def("decode_matmul(Tensor x, Tensor w, Tensor scale) -> Tensor");
   m.def(
       "decode_step(Tensor x, Tensor lengths, Tensor cos, Tensor sin, Tensor[] norms, Tensor[] mats,"

@@ -25,7 +25,6 @@ std::tuple<at::Tensor, at::Tensor> rope_backward_cpu(const at::Tensor& grad_q, c
 at::Tensor sample_cpu(const at::Tensor& logits, const at::Tensor& temperature, const at::Tensor& top_k,
                       const at::Tensor& top_p, const at::Tensor& seeds);
 
-bool decode_cpu_supported();
 at::Tensor decode_matmul_cpu(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scale);
 at::Tensor decode_step_cpu(const at::Tensor& x, const at::Tensor& lengths, const at::Tensor& cos, const at::Tensor& sin,
                            at::TensorList norms, at::TensorList mats, at::TensorList scales, const at::Tensor& k_cache,

@@ -92,6 +92,9 @@ class FusedDecoder:
         cfg = model.config
         self.model, self.decode_weights, self.packed = model, decode_weights, packed
         self.required = _mode() == "1"
+        # bf16 weights that oneDNN cannot pack here: the step's own products at every batch size (read once,
+        # not per step: takes() runs every decode step)
+        self.unpackable_bf16 = model.dtype == torch.bfloat16 and not onednn_bf16_packing()
         self._packed_mats: list[torch.Tensor] | None = None
         self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, float(cfg.rms_norm_eps)
         norms: list[torch.Tensor] = []
@@ -130,7 +133,7 @@ class FusedDecoder:
         with packed weights, with PREFLEXOR_FUSED_DECODE=1, or for bf16 weights that oneDNN cannot pack
         here; up to FUSED_MAX_ROWS rows otherwise."""
         return (self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or self.required
-                or (self.model.dtype == torch.bfloat16 and not onednn_bf16_packing()))
+                or self.unpackable_bf16)
 
     def _use_packed(self, batch_size: int) -> bool:
         return self.packed and self.decode_weights == "fp" and batch_size > FUSED_MAX_ROWS
