@@ -104,7 +104,7 @@ BENCH_OUT ?= runs/bench-isa
 .PHONY: bench-isa
 bench-isa: install
 	mkdir -p $(BENCH_OUT)
-	for isa in $$($(PY) -c "from preflexor_core.cpu_features import available_isas as a; print(' '.join(reversed(a())))"); do \
+	for isa in $$($(PY) -c "from preflexor_core.llm.cpu_features import available_isas as a; print(' '.join(reversed(a())))"); do \
 		PREFLEXOR_CPU_ISA=$$isa $(PY) -m pytest -q -s tests/benchmarks/test_bench_decode.py -k "smollm2 and vs_bandwidth" \
 			--benchmark-only --benchmark-json=$(BENCH_OUT)/decode-$$isa.json $(PYTEST_ARGS) || exit 1; \
 	done

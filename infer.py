@@ -16,11 +16,11 @@ from __future__ import annotations
 import argparse
 import sys
 
-from preflexor_core.models import DTYPE_CHOICES, NAMED_MODELS
+from preflexor_core.llm.registry import DTYPE_CHOICES, NAMED_MODELS
 from preflexor_core.reasoning import MODES
 from preflexor_core.reasoning.cli import DEMO_MODEL_DIRS, InferConfig
 from preflexor_core.reasoning.cli import main as run
-from preflexor_core.tokenizer import THINKING_FORMATS
+from preflexor_core.thinking.formats import THINKING_FORMATS
 
 D = InferConfig()
 
@@ -91,5 +91,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from preflexor_core.errors import run_cli
+    from preflexor_core.infra.errors import run_cli
     sys.exit(run_cli(main))

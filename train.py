@@ -43,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    from preflexor_core.errors import check_device
+    from preflexor_core.infra.errors import check_device
     from preflexor_core.train import TrainConfig, main as train_main
     try:
         cfg = TrainConfig.from_flat(**vars(args))
@@ -61,5 +61,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    from preflexor_core.errors import run_cli
+    from preflexor_core.infra.errors import run_cli
     sys.exit(run_cli(main))

@@ -1,7 +1,7 @@
 // Operator registry of the preflexor extension (`preflexor_core._C`): the TORCH_LIBRARY schemas of
 // every op, their CPU kernels, their CUDA kernels when built with PREFLEXOR_WITH_CUDA, and the empty
 // Python module init so that `import preflexor_core._C` loads the library and registers the ops.
-// Autograd formulas and fake (meta) kernels are registered from Python in preflexor_core/ops.py.
+// Autograd formulas and fake (meta) kernels are registered from Python in preflexor_core/llm/ops.py.
 #include <Python.h>
 #include <torch/library.h>
 

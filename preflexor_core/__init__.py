@@ -2,8 +2,8 @@
 
 Public entry points: ``Llama``, ``ModelConfig``, ``Tokenizer``. See DESIGN/README for the rest.
 """
-from .config import ModelConfig
-from .model import Llama
+from .llm.config import ModelConfig
+from .llm.model import Llama
 
 __all__ = ["Llama", "ModelConfig", "Tokenizer"]
 __version__ = "0.1.0"
@@ -11,6 +11,6 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     if name == "Tokenizer":
-        from .tokenizer import Tokenizer
+        from .tokenization.tokenizer import Tokenizer
         return Tokenizer
     raise AttributeError(f"module 'preflexor_core' has no attribute {name!r}")

@@ -11,7 +11,7 @@ os.environ.setdefault("PREFLEXOR_CPU_BF16", "0")
 
 import pytest  # noqa: E402
 
-from preflexor_core.cpu_features import available_isas, forced_isa  # noqa: E402
+from preflexor_core.llm.cpu_features import available_isas, forced_isa  # noqa: E402
 
 
 @pytest.fixture(params=available_isas())

@@ -7,8 +7,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.checkpoint import CheckpointError, parse_size
-from preflexor_core.config import ConfigError
+from preflexor_core.llm.checkpoint import CheckpointError, parse_size
+from preflexor_core.llm.config import ConfigError
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 
@@ -105,7 +105,7 @@ def test_save_failure_leaves_old_checkpoint(tmp_path, monkeypatch):
 
 
 def test_atomic_dir_replaces_whole_or_not_at_all(tmp_path):
-    from preflexor_core.io import atomic_dir
+    from preflexor_core.infra.io import atomic_dir
     d = tmp_path / "out"
     with atomic_dir(d) as tmp:
         open(os.path.join(tmp, "a.txt"), "w").write("1")

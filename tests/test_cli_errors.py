@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from preflexor_core import ModelConfig
-from preflexor_core.config import ConfigError
-from preflexor_core.errors import (DEBUG_ENV, DeviceError, PreflexorError, check_device, is_project_error,
-                                   register_error, run_cli)
+from preflexor_core.llm.config import ConfigError
+from preflexor_core.infra.errors import (DEBUG_ENV, DeviceError, PreflexorError, check_device, is_project_error,
+                                         register_error, run_cli)
 
 
 @pytest.fixture(autouse=True)
@@ -51,8 +51,8 @@ def test_project_errors_print_one_line_and_exit_2(capsys, exc):
 
 
 def test_existing_error_classes_are_accepted():
-    from preflexor_core.checkpoint import CheckpointError
-    from preflexor_core.tokenizer import TokenizerError
+    from preflexor_core.llm.checkpoint import CheckpointError
+    from preflexor_core.tokenization.tokenizer import TokenizerError
     for cls in (CheckpointError, TokenizerError):
         assert is_project_error(cls("m")), cls
         assert run_cli(raising(cls("m"))) == 2, cls
@@ -74,7 +74,7 @@ def test_any_package_error_class_and_its_subclasses_are_accepted(module):
 
 @pytest.mark.parametrize("name,module", [("DatagenError", "other_pkg.datagen"),
                                          ("DatagenError", "preflexor_core_extra"),
-                                         ("UnclosedThinking", "preflexor_core.masks")])
+                                         ("UnclosedThinking", "preflexor_core.losses.masks")])
 def test_other_classes_are_not_accepted(name, module):
     cls = make_class(name, module)
     assert not is_project_error(cls("m"))
@@ -139,7 +139,7 @@ def test_a_real_cli_process_prints_one_line(tmp_path):
     """End to end: a bad config.json in a subprocess gives one stderr line and exit code 2 (traceback with DEBUG)."""
     bad = tmp_path / "config.json"
     bad.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 0}))
-    code = ("import sys; from preflexor_core import ModelConfig; from preflexor_core.errors import run_cli; "
+    code = ("import sys; from preflexor_core import ModelConfig; from preflexor_core.infra.errors import run_cli; "
             f"sys.exit(run_cli(lambda argv: ModelConfig.from_json_file({str(bad)!r})))")
     env_off = {k: v for k, v in os.environ.items() if k != DEBUG_ENV}
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env_off)

@@ -10,8 +10,8 @@ import json
 import pytest
 
 from preflexor_core import ModelConfig
-from preflexor_core.config import ConfigError, UnknownPresetError
-from preflexor_core.errors import PreflexorError
+from preflexor_core.llm.config import ConfigError, UnknownPresetError
+from preflexor_core.infra.errors import PreflexorError
 
 # config.json of HuggingFaceTB/SmolLM2-135M-Instruct (values as published).
 SMOLLM2_135M = {

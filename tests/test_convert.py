@@ -18,8 +18,8 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from preflexor_core import Llama, ModelConfig, Tokenizer  # noqa: E402
-from preflexor_core.convert import ConvertError, main  # noqa: E402
-from preflexor_core.tokenizer import THINKING_TOKENS  # noqa: E402
+from preflexor_core.llm.convert import ConvertError, main  # noqa: E402
+from preflexor_core.thinking.tokens import THINKING_TOKENS  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHATML = ("{% for message in messages %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + "

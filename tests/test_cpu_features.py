@@ -1,4 +1,4 @@
-"""CPU feature detection and the ISA path of the compiled CPU kernels (preflexor_core/cpu_features.py):
+"""CPU feature detection and the ISA path of the compiled CPU kernels (preflexor_core/llm/cpu_features.py):
 the level from the flags, PREFLEXOR_CPU_ISA (read once, lowered only), bf16 autocast and oneDNN bf16
 packing decisions, and the bf16 model paths on every ISA this machine runs.
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
-from preflexor_core import cpu_features
-from preflexor_core.cpu_features import CpuIsaError
+from preflexor_core.llm import cpu_features
+from preflexor_core.llm.cpu_features import CpuIsaError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,7 +81,7 @@ def _run(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_env_var_lowers_the_path_for_the_whole_process():
-    code = ("import torch, preflexor_core.ops; from preflexor_core import cpu_features as c; "
+    code = ("import torch, preflexor_core.llm.ops; from preflexor_core.llm import cpu_features as c; "
             "print(c.cpu_isa(), int(torch.ops.preflexor.cpu_isa_active()), ','.join(c.available_isas()))")
     r = _run(code, PREFLEXOR_CPU_ISA="generic")
     assert r.returncode == 0, r.stderr

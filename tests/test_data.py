@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
-from preflexor_core.data import PairFormat, collate_pairs, pack_lm_stream, tokenize_pair
-from preflexor_core.losses import IGNORE_INDEX, forward_logps
-from preflexor_core.tokenizer import EOT
+from preflexor_core.train.batches import PairFormat, collate_pairs, pack_lm_stream, tokenize_pair
+from preflexor_core.losses.preference import IGNORE_INDEX, forward_logps
+from preflexor_core.thinking.tokens import EOT
 
 TEXTS = ["Nacre tablets slide and dissipate energy.", "Silk crystals resist shear because they are small.",
          "Bone is hierarchical: fibrils, fibres and osteons."] * 30

@@ -9,11 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from preflexor_core.datagen import (THINKING_INSTRUCTION, PairsFileError, answer_part,
-                                    format_chosen, generate_pairs, read_pairs)
-from preflexor_core.teachers import DEFAULT_CATEGORIES, ExtractiveTeacher, TeacherUnavailableError
-from preflexor_core.text import split_sentences
-from preflexor_core.tokenizer import THINK_END, THINK_START
+from preflexor_core.thinking.formats import THINKING_INSTRUCTION
+from preflexor_core.datagen import PairsFileError, generate_pairs, read_pairs
+from preflexor_core.thinking.layout import answer_part, format_chosen
+from preflexor_core.thinking.layout import DEFAULT_CATEGORIES
+from preflexor_core.teachers import ExtractiveTeacher, TeacherUnavailableError
+from preflexor_core.text.words import split_sentences
+from preflexor_core.thinking.tokens import THINK_END, THINK_START
 from test_teachers import CORPUS, build_retriever, in_corpus
 
 REPO = Path(__file__).resolve().parents[1]
@@ -425,7 +427,7 @@ def test_tiny_policy_with_real_sampler(retriever, tmp_path):
     import torch
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.sampler import SamplingParams
-    from preflexor_core.tokenizer import Tokenizer
+    from preflexor_core.tokenization.tokenizer import Tokenizer
     tok = Tokenizer.train_bpe(CORPUS * 2, vocab_size=400)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, max_position_embeddings=512, bos_token_id=tok.bos_token_id,
@@ -443,7 +445,7 @@ def test_tiny_policy_with_real_sampler(retriever, tmp_path):
         assert r["chosen"].startswith(THINK_START)
     assert len(read_pairs(out)) == 3
     # the rows are what the trainer's tokenizer expects (thinking span closed, answer after it)
-    from preflexor_core.data import PairFormat, tokenize_pair
+    from preflexor_core.train.batches import PairFormat, tokenize_pair
     fmt = PairFormat(max_length=8192, max_prompt_length=512, mask_mode="answer_only")
     for i, r in enumerate(rows):
         ex, why = tokenize_pair(tok, r, fmt, index=i)

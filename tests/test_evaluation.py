@@ -17,11 +17,14 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
-from preflexor_core.evaluation import (DEFAULT_QUESTIONS, EvalConfig, EvaluationInputError, check_format, evaluate,
-                                       evaluate_stages, lcs_length, load_pairs, load_questions, main,
-                                       normalize_answer, plot_training_log, rouge_l, token_f1)
-from preflexor_core.teachers import DEFAULT_CATEGORIES
-from preflexor_core.tokenizer import THINK_END, THINK_START
+from preflexor_core.evaluation import (DEFAULT_QUESTIONS, EvalConfig, EvaluationInputError, evaluate,
+                                       evaluate_stages, load_pairs, load_questions, main)
+from preflexor_core.text.metrics import lcs_length, normalize_answer
+from preflexor_core.train.plots import plot_training_log
+from preflexor_core.thinking.check import check_format
+from preflexor_core.text.metrics import rouge_l, token_f1
+from preflexor_core.thinking.layout import DEFAULT_CATEGORIES
+from preflexor_core.thinking.tokens import THINK_END, THINK_START
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -325,7 +328,7 @@ def test_evaluation_imports_no_training_code():
 # ============================================================================ the base model's row
 
 def test_tags_written_as_text_count_as_the_thinking_tokens():
-    from preflexor_core.evaluation.format_check import normalize_tags
+    from preflexor_core.thinking.check import normalize_tags
     text = "<thinking>\n**Reasoning Steps**:\n1. x\n</thinking>\nIt is tough."
     assert not check_format(text).compliant
     fc = check_format(normalize_tags(text))

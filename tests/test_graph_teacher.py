@@ -7,14 +7,14 @@ import json
 
 import pytest
 
-from preflexor_core.graph_format import parse_graph_thinking
+from preflexor_core.thinking.graph import parse_graph_thinking
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.context import Context
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.rewards import format_reward, graph_validity_reward, groundedness_reward
 from preflexor_core.teachers.extractive import ExtractiveTeacher
 from preflexor_core.teachers.graph_writer import GraphWriter
-from preflexor_core.text import mentions, normalize_text, split_sentences
+from preflexor_core.text.words import mentions, normalize_text, split_sentences
 from preflexor_core.train.trainer import shipped_corpus_files
 
 

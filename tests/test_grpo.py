@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from preflexor_core.grpo import ADVANTAGE_EPS, group_advantages, keep_groups_with_spread
+from preflexor_core.losses.grpo import ADVANTAGE_EPS, group_advantages, keep_groups_with_spread
 from preflexor_core.losses import grpo_loss
 
 

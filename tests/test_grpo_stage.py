@@ -161,10 +161,10 @@ def test_graph_eval_metrics_graphml_and_png(tmp_path):
     from preflexor_core import Llama, ModelConfig, Tokenizer
     from preflexor_core.evaluation.graph_eval import (draw_graph, evaluate_graph, export_graphml, format_graph_table,
                                                       graph_metrics)
-    from preflexor_core.graph_format import format_graph_chosen
+    from preflexor_core.thinking.graph import format_graph_chosen
     from preflexor_core.retrieval import GraphRetriever
     from preflexor_core.retrieval.embedding import HashingEmbedder
-    from preflexor_core.vocab import add_thinking_tokens
+    from preflexor_core.llm.vocab import add_thinking_tokens
     r = GraphRetriever.build([CORPUS * 3], embedder=HashingEmbedder())
     good = format_graph_chosen("b", [("bone", "composite of", "collagen fibril")], "p", "s", "Bone is a composite.")
     bad = good.replace('"target": "collagen fibril"}', '"target": "collagen fibril"')      # broken JSON

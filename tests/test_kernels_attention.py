@@ -108,7 +108,7 @@ def test_triton_matches_sdpa_with_custom_scale(triton_path):
 def test_model_attend_contract(triton_path):
     """model._attend calls flash_attention(q, k, v, causal=...) on CUDA with no mask; on CPU it uses SDPA.
     The kernel must agree with that SDPA path for the model's GQA shapes."""
-    from preflexor_core.model import _attend
+    from preflexor_core.llm.model import _attend
     q, k, v, _ = _inputs(2, 4, 2, 21, 21, 16)
     with torch.no_grad():
         want = _attend(q, k, v, None, True)

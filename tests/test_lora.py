@@ -1,4 +1,4 @@
-"""Tests for preflexor_core.lora: wrapping, merge / unmerge, disable, PEFT-format save / load.
+"""Tests for preflexor_core.llm.lora: wrapping, merge / unmerge, disable, PEFT-format save / load.
 
 Run: python -m pytest -q tests/test_lora.py
 """
@@ -13,11 +13,9 @@ import torch
 import torch.nn as nn
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.lora import (
-    ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAConfig, LoRAEmbedding, LoRALinear, apply_lora,
-    count_trainable_parameters, disable_adapters, load_adapter, lora_modules, lora_state_dict, merge_lora,
-    save_adapter,
-)
+from preflexor_core.llm.lora import (ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, LoRAConfig, LoRAEmbedding,
+                                     LoRALinear, apply_lora, count_trainable_parameters, disable_adapters,
+                                     load_adapter, lora_modules, lora_state_dict, merge_lora, save_adapter)
 
 TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -295,7 +293,7 @@ def test_head_lora_trains_merges_and_round_trips(tmp_path):
 
 
 def resized_model(seed: int = 0, tie: bool = False, extra: int = 4) -> Llama:
-    from preflexor_core.vocab import resize_token_embeddings
+    from preflexor_core.llm.vocab import resize_token_embeddings
     model = tiny_model(seed, tie)
     resize_token_embeddings(model, 50 + extra)
     return model

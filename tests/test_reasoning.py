@@ -20,17 +20,16 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
-from preflexor_core.reasoning import (GraphCritic, Policy, QuestionTrace, check_endpoint,
-                                      CriticUnreachableError, extract_spans, make_critic,
-                                      recursive_response, recursive_response_from_thinking,
-                                      strip_special_tokens)
+from preflexor_core.reasoning import (GraphCritic, Policy, QuestionTrace, check_endpoint, CriticUnreachableError,
+                                      make_critic, recursive_response, recursive_response_from_thinking)
+from preflexor_core.thinking.spans import extract_spans, strip_special_tokens
 from preflexor_core.reasoning.cli import InferConfig, InputError, read_questions
 from preflexor_core.reasoning.policy import thinking_prompt
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.sampler import SamplingParams
-from preflexor_core.tokenizer import (REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_INSTRUCTION,
-                                      THINKING_TOKENS)
+from preflexor_core.thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_TOKENS
+from preflexor_core.thinking.formats import THINKING_INSTRUCTION
 
 ROOT = Path(__file__).resolve().parents[1]
 INFER = ROOT / "infer.py"
@@ -300,7 +299,7 @@ def test_bad_arguments(policy):
 # ----------------------------------------------------------------------------- graph thinking format
 def _graph_body(edges, nodes=None) -> str:
     """A graph-format thinking without its <|thinking|> tags (what a critic returns)."""
-    from preflexor_core.graph_format import format_graph_thinking
+    from preflexor_core.thinking.graph import format_graph_thinking
     block = format_graph_thinking("platelets and protein", edges, "a chain", "it slides", nodes=nodes)
     return block[len(THINK_START):-len(THINK_END)].strip()
 
@@ -583,7 +582,7 @@ def test_infer_cli_graph_format_prints_and_exports_graphs(model_dir, tmp_path, m
 
 
 def test_infer_cli_thinking_format_checks_in_config(model_dir, tmp_path, capsys):
-    from preflexor_core.io import OutputPathError
+    from preflexor_core.infra.io import OutputPathError
     from preflexor_core.reasoning.cli import check_inputs, main
     rc = main(InferConfig(questions=["q"], model=str(model_dir), thinking_format="tree"))
     assert rc == 2

@@ -16,9 +16,9 @@ import time
 import pytest
 import torch
 
-from preflexor_core import io as pio
+from preflexor_core.infra import io as pio
 from preflexor_core.datagen import NotPairsFileError, PairsFileError, nothing_produced, read_pairs
-from preflexor_core.errors import run_cli
+from preflexor_core.infra.errors import run_cli
 from preflexor_core.teachers import TeacherAuthError, TeacherUnavailableError, check_teacher_endpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -282,7 +282,7 @@ def test_binary_questions_file_is_named(tmp_path, capsys):
 
 
 def test_module_clis_run_through_run_cli(tmp_path, capsys):
-    from preflexor_core.convert import main as convert_main
+    from preflexor_core.llm.convert import main as convert_main
     from preflexor_core.teachers.__main__ import main as teachers_main
     code, err = cli(convert_main, [str(tmp_path / "none"), str(tmp_path / "o.gguf")], capsys)
     assert code == 2 and err.startswith("error:") and "not found" in err
@@ -305,7 +305,7 @@ def test_debug_env_shows_the_traceback(tmp_path):
 
 CRASH_BETWEEN_RENAMES = r"""
 import os, sys
-import preflexor_core.io as pio
+import preflexor_core.infra.io as pio
 final = sys.argv[1]
 pio._exchange = lambda a, b: False            # the two-rename path
 real = os.rename
@@ -376,7 +376,7 @@ def test_resume_in_the_gap_continues_from_the_checkpoint(corpus, tmp_path):
 @pytest.mark.parametrize("umask,fmode,dmode", [(0o022, 0o644, 0o755), (0o077, 0o600, 0o700)])
 def test_saved_dirs_and_files_follow_the_umask(tmp_path, umask, fmode, dmode):
     from preflexor_core import Llama, ModelConfig
-    from preflexor_core.tokenizer import Tokenizer
+    from preflexor_core.tokenization.tokenizer import Tokenizer
     old = os.umask(umask)
     try:
         out = tmp_path / "stage"

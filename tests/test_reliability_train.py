@@ -227,5 +227,5 @@ def test_log_keeps_one_row_per_step_after_a_resume_and_a_rerun(corpus, tmp_path)
     shutil.rmtree(out / "stage0")
     Trainer(cfg0(corpus, out)).run()                                      # a rerun without --resume
     assert [r["global_step"] for r in step_rows(out)] == [1, 2, 3, 4]
-    from preflexor_core.evaluation import plot_training_log
+    from preflexor_core.train.plots import plot_training_log
     plot_training_log(str(out / "log.jsonl"), str(tmp_path / "plots"))

@@ -18,9 +18,11 @@ import pytest
 from preflexor_core.retrieval import (Chunk, CorpusError, EmbedderMismatchError, GraphRetriever,
                                       HashingEmbedder, Hit, MiniLMEmbedder, default_embedder)
 from preflexor_core.retrieval import embedding as embedding_mod
-from preflexor_core.retrieval.chunking import chunk_text, read_path, sentence_spans
+from preflexor_core.retrieval.chunking import chunk_text, read_path
+from preflexor_core.text.words import sentence_spans
 from preflexor_core.retrieval.embedding import EmbedderError, bundled_model_dir
-from preflexor_core.retrieval.graph import extract_concepts, normalize_term, normalize_word
+from preflexor_core.retrieval.graph import extract_concepts, normalize_word
+from preflexor_core.text.words import normalize_term
 from preflexor_core.retrieval.index import ExactIndex, HnswIndex, load_index, make_index, recall_at_k
 
 FIXTURE = Path(__file__).parent / "fixtures" / "minilm_embeddings.json"

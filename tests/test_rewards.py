@@ -11,7 +11,7 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from preflexor_core.graph_format import format_graph_chosen
+from preflexor_core.thinking.graph import format_graph_chosen
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.retrieval.graph import KnowledgeGraph
@@ -20,7 +20,7 @@ from preflexor_core.rewards import (CorpusConcepts, GraphRewards, HTTPJudge, Jud
                                     format_reward, graph_utility_reward, graph_validity_reward,
                                     groundedness_reward, json_digraph, parse_grade)
 from preflexor_core.rewards.structure import GraphJSONError
-from preflexor_core.tokenizer import THINK_END, THINK_START
+from preflexor_core.thinking.tokens import THINK_END, THINK_START
 
 CORPUS = [
     "Spider silk contains beta-sheet nanocrystals. Beta-sheet nanocrystals raise the strength of spider silk. "

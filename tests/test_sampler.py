@@ -283,7 +283,7 @@ def _linears(model):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_cpu_packed_linears_match_f_linear_and_restore(model, dtype, tol, every_isa):
-    from preflexor_core.cpu_features import onednn_bf16_packing
+    from preflexor_core.llm.cpu_features import onednn_bf16_packing
     from preflexor_core.sampler import cpu_packed_linears
     m = Llama(model.config).eval().to(dtype)
     m.load_state_dict(model.state_dict())
@@ -339,7 +339,7 @@ def test_cpu_packing_keeps_greedy_outputs_and_can_be_turned_off(model, tok, monk
 
 
 def test_cpu_packing_with_lora_adapters_uses_the_adapted_weights(model, tok, monkeypatch):
-    from preflexor_core.lora import LoRAConfig, apply_lora, disable_adapters
+    from preflexor_core.llm.lora import LoRAConfig, apply_lora, disable_adapters
     torch.manual_seed(1)
     m = Llama(model.config.replace(tie_word_embeddings=False)).eval()   # an untied head, adapted too
     apply_lora(m, LoRAConfig(r=4, alpha=8, target_modules=("q_proj", "v_proj"), include_head=True))
@@ -388,7 +388,7 @@ def test_cpu_packed_weights_are_reused_until_the_weights_change(model, tok, monk
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
 def test_decode_attention_matches_sdpa_with_gqa_and_mask(dtype, tol):
     import torch.nn.functional as F
-    from preflexor_core.ops import decode_attention
+    from preflexor_core.llm.ops import decode_attention
     torch.manual_seed(0)
     q, k, v = torch.randn(3, 6, 1, 16), torch.randn(3, 2, 11, 16), torch.randn(3, 2, 11, 16)
     mask = torch.arange(11)[None, None, None, :] <= torch.tensor([10, 4, 0])[:, None, None, None]   # (B, 1, 1, S)

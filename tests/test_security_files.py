@@ -15,9 +15,9 @@ import time
 import pytest
 
 from preflexor_core.datagen.pairs_io import PairsFileError, PairWriter, read_pairs
-from preflexor_core.errors import WriteFailedError, run_cli, writing
-from preflexor_core.rundir import (MARKER, LockedError, NotOurFolderError, WriterLock, claim_dir, file_lock_path,
-                                   run_lock_path)
+from preflexor_core.infra.errors import WriteFailedError, run_cli, writing
+from preflexor_core.infra.rundir import (MARKER, LockedError, NotOurFolderError, WriterLock, claim_dir,
+                                         file_lock_path, run_lock_path)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CORPUS = ("Spider silk is a protein fibre whose beta-sheet nanocrystals give it strength. Nacre is a brick-and-"
@@ -89,7 +89,7 @@ def test_retriever_save_refuses_a_user_folder(tmp_path):
 
 def test_evaluation_keeps_an_earlier_report_unless_overwrite(tmp_path, capsys):
     from preflexor_core.evaluation.cli import check_no_report, main
-    from preflexor_core.io import OutputPathError
+    from preflexor_core.infra.io import OutputPathError
     out = tmp_path / "eval"
     out.mkdir()
     (out / "report.md").write_text("my earlier report")

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.limits import LIMITS, ModelSizeError, check_config_fits
+from preflexor_core.llm.limits import LIMITS, ModelSizeError, check_config_fits
 
 TINY = dict(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128)
@@ -120,8 +120,8 @@ def test_datagen_flags_are_bounded(tmp_path, argv, capsys):
 def test_infer_flags_are_bounded_before_the_model_loads(argv, capsys, monkeypatch):
     import importlib.util
     import os
-    from preflexor_core import models
-    from preflexor_core.errors import run_cli
+    from preflexor_core.llm import registry as models
+    from preflexor_core.infra.errors import run_cli
     spec = importlib.util.spec_from_file_location(
         "infer_cli", os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "infer.py"))
     infer = importlib.util.module_from_spec(spec)

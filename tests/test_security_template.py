@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from preflexor_core import chat_template as ct
-from preflexor_core.chat_template import ChatTemplateBudgetError, render_chat_template
+from preflexor_core.tokenization import chat_template as ct
+from preflexor_core.tokenization.chat_template import ChatTemplateBudgetError, render_chat_template
 
 MSGS = [{"role": "user", "content": "hi"}]
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -66,8 +66,8 @@ def test_real_templates_and_normal_loops_render():
 
 def test_budget_error_reaches_the_cli_as_a_tokenizer_error():
     from preflexor_core import Tokenizer
-    from preflexor_core.errors import is_project_error
-    from preflexor_core.tokenizer import TokenizerError
+    from preflexor_core.infra.errors import is_project_error
+    from preflexor_core.tokenization.tokenizer import TokenizerError
     tok = Tokenizer.train_bpe(["a b c d"] * 10, vocab_size=300)
     tok.chat_template = HOSTILE["string repetition"]
     with pytest.raises(TokenizerError) as e:

@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 
 from preflexor_core import Tokenizer
-from preflexor_core.data import PairFormat, tokenize_pair
+from preflexor_core.train.batches import PairFormat, tokenize_pair
 from preflexor_core.datagen import generate_pairs
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.teachers import ExtractiveTeacher
-from preflexor_core.tokenizer import THINK_END, THINK_START, THINKING_TOKENS, ZERO_WIDTH_BREAK, strip_pipeline_tags
+from preflexor_core.thinking.tokens import THINK_END, THINK_START, THINKING_TOKENS
+from preflexor_core.tokenization.tokenizer import ZERO_WIDTH_BREAK
+from preflexor_core.thinking.tokens import strip_pipeline_tags
 
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
 TEXTS = ["Nacre tablets slide and dissipate energy.", "Silk crystals resist shear because they are small.",
@@ -91,7 +93,7 @@ def test_question_cannot_open_a_system_turn(tok):
     ids = tok.encode(text)
     assert _count(ids, tok, "<|im_start|>") == 3          # the default system turn, user, assistant
     assert _count(ids, tok, "<|im_end|>") == 2
-    from preflexor_core.control_text import neutralize_messages
+    from preflexor_core.tokenization.control_text import neutralize_messages
     parts = neutralize_messages(tok, [{"role": "user", "content": [{"type": "text", "text": "a<|im_end|>"}]}],
                                 THINKING_TOKENS)
     assert parts[0]["content"][0] == {"type": "text", "text": "a<" + ZERO_WIDTH_BREAK + "|im_end|>"}
@@ -163,7 +165,7 @@ def test_rows_from_hostile_teacher_replies(tok):
 def test_a_template_with_its_own_reasoning_tags():
     """DeepSeek-R1's template splits an assistant message on </think>: that tag stays the template's, its
     turn markers in a user's question are text."""
-    from preflexor_core.control_text import template_tags
+    from preflexor_core.tokenization.control_text import template_tags
     base = Tokenizer.train_bpe(TEXTS, vocab_size=400)
     base.add_special_tokens(["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜User｜>", "<｜Assistant｜>",
                              "<think>", "</think>"])

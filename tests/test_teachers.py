@@ -9,12 +9,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from preflexor_core.teachers import (DEFAULT_CATEGORIES, ExtractiveTeacher, OpenAITeacher,
-                                     TeacherAuthError, TeacherNotFoundError, TeacherRequestError,
-                                     TeacherUnavailableError, chat_completions_url, teacher_from_spec)
+from preflexor_core.thinking.layout import DEFAULT_CATEGORIES
+from preflexor_core.teachers import (ExtractiveTeacher, OpenAITeacher, TeacherAuthError, TeacherNotFoundError,
+                                     TeacherRequestError, TeacherUnavailableError, chat_completions_url,
+                                     teacher_from_spec)
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
-from preflexor_core.text import split_sentences
+from preflexor_core.text.words import split_sentences
 
 # A small materials corpus: one paragraph per document.
 CORPUS = [
@@ -367,7 +368,7 @@ def test_local_teacher_batches_chats_through_the_sampler(tmp_path):
     import torch
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.teachers import LocalTeacher
-    from preflexor_core.tokenizer import Tokenizer
+    from preflexor_core.tokenization.tokenizer import Tokenizer
     tok = Tokenizer.train_bpe(CORPUS, vocab_size=320)
     cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                       num_attention_heads=2, max_position_embeddings=256, bos_token_id=tok.bos_token_id,

@@ -11,9 +11,11 @@ import os
 import pytest
 
 from preflexor_core import Tokenizer
-from preflexor_core import chat_template as ct
-from preflexor_core.tokenizer import CHAT_TEMPLATE, THINKING_TOKENS, TRAINED_SPECIAL_TOKENS, TokenizerError
-from preflexor_core import config as C
+from preflexor_core.tokenization import chat_template as ct
+from preflexor_core.tokenization.tokenizer import CHAT_TEMPLATE, TokenizerError
+from preflexor_core.thinking.tokens import TRAINED_SPECIAL_TOKENS
+from preflexor_core.thinking.tokens import THINKING_TOKENS
+from preflexor_core.llm import config as C
 
 TEXTS = [
     "Spider silk combines high strength with extensibility; its beta-sheet nanocrystals resist shear.",

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from preflexor_core import Llama, Tokenizer
-from preflexor_core.data import PairFormat, collate_pairs, tokenize_pair
-from preflexor_core.losses import dpo_loss, forward_logps
+from preflexor_core.train.batches import PairFormat, collate_pairs, tokenize_pair
+from preflexor_core.losses.preference import dpo_loss, forward_logps
 from preflexor_core.train import (DataConfig, OptimConfig, PreferenceConfig, RunConfig, TrainConfig, Trainer,
                                   orpo_objective)
 from preflexor_core.train.config import SECTIONS
@@ -549,8 +549,8 @@ def test_smoke_train_skips_without_cuda_and_never_imports_hnswlib_or_gguf(tmp_pa
     assert rec["status"] == "skipped" and "CUDA" in rec["reason"]
     # the module imports of the CUDA path (model, LoRA, data, objectives) work with both blocked
     imp = block.replace("runpy.run_path", "print").replace(", run_name='__main__')", ")") + \
-        "from preflexor_core.train import dpo_objective, orpo_objective\nfrom preflexor_core.lora import apply_lora\n" \
-        "from preflexor_core.data import collate_pairs\nprint('imports ok')\n"
+        "from preflexor_core.train import dpo_objective, orpo_objective\nfrom preflexor_core.llm.lora import apply_lora\n" \
+        "from preflexor_core.train.batches import collate_pairs\nprint('imports ok')\n"
     r = subprocess.run([sys.executable, "-c", imp], capture_output=True, text=True, cwd=ROOT)
     assert r.returncode == 0 and "imports ok" in r.stdout, r.stderr[-2000:]
 

@@ -1,4 +1,4 @@
-"""Tests for preflexor_core.vocab: thinking tokens reuse reserved tokens or get distinct new rows; they train under LoRA.
+"""Tests for preflexor_core.llm.vocab: thinking tokens reuse reserved tokens or get distinct new rows; they train under LoRA.
 
 Run: python -m pytest -q tests/test_vocab.py
 """
@@ -10,11 +10,12 @@ import pytest
 import torch
 
 from preflexor_core import Llama, ModelConfig, Tokenizer
-from preflexor_core.lora import LoRAConfig, apply_lora, merge_lora
-from preflexor_core.losses import orpo_loss, sequence_logps
-from preflexor_core.tokenizer import THINKING_TOKENS
-from preflexor_core.vocab import (add_thinking_tokens, init_token_rows, rename_special_tokens,
-                                  resize_token_embeddings, setup_thinking_tokens, tag_words, unused_reserved_tokens)
+from preflexor_core.llm.lora import LoRAConfig, apply_lora, merge_lora
+from preflexor_core.losses.preference import orpo_loss, sequence_logps
+from preflexor_core.thinking.tokens import THINKING_TOKENS
+from preflexor_core.llm.vocab import (add_thinking_tokens, init_token_rows, rename_special_tokens,
+                                      resize_token_embeddings, setup_thinking_tokens, tag_words,
+                                      unused_reserved_tokens)
 
 TEXTS = ["thinking about reflect and reflection, nacre is thinking material", "the /thinking /reflect tags",
          "Reasoning steps: think, reflect, answer. Mother of pearl is tough."] * 20

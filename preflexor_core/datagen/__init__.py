@@ -8,15 +8,12 @@ References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.3.
 
 Tests: ``python -m pytest -q tests/test_datagen.py``; run: ``python -m preflexor_core.datagen --help``.
 """
-from ..tokenizer import THINK_END, THINK_START, THINKING_INSTRUCTION
-from .format import answer_part, format_chosen, format_thinking
 from .pairs_io import (DatagenError, GenerationStats, NothingProducedError, NotPairsFileError, PairWriter, Pairs,
                        PairsFileError, nothing_produced, read_pairs)
 from .pipeline import DEFAULT_WRONG_THRESHOLD, REJECTED_SOURCES, DatagenConfig, generate_pairs
 from .scorers import CallableScorer, EmbeddingScorer, JudgeScorer, make_scorer
 
-__all__ = ["THINK_START", "THINK_END", "THINKING_INSTRUCTION", "answer_part", "format_chosen",
-           "format_thinking", "DatagenError", "GenerationStats", "PairWriter", "Pairs", "PairsFileError",
+__all__ = ["DatagenError", "GenerationStats", "PairWriter", "Pairs", "PairsFileError",
            "read_pairs", "NotPairsFileError", "NothingProducedError", "nothing_produced",
            "DEFAULT_WRONG_THRESHOLD", "REJECTED_SOURCES", "DatagenConfig", "generate_pairs",
            "CallableScorer", "EmbeddingScorer", "JudgeScorer", "make_scorer"]

@@ -19,12 +19,13 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from ..errors import run_cli
-from ..io import check_output_file
-from ..models import DTYPE_CHOICES, NAMED_MODELS, ModelSpecError, load_model_and_tokenizer, resolve_model
+from ..infra.errors import run_cli
+from ..infra.io import check_output_file
+from ..llm.registry import DTYPE_CHOICES, NAMED_MODELS, ModelSpecError, load_model_and_tokenizer, resolve_model
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
-from ..teachers import DEFAULT_CATEGORIES, TeacherError, check_teacher_endpoint, teacher_from_spec, teacher_kind
+from ..thinking.layout import DEFAULT_CATEGORIES
+from ..teachers import TeacherError, check_teacher_endpoint, teacher_from_spec, teacher_kind
 from ..teachers.net import DEFAULT_MAX_REPLY_BYTES, DEFAULT_TIMEOUT_S, MAX_REPLY_BYTES_LIMIT, MAX_TIMEOUT_S, redact_url
 from .pairs_io import DatagenError, nothing_produced, read_pairs
 from .pipeline import REJECTED_SOURCES, DatagenConfig, generate_pairs

@@ -25,10 +25,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..retrieval.context import Context, gather_context
-from ..teachers.base import (DEFAULT_CATEGORIES, TeacherAuthError, TeacherError, TeacherNotFoundError,
-                             complete_many, hash_seed)
-from ..tokenizer import GRAPH_INSTRUCTION, THINK_START, THINKING_FORMATS, THINKING_INSTRUCTION
-from .format import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
+from ..thinking.layout import DEFAULT_CATEGORIES
+from ..teachers.base import TeacherAuthError, TeacherError, TeacherNotFoundError, complete_many, hash_seed
+from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS, THINKING_INSTRUCTION
+from ..thinking.tokens import THINK_START
+from ..thinking.layout import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
 from .pairs_io import MAX_FIELD_CHARS, DatagenError, GenerationStats, Pairs, PairWriter
 from .scorers import make_scorer
 

@@ -16,7 +16,7 @@ import re
 from typing import Callable, Sequence
 
 from ..teachers.base import complete_many
-from .format import answer_part
+from ..thinking.layout import answer_part
 from .pairs_io import DatagenError
 
 JUDGE_PROMPT = ("Reference answer:\n{reference}\n\nCandidate answer:\n{candidate}\n\nQuestion: "

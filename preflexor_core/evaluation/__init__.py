@@ -11,13 +11,10 @@ files), ``runner.py`` (EvalConfig, evaluate, reward accuracy), ``report.py`` (re
 ``cli.py`` (``python -m preflexor_core.evaluation``). Tests: ``python -m pytest -q tests/test_evaluation.py``.
 """
 from .cli import main
-from .format_check import FormatCheck, check_format
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, load_pairs, load_questions
-from .metrics import answer_tokens, lcs_length, normalize_answer, rouge_l, token_f1
-from .report import format_table, plot_metrics, plot_training_log, write_report
+from .report import format_table, plot_metrics, write_report
 from .runner import METRIC_KEYS, EvalConfig, evaluate, evaluate_models, evaluate_stages, reward_accuracy
 
-__all__ = ["normalize_answer", "answer_tokens", "token_f1", "rouge_l", "lcs_length", "FormatCheck",
-           "check_format", "load_questions", "load_pairs", "EvalConfig", "evaluate", "evaluate_models",
-           "evaluate_stages", "reward_accuracy", "format_table", "plot_training_log", "plot_metrics",
+__all__ = ["load_questions", "load_pairs", "EvalConfig", "evaluate", "evaluate_models",
+           "evaluate_stages", "reward_accuracy", "format_table", "plot_metrics",
            "write_report", "main", "METRIC_KEYS", "DEFAULT_QUESTIONS", "EvaluationInputError"]

@@ -19,9 +19,9 @@ import tempfile
 from collections import Counter
 from typing import Sequence
 
-from ..errors import check_device
-from ..io import OutputPathError, check_output_dir
-from ..models import DTYPE_CHOICES, NAMED_MODELS
+from ..infra.errors import check_device
+from ..infra.io import OutputPathError, check_output_dir
+from ..llm.registry import DTYPE_CHOICES, NAMED_MODELS
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
 from .report import format_table, write_report
 from .runner import EvalConfig, evaluate_models, evaluate_stages

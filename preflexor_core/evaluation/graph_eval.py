@@ -23,7 +23,8 @@ import networkx as nx
 
 from ..rewards import REWARD_NAMES, GraphRewards
 from ..rewards.structure import completion_graph
-from ..tokenizer import GRAPH_INSTRUCTION, THINK_START
+from ..thinking.formats import GRAPH_INSTRUCTION
+from ..thinking.tokens import THINK_START
 
 __all__ = ["completion_digraph", "export_graphml", "draw_graph", "graph_metrics", "evaluate_graph",
            "format_graph_table", "main"]
@@ -96,7 +97,7 @@ def evaluate_graph(models: dict, questions: Sequence[dict], retriever, max_new_t
     """Answer ``questions`` (rows with "question", "reference") with each model (name -> spec or
     (model, tokenizer)); score with ``GraphRewards(corpus=retriever)``. ``graphml``: write each answer's
     graph to ``out_dir/<name>/<id>.graphml`` (``png``: also drawn to ``<id>.png``)."""
-    from ..models import load_model_and_tokenizer
+    from ..llm.registry import load_model_and_tokenizer
     from ..sampler import SamplingParams, generate
     rewards = GraphRewards(corpus=retriever, embedder=getattr(retriever, "embedder", None))
     refs = [q["reference"] if isinstance(q["reference"], str) else q["reference"][0] for q in questions]

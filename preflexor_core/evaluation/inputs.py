@@ -82,7 +82,7 @@ def load_pairs(path: str, limit: int | None = None) -> list[dict]:
 def check_model_dir(path: str) -> str:
     """The checkpoint path of ``path``: a known model name (``models.resolve_model``), a .gguf file or a
     checkpoint dir (config + tokenizer); else :class:`EvaluationInputError`."""
-    from ..models import NAMED_MODELS, ModelSpecError, resolve_model
+    from ..llm.registry import NAMED_MODELS, ModelSpecError, resolve_model
     if not Path(path).exists() and str(path) not in NAMED_MODELS:
         raise EvaluationInputError(f"model dir {path} does not exist; pass a checkpoint dir such as "
                                    f"runs/<name>/stage1, a .gguf file or a known model name "

@@ -19,11 +19,11 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..teachers import DEFAULT_CATEGORIES
-from ..tokenizer import THINK_START
-from .format_check import check_format, normalize_tags
+from ..thinking.layout import DEFAULT_CATEGORIES
+from ..thinking.tokens import THINK_START
+from ..thinking.check import check_format, normalize_tags
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
-from .metrics import rouge_l, token_f1
+from ..text.metrics import rouge_l, token_f1
 from .report import write_report
 
 __all__ = ["EvalConfig", "METRIC_KEYS", "STAGES", "FORMAT_INSTRUCTION", "evaluate", "evaluate_models",
@@ -104,7 +104,7 @@ class _Models:
     def get(self, path: str):
         key = os.path.realpath(path)
         if key not in self.loaded:
-            from ..models import load_model_and_tokenizer
+            from ..llm.registry import load_model_and_tokenizer
             model, tok = load_model_and_tokenizer(check_model_dir(path), self.cfg.device, self.cfg.dtype)
             self.loaded[key] = (model.eval(), tok)
         return self.loaded[key]
@@ -172,8 +172,8 @@ def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 
     pair could be scored. Ties (equal rewards) count as not correct.
     """
     import torch
-    from ..data import PairFormat, collate_pairs, tokenize_pair
-    from ..losses import forward_logps
+    from ..train.batches import PairFormat, collate_pairs, tokenize_pair
+    from ..losses.preference import forward_logps
     if beta <= 0:
         raise ValueError(f"reward_accuracy: beta must be > 0, got {beta}")
     L = min(max_length or 1024, model.config.max_position_embeddings)
@@ -210,8 +210,8 @@ def _as_reference(ref, ref_tok, ref_dir: str, tok):
     if ref.model.embed_tokens.weight.shape[0] >= tok.vocab_size:
         return ref
     import copy
-    from ..tokenizer import THINKING_TOKENS
-    from ..vocab import setup_thinking_tokens
+    from ..thinking.tokens import THINKING_TOKENS
+    from ..llm.vocab import setup_thinking_tokens
     ref, ref_tok = copy.deepcopy(ref), copy.deepcopy(ref_tok)
     setup_thinking_tokens(ref, ref_tok)
     if ref_tok.vocab_size != tok.vocab_size or any(ref_tok.token_to_id(t) != tok.token_to_id(t)

@@ -14,9 +14,8 @@ from .critics import (Critic, CriticUnreachableError, ModelCritic, TeacherCritic
 from .graph_critic import GraphCritic
 from .loop import MODES, IterationTrace, QuestionTrace, recursive_response, recursive_response_from_thinking
 from .policy import Policy, thinking_prompt
-from .spans import Spans, extract_spans, strip_special_tokens
 
-__all__ = ["Spans", "extract_spans", "strip_special_tokens", "Policy", "Critic", "ModelCritic",
+__all__ = ["Policy", "Critic", "ModelCritic",
            "TeacherCritic", "GraphCritic", "IterationTrace", "QuestionTrace",
            "recursive_response", "recursive_response_from_thinking", "make_critic", "check_endpoint",
            "CriticUnreachableError", "thinking_prompt", "MODES"]

@@ -16,12 +16,12 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from ..errors import DeviceError, check_device
-from ..io import OutputPathError, check_output_dir, check_output_file, write_fallback
-from ..models import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
-from ..models import resolve_model as resolve_model_spec
+from ..infra.errors import DeviceError, check_device
+from ..infra.io import OutputPathError, check_output_dir, check_output_file, write_fallback
+from ..llm.registry import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
+from ..llm.registry import resolve_model as resolve_model_spec
 from ..sampler.params import MAX_NEW_TOKENS
-from ..tokenizer import THINKING_FORMATS
+from ..thinking.formats import THINKING_FORMATS
 from .critics import CriticUnreachableError, check_endpoint, make_critic
 from .loop import recursive_response
 from .policy import Policy

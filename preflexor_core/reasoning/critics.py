@@ -17,10 +17,10 @@ import urllib.error
 import urllib.request
 from typing import Protocol, Sequence, runtime_checkable
 
-from ..tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START
+from ..thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START
 from .graph_critic import GraphCritic
 from .policy import Policy, as_policy
-from .spans import extract_spans, strip_special_tokens
+from ..thinking.spans import extract_spans, strip_special_tokens
 
 __all__ = ["Critic", "ModelCritic", "TeacherCritic", "CriticUnreachableError", "check_endpoint",
            "make_critic", "call_many", "CRITIC_SYSTEM", "improve_messages", "feedback_messages",

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from ..text import mentions, normalize_text, split_sentences
-from .spans import strip_special_tokens
+from ..text.words import mentions, normalize_text, split_sentences
+from ..thinking.spans import strip_special_tokens
 
 __all__ = ["GraphCritic"]
 

@@ -18,10 +18,11 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START, THINKING_FORMATS
+from ..thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START
+from ..thinking.formats import THINKING_FORMATS
 from .critics import call_many
 from .policy import Policy, as_policy, thinking_prompt
-from .spans import extract_spans, strip_special_tokens
+from ..thinking.spans import extract_spans, strip_special_tokens
 
 __all__ = ["IterationTrace", "QuestionTrace", "recursive_response", "recursive_response_from_thinking",
            "MODES", "StepStream"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..tokenizer import GRAPH_INSTRUCTION, THINKING_FORMATS, THINKING_INSTRUCTION
+from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS, THINKING_INSTRUCTION
 
 __all__ = ["Policy", "as_policy", "thinking_prompt", "thinking_instruction"]
 
@@ -26,8 +26,8 @@ class Policy:
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype=None) -> "Policy":
-        from ..model import Llama
-        from ..tokenizer import Tokenizer
+        from ..llm.model import Llama
+        from ..tokenization.tokenizer import Tokenizer
         return cls(Llama.from_pretrained(path, dtype=dtype, device=device), Tokenizer.from_pretrained(path))
 
     def generate(self, prompts, params, stream=None, max_batch_size: int | None = None):

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ..text.words import sentence_spans
+
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
 JSONL_SUFFIXES = (".jsonl",)
 SUPPORTED_SUFFIXES = TEXT_SUFFIXES + JSONL_SUFFIXES
@@ -127,42 +129,6 @@ def read_path(path: str | os.PathLike) -> list[Document]:
 
 
 # ----------------------------------------------------------------------------- sentences
-
-# Words ending in "." that do not end a sentence.
-_ABBREVIATIONS = frozenset(
-    "e.g i.e etc al fig figs eq eqs ref refs vs cf dr mr mrs ms prof st no vol pp approx ca resp "
-    "sec ch jan feb mar apr jun jul aug sep sept oct nov dec inc ltd co jr sr".split())
-_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n\s*\n")
-
-
-def sentence_spans(text: str) -> list[tuple[int, int]]:
-    """Character spans ``(start, end)`` of the sentences of ``text`` (whitespace trimmed).
-
-    A sentence ends at ``.``/``!``/``?`` (plus closing quotes/brackets) followed by whitespace,
-    unless the word before the period is a known abbreviation or a single letter (initials), and
-    at every blank line (paragraph break; also separates Markdown headings and list blocks).
-    """
-    spans = []
-    begin = 0
-    for m in _SENTENCE_END.finditer(text):
-        if m.group(0)[0] == ".":
-            word = re.search(r"(\S+)$", text[begin:m.start()])
-            token = word.group(1).lower().lstrip("([\"'") if word else ""
-            if token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha()):
-                continue
-        end = m.end() if not m.group(0).startswith("\n") else m.start()
-        spans.append((begin, end))
-        begin = m.end()
-    spans.append((begin, len(text)))
-    out = []
-    for s, e in spans:
-        seg = text[s:e]
-        stripped = seg.strip()
-        if stripped:
-            s2 = s + (len(seg) - len(seg.lstrip()))
-            out.append((s2, s2 + len(stripped)))
-    return out
-
 
 # ----------------------------------------------------------------------------- chunking
 

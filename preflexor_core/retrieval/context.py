@@ -16,7 +16,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from ..text import STOPWORDS, WORD, is_prose, normalize_text, split_sentences
+from ..text.words import STOPWORDS, WORD, is_prose, normalize_text, split_sentences
 
 
 @dataclass

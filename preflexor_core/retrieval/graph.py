@@ -36,6 +36,7 @@ from typing import Iterable, Sequence
 import networkx as nx
 import numpy as np
 
+from ..text.words import _TOKEN, normalize_term, normalize_word  # noqa: F401  (re-exported)
 from .chunking import Chunk
 
 STOPWORDS = frozenset("""
@@ -63,33 +64,7 @@ leads play plays become becomes makes help helps tend tends consist consists occ
 arises yield yields reveal reveals suggest suggests explain explains require requires combine
 combines hold holds held""".split())
 
-_NO_PLURAL = frozenset("""species series physics mechanics dynamics mathematics economics genetics
-news lens bias gas chaos atlas canvas thermodynamics kinetics optics electronics means""".split())
-
-# words (letters first; inner digits, hyphens and apostrophes allowed) or single punctuation marks
-_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-'][A-Za-z0-9]+)*|\d+(?:[.,]\d+)*|[^\sA-Za-z0-9]")
 _SENT_END = frozenset(".!?")
-
-
-def normalize_word(word: str) -> str:
-    """Lowercase, drop a possessive, strip a simple English plural."""
-    w = word.lower()
-    if w.endswith("'s"):
-        w = w[:-2]
-    if w in _NO_PLURAL or w.endswith(("ics", "ss", "us", "is")) or len(w) <= 3:
-        return w
-    if w.endswith("ies") and len(w) > 4:
-        return w[:-3] + "y"
-    if w.endswith(("sses", "xes", "zes", "ches", "shes")):
-        return w[:-2]
-    if w.endswith("s"):
-        return w[:-1]
-    return w
-
-
-def normalize_term(term: str) -> str:
-    """Normalise a (multi-word) term the way concepts are stored: ``"Spider Silks" -> "spider silk"``."""
-    return " ".join(normalize_word(w) for w in _TOKEN.findall(term) if w[0].isalnum())
 
 
 def _is_content(word: str) -> bool:

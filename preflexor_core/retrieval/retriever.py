@@ -42,7 +42,8 @@ import numpy as np
 from .chunking import (SUPPORTED_SUFFIXES, Chunk, CorpusError, Document, Tokenizer, chunk_documents,
                        read_path)
 from .embedding import Embedder, default_embedder, embedder_from_name
-from .graph import KnowledgeGraph, chunk_node, concept_node, extract_concepts, normalize_term
+from .graph import KnowledgeGraph, chunk_node, concept_node, extract_concepts
+from ..text.words import normalize_term
 from .index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, EXACT_THRESHOLD, load_index,
                     make_index)
 
@@ -269,8 +270,8 @@ class GraphRetriever:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the retriever to folder ``path`` atomically (temp folder + rename). Only a new or empty
         folder or an earlier retriever is replaced: any other non-empty folder is refused."""
-        from ..errors import writing
-        from ..rundir import NotOurFolderError
+        from ..infra.errors import writing
+        from ..infra.rundir import NotOurFolderError
         path = Path(path)
         if path.is_dir() and any(path.iterdir()) and not (path / "meta.json").is_file():
             raise NotOurFolderError(f"{path} is a non-empty folder that is not a saved retriever (no meta.json); "
@@ -295,7 +296,7 @@ class GraphRetriever:
             if self.embeddings is not None:
                 np.save(tmp / "embeddings.npy", self.embeddings)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            from ..io import atomic_replace_dir
+            from ..infra.io import atomic_replace_dir
             atomic_replace_dir(str(tmp), str(path), carry_over=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)

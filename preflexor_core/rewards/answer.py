@@ -14,8 +14,8 @@ from typing import Sequence
 
 import numpy as np
 
-from ..evaluation.metrics import rouge_l, token_f1
-from ..graph_format import ParsedGraphThinking
+from ..text.metrics import rouge_l, token_f1
+from ..thinking.graph import ParsedGraphThinking
 from .structure import Reward, as_parsed
 
 __all__ = ["correctness_reward", "embedding_cosine"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping, Sequence
 
-from ..graph_format import ParsedGraphThinking
+from ..thinking.graph import ParsedGraphThinking
 from .answer import correctness_reward
 from .corpus import CorpusConcepts, graph_utility_reward, groundedness_reward
 from .structure import Reward, as_parsed, format_reward, graph_validity_reward

@@ -16,9 +16,9 @@ from typing import Iterable
 
 import networkx as nx
 
-from ..graph_format import ParsedGraphThinking
+from ..thinking.graph import ParsedGraphThinking
 from ..retrieval.graph import extract_concepts
-from ..text import mentions, normalize_text, split_sentences
+from ..text.words import mentions, normalize_text, split_sentences
 from .structure import Reward, as_parsed, completion_graph
 
 __all__ = ["CorpusConcepts", "groundedness_reward", "graph_utility_reward", "answer_concepts"]

@@ -21,7 +21,7 @@ import threading
 from pathlib import Path
 from typing import Sequence
 
-from ..graph_format import ParsedGraphThinking
+from ..thinking.graph import ParsedGraphThinking
 from ..teachers.base import TeacherError
 from ..teachers.http import OpenAITeacher
 from .structure import Reward, as_parsed

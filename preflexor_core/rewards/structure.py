@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 
 import networkx as nx
 
-from ..graph_format import GRAPH_SECTIONS, Edge, ParsedGraphThinking, parse_graph_thinking
-from ..text import normalize_text
+from ..thinking.graph import GRAPH_SECTIONS, Edge, ParsedGraphThinking, parse_graph_thinking
+from ..text.words import normalize_text
 
 __all__ = ["Reward", "GraphJSONError", "as_parsed", "json_digraph", "completion_graph", "format_reward",
            "graph_validity_reward"]

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..cpu_features import onednn_bf16_packing
+from ..llm.cpu_features import onednn_bf16_packing
 
 CPU_PACK_MAX_BYTES = 4 << 30    # "auto" packs only when the packed copies stay below this
 PACK_MIN_NUMEL = 1 << 18        # weights this large always use the packed product ...

@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn as nn
 
-from ..cpu_features import onednn_bf16_packing
+from ..llm.cpu_features import onednn_bf16_packing
 from .cpu_pack import cached_derived
 from .int8 import DECODE_WEIGHTS, quantize_per_channel
 from .kv_cache import KVCache
@@ -46,7 +46,7 @@ def _mode() -> str:
 
 def cpu_supported() -> bool:
     """Whether the compiled step exists (every CPU runs it, on the ISA path cpu_features.cpu_isa() names)."""
-    from .. import ops
+    from ..llm import ops
     return ops._HAVE_EXT and hasattr(torch.ops.preflexor, "decode_step")
 
 

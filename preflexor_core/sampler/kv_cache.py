@@ -158,7 +158,7 @@ class KVCache(nn.Module):
         """Bool (B, 1, T, S) mask for T new queries per row (row b's at slots lengths[b] .. lengths[b] + T - 1,
         before ``advance``): key slot s visible when slot - window < s <= slot, and ``mask`` allows it
         (None: every earlier slot). S matches what ``update`` returns."""
-        from ..attention import sliding_window_mask
+        from ..llm.attention import sliding_window_mask
         S = self.max_len if self.static else self._span()[1] + T
         slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)      # (B, T)
         return sliding_window_mask(mask, T, window, self.lengths.device, query_slots=slots, S=S)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-from ..errors import PreflexorError
+from ..infra.errors import PreflexorError
 
 MAX_NEW_TOKENS = 1 << 20        # far above any context window; a typo (1e9) is refused before any work
 MAX_SAMPLES = 4096              # samples per prompt

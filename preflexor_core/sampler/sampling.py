@@ -3,7 +3,7 @@
 Every (prompt, sample, step) gets its own 64-bit key (``row_key``); ``seeds_for_rows`` turns keys
 into the per-row seeds of ``ops.sample`` so that a row's draw does not depend on its batch index,
 hence results do not depend on batch composition, compaction or ``max_batch_size``. The draw itself
-is ``ops.sample`` (semantics in ``preflexor_core/ops.py``). Repetition penalty: CTRL (Keskar et al.
+is ``ops.sample`` (semantics in ``preflexor_core/llm/ops.py``). Repetition penalty: CTRL (Keskar et al.
 2019) with HF's semantics. Tests: ``python -m pytest tests/test_sampler.py -q``.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any, Sequence
 
 import torch
 
-from ..ops import _MASK64, _splitmix64, sample  # noqa: F401  (sample: re-exported for the sampler)
+from ..llm.ops import _MASK64, _splitmix64, sample  # noqa: F401  (sample: re-exported for the sampler)
 
 
 def _unxorshift(y: int, shift: int) -> int:

@@ -9,14 +9,14 @@ References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.2.
 
 Tests: ``python -m pytest -q tests/test_teachers.py``; run: ``python -m preflexor_core.teachers --corpus PATH``.
 """
-from .base import (DEFAULT_CATEGORIES, Messages, Teacher, TeacherAuthError, TeacherError,
-                   TeacherNotFoundError, TeacherRequestError, TeacherUnavailableError)
+from .base import (Messages, Teacher, TeacherAuthError, TeacherError, TeacherNotFoundError, TeacherRequestError,
+                   TeacherUnavailableError)
 from .extractive import ExtractiveTeacher
 from .http import OpenAITeacher, chat_completions_url, models_url
 from .local import LocalTeacher
 from .spec import check_teacher_endpoint, teacher_from_spec, teacher_kind
 
-__all__ = ["DEFAULT_CATEGORIES", "Messages", "Teacher", "TeacherError", "TeacherAuthError",
+__all__ = ["Messages", "Teacher", "TeacherError", "TeacherAuthError",
            "TeacherNotFoundError", "TeacherRequestError", "TeacherUnavailableError", "ExtractiveTeacher",
            "OpenAITeacher", "chat_completions_url", "LocalTeacher", "teacher_from_spec", "teacher_kind",
            "check_teacher_endpoint", "models_url"]

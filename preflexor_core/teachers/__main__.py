@@ -15,7 +15,7 @@ from pathlib import Path
 
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder
-from .base import DEFAULT_CATEGORIES
+from ..thinking.layout import DEFAULT_CATEGORIES
 from .spec import teacher_from_spec
 
 
@@ -42,5 +42,5 @@ def main(argv=None) -> None:
 if __name__ == "__main__":
     import sys
 
-    from ..errors import run_cli
+    from ..infra.errors import run_cli
     sys.exit(run_cli(main))

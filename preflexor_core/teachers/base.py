@@ -16,11 +16,6 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 Messages = Sequence[dict]
 
-# The paper's thinking categories (PRefLexOR, Sec. 2.2).
-DEFAULT_CATEGORIES = ("Reasoning Steps", "Relevant Materials or Concepts", "Design Principles",
-                      "Material Properties", "Hypothesis", "Additional Background")
-
-
 class TeacherError(RuntimeError):
     """A teacher could not produce an output."""
 

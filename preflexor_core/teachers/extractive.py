@@ -21,8 +21,8 @@ from typing import Any, Sequence
 
 from ..retrieval.context import Context, Sentence, chunk_concepts, concepts_of, gather_context
 from ..retrieval.graph import concept_node
-from ..text import content_words, is_prose, mentions, split_sentences
-from ..tokenizer import THINKING_INSTRUCTION
+from ..text.words import content_words, is_prose, mentions, split_sentences
+from ..thinking.formats import THINKING_INSTRUCTION
 from .base import Messages, check_messages, hash_seed, last_user_text
 
 # Cue words per category (matched on lower-cased word prefixes / substrings).

@@ -19,9 +19,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from itertools import combinations
 
-from ..graph_format import Edge, format_graph_thinking
-from ..text import STOPWORDS, normalize_text, split_sentences
-from ..tokenizer import GRAPH_INSTRUCTION, THINKING_FORMATS, strip_pipeline_tags
+from ..thinking.graph import Edge, format_graph_thinking
+from ..text.words import STOPWORDS, normalize_text, split_sentences
+from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS
+from ..thinking.tokens import strip_pipeline_tags
 
 __all__ = ["GRAPH_INSTRUCTION", "THINKING_FORMATS", "GraphThinking", "GraphWriter", "CorpusSentence"]
 

@@ -32,8 +32,8 @@ class LocalTeacher:
             path = os.fspath(checkpoint_or_pair)
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"teacher checkpoint dir not found: {path}")
-            from ..model import Llama
-            from ..tokenizer import Tokenizer
+            from ..llm.model import Llama
+            from ..tokenization.tokenizer import Tokenizer
             self.model = Llama.from_pretrained(path, dtype=dtype, device=device)
             self.tokenizer = Tokenizer.from_pretrained(path)
             self.name = name or f"local:{os.path.basename(os.path.normpath(path))}"

@@ -23,9 +23,9 @@ from dataclasses import asdict
 import numpy as np
 import torch
 
-from .. import distributed as D
-from ..errors import writing
-from ..io import atomic_dir, recover_dir
+from . import distributed as D
+from ..infra.errors import writing
+from ..infra.io import atomic_dir, recover_dir
 from .resume import damaged, keep_previous, verify_checkpoint, write_run_config
 
 log = logging.getLogger("preflexor.train")
@@ -191,14 +191,14 @@ def _export(run, state) -> None:
     """Write the stage's HF export (LoRA merged; the adapter beside it), tokenizer, GGUF if asked, DONE."""
     model = run.plain_model(state)
     if run.lora_cfg is not None:
-        from ..lora import merge_lora, save_adapter
+        from ..llm.lora import merge_lora, save_adapter
         save_adapter(model, str(run.final_dir / "adapter"), run.lora_cfg)
         model = merge_lora(copy.deepcopy(model))
     model.save_pretrained(str(run.final_dir))
     run.tok.save_pretrained(str(run.final_dir))
     kind = run.cfg.checkpoint.export_gguf
     if kind != "none":
-        from ..gguf import write_gguf        # imported only when asked: the gguf package is optional on GPU hosts
+        from ..llm.gguf import write_gguf        # imported only when asked: the gguf package is optional on GPU hosts
         write_gguf(model, run.tok, str(run.final_dir / f"model-{kind}.gguf"), dtype=kind,
                    name=f"{run.final_dir.parent.name}-{run.final_dir.name}")
     (run.final_dir / "DONE").write_text(json.dumps(run.pos) + "\n")

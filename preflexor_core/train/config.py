@@ -17,12 +17,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..config import PRESETS
-from ..errors import PreflexorError
-from ..losses import DPO_LOSS_TYPES
-from ..masks import MASK_MODES
-from ..models import DEFAULT_MODEL
-from ..tokenizer import TRAINED_SPECIAL_TOKENS
+from ..llm.config import PRESETS
+from ..infra.errors import PreflexorError
+from ..losses.preference import DPO_LOSS_TYPES
+from ..losses.masks import MASK_MODES
+from ..llm.registry import DEFAULT_MODEL
+from ..thinking.tokens import TRAINED_SPECIAL_TOKENS
 
 STAGES = ("0", "1", "2")            # --stage all runs these; stage 3 (GRPO) runs on its own
 STAGE_ALIASES = {"grpo": "3"}

@@ -21,13 +21,14 @@ import time
 
 import torch
 
-from .. import distributed as D
-from ..grpo import group_advantages, grpo_loss, keep_groups_with_spread
-from ..data import prompt_ids
-from ..losses import IGNORE_INDEX, _unwrap, logps_from_hidden
+from . import distributed as D
+from ..losses.grpo import group_advantages, grpo_loss, keep_groups_with_spread
+from .batches import prompt_ids
+from ..losses.preference import IGNORE_INDEX, _unwrap, logps_from_hidden
 from ..rewards import REWARD_NAMES, GraphRewards, RewardWeights
 from ..teachers.base import hash_seed
-from ..tokenizer import GRAPH_INSTRUCTION, THINK_START
+from ..thinking.formats import GRAPH_INSTRUCTION
+from ..thinking.tokens import THINK_START
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .stage import StageRun, _bar, make_scheduler
 
@@ -228,7 +229,7 @@ class GRPOStage(StageRun):
     def reference_token_logps(self, batch: dict) -> torch.Tensor:
         with contextlib.ExitStack() as stack:
             if self.ref is None:
-                from ..lora import disable_adapters
+                from ..llm.lora import disable_adapters
                 stack.enter_context(disable_adapters(self.base))
             return self.batch_logps(batch, self.ref if self.ref is not None else self.base)
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import torch
 
-from ..data import Batch
-from ..losses import dpo_loss, forward_logps, orpo_loss
+from .batches import Batch
+from ..losses.preference import dpo_loss, forward_logps, orpo_loss
 from .config import PreferenceConfig
 
 __all__ = ["lm_objective", "orpo_objective", "dpo_objective", "ADDITIVE_METRICS"]

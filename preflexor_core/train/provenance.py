@@ -16,8 +16,8 @@ import json
 import logging
 from pathlib import Path
 
-from ..errors import PreflexorError
-from ..io import fsync_write
+from ..infra.errors import PreflexorError
+from ..infra.io import fsync_write
 
 log = logging.getLogger("preflexor.train")
 

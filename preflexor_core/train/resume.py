@@ -20,8 +20,8 @@ import struct
 import zipfile
 from pathlib import Path
 
-from ..errors import PreflexorError
-from ..io import atomic_dir, fsync_write
+from ..infra.errors import PreflexorError
+from ..infra.io import atomic_dir, fsync_write
 from .config import SECTIONS, flag
 
 log = logging.getLogger("preflexor.train")

@@ -16,7 +16,7 @@ import signal
 import threading
 from typing import Iterator
 
-from ..errors import PreflexorError
+from ..infra.errors import PreflexorError
 
 __all__ = ["TrainingInterrupted", "StopFlag", "stop_on_signals", "current_stop"]
 

@@ -22,12 +22,12 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed as D
-from ..errors import PreflexorError
-from ..data import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
-from ..losses import forward_logps
-from ..model import Llama
-from ..tokenizer import Tokenizer
+from . import distributed as D
+from ..infra.errors import PreflexorError
+from .batches import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
+from ..losses.preference import forward_logps
+from ..llm.model import Llama
+from ..tokenization.tokenizer import Tokenizer
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .signals import TrainingInterrupted, current_stop
 from .objectives import ADDITIVE_METRICS, dpo_objective, lm_objective, orpo_objective
@@ -332,7 +332,7 @@ class StageRun:
         bs = self.cfg.optim.batch_size
         with contextlib.ExitStack() as stack:
             if self.ref is None:
-                from ..lora import disable_adapters
+                from ..llm.lora import disable_adapters
                 stack.enter_context(disable_adapters(self.base))
             model = self.ref if self.ref is not None else self.base
             was = model.training

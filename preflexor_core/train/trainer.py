@@ -23,16 +23,16 @@ from typing import Any
 
 import torch
 
-from .. import distributed as D
-from ..config import ModelConfig
-from ..model import Llama
-from ..errors import writing
-from ..io import atomic_dir, recover_dir
-from ..rundir import WriterLock, claim_dir, run_lock_path
-from ..cpu_features import native_cpu_bf16
-from ..models import resolve_model
-from ..tokenizer import Tokenizer
-from ..vocab import VocabChange, add_thinking_tokens, init_token_rows
+from . import distributed as D
+from ..llm.config import ModelConfig
+from ..llm.model import Llama
+from ..infra.errors import writing
+from ..infra.io import atomic_dir, recover_dir
+from ..infra.rundir import WriterLock, claim_dir, run_lock_path
+from ..llm.cpu_features import native_cpu_bf16
+from ..llm.registry import resolve_model
+from ..tokenization.tokenizer import Tokenizer
+from ..llm.vocab import VocabChange, add_thinking_tokens, init_token_rows
 from .config import STAGES, TrainConfig
 from .provenance import built_from, corpus_fingerprint, reuse_artefact, write_built_from
 from .resume import check_resume
@@ -267,7 +267,7 @@ class Trainer:
             if self.stopped_early:
                 break
         if self.dist.is_main:
-            from ..evaluation import plot_training_log
+            from .plots import plot_training_log
             plot_training_log(str(self.out / "log.jsonl"), str(self.out / "plots"))
         return self.summary
 
@@ -291,7 +291,7 @@ class Trainer:
         lora_cfg = None
         o = self.cfg.optim
         if o.lora_r and stage != "0":
-            from ..lora import LoRAConfig, apply_lora
+            from ..llm.lora import LoRAConfig, apply_lora
             lora_cfg = LoRAConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
                                   trainable_token_indices=getattr(model, "new_token_ids", ()))
             torch.manual_seed(self.cfg.run.seed + 1000 * int(stage))    # adapter init: same in every process

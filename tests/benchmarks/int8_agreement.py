@@ -18,9 +18,8 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", ".."))
-from preflexor_core.models import load_model_and_tokenizer  # noqa: E402
-from preflexor_core.sampler import (KVCache, SamplingParams, decode_one_token, generate, int8_linears,  # noqa: E402
-                                    prefill)
+from preflexor_core.llm.registry import load_model_and_tokenizer  # noqa: E402
+from preflexor_core.sampler import KVCache, SamplingParams, decode_one_token, generate, int8_linears, prefill
 from preflexor_core.sampler import fused_decode, prompts  # noqa: E402
 
 

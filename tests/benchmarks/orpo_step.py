@@ -25,8 +25,8 @@ import torch
 import torch.nn.functional as F
 
 from preflexor_core import Llama, ModelConfig
-from preflexor_core.data import Batch, PairExample, collate_pairs
-from preflexor_core.losses import IGNORE_INDEX, orpo_loss
+from preflexor_core.train.batches import Batch, PairExample, collate_pairs
+from preflexor_core.losses.preference import IGNORE_INDEX, orpo_loss
 from preflexor_core.train import orpo_objective
 
 BETA = 0.1

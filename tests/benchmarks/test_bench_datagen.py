@@ -26,7 +26,7 @@ def test_bench_pairs_per_minute_extractive_tiny_policy(benchmark):
     import torch
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.sampler import SamplingParams
-    from preflexor_core.tokenizer import Tokenizer
+    from preflexor_core.tokenization.tokenizer import Tokenizer
 
     retriever = build_retriever()
     tok = Tokenizer.train_bpe(CORPUS * 2, vocab_size=400)

@@ -44,7 +44,7 @@ def _gguf_path() -> str | None:
 
 def _cpu_info() -> dict:
     """The CPU and the ISA path the kernels ran on (PREFLEXOR_CPU_ISA=avx2|generic lowers it for a run)."""
-    from preflexor_core import cpu_features
+    from preflexor_core.llm import cpu_features
     return {"cpu_model": cpu_features.cpu_model(), "isa": cpu_features.cpu_isa(),
             "native_isa": cpu_features.native_isa()}
 

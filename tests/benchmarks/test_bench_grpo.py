@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from preflexor_core.sampler import SamplingParams, generate
-from preflexor_core.tokenizer import THINK_START
+from preflexor_core.thinking.tokens import THINK_START
 from preflexor_core.train import TrainConfig, Trainer
 from preflexor_core.train.grpo_stage import GRPOStage
 

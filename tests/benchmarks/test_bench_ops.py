@@ -17,7 +17,7 @@ import time
 import pytest
 import torch
 
-from preflexor_core import ops
+from preflexor_core.llm import ops
 
 needs_ext = pytest.mark.skipif(not ops._HAVE_EXT, reason="preflexor_core._C is not built (pip install -e .)")
 needs_cuda_ext = pytest.mark.skipif(

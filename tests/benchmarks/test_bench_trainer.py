@@ -25,7 +25,7 @@ import torch
 
 from orpo_step import BETA, build, loss_of, make_examples, peak_memory_env, train_step
 
-from preflexor_core.data import collate_pairs
+from preflexor_core.train.batches import collate_pairs
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -141,7 +141,7 @@ def test_bench_orpo_step_gpu_llama32_3b_lora(benchmark):
     sequence: forward 2 * Hq * D * len^2, backward 2x forward; recompute not counted). MFU = model
     FLOPs / step time / the card's peak dense bf16 FLOP/s (``_PEAK_BF16``)."""
     from preflexor_core import Llama, ModelConfig
-    from preflexor_core.lora import LoRAConfig, apply_lora, count_trainable_parameters
+    from preflexor_core.llm.lora import LoRAConfig, apply_lora, count_trainable_parameters
 
     torch.manual_seed(0)
     cfg = ModelConfig.preset("llama-3.2-3b")

@@ -45,7 +45,7 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak: float | None) -> floa
 def _pairs(vocab: int, n_pairs: int, prompt: int, completion: int, think: tuple[int, int], seed: int):
     import torch
 
-    from preflexor_core.data import PairExample
+    from preflexor_core.train.batches import PairExample
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n_pairs):
@@ -60,10 +60,10 @@ def run_smoke(n_pairs: int = 4, prompt: int = 128, completion: int = 384) -> dic
     import torch
 
     from preflexor_core import Llama, ModelConfig
-    from preflexor_core.data import collate_pairs
-    from preflexor_core.lora import LoRAConfig, apply_lora
+    from preflexor_core.train.batches import collate_pairs
+    from preflexor_core.llm.lora import LoRAConfig, apply_lora
     from preflexor_core.train import PreferenceConfig, dpo_objective, orpo_objective
-    from preflexor_core.losses import forward_logps
+    from preflexor_core.losses.preference import forward_logps
     os.environ["PREFLEXOR_KERNELS"] = "triton"
     dev = torch.device("cuda")
     cfg = ModelConfig.preset("llama-3.2-3b")

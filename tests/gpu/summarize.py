@@ -167,7 +167,7 @@ def collect_env() -> dict:
         env["triton"] = None
         env["triton_error"] = repr(e)
     try:
-        from preflexor_core import ops
+        from preflexor_core.llm import ops
         env["extension_loaded"] = bool(ops._HAVE_EXT)
         env["extension_devices"] = sorted(ops._EXT_DEVICES)
     except Exception as e:

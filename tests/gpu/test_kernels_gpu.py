@@ -98,7 +98,7 @@ def test_attention_varlen():
 
 
 def test_model_attend_uses_kernel_on_cuda():
-    from preflexor_core.model import _attend
+    from preflexor_core.llm.model import _attend
     q, k, v, _ = _qkvdo(2, 8, 2, 1024, 1024, 64)
     with torch.no_grad():
         got = _attend(q, k, v, None, True)

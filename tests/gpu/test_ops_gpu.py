@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from preflexor_core import ops
+from preflexor_core.llm import ops
 
 pytestmark = pytest.mark.skipif(
     not (torch.cuda.is_available() and ops._HAVE_EXT and "cuda" in ops._EXT_DEVICES),

@@ -5,7 +5,7 @@ import sys
 
 import torch
 
-from preflexor_core import distributed as D
+from preflexor_core.train import distributed as D
 from preflexor_core.train import TrainConfig, Trainer
 from preflexor_core.train import stage as stage_module
 

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from .config import PRESETS
-from .errors import DeviceError, PreflexorError
+from ..infra.errors import DeviceError, PreflexorError
 
 __all__ = ["NamedModel", "NAMED_MODELS", "DEFAULT_MODEL", "DTYPE_CHOICES", "ModelSpecError", "DtypeError",
            "is_preset", "resolve_model", "parse_dtype", "load_model_and_tokenizer"]
@@ -145,7 +145,7 @@ def load_model_and_tokenizer(spec, device="cpu", dtype=None):
     """(Llama, Tokenizer) for a model spec (see ``resolve_model``), weights in ``parse_dtype(dtype, device)``
     on ``device``; the model comes back as ``Llama.from_pretrained`` returns it (callers set eval/train)."""
     from .model import Llama
-    from .tokenizer import Tokenizer
+    from ..tokenization.tokenizer import Tokenizer
     path = resolve_model(spec)
     dt = parse_dtype(dtype, device)
     if device is None or device == "auto":

@@ -23,12 +23,12 @@ import torch
 import torch.nn.functional as F
 
 from .cpu_features import cpu_isa
-from .kernels._checks import check_values
+from ..kernels._checks import check_values
 
 log = logging.getLogger(__name__)
 
 try:  # the compiled extension is optional
-    from . import _C  # noqa: F401  (importing registers torch.ops.preflexor.*)
+    from .. import _C  # noqa: F401  (importing registers torch.ops.preflexor.*)
     _HAVE_EXT = True
     _IMPORT_ERROR: Exception | None = None
 except ImportError as exc:  # pragma: no cover - depends on the build

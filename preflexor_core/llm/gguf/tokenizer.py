@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from ..pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer
+from ...tokenization.pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer
 from .reader import GGUFError, open_gguf, read_metadata
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6

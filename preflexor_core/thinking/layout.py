@@ -17,7 +17,13 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
-from ..tokenizer import THINK_END, THINK_START, strip_pipeline_tags
+from .tokens import THINK_END, THINK_START
+from .tokens import strip_pipeline_tags
+
+
+# The paper's thinking categories (PRefLexOR, Sec. 2.2).
+DEFAULT_CATEGORIES = ("Reasoning Steps", "Relevant Materials or Concepts", "Design Principles",
+                      "Material Properties", "Hypothesis", "Additional Background")
 
 
 def format_thinking(sections: Sequence[tuple[str, str]]) -> str:

@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 
 from .config import ModelConfig
-from .io import atomic_dir, fsync_write
+from ..infra.io import atomic_dir, fsync_write
 
 log = logging.getLogger("preflexor.checkpoint")
 

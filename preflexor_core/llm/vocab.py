@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .tokenizer import THINKING_TOKENS, Tokenizer
+from ..thinking.tokens import THINKING_TOKENS
+from ..tokenization.tokenizer import Tokenizer
 
 # Llama-3's <|reserved_special_token_N|> and Gemma's <unusedN>
 RESERVED_TOKEN = re.compile(r"<\|reserved_special_token_(\d+)\|>|<unused(\d+)>")

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .kernels import IGNORE_INDEX
+from ..kernels import IGNORE_INDEX
 
 MASK_MODES = ("answer_only", "random_fraction", "none")
 UNCLOSED_POLICIES = ("drop", "keep")

@@ -14,8 +14,6 @@ from __future__ import annotations
 import functools
 import re
 
-from .retrieval.chunking import sentence_spans
-from .retrieval.graph import normalize_term
 
 WORD = re.compile(r"[A-Za-z][A-Za-z0-9\-]*")
 STOPWORDS = frozenset("""
@@ -69,3 +67,71 @@ def _normalized_concept(concept: str) -> str:
 def is_prose(sentence: str, min_words: int = 5) -> bool:
     """A sentence of running text: not a heading, table row or code fence, ``min_words``+ words."""
     return not sentence.lstrip().startswith(("#", "|", "```")) and len(sentence.split()) >= min_words
+
+
+# ----------------------------------------------------------------------------- sentences
+
+# Words ending in "." that do not end a sentence.
+_ABBREVIATIONS = frozenset(
+    "e.g i.e etc al fig figs eq eqs ref refs vs cf dr mr mrs ms prof st no vol pp approx ca resp "
+    "sec ch jan feb mar apr jun jul aug sep sept oct nov dec inc ltd co jr sr".split())
+_SENTENCE_END = re.compile(r"[.!?]+[\"')\]]*(?=\s)|\n\s*\n")
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """Character spans ``(start, end)`` of the sentences of ``text`` (whitespace trimmed).
+
+    A sentence ends at ``.``/``!``/``?`` (plus closing quotes/brackets) followed by whitespace,
+    unless the word before the period is a known abbreviation or a single letter (initials), and
+    at every blank line (paragraph break; also separates Markdown headings and list blocks).
+    """
+    spans = []
+    begin = 0
+    for m in _SENTENCE_END.finditer(text):
+        if m.group(0)[0] == ".":
+            word = re.search(r"(\S+)$", text[begin:m.start()])
+            token = word.group(1).lower().lstrip("([\"'") if word else ""
+            if token in _ABBREVIATIONS or (len(token) == 1 and token.isalpha()):
+                continue
+        end = m.end() if not m.group(0).startswith("\n") else m.start()
+        spans.append((begin, end))
+        begin = m.end()
+    spans.append((begin, len(text)))
+    out = []
+    for s, e in spans:
+        seg = text[s:e]
+        stripped = seg.strip()
+        if stripped:
+            s2 = s + (len(seg) - len(seg.lstrip()))
+            out.append((s2, s2 + len(stripped)))
+    return out
+
+
+# ----------------------------------------------------------------------------- concept terms
+
+_NO_PLURAL = frozenset("""species series physics mechanics dynamics mathematics economics genetics
+news lens bias gas chaos atlas canvas thermodynamics kinetics optics electronics means""".split())
+
+# words (letters first; inner digits, hyphens and apostrophes allowed) or single punctuation marks
+_TOKEN = re.compile(r"[A-Za-z][A-Za-z0-9]*(?:[-'][A-Za-z0-9]+)*|\d+(?:[.,]\d+)*|[^\sA-Za-z0-9]")
+
+
+def normalize_word(word: str) -> str:
+    """Lowercase, drop a possessive, strip a simple English plural."""
+    w = word.lower()
+    if w.endswith("'s"):
+        w = w[:-2]
+    if w in _NO_PLURAL or w.endswith(("ics", "ss", "us", "is")) or len(w) <= 3:
+        return w
+    if w.endswith("ies") and len(w) > 4:
+        return w[:-3] + "y"
+    if w.endswith(("sses", "xes", "zes", "ches", "shes")):
+        return w[:-2]
+    if w.endswith("s"):
+        return w[:-1]
+    return w
+
+
+def normalize_term(term: str) -> str:
+    """Normalise a (multi-word) term the way concepts are stored: ``"Spider Silks" -> "spider silk"``."""
+    return " ".join(normalize_word(w) for w in _TOKEN.findall(term) if w[0].isalnum())

@@ -18,7 +18,7 @@ import math
 import os
 from typing import Any, Mapping
 
-from .errors import PreflexorError
+from ..infra.errors import PreflexorError
 
 __all__ = ["ModelSizeError", "LIMITS", "MAX_MODEL_BYTES", "available_memory_bytes", "check_config_fits",
            "gguf_sizes", "check_gguf_fits"]

@@ -82,13 +82,13 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     kernels = q.is_cuda or os.environ.get("PREFLEXOR_KERNELS", "").strip().lower() == "triton"
     if isinstance(mask, Packed):
         if kernels:
-            from .kernels import flash_attention_varlen
+            from ..kernels import flash_attention_varlen
             o = flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                        mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
             return o.transpose(0, 1)[None]
         mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
     if mask is None and kernels:
-        from .kernels import flash_attention
+        from ..kernels import flash_attention
         return flash_attention(q, k, v, causal=causal)
     if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
         from .ops import decode_attention       # one new token per row: CPU SDPA is slow outside fp32

@@ -92,7 +92,7 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoRAConfig | No
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(
             json.dumps(_peft_config_dict(model, cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
-        from ..io import atomic_replace_dir
+        from ...infra.io import atomic_replace_dir
         atomic_replace_dir(str(tmp), str(path), carry_over=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

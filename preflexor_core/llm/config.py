@@ -23,7 +23,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-from .errors import PreflexorError
+from ..infra.errors import PreflexorError
 
 SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 LAYER_TYPES = ("full_attention", "sliding_attention")

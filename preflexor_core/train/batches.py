@@ -25,9 +25,9 @@ from typing import Sequence
 
 import torch
 
-from .kernels import IGNORE_INDEX
-from .masks import MASK_MODES, UnclosedThinking, thinking_mask
-from .tokenizer import THINK_END, THINK_START
+from ..kernels import IGNORE_INDEX
+from ..losses.masks import MASK_MODES, UnclosedThinking, thinking_mask
+from ..thinking.tokens import THINK_END, THINK_START
 
 
 @dataclass(kw_only=True)

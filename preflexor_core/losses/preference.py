@@ -3,8 +3,7 @@
 ``sequence_logps`` / ``forward_logps``: per-sequence summed (or mean) label log-probs of padded
 rows or packed (``cu_seqlens``) segments; ``orpo_loss``; ``dpo_loss`` (sigmoid, IPO, hinge, EXO).
 Labels are aligned to input_ids (IGNORE_INDEX on prompt, padding, masked thinking); the causal
-shift happens in ``logps_from_hidden``. IGNORE_INDEX lives in ``kernels``; the thinking masks in
-``masks`` (both re-exported here). The formulas match TRL's ORPO/DPO trainers; the code is our own.
+shift happens in ``logps_from_hidden``. IGNORE_INDEX lives in ``kernels`` (re-exported here). The formulas match TRL's ORPO/DPO trainers; the code is our own.
 
 References: ORPO, Hong et al. 2024 (arXiv 2403.07691); DPO, Rafailov et al. 2023 (arXiv 2305.18290);
 IPO, Azar et al. 2023 (arXiv 2310.12036); EXO, Ji et al. 2024 (arXiv 2402.00856).
@@ -18,9 +17,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .grpo import grpo_loss  # noqa: F401  (public interface: losses.grpo_loss; defined with the GRPO blocks)
-from .kernels import IGNORE_INDEX, linear_logprobs
-from .masks import UnclosedThinking, find_thinking_spans, thinking_mask, thinking_mask_batch
+from ..kernels import IGNORE_INDEX, linear_logprobs
 
 DPO_LOSS_TYPES = ("sigmoid", "exo_pair", "ipo", "hinge")
 
@@ -32,7 +29,6 @@ ORPO_MAX_LOGP = -1e-12
 __all__ = [
     "IGNORE_INDEX", "DPO_LOSS_TYPES", "ORPO_MAX_LOGP", "log1mexp", "logps_from_hidden",
     "sequence_logps", "forward_logps", "orpo_loss", "dpo_loss",
-    "thinking_mask", "thinking_mask_batch", "find_thinking_spans", "UnclosedThinking",
 ]
 
 

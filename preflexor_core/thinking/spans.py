@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from ..tokenizer import REFLECT_END, REFLECT_START, THINK_END, THINK_START, TRAINED_SPECIAL_TOKENS
+from .tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START, TRAINED_SPECIAL_TOKENS
 
 __all__ = ["Spans", "extract_spans", "strip_special_tokens"]
 

@@ -15,9 +15,9 @@ import re
 from dataclasses import dataclass
 from typing import Sequence
 
-from ..reasoning import extract_spans
-from ..teachers import DEFAULT_CATEGORIES
-from ..tokenizer import THINK_END, THINK_START
+from .spans import extract_spans
+from .layout import DEFAULT_CATEGORIES
+from .tokens import THINK_END, THINK_START
 
 __all__ = ["FormatCheck", "check_format", "normalize_tags"]
 

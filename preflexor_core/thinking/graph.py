@@ -18,8 +18,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from .reasoning.spans import extract_spans
-from .tokenizer import THINK_END, THINK_START
+from .spans import extract_spans
+from .tokens import THINK_END, THINK_START
 
 __all__ = ["GRAPH_SECTIONS", "Edge", "ParsedGraphThinking", "format_graph_thinking", "format_graph_chosen",
            "format_edge", "parse_edge", "parse_graph_thinking", "graph_json"]

@@ -10,7 +10,7 @@ Other CPU facts that decide a code path live here too: whether bf16 matrix produ
 (``native_cpu_bf16``: AVX512-BF16 or AMX, which decides bf16 autocast training) and whether oneDNN can
 pack bf16 weights (``onednn_bf16_packing``), which needs AVX-512 (or AVX-NE-CONVERT) and raises otherwise.
 
-    from preflexor_core.cpu_features import cpu_isa, forced_isa
+    from preflexor_core.llm.cpu_features import cpu_isa, forced_isa
     cpu_isa()                    # "avx512" | "avx2" | "generic": the path the kernels take now
     with forced_isa("generic"):  # tests: run a block on a lower path
         ...
@@ -36,7 +36,7 @@ _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
 try:  # the compiled extension is optional; without it only the flags are known
-    from . import _C  # noqa: F401  (registers torch.ops.preflexor.*)
+    from .. import _C  # noqa: F401  (registers torch.ops.preflexor.*)
     _EXT = hasattr(torch.ops.preflexor, "cpu_isa_native")
 except ImportError:
     _EXT = False

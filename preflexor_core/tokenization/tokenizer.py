@@ -30,26 +30,14 @@ import jinja2
 import torch
 
 from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
-from .io import file_mode
+from ..infra.io import file_mode
 from .chat_template import (SPECIAL_TOKEN_NAMES, ChatTemplateBudgetError, end_of_turn_token, render_chat_template,
                             select_template)
 from .control_text import ZERO_WIDTH_BREAK  # noqa: F401  (re-exported)
+from ..thinking.tokens import BOS, EOS, EOT, END_HEADER, START_HEADER, THINKING_TOKENS, TRAINED_SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
 
-BOS, EOS, START_HEADER, END_HEADER, EOT = (
-    "<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-THINK_START, THINK_END, REFLECT_START, REFLECT_END = "<|thinking|>", "<|/thinking|>", "<|reflect|>", "<|/reflect|>"
-THINKING_TOKENS = [THINK_START, THINK_END, REFLECT_START, REFLECT_END]
-# Appended to a question to ask for the thinking format (training prompts and inference alike).
-THINKING_INSTRUCTION = " Use <|thinking|>."
-# The thinking formats ("categories": the paper's; "graph": Graph-PRefLexOR's sections) and the graph
-# format's counterpart of THINKING_INSTRUCTION.
-THINKING_FORMATS = ("categories", "graph")
-GRAPH_INSTRUCTION = (" Use <|thinking|> with the sections Brainstorm, Graph (one 'a -[relation]-> b' per line), "
-                     "Graph JSON, Patterns and Synthesis.")
-# Order matters: train_bpe gives these ids 0..8 (see config.TRAINED_*_ID).
-TRAINED_SPECIAL_TOKENS = [BOS, EOS, START_HEADER, END_HEADER, EOT, *THINKING_TOKENS]
 LLAMA3_HEADER_TOKENS = (START_HEADER, END_HEADER, EOT)
 
 # Llama-3.0's chat format: the default of tokenizers trained here (and of Llama-3 vocabularies without a template).
@@ -64,14 +52,6 @@ class TokenizerError(ValueError):
     pass
 
 
-
-
-def strip_pipeline_tags(text: str) -> str:
-    """``text`` without the pipeline's own tags (``THINKING_TOKENS``): for text the pipeline did not write
-    (corpus, teacher replies, questions) before it is placed where those tags mean structure."""
-    for tag in THINKING_TOKENS:
-        text = text.replace(tag, "")
-    return text
 
 
 def _token_text(v) -> str | None:
@@ -154,7 +134,7 @@ class Tokenizer:
         chat_template.jinja (takes priority over the config's template, as in transformers) and
         generation_config.json (``eos_token_id``: int or list) when present. A ``.gguf`` file: see gguf/tokenizer.py."""
         if str(path).endswith(".gguf"):
-            from .gguf import load_gguf_tokenizer
+            from ..llm.gguf import load_gguf_tokenizer
             return load_gguf_tokenizer(path, cls)
         from tokenizers import Tokenizer as TK
         tj = os.path.join(path, "tokenizer.json")
