@@ -159,8 +159,8 @@ def test_config_flags():
 def test_graph_eval_metrics_graphml_and_png(tmp_path):
     import networkx as nx
     from preflexor_core import Llama, ModelConfig, Tokenizer
-    from preflexor_core.evaluation.graph_eval import (draw_graph, evaluate_graph, export_graphml, format_graph_table,
-                                                      graph_metrics)
+    from preflexor_core.evaluation.graph_eval import draw_graph, evaluate_graph, format_graph_table, graph_metrics
+    from preflexor_core.thinking.graph_io import export_graphml
     from preflexor_core.thinking.graph import format_graph_chosen
     from preflexor_core.retrieval import GraphRetriever
     from preflexor_core.retrieval.embedding import HashingEmbedder

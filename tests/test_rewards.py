@@ -16,10 +16,10 @@ from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.retrieval.graph import KnowledgeGraph
 from preflexor_core.rewards import (CorpusConcepts, GraphRewards, HTTPJudge, JudgeError, Reward, RewardWeights,
-                                    answer_concepts, combine_rewards, completion_graph, correctness_reward,
-                                    format_reward, graph_utility_reward, graph_validity_reward,
-                                    groundedness_reward, json_digraph, parse_grade)
-from preflexor_core.rewards.structure import GraphJSONError
+                                    answer_concepts, combine_rewards, correctness_reward, format_reward,
+                                    graph_utility_reward, graph_validity_reward, groundedness_reward, parse_grade)
+from preflexor_core.thinking.graph_io import completion_graph, json_digraph
+from preflexor_core.thinking.graph_io import GraphJSONError
 from preflexor_core.thinking.tokens import THINK_END, THINK_START
 
 CORPUS = [

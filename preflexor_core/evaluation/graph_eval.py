@@ -22,7 +22,7 @@ from typing import Sequence
 import networkx as nx
 
 from ..rewards import REWARD_NAMES, GraphRewards
-from ..rewards.structure import completion_graph
+from ..thinking.graph_io import completion_digraph, export_graphml
 from ..thinking.formats import GRAPH_INSTRUCTION
 from ..thinking.tokens import THINK_START
 
@@ -30,24 +30,6 @@ __all__ = ["completion_digraph", "export_graphml", "draw_graph", "graph_metrics"
            "format_graph_table", "main"]
 
 TABLE_KEYS = ("reward", "graph_validity_rate", *REWARD_NAMES[:-1])     # the judge is optional
-
-
-def completion_digraph(completion: str) -> nx.DiGraph:
-    """The completion's graph (Graph JSON when valid, else the Graph lines) with ``relation`` on edges."""
-    nodes, edges, source = completion_graph(completion)
-    g = nx.DiGraph(source=source)
-    g.add_nodes_from(nodes)
-    for e in edges:
-        if not g.has_edge(e.source, e.target):
-            g.add_edge(e.source, e.target, relation=e.relation)
-    return g
-
-
-def export_graphml(completion: str, path: str) -> str:
-    """Write the completion's graph as GraphML (opens in Gephi, Cytoscape, yEd)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    nx.write_graphml(completion_digraph(completion), path)
-    return path
 
 
 def draw_graph(completion: str, path: str, title: str = "") -> str:

@@ -255,7 +255,7 @@ def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
 
 def graph_line(tr) -> str:
     """``graph: N nodes, M edges, validity V`` of the final thinking of ``tr`` (a graph-format trace)."""
-    from ..evaluation.graph_eval import completion_digraph
+    from ..thinking.graph_io import completion_digraph
     last = tr.iterations[-1]
     g = completion_digraph(last.completion())
     return (f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges, "
@@ -264,7 +264,7 @@ def graph_line(tr) -> str:
 
 def _write_graphs(out_dir: str, traces) -> None:
     """Each question's final graph to ``out_dir/q<N>.graphml`` (``graph_eval.export_graphml``)."""
-    from ..evaluation.graph_eval import export_graphml
+    from ..thinking.graph_io import export_graphml
     try:
         for i, tr in enumerate(traces, start=1):
             export_graphml(tr.iterations[-1].completion(), os.path.join(out_dir, f"q{i}.graphml"))

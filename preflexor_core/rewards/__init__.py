@@ -13,10 +13,9 @@ from .answer import correctness_reward, embedding_cosine
 from .combine import REWARD_NAMES, GraphRewards, RewardWeights, combine_rewards
 from .corpus import CorpusConcepts, answer_concepts, graph_utility_reward, groundedness_reward
 from .judge import JUDGE_PROMPT, HTTPJudge, JudgeError, parse_grade
-from .structure import (GraphJSONError, Reward, as_parsed, completion_graph, format_reward, graph_validity_reward,
-                        json_digraph)
+from .structure import Reward, format_reward, graph_validity_reward
 
-__all__ = ["Reward", "GraphJSONError", "as_parsed", "json_digraph", "completion_graph", "format_reward",
+__all__ = ["Reward", "format_reward",
            "graph_validity_reward", "CorpusConcepts", "answer_concepts", "groundedness_reward",
            "graph_utility_reward", "correctness_reward", "embedding_cosine", "HTTPJudge", "JudgeError",
            "JUDGE_PROMPT", "parse_grade", "RewardWeights", "REWARD_NAMES", "combine_rewards", "GraphRewards"]

@@ -16,7 +16,8 @@ import numpy as np
 
 from ..text.metrics import rouge_l, token_f1
 from ..thinking.graph import ParsedGraphThinking
-from .structure import Reward, as_parsed
+from .structure import Reward
+from ..thinking.graph_io import as_parsed
 
 __all__ = ["correctness_reward", "embedding_cosine"]
 

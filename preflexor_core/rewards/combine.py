@@ -17,7 +17,8 @@ from typing import Mapping, Sequence
 from ..thinking.graph import ParsedGraphThinking
 from .answer import correctness_reward
 from .corpus import CorpusConcepts, graph_utility_reward, groundedness_reward
-from .structure import Reward, as_parsed, format_reward, graph_validity_reward
+from .structure import Reward, format_reward, graph_validity_reward
+from ..thinking.graph_io import as_parsed
 
 __all__ = ["RewardWeights", "combine_rewards", "GraphRewards", "REWARD_NAMES"]
 

@@ -19,7 +19,8 @@ import networkx as nx
 from ..thinking.graph import ParsedGraphThinking
 from ..retrieval.graph import extract_concepts
 from ..text.words import mentions, normalize_text, split_sentences
-from .structure import Reward, as_parsed, completion_graph
+from .structure import Reward
+from ..thinking.graph_io import as_parsed, completion_graph
 
 __all__ = ["CorpusConcepts", "groundedness_reward", "graph_utility_reward", "answer_concepts"]
 

@@ -24,7 +24,8 @@ from typing import Sequence
 from ..thinking.graph import ParsedGraphThinking
 from ..teachers.base import TeacherError
 from ..teachers.http import OpenAITeacher
-from .structure import Reward, as_parsed
+from .structure import Reward
+from ..thinking.graph_io import as_parsed
 
 __all__ = ["HTTPJudge", "JudgeError", "JUDGE_PROMPT", "parse_grade"]
 
