@@ -24,10 +24,12 @@ import re
 import sys
 from typing import Callable, Iterator, Sequence
 
+from . import env
+
 __all__ = ["PreflexorError", "DeviceError", "WriteFailedError", "register_error", "is_project_error", "run_cli",
            "check_device", "writing", "write_failure_reason", "DEBUG_ENV", "EXIT_BAD_INPUT"]
 
-DEBUG_ENV = "PREFLEXOR_DEBUG"
+DEBUG_ENV = env.DEBUG
 EXIT_BAD_INPUT = 2            # argparse's code for a usage error; the CLIs use it for every bad input
 SUPPORTED_DEVICE_TYPES = ("cpu", "cuda")
 
@@ -122,7 +124,7 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _debug() -> bool:
-    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+    return env.debug()
 
 
 def run_cli(main_fn: Callable[..., int | None], argv: Sequence[str] | None = None, *,

@@ -15,10 +15,10 @@ Tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_log
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 
+from ..infra import env
 from . import _checks
 from .reference import (IGNORE_INDEX, attention_reference, attention_varlen_reference,
                         linear_logprobs_chunked)
@@ -31,10 +31,8 @@ _logged: set[tuple[str, str]] = set()
 
 def active_path(op: str, device: torch.device) -> str:
     """"triton" or "reference" for ``op`` on ``device`` under the current environment."""
-    forced = os.environ.get("PREFLEXOR_KERNELS", "").strip().lower()
-    if forced not in ("", "auto", "csrc", "reference", "triton"):
-        raise ValueError(f"PREFLEXOR_KERNELS={forced!r} is not one of reference|triton|csrc|auto")
-    interpret = os.environ.get("TRITON_INTERPRET", "0") == "1"
+    forced = env.kernels_mode()
+    interpret = env.triton_interpret()
     if forced == "reference":
         path = "reference"
     elif forced == "triton":
@@ -49,7 +47,7 @@ def active_path(op: str, device: torch.device) -> str:
         detail = {"triton": "Triton kernel" + (" (interpreter)" if device.type != "cuda" else ""),
                   "reference": "torch reference" if op.startswith("flash") else "chunked torch"}[path]
         logger.info("%s: using the %s path on %s (PREFLEXOR_KERNELS=%s)", op, detail, device.type,
-                    forced or "auto")
+                    forced)
     return path
 
 

@@ -8,9 +8,10 @@ Tests: ``python -m pytest tests/test_kernels_attention.py tests/test_kernels_log
 """
 from __future__ import annotations
 
-import os
 
 import torch
+
+from ..infra import env
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_HEAD_DIM = 256
@@ -18,7 +19,7 @@ MAX_HEAD_DIM = 256
 
 def check_values(device: torch.device) -> bool:
     """True when value checks should run for tensors on ``device``: on CPU, or with PREFLEXOR_DEBUG=1."""
-    return device.type == "cpu" or os.environ.get("PREFLEXOR_DEBUG", "0").strip() not in ("", "0")
+    return device.type == "cpu" or env.debug()
 
 
 def _shape(t: torch.Tensor) -> str:

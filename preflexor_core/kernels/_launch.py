@@ -16,11 +16,12 @@ it picks are compiled for sm_80/86/89/90 by ``tests/triton_compile.py``.
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
 import triton
+
+from ..infra import env
 
 INT32_MAX = 2**31 - 1
 GRID_X_MAX = 2**31 - 1
@@ -36,7 +37,7 @@ class DeviceLimits:
 
 
 def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return env.triton_interpret()
 
 
 _limits_cache: dict[tuple[int, int], DeviceLimits] = {}

@@ -16,12 +16,13 @@ Tests: ``python -m pytest -q tests/test_model.py tests/test_families.py``
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from ..infra import env
 
 
 class RMSNorm(nn.Module):
@@ -79,7 +80,7 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     (then ``causal`` applies). On CUDA (or with PREFLEXOR_KERNELS=triton), None and Packed use the
     Triton flash-attention kernels. q, k, v share one dtype (under autocast too: rope keeps q/k's).
     """
-    kernels = q.is_cuda or os.environ.get("PREFLEXOR_KERNELS", "").strip().lower() == "triton"
+    kernels = q.is_cuda or env.kernels_mode() == "triton"
     if isinstance(mask, Packed):
         if kernels:
             from ..kernels import flash_attention_varlen

@@ -27,11 +27,12 @@ import platform
 
 import torch
 
+from ..infra import env
+
 log = logging.getLogger(__name__)
 
 ISA_LEVELS = ("generic", "avx2", "avx512")      # lowest to highest
-ENV_ISA = "PREFLEXOR_CPU_ISA"
-ENV_BF16 = "PREFLEXOR_CPU_BF16"
+ENV_ISA, ENV_BF16 = env.CPU_ISA, env.CPU_BF16
 _CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 _AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq")
 
@@ -92,10 +93,10 @@ def native_isa() -> str:
 
 
 def _requested() -> str:
-    value = os.environ.get(ENV_ISA, "auto").strip().lower() or "auto"
-    if value != "auto" and value not in ISA_LEVELS:
-        raise CpuIsaError(f"{ENV_ISA}={value!r}: use auto, {', '.join(reversed(ISA_LEVELS))}")
-    return value
+    try:
+        return env.cpu_isa_request()
+    except env.EnvError as e:
+        raise CpuIsaError(str(e)) from None
 
 
 def _apply(level: str, reason: str) -> str:
@@ -152,11 +153,9 @@ def native_cpu_bf16() -> bool:
     """Whether bf16 matrix products are native here (AVX512-BF16 or AMX, on the avx512 path), which makes
     bf16 autocast training about twice as fast as fp32 (docs/benchmarks.md). ``PREFLEXOR_CPU_BF16=0`` /
     ``=1`` overrides the detection (the test suite pins 0 so that its numbers do not depend on the CPU)."""
-    env = os.environ.get(ENV_BF16, "auto").strip().lower()
-    if env in ("0", "1"):
-        return env == "1"
-    if env != "auto":
-        raise ValueError(f"{ENV_BF16}={env!r}: use 0, 1 or auto")
+    mode = env.cpu_bf16_mode()
+    if mode != "auto":
+        return mode == "1"
     return cpu_isa() == "avx512" and any(flag in cpu_flags() for flag in _CPU_BF16_FLAGS)
 
 

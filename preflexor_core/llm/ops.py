@@ -16,7 +16,6 @@ Tests: ``python -m pytest tests/test_ops.py -q``; on CUDA ``tests/gpu/test_ops_g
 from __future__ import annotations
 
 import logging
-import os
 import warnings
 
 import torch
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 from .cpu_features import cpu_isa
 from ..kernels._checks import check_values
+from ..infra import env
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ if _HAVE_EXT:
 def _use_ext(op: str, device: torch.device) -> bool:
     """True when the compiled ``op`` should run for tensors on ``device`` (reads PREFLEXOR_KERNELS per call)."""
     global _WARNED_FALLBACK
-    mode = os.environ.get("PREFLEXOR_KERNELS", "").strip().lower()
+    mode = env.kernels_mode()
     if mode == "reference":
         return False
     if not _HAVE_EXT:

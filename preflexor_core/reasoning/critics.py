@@ -17,6 +17,7 @@ import urllib.error
 import urllib.request
 from typing import Protocol, Sequence, runtime_checkable
 
+from ..infra import env
 from ..thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START
 from .graph_critic import GraphCritic
 from .policy import Policy, as_policy
@@ -206,7 +207,7 @@ def check_endpoint(base_url: str, timeout: float = 3.0) -> list[str]:
         raise ValueError(f"critic URL must look like http://host:port/v1, got {redact_url(base_url)!r}")
     url = _models_url(base_url)
     req = urllib.request.Request(url, headers={"Accept": "application/json"}, method="GET")
-    key = os.environ.get("OPENAI_API_KEY")
+    key = env.secret("OPENAI_API_KEY")
     if key:
         req.add_header("Authorization", f"Bearer {key}")
     try:    # an overall deadline, a size cap, and no redirect to another origin (the key stays home)

@@ -14,7 +14,6 @@ Measured speed: README, "Benchmarks". Tests: ``python -m pytest tests/test_sampl
 from __future__ import annotations
 
 import contextlib
-import os
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -23,6 +22,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..llm.cpu_features import onednn_bf16_packing
+from ..infra import env
 
 CPU_PACK_MAX_BYTES = 4 << 30    # "auto" packs only when the packed copies stay below this
 PACK_MIN_NUMEL = 1 << 18        # weights this large always use the packed product ...
@@ -41,10 +41,7 @@ def packable_dtypes() -> tuple[torch.dtype, ...]:
 
 
 def _pack_mode() -> str:
-    mode = os.environ.get("PREFLEXOR_CPU_PACK", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"PREFLEXOR_CPU_PACK={mode!r}: use auto, 0 (off) or 1 (always on CPU)")
-    return mode
+    return env.cpu_pack_mode()
 
 
 # (tag, id(part), ...) -> ((version, data pointer) per part, derived value): reused across generate

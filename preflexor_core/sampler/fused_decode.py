@@ -22,7 +22,6 @@ Tests: ``python -m pytest tests/test_fused_decode.py -q``.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import torch.nn as nn
@@ -31,6 +30,7 @@ from ..llm.cpu_features import onednn_bf16_packing
 from .cpu_pack import cached_derived
 from .int8 import DECODE_WEIGHTS, quantize_per_channel
 from .kv_cache import KVCache
+from ..infra import env
 
 FUSED_MAX_ROWS = 2   # measured: from 3 rows on oneDNN's packed products win (SmolLM2, bf16 and fp32)
 _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
@@ -38,10 +38,7 @@ _LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_at
 
 
 def _mode() -> str:
-    mode = os.environ.get("PREFLEXOR_FUSED_DECODE", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        raise ValueError(f"PREFLEXOR_FUSED_DECODE={mode!r}: use auto, 0 (off) or 1 (required)")
-    return mode
+    return env.fused_decode_mode()
 
 
 def cpu_supported() -> bool:

@@ -26,7 +26,6 @@ import email.utils
 import http.client
 import json
 import logging
-import os
 import random
 import re
 import threading
@@ -36,6 +35,7 @@ import urllib.parse
 import urllib.request
 from typing import Sequence
 
+from ..infra import env
 from .base import (Messages, TeacherAuthError, TeacherError, TeacherNotFoundError, TeacherRequestError,
                    TeacherUnavailableError, check_messages)
 from .net import (DEFAULT_MAX_REPLY_BYTES, DEFAULT_TIMEOUT_S, CrossOriginRedirectError, ReplyTooLargeError,
@@ -159,7 +159,7 @@ class OpenAITeacher:
     # ---------------------------------------------------------------- one request
     def _headers(self) -> dict:
         h = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = os.environ.get(self.api_key_env) if self.api_key_env else None
+        key = env.secret(self.api_key_env)
         if key:
             h["Authorization"] = f"Bearer {key}"
         elif self._basic:

@@ -9,12 +9,13 @@ Tests: ``python -m pytest -q tests/test_trainer.py -k torchrun``
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
+
+from ..infra import env
 
 
 @dataclass
@@ -35,9 +36,7 @@ class DistInfo:
 
 def init_distributed(device: str = "auto") -> DistInfo:
     """Initialise the process group when launched by torchrun; pick this rank's device."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, local = env.torchrun_ranks()
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     dev = torch.device(device)
