@@ -151,7 +151,7 @@ def available_isas() -> tuple[str, ...]:
 
 def native_cpu_bf16() -> bool:
     """Whether bf16 matrix products are native here (AVX512-BF16 or AMX, on the avx512 path), which makes
-    bf16 autocast training about twice as fast as fp32 (docs/benchmarks.md). ``PREFLEXOR_CPU_BF16=0`` /
+    bf16 autocast training faster than fp32 (measured in docs/benchmarks.md). ``PREFLEXOR_CPU_BF16=0`` /
     ``=1`` overrides the detection (the test suite pins 0 so that its numbers do not depend on the CPU)."""
     mode = env.cpu_bf16_mode()
     if mode != "auto":

@@ -352,7 +352,7 @@ class _SwiGLU(torch.autograd.Function):
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Attention of one new token per row: q (B, Hq, 1, D), k/v (B, Hkv, S, D), mask (B, 1, 1, S) bool
     or None -> (B, Hq, 1, D). Query heads are grouped per kv head (no repeat of k/v) and the softmax
-    runs in fp32; on CPU in bf16 this is several times faster than SDPA's decode path."""
+    runs in fp32; on CPU in bf16 it replaces SDPA's decode path, which is slower there."""
     B, Hq, T, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
     if T != 1 or Hq % Hkv or k.shape != v.shape or k.shape[0] != B or k.shape[3] != D:

@@ -9,7 +9,7 @@ Same precision as the model (fp32 or bf16); only the summation order differs. De
 cached while their sources are unchanged (a version-counter check redoes them after an optimizer
 step), at the cost of one extra copy. ``PREFLEXOR_CPU_PACK=0`` turns packing off; ``auto`` (default)
 packs up to ``CPU_PACK_MAX_BYTES``. ``patch_linears`` is shared with ``int8.int8_linears``.
-Measured speed: README, "Benchmarks". Tests: ``python -m pytest tests/test_sampler.py -q -k pack``.
+Measured speed: docs/benchmarks.md. Tests: ``python -m pytest tests/test_sampler.py -q -k pack``.
 """
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ token, the mean matching prefix, and the share of all token positions before the
 divergence; and the logits error of one int8 decode step against the fp step from the same cache
 (after each prompt and its first fp token): max |difference| over the largest |fp logit|, mean and
 worst over the questions. With the fused CPU step the prompt's prefill is at full precision, so the
-first token always agrees. A measurement script (not collected by pytest); figures go to the README.
+first token always agrees. A measurement script (not collected by pytest); figures go to docs/benchmarks.md.
 """
 import argparse
 import json

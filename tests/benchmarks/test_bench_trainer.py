@@ -9,7 +9,7 @@ CPU: speed (pytest-benchmark; tokens/s = non-pad tokens / mean step time, thread
 ``PREFLEXOR_BENCH_THREADS``) and peak memory (one fresh subprocess per path and preset), tiny and
 small presets; asserts that both paths compute the same loss and ours uses less memory
 (``MAX_RATIO``). CUDA: llama-3.2-3b shape, LoRA r=64, packed, checkpointing, with MFU.
-Results go to ``extra_info``; measured figures belong in the README.
+Results go to ``extra_info``; measured figures belong in docs/benchmarks.md.
 """
 from __future__ import annotations
 
