@@ -23,8 +23,8 @@ from preflexor_core import Llama, ModelConfig, Tokenizer
 from preflexor_core.reasoning import (GraphCritic, Policy, QuestionTrace, check_endpoint, CriticUnreachableError,
                                       make_critic, recursive_response, recursive_response_from_thinking)
 from preflexor_core.thinking.spans import extract_spans, strip_special_tokens
-from preflexor_core.reasoning.cli import InferConfig, InputError, read_questions
-from preflexor_core.reasoning.policy import thinking_prompt
+from preflexor_core.reasoning.session import InferConfig, InputError, read_questions
+from preflexor_core.thinking.formats import chat
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.sampler import SamplingParams
@@ -323,9 +323,9 @@ class GraphWritingCritic(CountingCritic):
 
 
 def test_graph_format_instruction_reaches_the_policy(policy, monkeypatch):
-    from preflexor_core.teachers.graph_writer import GRAPH_INSTRUCTION
-    assert thinking_prompt(" q? ", "graph") == [{"role": "user", "content": "q?" + GRAPH_INSTRUCTION}]
-    assert thinking_prompt("q?") == [{"role": "user", "content": "q?" + THINKING_INSTRUCTION}]
+    from preflexor_core.thinking.formats import GRAPH_INSTRUCTION
+    assert chat(" q? ", "graph") == [{"role": "user", "content": "q?" + GRAPH_INSTRUCTION}]
+    assert chat("q?") == [{"role": "user", "content": "q?" + THINKING_INSTRUCTION}]
     asked = []
     orig = Policy.generate
 
@@ -338,17 +338,17 @@ def test_graph_format_instruction_reaches_the_policy(policy, monkeypatch):
                        thinking_format="graph")
     think_chats, answer_prompts = asked
     # the think pass gets the chat, the answer pass the rendered prompt: both carry the graph instruction
-    assert think_chats == [thinking_prompt(q, "graph") for q in QUESTIONS[:2]]
+    assert think_chats == [chat(q, "graph") for q in QUESTIONS[:2]]
     for q, p in zip(QUESTIONS[:2], answer_prompts):
         assert q + GRAPH_INSTRUCTION in p and THINKING_INSTRUCTION not in p
     asked.clear()
     recursive_response(policy, CountingCritic(), QUESTIONS[0], depth=1, sampling=GREEDY, integrate=False)
-    assert asked[0] == [thinking_prompt(QUESTIONS[0])]          # the default is unchanged
+    assert asked[0] == [chat(QUESTIONS[0])]          # the default is unchanged
     assert QUESTIONS[0] + THINKING_INSTRUCTION in asked[1][0] and GRAPH_INSTRUCTION not in asked[1][0]
     with pytest.raises(ValueError, match="thinking_format must be one of categories, graph"):
         recursive_response(policy, CountingCritic(), "q", depth=1, thinking_format="tree")
     with pytest.raises(ValueError, match="categories, graph"):
-        thinking_prompt("q", "tree")
+        chat("q", "tree")
 
 
 def test_graph_format_trace_carries_the_rewards_of_each_iteration(policy):
@@ -554,7 +554,7 @@ def test_infer_cli_same_critic_in_process(model_dir, tmp_path):
 
 def test_infer_cli_graph_format_prints_and_exports_graphs(model_dir, tmp_path, monkeypatch, capsys):
     import networkx as nx
-    from preflexor_core.reasoning import cli
+    from preflexor_core.reasoning import session as cli
     infer = load_infer_module()
     monkeypatch.setattr(cli, "build_critic", lambda cfg, policy: GraphWritingCritic())
     out, graphs = tmp_path / "t.json", tmp_path / "graphs"
@@ -583,7 +583,7 @@ def test_infer_cli_graph_format_prints_and_exports_graphs(model_dir, tmp_path, m
 
 def test_infer_cli_thinking_format_checks_in_config(model_dir, tmp_path, capsys):
     from preflexor_core.infra.io import OutputPathError
-    from preflexor_core.reasoning.cli import check_inputs, main
+    from preflexor_core.reasoning.session import check_inputs, main
     rc = main(InferConfig(questions=["q"], model=str(model_dir), thinking_format="tree"))
     assert rc == 2
     assert "--thinking-format must be one of categories, graph, got 'tree'" in capsys.readouterr().err

@@ -20,6 +20,9 @@ import os
 from collections import Counter
 from dataclasses import dataclass, field
 
+from ..infra.errors import writing
+from ..infra.rundir import WriterLock, file_lock_path
+
 log = logging.getLogger(__name__)
 
 MAX_FIELD_CHARS = 1 << 20          # longest text field of a row (prompt, chosen, rejected, ...)
@@ -197,7 +200,6 @@ class PairWriter:
         parent = os.path.dirname(os.path.abspath(self.path))
         if not os.path.isdir(parent):
             raise DatagenError(f"output directory does not exist: {parent}")
-        from ..infra.rundir import WriterLock, file_lock_path
         self._lock = WriterLock(file_lock_path(self.path), "--out", what=self.path).acquire()
         try:
             self.rows = read_pairs(self.path, repair=True)
@@ -212,7 +214,6 @@ class PairWriter:
         if long:
             raise DatagenError(f"{self.path}: row {row.get('id')!r} has field(s) {', '.join(long)} longer than "
                                f"{MAX_FIELD_CHARS} characters; a generated field is capped at that")
-        from ..infra.errors import writing
         with writing(f"pair {row.get('id')!r}", self.path,
                      "the rows before it are kept; free disk space and rerun (rows already there are skipped)"):
             self._f.write(json.dumps(row, ensure_ascii=False) + "\n")

@@ -24,12 +24,15 @@ import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..retrieval.context import Context, gather_context
+from tqdm import tqdm
+
+from ..thinking.formats import check_format_name, prompt
 from ..thinking.layout import DEFAULT_CATEGORIES
-from ..teachers.base import TeacherAuthError, TeacherError, TeacherNotFoundError, complete_many, hash_seed
-from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS, THINKING_INSTRUCTION
-from ..thinking.tokens import THINK_START
 from ..thinking.layout import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
+from ..thinking.tokens import THINK_START
+from ..retrieval.context import Context, gather_context
+from ..sampler import SamplingParams, generate
+from ..teachers.base import TeacherAuthError, TeacherError, TeacherNotFoundError, complete_many, hash_seed
 from .pairs_io import MAX_FIELD_CHARS, DatagenError, GenerationStats, Pairs, PairWriter
 from .scorers import make_scorer
 
@@ -103,8 +106,10 @@ class DatagenConfig:
         self.categories = tuple(str(c) for c in self.categories)
         if not self.categories:
             raise DatagenError("categories is empty; give at least one thinking category")
-        if self.thinking_format not in THINKING_FORMATS:
-            raise DatagenError(f"thinking_format must be one of {THINKING_FORMATS}, got {self.thinking_format!r}")
+        try:
+            check_format_name(self.thinking_format)
+        except ValueError as e:
+            raise DatagenError(str(e)) from None
 
 
 def generate_pairs(retriever, teacher, policy=None, tokenizer=None, config: DatagenConfig | None = None,
@@ -156,7 +161,7 @@ class _Prepared:
 
     @property
     def prompt(self) -> str:
-        return self.question + (GRAPH_INSTRUCTION if self.graph is not None else THINKING_INSTRUCTION)
+        return prompt(self.question, "graph" if self.graph is not None else "categories")
 
     @property
     def chosen(self) -> str:
@@ -185,7 +190,6 @@ class _Pipeline:
         new_rows: list[dict] = []
         bar = None
         if cfg.progress:
-            from tqdm import tqdm
             bar = tqdm(total=cfg.n, initial=stats.existing, desc="pairs", unit="pair", dynamic_ncols=True)
         try:
             for b in range(0, len(todo), cfg.batch_size):
@@ -350,7 +354,6 @@ class _Pipeline:
 
     # ---------------------------------------------------------------- rejected side
     def _policy_samples(self, prepared: list[_Prepared]) -> list[list[str]]:
-        from ..sampler import SamplingParams, generate
         cfg, k = self.cfg, self.cfg.k_samples
         params = cfg.sampling if cfg.sampling is not None else SamplingParams(
             max_new_tokens=256, temperature=0.8, top_p=0.9, top_k=50)

@@ -21,10 +21,14 @@ from typing import Sequence
 
 import networkx as nx
 
-from ..rewards import REWARD_NAMES, GraphRewards
+from ..thinking.formats import chat
 from ..thinking.graph_io import completion_digraph, export_graphml
-from ..thinking.formats import GRAPH_INSTRUCTION
 from ..thinking.tokens import THINK_START
+from ..llm.registry import load_model_and_tokenizer
+from ..retrieval import GraphRetriever
+from ..sampler import SamplingParams, generate
+from ..rewards import REWARD_NAMES, GraphRewards
+from .inputs import DEFAULT_QUESTIONS, load_questions
 
 __all__ = ["completion_digraph", "export_graphml", "draw_graph", "graph_metrics", "evaluate_graph",
            "format_graph_table", "main"]
@@ -34,9 +38,9 @@ TABLE_KEYS = ("reward", "graph_validity_rate", *REWARD_NAMES[:-1])     # the jud
 
 def draw_graph(completion: str, path: str, title: str = "") -> str:
     """Draw the completion's graph to a PNG (spring layout, relations on the edges)."""
-    import matplotlib
+    import matplotlib  # matplotlib: heavy, loaded only to draw
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # matplotlib: as above
     g = completion_digraph(completion)
     fig = plt.figure(figsize=(9, 6.5))
     ax = fig.add_subplot(1, 1, 1)
@@ -79,8 +83,6 @@ def evaluate_graph(models: dict, questions: Sequence[dict], retriever, max_new_t
     """Answer ``questions`` (rows with "question", "reference") with each model (name -> spec or
     (model, tokenizer)); score with ``GraphRewards(corpus=retriever)``. ``graphml``: write each answer's
     graph to ``out_dir/<name>/<id>.graphml`` (``png``: also drawn to ``<id>.png``)."""
-    from ..llm.registry import load_model_and_tokenizer
-    from ..sampler import SamplingParams, generate
     rewards = GraphRewards(corpus=retriever, embedder=getattr(retriever, "embedder", None))
     refs = [q["reference"] if isinstance(q["reference"], str) else q["reference"][0] for q in questions]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0, prepend_response=THINK_START)
@@ -88,7 +90,7 @@ def evaluate_graph(models: dict, questions: Sequence[dict], retriever, max_new_t
     for name, spec in models.items():
         model, tok = spec if isinstance(spec, tuple) else load_model_and_tokenizer(spec, device=device)
         model.eval()
-        chats = [[{"role": "user", "content": q["question"] + GRAPH_INSTRUCTION}] for q in questions]
+        chats = [chat(q["question"], "graph") for q in questions]
         texts = [o.text for o in generate(model, tok, chats, params)]
         metrics, scored = graph_metrics(texts, refs, rewards, [q["question"] for q in questions])
         rows = [{"id": str(q.get("id", i)), "question": q["question"], "completion": t, "reward": r.value,
@@ -116,8 +118,6 @@ def format_graph_table(results: Sequence[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    from ..retrieval import GraphRetriever
-    from .inputs import DEFAULT_QUESTIONS, load_questions
     ap = argparse.ArgumentParser(prog="python -m preflexor_core.evaluation.graph_eval", description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", action="append", required=True, metavar="NAME=SPEC",
                     help="a model to evaluate: a name for the table = a known model name, checkpoint dir or .gguf")

@@ -1,6 +1,6 @@
 """Evaluation runs: generate answers with a checkpoint, score them, and the DPO reward accuracy.
 
-Each question is asked as in training (``reasoning.thinking_prompt``), greedy by default, nothing
+Each question is asked as in training (``thinking.formats.chat``), greedy by default, nothing
 forced unless ``force_thinking`` (then the forced ``<|thinking|>`` is part of the scored text). A base
 model (``instructed``) also gets ``FORMAT_INSTRUCTION``, the format in words, as a system message;
 tags written as ``<thinking>`` / ``</thinking>`` count as the thinking tokens for every model.
@@ -12,6 +12,7 @@ Tests: ``python -m pytest -q tests/test_evaluation.py``.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -19,11 +20,20 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from ..thinking.layout import DEFAULT_CATEGORIES
-from ..thinking.tokens import THINK_START
-from ..thinking.check import check_format, normalize_tags
-from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
+import torch
+from tqdm.auto import tqdm
+
 from ..text.metrics import rouge_l, token_f1
+from ..thinking.check import check_format, normalize_tags
+from ..thinking.formats import chat
+from ..thinking.layout import DEFAULT_CATEGORIES
+from ..thinking.tokens import THINK_START, THINKING_TOKENS
+from ..llm.registry import load_model_and_tokenizer
+from ..llm.vocab import setup_thinking_tokens
+from ..losses.preference import forward_logps
+from ..sampler import SamplingParams, generate
+from ..train.batches import PairFormat, collate_pairs, tokenize_pair
+from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
 from .report import write_report
 
 __all__ = ["EvalConfig", "METRIC_KEYS", "STAGES", "FORMAT_INSTRUCTION", "evaluate", "evaluate_models",
@@ -104,7 +114,6 @@ class _Models:
     def get(self, path: str):
         key = os.path.realpath(path)
         if key not in self.loaded:
-            from ..llm.registry import load_model_and_tokenizer
             model, tok = load_model_and_tokenizer(check_model_dir(path), self.cfg.device, self.cfg.dtype)
             self.loaded[key] = (model.eval(), tok)
         return self.loaded[key]
@@ -118,16 +127,13 @@ class _Models:
 # ============================================================================ generation + scoring
 
 def _generate(model, tok, questions: list[dict], cfg: EvalConfig, desc: str, instructed: bool = False):
-    from ..reasoning import thinking_prompt
-    from ..sampler import SamplingParams, generate
     params = SamplingParams(max_new_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_p=cfg.top_p,
                             seed=cfg.seed, prepend_response=THINK_START if cfg.force_thinking else "",
                             truncate_prompt_left=True)
     system = [{"role": "system", "content": FORMAT_INSTRUCTION}] if instructed else []
-    chats = [system + thinking_prompt(q["question"]) for q in questions]
+    chats = [system + chat(q["question"]) for q in questions]
     bar = None
     if cfg.progress:
-        from tqdm.auto import tqdm
         bar = tqdm(total=len(chats), desc=desc, unit="q", dynamic_ncols=True, file=sys.stderr)
     outs = []
     try:
@@ -171,9 +177,6 @@ def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 
     "n_pairs", "n_pairs_dropped", "dropped": {reason: count}}``; ``reward_accuracy`` is None when no
     pair could be scored. Ties (equal rewards) count as not correct.
     """
-    import torch
-    from ..train.batches import PairFormat, collate_pairs, tokenize_pair
-    from ..losses.preference import forward_logps
     if beta <= 0:
         raise ValueError(f"reward_accuracy: beta must be > 0, got {beta}")
     L = min(max_length or 1024, model.config.max_position_embeddings)
@@ -209,9 +212,6 @@ def _as_reference(ref, ref_tok, ref_dir: str, tok):
     the way training added them (``vocab.setup_thinking_tokens`` on a copy), so the ids of ``tok`` fit."""
     if ref.model.embed_tokens.weight.shape[0] >= tok.vocab_size:
         return ref
-    import copy
-    from ..thinking.tokens import THINKING_TOKENS
-    from ..llm.vocab import setup_thinking_tokens
     ref, ref_tok = copy.deepcopy(ref), copy.deepcopy(ref_tok)
     setup_thinking_tokens(ref, ref_tok)
     if ref_tok.vocab_size != tok.vocab_size or any(ref_tok.token_to_id(t) != tok.token_to_id(t)

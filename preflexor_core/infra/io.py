@@ -7,6 +7,8 @@ temp siblings of dead processes and restores ``NAME`` when a crash fell between 
 Files and folders get the modes the umask gives (``0o666`` / ``0o777`` less the umask), also those
 made by ``mkstemp`` / ``mkdtemp``. ``check_output_file`` / ``check_output_dir`` refuse an output path
 before the work starts; ``write_fallback`` saves results when the final write still fails.
+``atomic_write`` is the one way a single file is replaced (temp sibling, fsync, rename) and
+``read_jsonl`` the one JSONL reader (line numbers in its errors; torn lines skipped on request).
 
     with atomic_dir("runs/x/stage1") as tmp:      # tmp: a fresh sibling folder
         ...write files into tmp...                # swapped into runs/x/stage1 on success
@@ -23,20 +25,28 @@ import re
 import shutil
 import sys
 import tempfile
+import json
+import logging
 import time
 from collections.abc import Callable, Iterator
 
 from .errors import PreflexorError
 
-__all__ = ["atomic_dir", "atomic_replace_dir", "fsync_write", "recover_dir", "current_umask", "file_mode",
+__all__ = ["atomic_dir", "atomic_replace_dir", "atomic_write", "read_jsonl", "JSONLError", "fsync_write", "recover_dir", "current_umask", "file_mode",
            "dir_mode", "apply_umask", "OutputPathError", "check_output_file", "check_output_dir",
            "write_fallback"]
+
+log = logging.getLogger("preflexor.io")
 
 LEGACY_TMP_MAX_AGE_S = 3600.0      # a temp sibling without a pid in its name is removed once this old
 
 
 class OutputPathError(PreflexorError, OSError):
     """An output path that cannot be written (read-only, a directory where a file belongs, ...)."""
+
+
+class JSONLError(PreflexorError, ValueError):
+    """A JSONL line that is not a JSON object."""
 
 
 # -- modes ------------------------------------------------------------------------------------------
@@ -216,6 +226,50 @@ def fsync_write(path: str, data: str | bytes) -> None:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = None) -> None:
+    """Replace the file ``path`` with ``data`` (text as UTF-8) through a temporary sibling, fsync and one
+    rename: a reader sees the old file or the new one, never a torn one. The file gets the umask's mode
+    (``mode`` overrides it; ``mkstemp`` alone would give 0600)."""
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
+                               prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-")
+    try:
+        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
+                       **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, file_mode() if mode is None else mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, what: str = "JSONL file"
+               ) -> Iterator[tuple[int, dict]]:
+    """``(line number, row)`` for each non-blank line of ``path``, a JSON object per line.
+
+    A line that is not a JSON object raises :class:`JSONLError` naming ``what``, the file and the line;
+    with ``skip_bad`` it is skipped with a warning instead (a line torn by an interrupted append)."""
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                reason = "" if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
+            except json.JSONDecodeError as e:
+                row, reason = None, f"not valid JSON ({e.msg})"
+            if not reason:
+                yield n, row
+            elif skip_bad:
+                log.warning("%s:%d: skipping a line that is %s (an interrupted write?)", os.fspath(path), n, reason)
+            else:
+                raise JSONLError(f"{what} {os.fspath(path)}, line {n}: {reason}; each line must be one JSON object")
 
 
 # -- output paths -----------------------------------------------------------------------------------

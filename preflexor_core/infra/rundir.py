@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 from .errors import PreflexorError
+from .io import atomic_write
 
 __all__ = ["MARKER", "LOCK_FILE", "NotOurFolderError", "LockedError", "claim_dir", "is_ours", "WriterLock",
            "run_lock_path", "file_lock_path"]
@@ -58,10 +59,9 @@ def is_ours(path: str | os.PathLike) -> bool:
 
 
 def _write_marker(p: Path, what: str) -> None:
-    tmp = p / f".{MARKER}.tmp-{os.getpid()}"
-    tmp.write_text(json.dumps({"project": "preflexor", "kind": what, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                               "note": "files here are written and replaced by preflexor"}) + "\n", encoding="utf-8")
-    os.replace(tmp, p / MARKER)
+    atomic_write(p / MARKER, json.dumps({"project": "preflexor", "kind": what,
+                                         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                                         "note": "files here are written and replaced by preflexor"}) + "\n")
 
 
 def claim_dir(path: str | os.PathLike, flag: str = "--out", *, force: bool = False, what: str = "run",

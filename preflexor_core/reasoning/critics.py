@@ -18,10 +18,13 @@ import urllib.request
 from typing import Protocol, Sequence, runtime_checkable
 
 from ..infra import env
+from ..thinking.spans import extract_spans, strip_special_tokens
 from ..thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START
+from ..sampler import SamplingParams
+from ..teachers import OpenAITeacher
+from ..teachers.net import RequestDeadlineError, fetch, redact_url
 from .graph_critic import GraphCritic
 from .policy import Policy, as_policy
-from ..thinking.spans import extract_spans, strip_special_tokens
 
 __all__ = ["Critic", "ModelCritic", "TeacherCritic", "CriticUnreachableError", "check_endpoint",
            "make_critic", "call_many", "CRITIC_SYSTEM", "improve_messages", "feedback_messages",
@@ -160,7 +163,6 @@ class ModelCritic(_LLMCritic):
         return cls(p.model, p.tokenizer, **kwargs)
 
     def _complete_many(self, chats: list[list[dict]]) -> list[str]:
-        from ..sampler import SamplingParams
         self.calls += 1
         params = SamplingParams(max_new_tokens=self.max_new_tokens, temperature=self.temperature,
                                 top_p=self.top_p, top_k=self.top_k, seed=self.seed + 7919 * self.calls,
@@ -202,7 +204,6 @@ def check_endpoint(base_url: str, timeout: float = 3.0) -> list[str]:
     Any HTTP reply (even an error status) means the server is reachable. Connection refused, a
     DNS failure or a timeout raise :class:`CriticUnreachableError` naming the URL.
     """
-    from ..teachers.net import RequestDeadlineError, fetch, redact_url
     if not re.match(r"^https?://[^/\s]+", base_url or ""):
         raise ValueError(f"critic URL must look like http://host:port/v1, got {redact_url(base_url)!r}")
     url = _models_url(base_url)
@@ -230,7 +231,6 @@ def make_critic(spec: str, policy=None, retriever=None, critic_model: str | None
                 timeout: float = 60.0, check_timeout: float = 3.0):
     """A critic from a spec: ``same`` (the policy), ``graph`` (needs ``retriever``), an
     ``http(s)://`` URL of an OpenAI-compatible server, or a checkpoint directory."""
-    from ..teachers.net import redact_url
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError("critic spec is empty; use same, graph, an http(s):// URL or a checkpoint dir")
     spec = spec.strip()
@@ -250,7 +250,6 @@ def make_critic(spec: str, policy=None, retriever=None, critic_model: str | None
         if not model:
             raise ValueError(f"critic endpoint {redact_url(spec)} does not list its models; name one with "
                              "--critic-model")
-        from ..teachers import OpenAITeacher
         return TeacherCritic(OpenAITeacher(spec, model, timeout=timeout, max_retries=2),
                              max_tokens=max_new_tokens, temperature=temperature)
     if os.path.isdir(spec):

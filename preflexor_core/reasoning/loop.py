@@ -7,7 +7,7 @@ iterations an integrator (default: the critic) merges the answers. Mode ``from-t
 critic writes the feedback instead of the policy's ``<|reflect|>``. Depth 0 is the think step only.
 Every step is one batched ``sampler.generate`` call for all questions; step ``s`` of iteration ``i``
 uses seed ``seed + 100 * i + s`` (with temperature 0 a batch equals one question at a time).
-``thinking_format="graph"`` asks for the graph sections (``policy.thinking_prompt``) and records, per
+``thinking_format="graph"`` asks for the graph sections (``thinking.formats.chat``) and records, per
 iteration, the format and graph-validity rewards (``rewards.structure``) of its completion.
 Tests: ``python -m pytest -q tests/test_reasoning.py``.
 """
@@ -18,11 +18,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ..thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START
-from ..thinking.formats import THINKING_FORMATS
-from .critics import call_many
-from .policy import Policy, as_policy, thinking_prompt
+from ..thinking.formats import chat, check_format_name
 from ..thinking.spans import extract_spans, strip_special_tokens
+from ..thinking.tokens import REFLECT_END, REFLECT_START, THINK_END, THINK_START
+from ..sampler import SamplingParams
+from ..rewards.structure import format_reward, graph_validity_reward
+from .critics import call_many
+from .policy import Policy, as_policy
 
 __all__ = ["IterationTrace", "QuestionTrace", "recursive_response", "recursive_response_from_thinking",
            "MODES", "StepStream"]
@@ -82,7 +84,7 @@ class _Run:
     thinking_format: str = "categories"
 
     def __post_init__(self):
-        self.chats = [thinking_prompt(q, self.thinking_format) for q in self.questions]
+        self.chats = [chat(q, self.thinking_format) for q in self.questions]
         self.heads = [self.policy.tokenizer.apply_chat_template(c, add_generation_prompt=True) for c in self.chats]
 
     def params(self, iteration: int, step: int, **overrides):
@@ -202,7 +204,6 @@ def _count(policy: Policy, recs: list[IterationTrace]) -> None:
 
 def _score_graph(recs: list[IterationTrace]) -> None:
     """Graph format: the format and graph-validity reward values of each iteration's completion."""
-    from ..rewards.structure import format_reward, graph_validity_reward  # the import would cycle at load
     for r in recs:
         text = r.completion()
         r.rewards = {"format": format_reward(text).value, "graph_validity": graph_validity_reward(text).value}
@@ -239,8 +240,7 @@ def _check(questions: list[str], depth, mode: str, critic, thinking_format: str)
         raise ValueError(f"depth must be an int >= 0 (0 = a single pass), got {depth!r}")
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    if thinking_format not in THINKING_FORMATS:
-        raise ValueError(f"thinking_format must be one of {', '.join(THINKING_FORMATS)}, got {thinking_format!r}")
+    check_format_name(thinking_format)
     if depth > 0 and critic is None:
         raise ValueError("depth >= 1 needs a critic (e.g. GraphCritic(retriever) or ModelCritic(model, tok))")
 
@@ -259,7 +259,6 @@ def recursive_response(policy, critic, question, depth: int = 3, integrator=None
     question + ``THINKING_INSTRUCTION``) or "graph" (the question + ``GRAPH_INSTRUCTION``; each
     iteration's ``rewards`` then holds its format and graph-validity reward values).
     """
-    from ..sampler import SamplingParams
 
     single = isinstance(question, str)
     questions = [question] if single else list(question)

@@ -1,9 +1,8 @@
 """The model being asked at inference: a Llama and its tokenizer, and the prompt it answers.
 
 Shared by the loop (``loop.py``) and the same-model / checkpoint critics (``critics.py``).
-The prompt is the question plus ``tokenizer.THINKING_INSTRUCTION``, as in training (PRefLexOR,
-arXiv 2410.12375); with ``thinking_format="graph"`` the question plus
-``tokenizer.GRAPH_INSTRUCTION`` (the graph sections, as in graph-format training).
+The prompt is ``thinking.formats.chat(question, thinking_format)``, the one the training data used
+(PRefLexOR, arXiv 2410.12375).
 Tests: ``python -m pytest -q tests/test_reasoning.py``.
 """
 from __future__ import annotations
@@ -11,9 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS, THINKING_INSTRUCTION
+from ..tokenization.tokenizer import Tokenizer
+from ..llm.model import Llama
+from ..sampler import generate
 
-__all__ = ["Policy", "as_policy", "thinking_prompt", "thinking_instruction"]
+__all__ = ["Policy", "as_policy"]
 
 
 @dataclass
@@ -26,12 +27,9 @@ class Policy:
 
     @classmethod
     def from_pretrained(cls, path: str, device: str = "cpu", dtype=None) -> "Policy":
-        from ..llm.model import Llama
-        from ..tokenization.tokenizer import Tokenizer
         return cls(Llama.from_pretrained(path, dtype=dtype, device=device), Tokenizer.from_pretrained(path))
 
     def generate(self, prompts, params, stream=None, max_batch_size: int | None = None):
-        from ..sampler import generate
         return generate(self.model, self.tokenizer, prompts, params, stream=stream, max_batch_size=max_batch_size,
                         decode_weights=self.decode_weights)
 
@@ -62,17 +60,3 @@ def as_policy(policy) -> Policy:
         return Policy(*policy)
     raise TypeError("policy must be a Policy or a (model, tokenizer) pair; got "
                     f"{type(policy).__name__}")
-
-
-def thinking_instruction(thinking_format: str = "categories") -> str:
-    """The instruction appended to the question for ``thinking_format`` ("categories" or "graph");
-    an unknown format raises ValueError naming the choices."""
-    if thinking_format not in THINKING_FORMATS:
-        raise ValueError(f"thinking_format must be one of {', '.join(THINKING_FORMATS)}, got {thinking_format!r}")
-    return GRAPH_INSTRUCTION if thinking_format == "graph" else THINKING_INSTRUCTION
-
-
-def thinking_prompt(question: str, thinking_format: str = "categories") -> list[dict]:
-    """The chat the policy answers: the question plus the instruction to think in ``thinking_format``
-    (as in training: ``THINKING_INSTRUCTION`` for "categories", ``GRAPH_INSTRUCTION`` for "graph")."""
-    return [{"role": "user", "content": question.strip() + thinking_instruction(thinking_format)}]

@@ -16,16 +16,16 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 from pathlib import Path
 from typing import Sequence
 
+from ..infra.io import atomic_write
 from ..thinking.graph import ParsedGraphThinking
+from ..thinking.graph_io import as_parsed
 from ..teachers.base import TeacherError
 from ..teachers.http import OpenAITeacher
 from .structure import Reward
-from ..thinking.graph_io import as_parsed
 
 __all__ = ["HTTPJudge", "JudgeError", "JUDGE_PROMPT", "parse_grade"]
 
@@ -90,15 +90,7 @@ class HTTPJudge:
         if self.cache_path is None:
             return
         self.cache_path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.cache_path.parent, prefix=self.cache_path.name, suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(self.cache, f, ensure_ascii=False, sort_keys=True)
-            os.replace(tmp, self.cache_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
+        atomic_write(self.cache_path, json.dumps(self.cache, ensure_ascii=False, sort_keys=True))
 
     def key(self, prompt: str) -> str:
         return hashlib.sha256(json.dumps([self.model, prompt], ensure_ascii=False).encode("utf-8")).hexdigest()

@@ -19,11 +19,12 @@ import random
 import re
 from typing import Any, Sequence
 
-from ..retrieval.context import Context, Sentence, chunk_concepts, concepts_of, gather_context
-from ..retrieval.graph import concept_node
 from ..text.words import content_words, is_prose, mentions, split_sentences
 from ..thinking.formats import THINKING_INSTRUCTION
+from ..retrieval.context import Context, Sentence, chunk_concepts, concepts_of, gather_context
+from ..retrieval.graph import concept_node
 from .base import Messages, check_messages, hash_seed, last_user_text
+from .graph_writer import GraphWriter
 
 # Cue words per category (matched on lower-cased word prefixes / substrings).
 CATEGORY_CUES: dict[str, tuple[str, ...]] = {
@@ -252,7 +253,6 @@ class ExtractiveTeacher:
     def graph_thinking(self, question: str, context=None):
         """The graph-format thinking of ``question`` (``graph_writer.GraphWriter`` over this retriever;
         ``.thinking``, ``.sources``); the answer's sentences are kept out of it."""
-        from .graph_writer import GraphWriter
         ctx = self._as_context(question, context)
         if getattr(self, "_graph_writer", None) is None:
             # Brainstorm and Synthesis quote as many sentences as a category holds (at most 2 each)

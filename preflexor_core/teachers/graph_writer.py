@@ -24,7 +24,7 @@ from ..text.words import STOPWORDS, normalize_text, split_sentences
 from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS
 from ..thinking.tokens import strip_pipeline_tags
 
-__all__ = ["GRAPH_INSTRUCTION", "THINKING_FORMATS", "GraphThinking", "GraphWriter", "CorpusSentence"]
+__all__ = ["GraphThinking", "GraphWriter", "CorpusSentence"]
 
 FALLBACK_RELATION = "co-occurs with"
 MAX_RELATION_WORDS = 5

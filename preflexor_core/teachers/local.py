@@ -10,6 +10,9 @@ from __future__ import annotations
 import os
 from typing import Sequence
 
+from ..tokenization.tokenizer import Tokenizer
+from ..llm.model import Llama
+from ..sampler import SamplingParams, generate
 from .base import Messages, check_messages
 
 
@@ -32,8 +35,6 @@ class LocalTeacher:
             path = os.fspath(checkpoint_or_pair)
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"teacher checkpoint dir not found: {path}")
-            from ..llm.model import Llama
-            from ..tokenization.tokenizer import Tokenizer
             self.model = Llama.from_pretrained(path, dtype=dtype, device=device)
             self.tokenizer = Tokenizer.from_pretrained(path)
             self.name = name or f"local:{os.path.basename(os.path.normpath(path))}"
@@ -46,7 +47,6 @@ class LocalTeacher:
 
     def complete_many(self, list_of_messages: Sequence[Messages], temperature: float = 0.0,
                       max_tokens: int = 512, return_exceptions: bool = False) -> list[str]:
-        from ..sampler import SamplingParams, generate
         chats = [check_messages(m) for m in list_of_messages]
         if not chats:
             return []

@@ -22,11 +22,15 @@ from dataclasses import asdict
 
 import numpy as np
 import torch
+from safetensors.torch import save_file, load_file
 
-from . import distributed as D
 from ..infra.errors import writing
 from ..infra.io import atomic_dir, recover_dir
-from .resume import damaged, keep_previous, verify_checkpoint, write_run_config
+from ..llm.gguf import write_gguf
+from ..llm.lora import merge_lora, save_adapter
+from ..teachers.net import redact_url
+from . import distributed as D
+from .resume import damaged, keep_previous, verify_checkpoint, write_run_config, previous_dir
 
 log = logging.getLogger("preflexor.train")
 
@@ -93,7 +97,6 @@ def save_checkpoint(run) -> None:
 
 def _intact(ckpt) -> str:
     """What a failed save leaves: the checkpoint before it, where it is (saves are atomic)."""
-    from .resume import previous_dir
     if (ckpt / "trainer_state.pt").exists():
         return f"the previous checkpoint in {ckpt} is intact"
     if (previous_dir(ckpt) / "trainer_state.pt").exists():
@@ -103,12 +106,10 @@ def _intact(ckpt) -> str:
 
 def _redacted(nested: dict) -> dict:
     """The config sections with a password in a URL redacted (a checkpoint is shared, passwords are not)."""
-    from ..teachers.net import redact_url
     return {k: _redacted(v) if isinstance(v, dict) else redact_url(v) for k, v in nested.items()}
 
 
 def _write_main(run, tmp: str, state: dict[str, torch.Tensor]) -> None:
-    from safetensors.torch import save_file
     name = WEIGHTS_FILE if run.lora_cfg is None else TRAINABLE_FILE
     save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, os.path.join(tmp, name))
     torch.save({"optimizer": None if run.fsdp else run.opt.state_dict(), "scheduler": run.sched.state_dict(),
@@ -118,7 +119,6 @@ def _write_main(run, tmp: str, state: dict[str, torch.Tensor]) -> None:
 
 
 def _load_weights(run, ckpt) -> None:
-    from safetensors.torch import load_file
     if run.lora_cfg is not None:
         sd = _load(lambda p: load_file(str(p), device=str(run.device)), ckpt / TRAINABLE_FILE, ckpt)
         want = set(_trainable_state(run))
@@ -130,7 +130,7 @@ def _load_weights(run, ckpt) -> None:
         return
     sd = _load(lambda p: load_file(str(p), device=str(run.device)), ckpt / WEIGHTS_FILE, ckpt)
     if run.fsdp:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict  # torch.distributed: FSDP
         set_model_state_dict(run.base, sd, options=StateDictOptions(full_state_dict=True))
         sd = {k: v for k, v in sd.items() if k not in run.base.state_dict()}
     missing, unexpected = ([], []) if run.fsdp else run.base.load_state_dict(sd, strict=False)
@@ -191,14 +191,12 @@ def _export(run, state) -> None:
     """Write the stage's HF export (LoRA merged; the adapter beside it), tokenizer, GGUF if asked, DONE."""
     model = run.plain_model(state)
     if run.lora_cfg is not None:
-        from ..llm.lora import merge_lora, save_adapter
         save_adapter(model, str(run.final_dir / "adapter"), run.lora_cfg)
         model = merge_lora(copy.deepcopy(model))
     model.save_pretrained(str(run.final_dir))
     run.tok.save_pretrained(str(run.final_dir))
     kind = run.cfg.checkpoint.export_gguf
     if kind != "none":
-        from ..llm.gguf import write_gguf        # imported only when asked: the gguf package is optional on GPU hosts
         write_gguf(model, run.tok, str(run.final_dir / f"model-{kind}.gguf"), dtype=kind,
                    name=f"{run.final_dir.parent.name}-{run.final_dir.name}")
     (run.final_dir / "DONE").write_text(json.dumps(run.pos) + "\n")

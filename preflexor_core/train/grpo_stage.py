@@ -21,14 +21,16 @@ import time
 
 import torch
 
-from . import distributed as D
-from ..losses.grpo import group_advantages, grpo_loss, keep_groups_with_spread
-from .batches import prompt_ids
-from ..losses.preference import IGNORE_INDEX, _unwrap, logps_from_hidden
-from ..rewards import REWARD_NAMES, GraphRewards, RewardWeights
-from ..teachers.base import hash_seed
-from ..thinking.formats import GRAPH_INSTRUCTION
+from ..thinking.formats import prompt
 from ..thinking.tokens import THINK_START
+from ..llm.lora import disable_adapters
+from ..losses.grpo import group_advantages, grpo_loss, keep_groups_with_spread
+from ..losses.preference import IGNORE_INDEX, _unwrap, logps_from_hidden
+from ..sampler import SamplingParams, generate
+from ..teachers.base import hash_seed
+from ..rewards import REWARD_NAMES, GraphRewards, RewardWeights
+from . import distributed as D
+from .batches import prompt_ids
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .stage import StageRun, _bar, make_scheduler
 
@@ -62,7 +64,7 @@ class GRPOPrompt:
 
     @property
     def prompt(self) -> str:
-        return self.question + GRAPH_INSTRUCTION
+        return prompt(self.question, "graph")
 
 
 def grpo_prompts(retriever, teacher, n: int, seed: int, number_nodes: int = 3, with_chosen: bool = False,
@@ -149,7 +151,6 @@ class GRPOStage(StageRun):
 
     def generate_batch(self, k: int, prompts: list[GRPOPrompt]):
         """G samples per prompt from one sampler call; returns (completions, seconds)."""
-        from ..sampler import SamplingParams, generate
         params = SamplingParams(max_new_tokens=self.g.grpo_max_new_tokens, temperature=self.g.grpo_temperature,
                                 n=self.g.num_generations, prepend_response=THINK_START,
                                 seed=hash_seed(self.cfg.run.seed, "grpo-sample", k, self.rank) % 2**31)
@@ -229,7 +230,6 @@ class GRPOStage(StageRun):
     def reference_token_logps(self, batch: dict) -> torch.Tensor:
         with contextlib.ExitStack() as stack:
             if self.ref is None:
-                from ..llm.lora import disable_adapters
                 stack.enter_context(disable_adapters(self.base))
             return self.batch_logps(batch, self.ref if self.ref is not None else self.base)
 

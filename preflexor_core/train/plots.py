@@ -7,10 +7,11 @@ Tests: ``python -m pytest -q tests/test_evaluation.py -k plot``.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
+
+from ..infra.io import read_jsonl
 
 log = logging.getLogger("preflexor.train")
 
@@ -19,27 +20,11 @@ _LOG_KEYS = ("loss", "nll", "rewards/accuracies", "rewards/margins", "reward", "
 
 
 def figure(w: float, h: float):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # matplotlib: heavy, loaded only to draw
+    from matplotlib.figure import Figure  # matplotlib: as above
     fig = Figure(figsize=(w, h))
     FigureCanvasAgg(fig)
     return fig
-
-
-def _read_log(log_path: str) -> list[dict]:
-    rows = []
-    with open(log_path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                log.warning("%s:%d: skipping a line that is not valid JSON (interrupted write?)", log_path, n)
-                continue
-            if isinstance(row, dict):
-                rows.append(row)
-    return rows
 
 
 def _stage_key(s) -> tuple:
@@ -107,7 +92,7 @@ def plot_training_log(log_path: str, out_dir: str) -> list[str]:
     if not os.path.isfile(log_path):
         log.warning("plot_training_log: no log at %s; nothing plotted", log_path)
         return []
-    rows = [r for r in _read_log(log_path) if "stage" in r and "loss" in r and "event" not in r
+    rows = [r for _, r in read_jsonl(log_path, skip_bad=True) if "stage" in r and "loss" in r and "event" not in r
             and isinstance(r.get("global_step"), (int, float))]
     stages = sorted({r["stage"] for r in rows}, key=_stage_key)
     if not stages:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..infra.errors import PreflexorError
 from ..infra.io import fsync_write
+from ..retrieval.chunking import iter_corpus_files
 
 log = logging.getLogger("preflexor.train")
 
@@ -42,7 +43,6 @@ def _sha256(path: Path) -> str:
 def corpus_fingerprint(paths) -> dict:
     """``{"files": [[name, size, sha256], ...], "sha256": ...}`` of corpus files / folders (the files
     the corpus reader takes from a folder, named relative to it)."""
-    from ..retrieval.chunking import iter_corpus_files
     files = []
     for p in map(Path, paths):
         items = [(f, f.relative_to(p).as_posix()) for f in iter_corpus_files(p)] if p.is_dir() else [(p, p.name)]

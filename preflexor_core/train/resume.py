@@ -20,8 +20,11 @@ import struct
 import zipfile
 from pathlib import Path
 
+import torch
+
 from ..infra.errors import PreflexorError
 from ..infra.io import atomic_dir, fsync_write
+from ..teachers.net import redact_url
 from .config import SECTIONS, flag
 
 log = logging.getLogger("preflexor.train")
@@ -46,7 +49,6 @@ def _fields() -> dict[str, dataclasses.Field]:
 
 def flat_options(cfg) -> dict:
     """Every option of a TrainConfig under its flat (CLI) name; a password in a URL is redacted."""
-    from ..teachers.net import redact_url
     return {f.name: redact_url(getattr(getattr(cfg, sec), f.name)) for sec, kls in SECTIONS.items()
             for f in dataclasses.fields(kls)}
 
@@ -84,7 +86,6 @@ def _saved(ckpt: Path) -> dict:
             return json.loads(path.read_text(encoding="utf-8"))
         except (ValueError, UnicodeDecodeError) as e:
             raise damaged(path, e, ckpt) from None
-    import torch
     st = torch.load(ckpt / "trainer_state.pt", map_location="cpu", weights_only=True)
     nested = st.get("config") or {}
     return {"options": {k: v for sec in nested.values() if isinstance(sec, dict) for k, v in sec.items()},

@@ -16,6 +16,8 @@ import signal
 import threading
 from typing import Iterator
 
+import torch
+
 from ..infra.errors import PreflexorError
 
 __all__ = ["TrainingInterrupted", "StopFlag", "stop_on_signals", "current_stop"]
@@ -43,8 +45,7 @@ class StopFlag:
         """True when any rank was signalled (a collective under torchrun: every rank calls it each step)."""
         local = self.signum is not None
         try:
-            import torch
-            import torch.distributed as dist
+            import torch.distributed as dist  # torch.distributed: absent from some torch builds
             if dist.is_available() and dist.is_initialized():
                 t = torch.tensor([self.signum or 0], dtype=torch.int64,
                                  device="cuda" if dist.get_backend() == "nccl" else "cpu")

@@ -21,16 +21,21 @@ import time
 from dataclasses import dataclass
 
 import torch
+from tqdm.auto import tqdm
 
-from . import distributed as D
 from ..infra.errors import PreflexorError
-from .batches import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
-from ..losses.preference import forward_logps
-from ..llm.model import Llama
 from ..tokenization.tokenizer import Tokenizer
+from ..llm.lora import disable_adapters
+from ..llm.model import Llama
+from ..losses.preference import forward_logps
+from ..sampler import SamplingParams
+from ..datagen import generate_pairs, read_pairs
+from ..datagen.pairs_io import nothing_produced
+from . import distributed as D
+from .batches import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
-from .signals import TrainingInterrupted, current_stop
 from .objectives import ADDITIVE_METRICS, dpo_objective, lm_objective, orpo_objective
+from .signals import TrainingInterrupted, current_stop
 
 log = logging.getLogger("preflexor.train")
 
@@ -83,7 +88,6 @@ def pair_id_prefix(meta: dict) -> str:
 
 
 def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
-    from tqdm.auto import tqdm
     return tqdm(total=total, desc=desc, disable=not enabled, initial=initial, dynamic_ncols=True)
 
 
@@ -279,7 +283,6 @@ class StageRun:
         self.t.retriever()            # collective (built on rank 0, loaded everywhere): call on every rank
         state = D.full_state_dict(self.base) if self.fsdp else None        # collective under FSDP2
         if self.is_main:
-            from ..datagen import generate_pairs
             d = self.cfg.data
             policy = self.plain_model(state)
             meta = self.provenance(iteration)
@@ -289,7 +292,6 @@ class StageRun:
             if self.pos["step"] > 0:
                 # resumed inside an iteration: its dataset was complete before training on it began, so
                 # rows are only reloaded (a row skipped then must not be sampled now by a later policy)
-                from ..datagen import read_pairs
                 rows = sorted((r for r in read_pairs(self.t.out / PAIRS_FILE)
                                if str(r["id"]).startswith(prefix + "-")), key=lambda r: int(r.get("index", 0)))
                 self.gen_skipped = {}
@@ -320,7 +322,6 @@ class StageRun:
                 "settings_hash": settings_hash(self.cfg, self._sampling_params(), self.stage)}
 
     def _sampling_params(self):
-        from ..sampler import SamplingParams
         d = self.cfg.data
         cap = d.thinking_max_new_tokens if self.stage == "2" else d.sample_max_new_tokens
         return SamplingParams(max_new_tokens=cap, temperature=d.sample_temperature, top_p=d.sample_top_p)
@@ -332,7 +333,6 @@ class StageRun:
         bs = self.cfg.optim.batch_size
         with contextlib.ExitStack() as stack:
             if self.ref is None:
-                from ..llm.lora import disable_adapters
                 stack.enter_context(disable_adapters(self.base))
             model = self.ref if self.ref is not None else self.base
             was = model.training
@@ -370,7 +370,6 @@ class StageRun:
             self.t.log.write({"stage": int(self.stage), "iteration": it, "event": "dataset", "pairs": len(rows),
                               "kept": len(examples), "dropped": dropped})
             if not examples:      # a stage that trains on nothing fails (no DONE) with the dominant cause
-                from ..datagen.pairs_io import nothing_produced
                 raise nothing_produced(f"stage {self.stage} iteration {it}", getattr(self, "gen_skipped", None),
                                        dropped, total=len(rows))
             ref_c = ref_r = None

@@ -17,23 +17,30 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from . import distributed as D
-from ..llm.config import ModelConfig
-from ..llm.model import Llama
 from ..infra.errors import writing
-from ..infra.io import atomic_dir, recover_dir
+from ..infra.io import atomic_dir, atomic_write, recover_dir
 from ..infra.rundir import WriterLock, claim_dir, run_lock_path
-from ..llm.cpu_features import native_cpu_bf16
-from ..llm.registry import resolve_model
 from ..tokenization.tokenizer import Tokenizer
+from ..llm.config import ModelConfig
+from ..llm.cpu_features import native_cpu_bf16
+from ..llm.lora import LoRAConfig, apply_lora
+from ..llm.model import Llama
+from ..llm.registry import resolve_model
 from ..llm.vocab import VocabChange, add_thinking_tokens, init_token_rows
+from ..retrieval import GraphRetriever
+from ..retrieval.chunking import CorpusError, read_path
+from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
+from ..teachers import check_teacher_endpoint, teacher_from_spec
+from ..datagen.pairs_io import read_pairs
+from . import distributed as D
 from .config import STAGES, TrainConfig
+from .grpo_stage import GRPOStage
+from .plots import plot_training_log
 from .provenance import built_from, corpus_fingerprint, reuse_artefact, write_built_from
 from .resume import check_resume
 from .signals import TrainingInterrupted, stop_on_signals
@@ -79,9 +86,7 @@ class JsonlLog:
                                              and _after(row, pos)):
                 kept.append(line)
         if len(kept) != len(lines):
-            tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            os.replace(tmp, self.path)
+            atomic_write(self.path, "".join(kept))
 
     def write(self, row: dict) -> None:
         if not self.enabled:
@@ -107,7 +112,6 @@ class Trainer:
         self.cfg = cfg
         # --model: a known name, checkpoint dir or .gguf file, checked before any work (None: a preset)
         self.model_path = None if cfg.from_scratch else resolve_model(cfg.run.model)
-        from ..teachers import check_teacher_endpoint      # an HTTP teacher must answer before any work
         check_teacher_endpoint(cfg.data.teacher, cfg.data.teacher_model, flag="--teacher")
         self.dist = D.init_distributed(cfg.parallel.device)
         if cfg.parallel.fsdp and self.dist.enabled and cfg.optim.lora_r:
@@ -142,7 +146,6 @@ class Trainer:
         return [str(p)]
 
     def corpus_texts(self) -> list[str]:
-        from ..retrieval.chunking import CorpusError, read_path
         texts = [doc.text for f in self.corpus_files() for doc in read_path(f)]
         if not any(t.strip() for t in texts):
             raise CorpusError(f"--corpus {', '.join(self.corpus_files())}: no text to train on; pass a corpus "
@@ -158,13 +161,11 @@ class Trainer:
     def retriever(self):
         """The run's GraphRetriever: built on rank 0 into ``retriever/`` once, loaded on every rank (collective)."""
         if self._retriever is None:
-            from ..retrieval import GraphRetriever
             rdir = self.out / "retriever"
             record = built_from(self.corpus_fingerprint(), embedder=self.cfg.data.embedder)
             reuse = reuse_artefact(rdir, (rdir / "meta.json").exists(), record, [self.out / "pairs.jsonl"],
                                    "retriever")
             if self.dist.is_main and not reuse:
-                from ..retrieval.embedding import HashingEmbedder, MiniLMEmbedder
                 emb = {"auto": None, "hashing": HashingEmbedder, "minilm": MiniLMEmbedder}[self.cfg.data.embedder]
                 r = GraphRetriever.build(self.corpus_files(), embedder=emb() if emb else None)
                 r.save(str(rdir))                    # atomic; the record last: without it, not complete
@@ -175,7 +176,6 @@ class Trainer:
 
     def teacher(self):
         if self._teacher is None:
-            from ..teachers import teacher_from_spec
             d = self.cfg.data
             self._teacher = teacher_from_spec(d.teacher, retriever=self.retriever(), model=d.teacher_model,
                                               seed=self.cfg.run.seed, max_items=d.teacher_max_items,
@@ -267,7 +267,6 @@ class Trainer:
             if self.stopped_early:
                 break
         if self.dist.is_main:
-            from .plots import plot_training_log
             plot_training_log(str(self.out / "log.jsonl"), str(self.out / "plots"))
         return self.summary
 
@@ -277,7 +276,6 @@ class Trainer:
         path = self.out / PAIRS_FILE
         if self.cfg.checkpoint.resume or not path.exists() or not {"1", "2"} & set(stages):
             return
-        from ..datagen.pairs_io import read_pairs
         stale = [r for r in read_pairs(path) if str(r.get("stage", "?")) in (*stages, "?")]
         if stale:
             raise StalePairsError(
@@ -291,7 +289,6 @@ class Trainer:
         lora_cfg = None
         o = self.cfg.optim
         if o.lora_r and stage != "0":
-            from ..llm.lora import LoRAConfig, apply_lora
             lora_cfg = LoRAConfig(r=o.lora_r, alpha=o.lora_alpha, dropout=o.lora_dropout,
                                   trainable_token_indices=getattr(model, "new_token_ids", ()))
             torch.manual_seed(self.cfg.run.seed + 1000 * int(stage))    # adapter init: same in every process
@@ -301,7 +298,6 @@ class Trainer:
             ref = copy.deepcopy(model).eval()
             ref.requires_grad_(False)
         if stage == "3":
-            from .grpo_stage import GRPOStage
             GRPOStage(self, stage, model, tok, ref, lora_cfg).train()
             return
         StageRun(self, stage, model, tok, ref, lora_cfg).train()
