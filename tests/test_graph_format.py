@@ -5,8 +5,9 @@ import json
 
 import pytest
 
-from preflexor_core.thinking.graph import (GRAPH_SECTIONS, Edge, format_edge, format_graph_chosen,
+from preflexor_core.thinking.graph import (GRAPH_SECTIONS, Edge, format_edge,
                                            format_graph_thinking, graph_json, parse_edge, parse_graph_thinking)
+from preflexor_core.thinking.layout import join_chosen
 from preflexor_core.thinking.tokens import THINK_END, THINK_START
 
 EDGES = [("spider silk", "contains", "beta-sheet nanocrystal"), ("beta-sheet nanocrystal", "raises", "strength")]
@@ -24,9 +25,9 @@ def test_format_layout_is_exact():
 
 
 def test_round_trip():
-    text = format_graph_chosen("Brainstorm text.", EDGES, "Pattern: A -> B -> C.", "Synthesis text.",
-                               "  Silk is strong because of its nanocrystals. ", nodes=["spider silk", "strength",
-                                                                                     "beta-sheet nanocrystal", "toughness"])
+    thinking = format_graph_thinking("Brainstorm text.", EDGES, "Pattern: A -> B -> C.", "Synthesis text.",
+                                     nodes=["spider silk", "strength", "beta-sheet nanocrystal", "toughness"])
+    text = join_chosen(thinking, "  Silk is strong because of its nanocrystals. ")
     p = parse_graph_thinking(text)
     assert p.sections == list(GRAPH_SECTIONS)
     assert p.thinking_closed and p.n_think_start == 1 and p.n_think_end == 1

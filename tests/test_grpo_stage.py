@@ -161,12 +161,14 @@ def test_graph_eval_metrics_graphml_and_png(tmp_path):
     from preflexor_core import Llama, ModelConfig, Tokenizer
     from preflexor_core.evaluation.graph_eval import draw_graph, evaluate_graph, format_graph_table, graph_metrics
     from preflexor_core.thinking.graph_io import export_graphml
-    from preflexor_core.thinking.graph import format_graph_chosen
+    from preflexor_core.thinking.graph import format_graph_thinking
+    from preflexor_core.thinking.layout import join_chosen
     from preflexor_core.retrieval import GraphRetriever
     from preflexor_core.retrieval.embedding import HashingEmbedder
     from preflexor_core.llm.vocab import add_thinking_tokens
     r = GraphRetriever.build([CORPUS * 3], embedder=HashingEmbedder())
-    good = format_graph_chosen("b", [("bone", "composite of", "collagen fibril")], "p", "s", "Bone is a composite.")
+    good = join_chosen(format_graph_thinking("b", [("bone", "composite of", "collagen fibril")], "p", "s"),
+                       "Bone is a composite.")
     bad = good.replace('"target": "collagen fibril"}', '"target": "collagen fibril"')      # broken JSON
     m, scored = graph_metrics([good, bad], ["Bone is a composite."] * 2, GraphRewards(corpus=r))
     assert m["graph_validity_rate"] == 0.5 and scored[0].components["graph_validity"] == 1.0

@@ -11,7 +11,8 @@ import networkx as nx
 import numpy as np
 import pytest
 
-from preflexor_core.thinking.graph import format_graph_chosen
+from preflexor_core.thinking.graph import format_graph_thinking
+from preflexor_core.thinking.layout import join_chosen
 from preflexor_core.retrieval import GraphRetriever
 from preflexor_core.retrieval.embedding import HashingEmbedder
 from preflexor_core.retrieval.graph import KnowledgeGraph
@@ -61,8 +62,8 @@ def corpus(retriever):
 
 def test_valid_completion_is_what_the_formatter_writes():
     nodes = [n["id"] for n in json.loads(JSON_OK)["nodes"]]
-    written = format_graph_chosen("Silk, nacre and bone.", EDGES, "stiff phase -> toughness",
-                                  "Stiff crystals in a soft matrix.", ANSWER, nodes=nodes)
+    written = join_chosen(format_graph_thinking("Silk, nacre and bone.", EDGES, "stiff phase -> toughness",
+                                                "Stiff crystals in a soft matrix.", nodes=nodes), ANSWER)
     assert written == VALID
 
 

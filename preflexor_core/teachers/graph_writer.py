@@ -22,6 +22,7 @@ from itertools import combinations
 from ..thinking.graph import Edge, format_graph_thinking
 from ..text.words import STOPWORDS, normalize_text, split_sentences
 from ..thinking.formats import GRAPH_INSTRUCTION, THINKING_FORMATS
+from ..thinking.layout import join_chosen
 from ..thinking.tokens import strip_pipeline_tags
 
 __all__ = ["GraphThinking", "GraphWriter", "CorpusSentence"]
@@ -45,7 +46,7 @@ class GraphThinking:
     sources: list[dict] = field(default_factory=list)   # {"source", "relation", "target", "sentence", "chunk_id"}
 
     def chosen(self, answer: str) -> str:
-        return f"{self.thinking}\n{answer.strip()}"
+        return join_chosen(self.thinking, answer)
 
 
 def _find(words: list[str], term: list[str]) -> int:

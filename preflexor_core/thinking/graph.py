@@ -21,7 +21,7 @@ from typing import Sequence
 from .spans import extract_spans
 from .tokens import THINK_END, THINK_START
 
-__all__ = ["GRAPH_SECTIONS", "Edge", "ParsedGraphThinking", "format_graph_thinking", "format_graph_chosen",
+__all__ = ["GRAPH_SECTIONS", "Edge", "ParsedGraphThinking", "format_graph_thinking",
            "format_edge", "parse_edge", "parse_graph_thinking", "graph_json"]
 
 GRAPH_SECTIONS = ("Brainstorm", "Graph", "Graph JSON", "Patterns", "Synthesis")
@@ -122,12 +122,6 @@ def format_graph_thinking(brainstorm: str, edges: Sequence, patterns: str, synth
              "Patterns": patterns, "Synthesis": synthesis}
     body = "".join(f"**{name}**:\n\n{(texts[name] or '').strip()}\n\n" for name in GRAPH_SECTIONS)
     return f"{THINK_START}\n{body}{THINK_END}"
-
-
-def format_graph_chosen(brainstorm: str, edges: Sequence, patterns: str, synthesis: str, answer: str,
-                        nodes: Sequence[str] | None = None) -> str:
-    """``format_graph_thinking(...) + "\\n" + answer`` (the chosen side of a preference row)."""
-    return f"{format_graph_thinking(brainstorm, edges, patterns, synthesis, nodes)}\n{answer.strip()}"
 
 
 def _decode_json(text: str) -> tuple[dict | list | None, str]:

@@ -32,8 +32,13 @@ def format_thinking(sections: Sequence[tuple[str, str]]) -> str:
     return f"{THINK_START}\n{body}{THINK_END}"
 
 
+def join_chosen(thinking: str, answer: str) -> str:
+    """A response: the thinking block, a newline, the answer (the chosen side of a preference row)."""
+    return f"{thinking}\n{answer.strip()}"
+
+
 def format_chosen(sections: Sequence[tuple[str, str]], answer: str) -> str:
-    return f"{format_thinking(sections)}\n{answer.strip()}"
+    return join_chosen(format_thinking(sections), answer)
 
 
 def answer_part(text: str) -> str:
