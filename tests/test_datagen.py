@@ -103,9 +103,9 @@ def _scorer(question, reference, candidate):
 
 
 def test_rejection_sampling_keeps_the_lowest_scored_sample(retriever, monkeypatch):
-    import preflexor_core.sampler as sampler
+    import preflexor_core.datagen.rejected as rejected
     calls = []
-    monkeypatch.setattr(sampler, "generate", _fake_generate(calls))
+    monkeypatch.setattr(rejected, "generate", _fake_generate(calls))
     rows = generate_pairs(retriever, ExtractiveTeacher(retriever), policy=("model", "tok"), n=5,
                           k_samples=4, scorer=_scorer, progress=False, batch_size=16)
     assert len(rows) == 5
@@ -122,9 +122,9 @@ def test_rejection_sampling_keeps_the_lowest_scored_sample(retriever, monkeypatc
 
 
 def test_stage2_samples_start_with_thinking(retriever, monkeypatch):
-    import preflexor_core.sampler as sampler
+    import preflexor_core.datagen.rejected as rejected
     calls = []
-    monkeypatch.setattr(sampler, "generate", _fake_generate(calls))
+    monkeypatch.setattr(rejected, "generate", _fake_generate(calls))
     rows = generate_pairs(retriever, ExtractiveTeacher(retriever), policy=("model", "tok"), n=2,
                           k_samples=2, with_thinking=True, scorer=_scorer, progress=False)
     chats, params = calls[0]
@@ -134,8 +134,8 @@ def test_stage2_samples_start_with_thinking(retriever, monkeypatch):
 
 
 def test_only_include_wrong_answers_drops_good_rejected(retriever, monkeypatch):
-    import preflexor_core.sampler as sampler
-    monkeypatch.setattr(sampler, "generate", _fake_generate([]))
+    import preflexor_core.datagen.rejected as rejected
+    monkeypatch.setattr(rejected, "generate", _fake_generate([]))
     scores = iter([0.95, 0.1, 0.85, 0.3])  # one sample per row
     rows = generate_pairs(retriever, ExtractiveTeacher(retriever), policy=("model", "tok"), n=4,
                           scorer=lambda q, ref, c: next(scores), only_include_wrong_answers=True,
@@ -146,7 +146,7 @@ def test_only_include_wrong_answers_drops_good_rejected(retriever, monkeypatch):
 
 def test_embedding_scorer_prefers_the_closer_answer(retriever, monkeypatch):
     """With the embedding scorer the sample farthest from the chosen answer is the one kept."""
-    import preflexor_core.sampler as sampler
+    import preflexor_core.datagen.rejected as rejected
 
     teacher = ExtractiveTeacher(retriever)
     state = {}
@@ -166,7 +166,7 @@ def test_embedding_scorer_prefers_the_closer_answer(retriever, monkeypatch):
         return orig(q, ctx)
 
     teacher.answer = answer
-    monkeypatch.setattr(sampler, "generate", gen)
+    monkeypatch.setattr(rejected, "generate", gen)
     rows = generate_pairs(retriever, teacher, policy=("m", "t"), n=3, k_samples=2, progress=False)
     for r in rows:
         assert r["scores"][1] > 0.99 and r["scores"][0] < 0.5
@@ -453,6 +453,7 @@ def test_tiny_policy_with_real_sampler(retriever, tmp_path):
 
 
 def test_policy_samples_decode_with_the_requested_weights(retriever, monkeypatch):
+    import preflexor_core.datagen.rejected as rejected
     import preflexor_core.sampler as sampler
     from preflexor_core.datagen import DatagenError
     seen = []
@@ -461,7 +462,7 @@ def test_policy_samples_decode_with_the_requested_weights(retriever, monkeypatch
         seen.append(kw.get("decode_weights"))
         return [sampler.Completion(text="An answer.", token_ids=[1], finish_reason="stop", prompt_index=i // params.n,
                                    sample_index=i % params.n) for i in range(len(chats) * params.n)]
-    monkeypatch.setattr(sampler, "generate", fake_generate)
+    monkeypatch.setattr(rejected, "generate", fake_generate)
     rows = generate_pairs(retriever, ExtractiveTeacher(retriever), policy=(object(), object()), n=2, progress=False,
                           decode_weights="int8", batch_size=2)
     assert len(rows) == 2 and seen == ["int8"]
@@ -493,8 +494,8 @@ def test_cli_bad_inputs(tmp_path):
     corpus.write_text("\n\n".join(CORPUS))
     p = _cli("--corpus", str(corpus), "--teacher", "gpt-4o")
     assert p.returncode == 2 and "--teacher 'gpt-4o'" in p.stderr and "http(s)://" in p.stderr
-    p = _cli("--corpus", str(corpus), "--teacher", "http://127.0.0.1:9/v1")
-    assert p.returncode == 2 and "--teacher-model" in p.stderr
+    p = _cli("--corpus", str(corpus), "--teacher", "http://127.0.0.1:9/v1")     # --teacher-model: gpt-4o-mini
+    assert p.returncode == 2 and "--teacher" in p.stderr and "unreachable" in p.stderr
 
 
 def test_cli_extractive_run(tmp_path):

@@ -294,7 +294,7 @@ def test_cli_help_and_missing_model(tmp_path):
     missing = tmp_path / "no_such_model"
     r = _cli("--model", str(missing), "--out", str(tmp_path / "o"))
     assert r.returncode == 2
-    assert f"model dir {missing} does not exist" in r.stderr
+    assert f"model path '{missing}' does not exist" in r.stderr
     assert not (tmp_path / "o").exists()
 
 
@@ -325,6 +325,7 @@ def test_tags_written_as_text_count_as_the_thinking_tokens():
 
 def test_base_model_is_instructed_and_comes_first(run_dir, tmp_path, monkeypatch):
     import preflexor_core.sampler as sampler
+    import preflexor_core.evaluation.runner as runner
     from preflexor_core.evaluation.runner import FORMAT_INSTRUCTION
     seen = []
     real = sampler.generate
@@ -332,7 +333,7 @@ def test_base_model_is_instructed_and_comes_first(run_dir, tmp_path, monkeypatch
     def spy(model, tok, chats, params):
         seen.append([c[0]["role"] for c in chats])
         return real(model, tok, chats, params)
-    monkeypatch.setattr(sampler, "generate", spy)
+    monkeypatch.setattr(runner, "generate", spy)
     out = tmp_path / "report"
     results = evaluate_stages(str(run_dir), str(run_dir / "questions.jsonl"),
                               EvalConfig(max_new_tokens=4, progress=False), pairs=str(run_dir / "pairs.jsonl"),

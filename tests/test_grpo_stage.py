@@ -126,11 +126,12 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
 
 def test_sample_weights_int8_reaches_the_group_sampler_and_the_pairs_hash(tmp_path, monkeypatch):
     import preflexor_core.sampler as sampler
+    import preflexor_core.train.grpo_stage as grpo_stage
     from preflexor_core.sampler import SamplingParams
     from preflexor_core.train.stage import settings_hash
     seen = []
     real = sampler.generate
-    monkeypatch.setattr(sampler, "generate", lambda *a, **k: seen.append(k.get("decode_weights")) or real(*a, **k))
+    monkeypatch.setattr(grpo_stage, "generate", lambda *a, **k: seen.append(k.get("decode_weights")) or real(*a, **k))
     Trainer(cfg(tmp_path, grpo_sft_steps=1, grpo_steps=1, grpo_max_new_tokens=8, sample_weights="int8")).run()
     assert seen == ["int8"]                     # the one generation batch of the one GRPO step
     sp = SamplingParams(max_new_tokens=8)

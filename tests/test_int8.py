@@ -89,7 +89,7 @@ def test_int8_off_cpu_path_is_the_reference(monkeypatch, tiny):
 
 def test_infer_cli_decode_weights_flag_reaches_the_policy(monkeypatch, capsys):
     import infer
-    from preflexor_core.reasoning import cli
+    from preflexor_core.reasoning import session as cli
     from preflexor_core.reasoning.policy import Policy
     assert infer.parse_args(["--question", "q"]).decode_weights == cli.InferConfig().decode_weights == "fp"
     cfg = infer.parse_args(["--question", "q", "--decode-weights", "int8", "--reflect-depth", "0"])
@@ -111,6 +111,6 @@ def test_infer_cli_decode_weights_flag_reaches_the_policy(monkeypatch, capsys):
         cli.main(cfg)
     assert seen == ["int8"]
     # ... and the policy hands it to sampler.generate
-    import preflexor_core.sampler as sampler
-    monkeypatch.setattr(sampler, "generate", lambda *a, **k: k["decode_weights"])
+    import preflexor_core.reasoning.policy as policy_mod
+    monkeypatch.setattr(policy_mod, "generate", lambda *a, **k: k["decode_weights"])
     assert Policy(None, None, decode_weights="int8").generate(["q"], None) == "int8"

@@ -27,40 +27,19 @@ from typing import Any, Sequence
 from tqdm import tqdm
 
 from ..thinking.formats import check_format_name, prompt
-from ..thinking.layout import DEFAULT_CATEGORIES
-from ..thinking.layout import answer_part, clean_question, clean_section, format_chosen, strip_thinking_tokens
-from ..thinking.tokens import THINK_START
+from ..thinking.layout import (DEFAULT_CATEGORIES, answer_part, clean_question, clean_section, format_chosen,
+                               strip_thinking_tokens)
 from ..retrieval.context import Context, gather_context
-from ..sampler import SamplingParams, generate
 from ..teachers.base import TeacherAuthError, TeacherError, TeacherNotFoundError, complete_many, hash_seed
+from ..teachers.prompts import ANSWER_PROMPT, CATEGORY_HINTS, CATEGORY_PROMPT, QUESTION_PROMPT
 from .pairs_io import MAX_FIELD_CHARS, DatagenError, GenerationStats, Pairs, PairWriter
+from .rejected import _user, policy_samples, teacher_samples
 from .scorers import make_scorer
 
 log = logging.getLogger(__name__)
 
 REJECTED_SOURCES = ("policy", "teacher")
 DEFAULT_WRONG_THRESHOLD = 0.8
-
-# Prompts for LLM teachers (teachers without make_question / fill_category / answer).
-QUESTION_PROMPT = (
-    "You write exam questions for scientists. Read the text below and write ONE challenging "
-    "question that connects at least two of its concepts and can be answered from the text. "
-    "Reply with the question only.\n\nText:\n{text}")
-CATEGORY_PROMPT = (
-    "Question: {question}\n\nContext:\n{context}\n\nWrite the \"{category}\" section of a structured "
-    "reasoning scratchpad for answering the question, using only facts from the context. {hint} "
-    "Reply with the section content only, without a heading.")
-CATEGORY_HINTS = {
-    "Reasoning Steps": "Give numbered steps that lead from the question to the answer.",
-    "Relevant Materials or Concepts": "Give a bulleted list of the key materials and concepts.",
-    "Design Principles": "List the design principles or strategies involved.",
-    "Material Properties": "List the relevant material properties, with values where given.",
-    "Hypothesis": "State a testable hypothesis that follows from the context.",
-    "Additional Background": "Give short background facts that help to answer.",
-}
-ANSWER_PROMPT = ("Context:\n{context}\n\nAnswer the question accurately and concisely, using the "
-                 "context.\n\nQuestion: {question}")
-
 
 @dataclass(kw_only=True)
 class DatagenConfig:
@@ -136,10 +115,6 @@ def generate_pairs(retriever, teacher, policy=None, tokenizer=None, config: Data
         if tokenizer is None:
             raise DatagenError("the policy needs a tokenizer: pass policy=(model, tokenizer)")
     return _Pipeline(retriever, teacher, model, tokenizer, cfg).run()
-
-
-def _user(content: str) -> list[dict]:
-    return [{"role": "user", "content": content}]
 
 
 def _is_fatal(e: BaseException) -> bool:
@@ -353,43 +328,16 @@ class _Pipeline:
                          [], answer, graph)
 
     # ---------------------------------------------------------------- rejected side
-    def _policy_samples(self, prepared: list[_Prepared]) -> list[list[str]]:
-        cfg, k = self.cfg, self.cfg.k_samples
-        params = cfg.sampling if cfg.sampling is not None else SamplingParams(
-            max_new_tokens=256, temperature=0.8, top_p=0.9, top_k=50)
-        prepend = THINK_START if cfg.with_thinking else ""
-        params = dataclasses.replace(params, n=k, prepend_response=prepend,
-                                     seed=hash_seed(cfg.seed, "policy", prepared[0].index) % (2**31))
-        chats = [_user(p.prompt if cfg.with_thinking else p.question) for p in prepared]
-        outs = generate(self.model, self.tokenizer, chats, params, decode_weights=cfg.decode_weights)
-        if len(outs) != len(prepared) * k:
-            raise RuntimeError(f"sampler returned {len(outs)} completions for {len(prepared)} prompts x n={k}")
-        texts = [(o.text if not prepend or o.text.startswith(prepend) else prepend + o.text).strip() for o in outs]
-        return [texts[j * k:(j + 1) * k] for j in range(len(prepared))]
-
-    def _teacher_samples(self, prepared: list[_Prepared]) -> list[list[Any]]:
-        k = self.cfg.k_samples
-        if hasattr(self.teacher, "plain_answer"):
-            replies = [self.teacher.plain_answer(p.question, salt=f"{self.cfg.seed}-{p.index}/{s}")
-                       for p in prepared for s in range(k)]
-        else:
-            chats = [_user(p.question) for p in prepared for _ in range(k)]
-            replies = complete_many(self.teacher, chats, temperature=0.7 if k > 1 else 0.0,
-                                    max_tokens=self.cfg.teacher_max_tokens)
-        # a teacher's text must not open or close the pipeline's thinking structure
-        replies = [strip_thinking_tokens(r) if isinstance(r, str) else r for r in replies]
-        return [replies[j * k:(j + 1) * k] for j in range(len(prepared))]
-
     def finish_batch(self, prepared: list[_Prepared]) -> list[dict]:
         """The rows of ``prepared``: samples, scores, the lowest-scored sample as rejected."""
         if not prepared:
             return []
         cfg, stats = self.cfg, self.stats
         if cfg.rejected_from == "policy":
-            samples = self._policy_samples(prepared)
+            samples = policy_samples(self.model, self.tokenizer, prepared, cfg)
             stats.policy_samples += sum(len(s) for s in samples)
         else:
-            samples = self._teacher_samples(prepared)
+            samples = teacher_samples(self.teacher, prepared, cfg)
             for x in (x for s in samples for x in s):
                 if isinstance(x, BaseException) and _is_fatal(x):
                     raise x
