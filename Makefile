@@ -35,38 +35,34 @@ Q1 := Why is nacre so much tougher than the aragonite it is made of?
 Q2 := How does the hierarchical structure of bone contribute to its toughness?
 CORPUS_FILES = $$($(PY) -c "from preflexor_core.train import shipped_corpus_files as f; print(' '.join(f()))")
 # The embedded demo: the bundled SmolLM2-135M-Instruct (smollm2-135m-instruct), full fine-tuning, sized for
-# 2 CPU cores (see the README's demo section for why these values).
+# 2 CPU cores. Each step's settings are a named preset defined next to its config (train/config.py,
+# datagen/__main__.py, reasoning/session.py, evaluation/cli.py: PRESETS; `--help` lists them).
 SEED ?= 0
-DEMO_TRAIN := --out $(DEMO) --seed $(SEED) --batch-size 2 --warmup-steps 2 --gen-batch-size 16 \
-	--thinking-max-new-tokens 640
-DEMO_TOKENS := 640
 
 .PHONY: demo-tiny
 
 demo: install
 	rm -rf $(DEMO)
-	$(PY) train.py --stage 1 --iterations 4 --pairs-per-iteration 32 --n-steps 16 --orpo-lr 1e-4 $(DEMO_TRAIN)
-	$(PY) train.py --stage 2 --iterations 2 --pairs-per-iteration 24 --n-steps 12 --dpo-lr 1e-5 $(DEMO_TRAIN)
-	$(PY) -m preflexor_core.datagen --corpus $(CORPUS_FILES) \
-		--retriever-dir $(DEMO)/retriever --model $(DEMO)/stage1 --with-thinking --k-samples 2 --max-new-tokens $(DEMO_TOKENS) \
-		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO)/heldout_pairs.jsonl
-	$(PY) infer.py --model $(DEMO)/stage2 --retriever $(DEMO)/retriever --reflect-depth 3 --max-new-tokens $(DEMO_TOKENS) \
+	$(PY) train.py --preset demo-stage1 --out $(DEMO) --seed $(SEED)
+	$(PY) train.py --preset demo-stage2 --out $(DEMO) --seed $(SEED)
+	$(PY) -m preflexor_core.datagen --preset demo --corpus $(CORPUS_FILES) \
+		--retriever $(DEMO)/retriever --model $(DEMO)/stage1 --out $(DEMO)/heldout_pairs.jsonl
+	$(PY) infer.py --preset demo --model $(DEMO)/stage2 --retriever $(DEMO)/retriever \
 		--question "$(Q1)" --question "$(Q2)" --json $(DEMO)/infer_trace.json
-	$(PY) -m preflexor_core.evaluation --run $(DEMO) --base smollm2-135m-instruct --pairs $(DEMO)/heldout_pairs.jsonl \
-		--log $(DEMO)/log.jsonl --max-new-tokens $(DEMO_TOKENS) --batch-size 25 --out $(DEMO)/report
+	$(PY) -m preflexor_core.evaluation --preset demo --run $(DEMO) --pairs $(DEMO)/heldout_pairs.jsonl \
+		--log $(DEMO)/log.jsonl --out $(DEMO)/report
 	@echo; echo "== demo summary ($(DEMO)) =="; sed -n '1,/^## Base vs/p' $(DEMO)/report/report.md | head -n 30
 
 # The from-scratch path: a BPE tokenizer and the 1.3M-parameter `tiny` preset (stage 0, then 1 and 2).
 demo-tiny: install
 	rm -rf $(DEMO_TINY)
-	$(PY) train.py --stage all --model tiny --out $(DEMO_TINY) --pairs-per-iteration 64 --n-steps 48
-	$(PY) -m preflexor_core.datagen --corpus $(CORPUS_FILES) \
-		--retriever-dir $(DEMO_TINY)/retriever --model $(DEMO_TINY)/stage1 --with-thinking --k-samples 2 --max-new-tokens 768 \
-		--teacher-max-items 1 --teacher-answer-sentences 2 --n 32 --seed 9001 --batch-size 32 --out $(DEMO_TINY)/heldout_pairs.jsonl
-	$(PY) infer.py --model $(DEMO_TINY)/stage2 --retriever $(DEMO_TINY)/retriever --reflect-depth 3 --max-new-tokens 768 \
+	$(PY) train.py --preset demo-tiny --out $(DEMO_TINY)
+	$(PY) -m preflexor_core.datagen --preset demo-tiny --corpus $(CORPUS_FILES) \
+		--retriever $(DEMO_TINY)/retriever --model $(DEMO_TINY)/stage1 --out $(DEMO_TINY)/heldout_pairs.jsonl
+	$(PY) infer.py --preset demo-tiny --model $(DEMO_TINY)/stage2 --retriever $(DEMO_TINY)/retriever \
 		--question "$(Q1)" --question "$(Q2)" --json $(DEMO_TINY)/infer_trace.json
-	$(PY) -m preflexor_core.evaluation --run $(DEMO_TINY) --pairs $(DEMO_TINY)/heldout_pairs.jsonl --log $(DEMO_TINY)/log.jsonl \
-		--max-new-tokens 768 --out $(DEMO_TINY)/report
+	$(PY) -m preflexor_core.evaluation --preset demo-tiny --run $(DEMO_TINY) --pairs $(DEMO_TINY)/heldout_pairs.jsonl \
+		--log $(DEMO_TINY)/log.jsonl --out $(DEMO_TINY)/report
 	@echo; echo "== demo summary ($(DEMO_TINY)) =="; sed -n '1,/^## Examples/p' $(DEMO_TINY)/report/report.md | head -n 30
 
 bench: install
@@ -92,8 +88,7 @@ GRAPH_STAGE2 = $$(test -f $(DEMO)/stage2/DONE && echo --model stage2=$(DEMO)/sta
 
 demo-graph: install
 	rm -rf $(DEMO_GRAPH)
-	$(PY) train.py --stage grpo --model $(GRAPH_START) --out $(DEMO_GRAPH) --seed $(SEED) --grpo-sft-steps 24 --orpo-lr 1e-4 \
-		--grpo-steps 12 --grpo-prompts 2 --num-generations 4 --grpo-max-new-tokens 512 --grpo-lr 1e-5 --warmup-steps 0
+	$(PY) train.py --preset demo-graph --model $(GRAPH_START) --out $(DEMO_GRAPH) --seed $(SEED)
 	$(PY) -m preflexor_core.evaluation.graph_eval --model base=smollm2-135m-instruct $(GRAPH_STAGE2) \
 		--model stage3=$(DEMO_GRAPH)/stage3 --retriever $(DEMO_GRAPH)/retriever --n 12 --max-new-tokens 512 \
 		--out $(DEMO_GRAPH)/graph_eval --graphml --png

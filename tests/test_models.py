@@ -212,10 +212,10 @@ def test_bundled_model_runs(smollm2):
 @needs_package
 def test_every_model_flag_resolves_the_name(tmp_path):
     from preflexor_core.evaluation.inputs import check_model_dir
-    from preflexor_core.reasoning.cli import resolve_model as infer_resolve
+    from preflexor_core.llm.registry import resolve_checkpoint
+    from preflexor_core.reasoning.session import resolve_model as infer_resolve
     want = resolve_model(NAME)
-    assert infer_resolve(NAME) == want
-    assert check_model_dir(NAME) == want
+    assert infer_resolve(NAME) == check_model_dir(NAME) == resolve_checkpoint(NAME) == want
     import infer
     cfg = infer.parse_args(["--model", NAME, "--dtype", "bf16", "--question", "q"])
     assert (cfg.model, cfg.dtype) == (NAME, "bf16")
@@ -224,8 +224,8 @@ def test_every_model_flag_resolves_the_name(tmp_path):
 def test_cli_model_errors_are_specific(tmp_path, capsys):
     from preflexor_core.datagen.__main__ import main as datagen_main
     from preflexor_core.evaluation.inputs import EvaluationInputError, check_model_dir
-    from preflexor_core.reasoning.cli import InputError
-    from preflexor_core.reasoning.cli import resolve_model as infer_resolve
+    from preflexor_core.reasoning.session import InputError
+    from preflexor_core.reasoning.session import resolve_model as infer_resolve
     from preflexor_core.train import TrainConfig
     from preflexor_core.train.trainer import Trainer
     with pytest.raises(InputError, match=r"--model: model 'tiny' is a preset"):

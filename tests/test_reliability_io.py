@@ -143,7 +143,7 @@ def test_stage_with_every_pair_dropped_fails_without_done(corpus, tmp_path):
 
 
 def test_infer_refused_critic_fails_before_the_model_loads():
-    from preflexor_core.reasoning.cli import InferConfig, InputError, check_inputs
+    from preflexor_core.reasoning.session import InferConfig, InputError, check_inputs
     cfg = InferConfig(questions=["why?"], model="smollm2-135m-instruct", critic=closed_port_url(), reflect_depth=1)
     with pytest.raises(InputError, match="--critic: critic endpoint .* is unreachable"):
         check_inputs(cfg)
@@ -191,7 +191,7 @@ def test_rows_are_validated_on_read_naming_file_line_and_id(tmp_path):
 
 def test_output_paths_are_checked_before_the_work(tmp_path, capsys):
     from preflexor_core.evaluation.cli import main as eval_main
-    from preflexor_core.reasoning.cli import InferConfig, check_inputs
+    from preflexor_core.reasoning.session import InferConfig, check_inputs
     d = tmp_path / "adir"
     d.mkdir()
     f = tmp_path / "afile"
@@ -221,7 +221,7 @@ def test_read_only_dir_is_refused(tmp_path):
 
 def test_a_failed_final_write_goes_to_a_fallback_file(tmp_path, monkeypatch):
     from preflexor_core.evaluation import cli as ecli
-    from preflexor_core.reasoning.cli import InferConfig, _write_json
+    from preflexor_core.reasoning.session import InferConfig, _write_json
     target = tmp_path / "trace.json"
     cfg = InferConfig(questions=["q"], json=str(target))
     pio.check_output_file(target)
@@ -394,8 +394,9 @@ def test_saved_dirs_and_files_follow_the_umask(tmp_path, umask, fmode, dmode):
     assert {f.name: mode(f) for f in files} == {f.name: fmode for f in files}
 
 
-@pytest.mark.parametrize("flag,value", [("--n", "0"), ("--nodes", "0"), ("--k-samples", "0"), ("--max-new-tokens", "-1"),
-                                        ("--batch-size", "0"), ("--concurrency", "0"), ("--temperature", "-0.5"),
+@pytest.mark.parametrize("flag,value", [("--n", "0"), ("--number-nodes-to-get", "0"), ("--k-samples", "0"),
+                                        ("--thinking-max-new-tokens", "-1"), ("--gen-batch-size", "0"),
+                                        ("--concurrency", "0"), ("--sample-temperature", "-0.5"),
                                         ("--wrong-threshold", "1.5"), ("--teacher-max-items", "0")])
 def test_datagen_numeric_flags_are_checked_before_any_work(tmp_path, capsys, flag, value):
     from preflexor_core.datagen.__main__ import main as datagen_main
@@ -405,4 +406,5 @@ def test_datagen_numeric_flags_are_checked_before_any_work(tmp_path, capsys, fla
     with pytest.raises(SystemExit) as e:
         datagen_main(["--corpus", str(corpus), "--out", str(out), "--embedder", "hashing", flag, value])
     assert e.value.code == 2 and not out.exists()
-    assert f"{flag} {float(value) if '.' in value else value}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"({flag})" in err and f"={float(value) if '.' in value else value}" in err and "must be" in err

@@ -4,7 +4,8 @@
         --pairs heldout_pairs.jsonl --out runs/x/eval --log runs/x/log.jsonl
     python -m preflexor_core.evaluation --run runs/x            # stage0/1/2 of one run, its log
 
-Flags map onto :class:`runner.EvalConfig` (whose defaults they show); bad input (checked before any
+Flags are the fields of :class:`EvalOptions` (the shared ones declared once: ``infra.cli``,
+``datagen.options``, ``train.config``) and map onto :class:`runner.EvalConfig`; bad input (checked before any
 work: inputs, --device, a writable --out that holds no earlier report unless --overwrite) exits with 2; a report that still cannot be written goes to
 a fallback folder in the system temp dir, and the error says where.
 Tests: ``python -m pytest -q tests/test_evaluation.py -k "cli or main"``.
@@ -17,67 +18,72 @@ import os
 import sys
 import tempfile
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
+from ..datagen.options import CategoriesOptions
+from ..infra.cli import (HELP_FORMATTER, DeviceOptions, GenBatchOptions, GenerationOptions, ProgressOptions,
+                         SeedOptions, add_options, add_preset, opt, parse)
 from ..infra.errors import check_device
 from ..infra.io import OutputPathError, check_output_dir
-from ..llm.registry import DTYPE_CHOICES, NAMED_MODELS
+from ..llm.registry import NAMED_MODELS, DtypeOptions, resolve_device
+from ..train.config import DPOBetaOptions
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, check_model_dir, load_pairs, load_questions
 from .report import format_table, write_report
 from .runner import EvalConfig, evaluate_models, evaluate_stages
 
-__all__ = ["build_parser", "main"]
+__all__ = ["EvalOptions", "PRESETS", "build_parser", "main"]
 
-D = EvalConfig()
+
+@dataclass(kw_only=True)
+class EvalOptions(GenerationOptions, GenBatchOptions, SeedOptions, DeviceOptions, DtypeOptions, DPOBetaOptions,
+                  CategoriesOptions, ProgressOptions):
+    """Every option of the evaluation CLI (the shared ones: ``infra.cli``, ``datagen.options``, ``train.config``)."""
+    model: list[str] = opt(factory=list, help="checkpoint folder (config.json, *.safetensors, tokenizer.json), a "
+                           f".gguf file or a known model name ({', '.join(NAMED_MODELS)}); repeat to compare several",
+                           action="append", metavar="DIR|FILE.gguf|NAME")
+    run: str | None = opt(None, "a training run folder: evaluates RUN_DIR/stage0, stage1, stage2 (those present), "
+                          "each against the stage before it for the reward accuracy, and plots RUN_DIR/log.jsonl",
+                          metavar="RUN_DIR")
+    base: str | None = opt(None, "the pretrained model the run started from (e.g. smollm2-135m-instruct): "
+                           "evaluated first, as 'base', with a system message describing the thinking format",
+                           metavar="DIR|FILE.gguf|NAME")
+    questions_file: str | None = opt(None, "JSONL with 'question' and 'reference' per line (default: the shipped "
+                                     "75 held-out questions)", flag="--questions", metavar="FILE")
+    limit: int | None = opt(None, "only the first N questions", metavar="N")
+    pairs: str | None = opt(None, "held-out preference pairs JSONL ('prompt', 'chosen', 'rejected') for the reward "
+                            "accuracy", metavar="FILE")
+    pairs_limit: int | None = opt(None, "only the first N pairs", metavar="N")
+    ref_model: str | None = opt(None, "reference model for the reward accuracy (default with --model: the first "
+                                "--model, which is then itself reported without one; with --run: the stage before "
+                                "each stage)", metavar="DIR")
+    out: str = opt("eval_report", "report folder", metavar="DIR")
+    overwrite: bool = opt(False, "replace the report files (report.md, metrics.json, outputs.jsonl, plots) already "
+                          "in --out")
+    log: str | None = opt(None, "training log.jsonl to plot into --out (stage{N}.png, training.png)",
+                          metavar="LOG_JSONL")
+    force_thinking: bool = opt(False, "start every response with a forced <|thinking|> (off: format compliance "
+                               "then measures the model's own output)")
+    min_headers: int = opt(EvalConfig.min_headers, "category headers a compliant thinking block needs")
+    examples: int = opt(3, "example outputs per model in report.md")
+
+
+# The `make demo` recipes (--preset NAME): field values on top of the defaults.
+PRESETS: dict[str, dict] = {
+    "demo": {"base": "smollm2-135m-instruct", "max_new_tokens": 640, "gen_batch_size": 25, "temperature": 0.0,
+             "top_p": 1.0},
+    "demo-tiny": {"max_new_tokens": 768, "gen_batch_size": 16, "temperature": 0.0, "top_p": 1.0},
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
-        prog="python -m preflexor_core.evaluation",
+        prog="python -m preflexor_core.evaluation", formatter_class=HELP_FORMATTER,
         description="Evaluate PRefLexOR checkpoints: format compliance of the thinking block, answer token-F1 "
                     "and ROUGE-L against reference answers, DPO reward accuracy on held-out preference pairs. "
                     "Writes report.md, metrics.json, outputs.jsonl and PNG charts to --out.")
-    src = ap.add_argument_group("what to evaluate (one of)")
-    src.add_argument("--model", action="append", default=[], metavar="DIR|FILE.gguf|NAME",
-                     help="checkpoint dir (config.json, *.safetensors, tokenizer.json), a .gguf file or a known "
-                          f"model name ({', '.join(NAMED_MODELS)}); repeat to compare several")
-    src.add_argument("--run", metavar="RUN_DIR",
-                     help="a training run dir: evaluates RUN_DIR/stage0, stage1, stage2 (those present), each "
-                          "against the stage before it for the reward accuracy, and plots RUN_DIR/log.jsonl")
-    ap.add_argument("--base", metavar="DIR|FILE.gguf|NAME",
-                    help="the pretrained model the run started from (e.g. smollm2-135m-instruct): evaluated first, "
-                         "as 'base', with a system message describing the thinking format")
-    ap.add_argument("--questions", default=DEFAULT_QUESTIONS, metavar="FILE",
-                    help="JSONL with 'question' and 'reference' per line (default: the shipped 75 held-out questions)")
-    ap.add_argument("--limit", type=int, default=None, metavar="N", help="only the first N questions")
-    ap.add_argument("--pairs", metavar="FILE",
-                    help="held-out preference pairs JSONL ('prompt', 'chosen', 'rejected') for the reward accuracy")
-    ap.add_argument("--pairs-limit", type=int, default=None, metavar="N", help="only the first N pairs")
-    ap.add_argument("--ref-model", metavar="DIR",
-                    help="reference model for the reward accuracy (default with --model: the first --model, which "
-                         "is then itself reported without one; with --run: the stage before each stage)")
-    ap.add_argument("--beta", type=float, default=D.beta, help="DPO beta of the implicit reward (default: %(default)s)")
-    ap.add_argument("--out", default="eval_report", metavar="DIR", help="report dir (default: %(default)s)")
-    ap.add_argument("--overwrite", action="store_true",
-                    help="replace the report files (report.md, metrics.json, outputs.jsonl, plots) already in --out")
-    ap.add_argument("--log", metavar="LOG_JSONL", help="training log.jsonl to plot into --out (stage{N}.png, training.png)")
-    ap.add_argument("--max-new-tokens", type=int, default=D.max_new_tokens, help="generated tokens per answer (default: %(default)s)")
-    ap.add_argument("--temperature", type=float, default=D.temperature, help="0 = greedy (default: %(default)s)")
-    ap.add_argument("--top-p", type=float, default=D.top_p, help="nucleus sampling when temperature > 0 (default: %(default)s)")
-    ap.add_argument("--seed", type=int, default=D.seed, help="sampling seed (default: %(default)s)")
-    ap.add_argument("--force-thinking", action="store_true",
-                    help="start every response with a forced <|thinking|> (off by default: format compliance "
-                         "then measures the model's own output)")
-    ap.add_argument("--min-headers", type=int, default=D.min_headers,
-                    help="category headers a compliant thinking block needs (default: %(default)s)")
-    ap.add_argument("--categories", default=",".join(D.categories),
-                    help="comma-separated thinking categories (default: the paper's six)")
-    ap.add_argument("--batch-size", type=int, default=D.batch_size, help="questions per generate call (default: %(default)s)")
-    ap.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available, else cpu)")
-    ap.add_argument("--dtype", default=D.dtype, choices=DTYPE_CHOICES,
-                    help="weights dtype; auto = bfloat16 on cuda, float32 on cpu (default: %(default)s)")
-    ap.add_argument("--examples", type=int, default=3, help="example outputs per model in report.md (default: %(default)s)")
-    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_preset(ap, PRESETS)
+    add_options(ap, EvalOptions)
     return ap
 
 
@@ -90,45 +96,41 @@ def _config(ap: argparse.ArgumentParser, args) -> EvalConfig:
     if args.run and args.ref_model:
         ap.error("--ref-model goes with --model; with --run each stage is scored against the stage before it")
     device = check_device(args.device)
-    if device is None:
-        import torch
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(device) if device in (None, "auto") else device
     try:
         return EvalConfig(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                           seed=args.seed, force_thinking=args.force_thinking,
                           categories=[c.strip() for c in args.categories.split(",") if c.strip()],
-                          min_headers=args.min_headers, beta=args.beta, batch_size=args.batch_size,
-                          device=device, dtype=args.dtype, progress=not args.no_progress, limit=args.limit,
+                          min_headers=args.min_headers, beta=args.dpo_beta, batch_size=args.gen_batch_size,
+                          device=device, dtype=args.dtype, progress=args.progress, limit=args.limit,
                           pairs_limit=args.pairs_limit)
     except ValueError as e:   # the message names the field; the flag is --field-name
-        ap.error(str(e).removeprefix("EvalConfig: "))
+        ap.error(str(e).removeprefix("EvalConfig: ").replace("beta", "dpo_beta")
+                 .replace("batch_size", "gen_batch_size"))
 
 
 def _run(args, cfg: EvalConfig) -> tuple[list[dict], str | None]:
     """Evaluate what the flags name; returns (results, training log to plot or None)."""
-    questions = load_questions(args.questions, args.limit)
+    questions = load_questions(args.questions_file or DEFAULT_QUESTIONS, args.limit)
     pairs = load_pairs(args.pairs, args.pairs_limit) if args.pairs else None
     if args.run:
         if not os.path.isdir(args.run):
             raise EvaluationInputError(f"run dir {args.run} does not exist")
-        if args.base:
-            check_model_dir(args.base)
-        results = evaluate_stages(args.run, questions, cfg, pairs=pairs, base=args.base)
+        base = check_model_dir(args.base) if args.base else None        # resolved once, here
+        results = evaluate_stages(args.run, questions, cfg, pairs=pairs, base=base)
         run_log = os.path.join(args.run, "log.jsonl")
         log_path = args.log or (run_log if os.path.isfile(run_log) else None)
     else:
-        if args.base:
-            args.model = [args.base, *args.model]
-        for d in args.model + ([args.ref_model] if args.ref_model else []):
-            check_model_dir(d)
-        ref = args.ref_model or args.model[0]     # the reference model is reported without one
+        specs = [args.base, *args.model] if args.base else list(args.model)
+        paths = [check_model_dir(d) for d in specs]                        # each resolved once, here
+        ref = check_model_dir(args.ref_model) if args.ref_model else paths[0]   # reported without one itself
         refs = None if pairs is None else [None if os.path.realpath(d) == os.path.realpath(ref) else ref
-                                           for d in args.model]
-        names = _unique_names(args.model)
+                                           for d in paths]
+        names = _unique_names(specs)
         if args.base:
             names[0] = "base"
-        results = evaluate_models(args.model, questions, cfg, names=names, ref_model_dirs=refs, pairs=pairs,
-                                  instructed=[bool(args.base) and i == 0 for i in range(len(args.model))])
+        results = evaluate_models(paths, questions, cfg, names=names, ref_model_dirs=refs, pairs=pairs,
+                                  instructed=[bool(args.base) and i == 0 for i in range(len(paths))])
         log_path = args.log
     if log_path and not os.path.isfile(log_path):
         raise EvaluationInputError(f"training log {log_path} does not exist")
@@ -137,7 +139,7 @@ def _run(args, cfg: EvalConfig) -> tuple[list[dict], str | None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
-    args = ap.parse_args(argv)
+    args = parse(ap, argv, PRESETS)
     cfg = _config(ap, args)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

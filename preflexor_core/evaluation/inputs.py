@@ -8,6 +8,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..llm.registry import ModelSpecError, resolve_checkpoint
+
 __all__ = ["EvaluationInputError", "DEFAULT_QUESTIONS", "load_questions", "load_pairs", "check_model_dir"]
 
 DEFAULT_QUESTIONS = str(Path(__file__).resolve().parents[1] / "corpus" / "eval_questions.jsonl")
@@ -80,20 +82,9 @@ def load_pairs(path: str, limit: int | None = None) -> list[dict]:
 
 
 def check_model_dir(path: str) -> str:
-    """The checkpoint path of ``path``: a known model name (``models.resolve_model``), a .gguf file or a
-    checkpoint dir (config + tokenizer); else :class:`EvaluationInputError`."""
-    from ..llm.registry import NAMED_MODELS, ModelSpecError, resolve_model
-    if not Path(path).exists() and str(path) not in NAMED_MODELS:
-        raise EvaluationInputError(f"model dir {path} does not exist; pass a checkpoint dir such as "
-                                   f"runs/<name>/stage1, a .gguf file or a known model name "
-                                   f"({', '.join(NAMED_MODELS)})")
+    """The checkpoint path of ``path`` (a known model name, a .gguf file or a checkpoint folder with config
+    and tokenizer: ``llm.registry.resolve_checkpoint``); else :class:`EvaluationInputError`."""
     try:
-        resolved = resolve_model(path)
+        return resolve_checkpoint(path)
     except ModelSpecError as e:
         raise EvaluationInputError(str(e)) from None
-    p = Path(resolved)
-    for f in ("config.json", "tokenizer.json") if p.is_dir() else ():
-        if not (p / f).is_file():
-            raise EvaluationInputError(f"model dir {path} has no {f}; expected an HF Llama checkpoint dir "
-                                       f"(config.json, *.safetensors, tokenizer.json) as written by training")
-    return resolved

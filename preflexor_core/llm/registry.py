@@ -16,14 +16,19 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
+from typing import Literal, get_args
 
 import torch
 
-from .config import PRESETS
+from ..infra.cli import opt
 from ..infra.errors import DeviceError, PreflexorError
+from ..tokenization.tokenizer import Tokenizer
+from .config import PRESETS
+from .model import Llama
 
-__all__ = ["NamedModel", "NAMED_MODELS", "DEFAULT_MODEL", "DTYPE_CHOICES", "ModelSpecError", "DtypeError",
-           "is_preset", "resolve_model", "parse_dtype", "load_model_and_tokenizer"]
+__all__ = ["NamedModel", "NAMED_MODELS", "DEFAULT_MODEL", "DTYPE_CHOICES", "DtypeName", "DtypeOptions",
+           "ModelSpecError", "DtypeError", "is_preset", "resolve_model", "resolve_checkpoint", "resolve_device",
+           "parse_dtype", "load_model_and_tokenizer"]
 
 
 class ModelSpecError(PreflexorError, ValueError):
@@ -74,7 +79,15 @@ DEFAULT_MODEL = "smollm2-135m-instruct"
 
 _DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
            "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
-DTYPE_CHOICES = ("auto", *_DTYPES)             # the values a --dtype flag accepts
+DtypeName = Literal["auto", "fp32", "float32", "bf16", "bfloat16", "fp16", "float16"]
+DTYPE_CHOICES: tuple[str, ...] = get_args(DtypeName)      # the values a --dtype flag accepts
+assert set(DTYPE_CHOICES) == {"auto", *_DTYPES}
+
+
+@dataclass(kw_only=True)
+class DtypeOptions:
+    """The weights dtype of a loaded model (the ``--dtype`` of infer, datagen and evaluation)."""
+    dtype: DtypeName = opt("auto", "weights dtype; auto = bfloat16 on cuda, float32 on cpu")
 
 
 def is_preset(spec) -> bool:
@@ -115,7 +128,19 @@ def resolve_model(spec) -> str:
                          f"{', '.join(sorted(PRESETS))}; or an HF Llama checkpoint folder or .gguf file")
 
 
-def _device_type(device) -> str:
+def resolve_checkpoint(spec) -> str:
+    """``resolve_model(spec)``, and a checkpoint folder must hold config.json and tokenizer.json: the one
+    check every ``--model`` flag makes before any work."""
+    path = resolve_model(spec)
+    for need in ("config.json", "tokenizer.json") if os.path.isdir(path) else ():
+        if not os.path.isfile(os.path.join(path, need)):
+            raise ModelSpecError(f"model folder {spec} has no {need}; expected a checkpoint folder as train.py "
+                                 f"writes it (config.json, *.safetensors, tokenizer.json)")
+    return path
+
+
+def resolve_device(device) -> str:
+    """``auto``/None -> cuda when available, else cpu; any other device string -> its type (cpu, cuda)."""
     if device is None or device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -133,7 +158,7 @@ def parse_dtype(name, device="cpu") -> torch.dtype:
                              f"{', '.join(DTYPE_CHOICES)}")
         return name
     if name is None or (isinstance(name, str) and name.strip().lower() == "auto"):
-        return torch.bfloat16 if _device_type(device) == "cuda" else torch.float32
+        return torch.bfloat16 if resolve_device(device) == "cuda" else torch.float32
     key = name.strip().lower() if isinstance(name, str) else None
     if key not in _DTYPES:
         raise DtypeError(f"dtype {name!r} is not supported; use one of {', '.join(DTYPE_CHOICES)} "
@@ -144,11 +169,9 @@ def parse_dtype(name, device="cpu") -> torch.dtype:
 def load_model_and_tokenizer(spec, device="cpu", dtype=None):
     """(Llama, Tokenizer) for a model spec (see ``resolve_model``), weights in ``parse_dtype(dtype, device)``
     on ``device``; the model comes back as ``Llama.from_pretrained`` returns it (callers set eval/train)."""
-    from .model import Llama
-    from ..tokenization.tokenizer import Tokenizer
     path = resolve_model(spec)
     dt = parse_dtype(dtype, device)
     if device is None or device == "auto":
-        device = _device_type(device)
+        device = resolve_device(device)
     model = Llama.from_pretrained(path, dtype=dt, device=device)
     return model, Tokenizer.from_pretrained(path)

@@ -6,7 +6,8 @@ critic improves the thinking, answer again; integrate the answers.
 
 Rooms: ``spans.py`` (thinking / reflection / answer extraction), ``policy.py`` (the model asked and
 its prompt), ``critics.py`` (protocol, same-model, checkpoint, HTTP critics), ``graph_critic.py``
-(offline critic), ``loop.py`` (the loop and its traces), ``cli.py`` (``infer.py``).
+(offline critic), ``loop.py`` (the loop and its traces), ``session.py`` (the
+session ``infer.py`` runs: config, input checks, output).
 Tests: ``python -m pytest -q tests/test_reasoning.py``.
 """
 from .critics import (Critic, CriticUnreachableError, ModelCritic, TeacherCritic, check_endpoint,

@@ -2,109 +2,64 @@
 
     cfg = TrainConfig(run=RunConfig(stage="1", model="runs/demo/stage0"), optim=OptimConfig(lora_r=64))
     cfg = TrainConfig.from_flat(stage="1", lora_r=64)      # flat names = train.py's flags (--lora-r)
+    cfg = TrainConfig.from_flat(**PRESETS["demo-stage1"], out="runs/demo")   # `make demo`'s stage 1
 
-Sections: ``run``, ``data``, ``optim``, ``preference``, ``checkpoint``, ``parallel``. Field names are
-unique across sections, so each is also a CLI flag; the help text of each flag is the field's
-``metadata["help"]`` (train.py builds its parser from it). Defaults, allowed ranges (``ge``/``gt``/
-``le``/``lt``), the stages a field affects and whether a ``--resume`` may change it live only here.
+Sections: ``run``, ``data``, ``optim``, ``preference``, ``checkpoint``, ``parallel``, ``grpo``. Field names
+are unique across sections, so each is also a CLI flag (``infra.cli``: the help is the field's
+``metadata["help"]``, a ``Literal`` type gives the choices). The options other CLIs share (seed, device,
+teacher, pair generation) come from the shared sections (``infra.cli``, ``datagen.options``). Defaults,
+allowed ranges and limits (``ge``/``gt``/``le``/``lt``/``cap``), the stages a field affects and whether a
+``--resume`` may change it live only in the fields. ``PRESETS``: the demo recipes (``--preset``).
 
-Tests: ``python -m pytest -q tests/test_trainer.py -k config``
+Tests: ``python -m pytest -q tests/test_trainer.py -k config``, ``tests/test_cli_options.py``
 """
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Literal
 
-from ..llm.config import PRESETS
+from ..datagen.options import PairOptions, TeacherOptions, ThinkingFormatOptions
+from ..infra.cli import (DeviceOptions, GenBatchOptions, ProgressOptions, SeedOptions, check_fields, flag, opt,
+                         range_text)
 from ..infra.errors import PreflexorError
-from ..losses.preference import DPO_LOSS_TYPES
-from ..losses.masks import MASK_MODES
+from ..llm.config import PRESETS as MODEL_PRESETS
 from ..llm.registry import DEFAULT_MODEL
+from ..losses.masks import MASK_MODES
+from ..losses.preference import DPO_LOSS_TYPES
 from ..thinking.tokens import TRAINED_SPECIAL_TOKENS
 
 STAGES = ("0", "1", "2")            # --stage all runs these; stage 3 (GRPO) runs on its own
 STAGE_ALIASES = {"grpo": "3"}
-GRPO_LOSSES = ("grpo", "dr_grpo", "dapo")
+Stage = Literal["0", "1", "2", "all", "3", "grpo"]
+Schedule = Literal["constant", "cosine"]
+Truncation = Literal["keep_start", "keep_end"]
+DecodeWeights = Literal["fp", "int8"]
+DpoLoss = Literal[DPO_LOSS_TYPES]
+MaskMode = Literal[MASK_MODES]
+OnUnclosed = Literal["drop", "keep"]
+GgufType = Literal["none", "f16", "bf16", "q8_0"]
+GrpoLoss = Literal["grpo", "dr_grpo", "dapo"]
+ScaleRewards = Literal["group", "batch", "none"]
 
-__all__ = ["STAGES", "STAGE_ALIASES", "GRPOConfig", "RunConfig", "DataConfig", "OptimConfig", "PreferenceConfig", "CheckpointConfig",
-           "ParallelConfig", "TrainConfig", "SECTIONS", "TrainConfigError", "flag", "range_text", "parse_resume"]
+__all__ = ["STAGES", "STAGE_ALIASES", "GRPOConfig", "RunConfig", "DataConfig", "OptimConfig", "PreferenceConfig",
+           "CheckpointConfig", "ParallelConfig", "TrainConfig", "SECTIONS", "PRESETS", "TrainConfigError",
+           "DPOBetaOptions", "flag", "range_text", "parse_resume"]
 
 MIN_BPE_VOCAB = 256 + len(TRAINED_SPECIAL_TOKENS)     # byte-level BPE: 256 bytes + the special tokens
 MIN_PROMPT_LENGTH = 16       # below this a left-truncated prompt keeps BOS and the chat tags, not the question
-_BOUNDS = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+# Samples drawn per iteration (steps x accumulation x micro-batch): the data order is materialised.
+MAX_SAMPLES_PER_ITERATION = 10**7
+MAX_GRPO_SAMPLES = 1 << 14          # completions decoded together in one stage-3 generation batch
+N = 4096                            # the limit of batch-like integers: a typo (1e9) is refused before any work
 
 
 class TrainConfigError(PreflexorError, ValueError):
     """A training option out of its range or of the wrong type; the message names the flag."""
 
 
-def opt(default: Any, help: str, **meta) -> Any:
-    """A config field with its CLI help in the field metadata, and optionally: ``choices``; the allowed
-    range ``ge``/``gt``/``le``/``lt`` (checked for every value but None); ``stages`` (the stages it
-    affects, default all: a ``--resume`` compares it only there); ``resume_safe`` (a ``--resume`` may
-    change it: it does not alter the math or the data of the remaining steps)."""
-    return field(default=default, metadata={"help": help, **meta})
-
-
-def flag(name: str) -> str:
-    """The CLI flag of a config field: ``n_steps`` -> ``--n-steps``."""
-    return "--" + name.replace("_", "-")
-
-
-def range_text(meta) -> str:
-    """The allowed range of a field as text (``>= 1``, ``in (0, 1]``), "" when it has none."""
-    lo = next(((k, meta[k]) for k in ("ge", "gt") if k in meta), None)
-    hi = next(((k, meta[k]) for k in ("le", "lt") if k in meta), None)
-    if lo and hi:
-        return f"in {'[' if lo[0] == 'ge' else '('}{lo[1]}, {hi[1]}{']' if hi[0] == 'le' else ')'}"
-    return " and ".join(f"{_BOUNDS[b[0]]} {b[1]}" for b in (lo, hi) if b)
-
-
-def _in_range(value, meta) -> bool:
-    checks = {"ge": lambda b: value >= b, "gt": lambda b: value > b, "le": lambda b: value <= b,
-              "lt": lambda b: value < b}
-    return all(checks[k](meta[k]) for k in _BOUNDS if k in meta)       # NaN fails every bound
-
-
-# Upper limits of the numeric flags, so that a typo (1e9) is refused before anything is allocated, not
-# after minutes of work and gigabytes of memory. Integers without an entry share MAX_INT_FLAG.
-MAX_INT_FLAG = 10**7
-MAX_FLAG = {"batch_size": 4096, "sft_batch_size": 4096, "gen_batch_size": 4096, "grpo_prompts": 4096,
-            "grpo_micro_batch": 4096, "num_generations": 256, "k_samples": 256, "grad_accum": 4096,
-            "max_length": 1 << 17, "max_prompt_length": 1 << 17, "sft_seq_len": 1 << 17,
-            "sample_max_new_tokens": 1 << 17, "thinking_max_new_tokens": 1 << 17, "grpo_max_new_tokens": 1 << 17,
-            "number_nodes_to_get": 4096, "teacher_max_items": 4096, "teacher_answer_sentences": 4096,
-            "pairs_per_iteration": 10**6, "iterations": 10**5, "lora_r": 65536, "tokenizer_vocab_size": 1 << 21,
-            "seed": 2**63 - 1, "teacher_concurrency": 256, "teacher_retries": 100,
-            "max_reply_bytes": 1 << 30, "teacher_timeout": 24 * 3600.0}
-# Samples drawn per iteration (steps x accumulation x micro-batch): the data order is materialised.
-MAX_SAMPLES_PER_ITERATION = 10**7
-MAX_GRPO_SAMPLES = 1 << 14          # completions decoded together in one stage-3 generation batch
-
-
-def _check_fields(section) -> None:
-    """Every numeric field: the right type (int / float, never bool), finite, inside its range and
-    under its upper limit (``MAX_FLAG``, else ``MAX_INT_FLAG`` for integers)."""
-    for f in dataclasses.fields(section):
-        value, meta = getattr(section, f.name), f.metadata
-        want_int = "int" in str(f.type) and "float" not in str(f.type)
-        numeric = want_int or "float" in str(f.type)
-        if value is None or not (numeric or any(k in meta for k in _BOUNDS)):
-            continue
-        ok_type = isinstance(value, int) if want_int else isinstance(value, (int, float))
-        if isinstance(value, bool) or not ok_type:
-            kind = "an integer" if want_int else "a number"
-            raise TrainConfigError(f"{f.name}={value!r} must be {kind} {range_text(meta)} ({flag(f.name)})")
-        if not math.isfinite(value):
-            raise TrainConfigError(f"{f.name}={value!r} must be a finite number ({flag(f.name)})")
-        if not _in_range(value, meta):
-            raise TrainConfigError(f"{f.name}={value!r} must be {range_text(meta)} ({flag(f.name)})")
-        cap = MAX_FLAG.get(f.name, MAX_INT_FLAG if want_int else None)
-        if cap is not None and value > cap:
-            raise TrainConfigError(f"{f.name}={value!r} is over the limit {cap:g} ({flag(f.name)}); "
-                                   f"this much cannot be held or run on one machine")
+def _check(section) -> None:
+    check_fields(section, TrainConfigError)
 
 
 def parse_resume(text: str) -> bool | str:
@@ -120,92 +75,56 @@ def parse_resume(text: str) -> bool | str:
     raise ValueError(f"--resume {text!r}: use --resume (or --resume=yes), --resume=auto or --resume=no")
 
 
-def _one_of(name: str, value, valid) -> None:
-    if value not in valid:
-        raise TrainConfigError(f"{name}={value!r}: use {', '.join(map(str, valid))} ({flag(name)})")
-
-
 @dataclass(kw_only=True)
-class RunConfig:
+class RunConfig(SeedOptions, ProgressOptions):
     """What to run and where: stage, model, tokenizer, run directory, seed."""
-    stage: str = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO), all "
-                     "(1 then 2 from a pretrained model; 0, 1, 2 for a preset trained from scratch) or 3 / grpo (GRPO on graph rewards, after stage 2)",
-                     choices=[*STAGES, "all", "3", *STAGE_ALIASES], resume_safe=True)
+    stage: Stage = opt("all", "which stage to run: 0 (causal LM on the corpus), 1 (ORPO), 2 (DPO/EXO), all "
+                       "(1 then 2 from a pretrained model; 0, 1, 2 for a preset trained from scratch) or 3 / grpo "
+                       "(GRPO on graph rewards, after stage 2)", resume_safe=True)
     model: str = opt(DEFAULT_MODEL, "a pretrained model name (smollm2-135m-instruct: the bundled GGUF), a "
-                     "preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in stage 0), an HF Llama "
-                     "checkpoint directory or a .gguf file. Stages 1 and 2 start from the run's previous "
+                     "preset name (tiny, small, llama-3.2-3b: random init, trained from scratch in stage 0), an HF "
+                     "Llama checkpoint directory or a .gguf file. Stages 1 and 2 start from the run's previous "
                      "stage output when it exists")
     tokenizer: str | None = opt(None, "tokenizer directory (tokenizer.json); default: the model directory's, or a "
                                 "BPE trained on the corpus for presets")
     tokenizer_vocab_size: int | None = opt(None, "vocabulary of the BPE trained for presets (default: the "
-                                           "preset's vocab_size)", ge=MIN_BPE_VOCAB)
+                                           "preset's vocab_size)", ge=MIN_BPE_VOCAB, cap=1 << 21)
     out: str = opt("runs/demo", "run directory (stage outputs, pairs.jsonl, log.jsonl, plots/, checkpoints/)",
                    resume_safe=True)
-    seed: int = opt(42, "random seed (data order, sampling, initialisation)", ge=0)
     max_steps: int | None = opt(None, "stop a stage after this many optimizer steps (checkpoint kept for --resume)",
                                 ge=1, resume_safe=True)
-    progress: bool = opt(True, "show progress bars", resume_safe=True)
     force_out: bool = opt(False, "write into an existing non-empty --out folder that this project did not make "
                           "(files of the names a run writes are then replaced)", resume_safe=True)
 
     def __post_init__(self):
+        _check(self)
         self.stage = STAGE_ALIASES.get(self.stage, self.stage)
-        _one_of("stage", self.stage, (*STAGES, "all", "3"))
-        _check_fields(self)
 
 
 @dataclass(kw_only=True)
-class DataConfig:
+class DataConfig(TeacherOptions, PairOptions, GenBatchOptions, ThinkingFormatOptions):
     """Corpus, retriever, teacher, on-the-fly pair generation and sequence lengths."""
     corpus: str | None = opt(None, "corpus file or folder (.txt, .md, .jsonl with a 'text' field); default: the "
                              "shipped corpus")
-    embedder: str = opt("auto", "retriever embedder: auto (the bundled MiniLM weights when installed, else "
-                        "character hashing), minilm or hashing")
-    teacher: str = opt("extractive", "'extractive' (offline, grounded in the corpus), an OpenAI-compatible base "
-                       "URL (http...), or a checkpoint directory")
-    teacher_model: str = opt("gpt-4o-mini", "model name sent to an HTTP teacher (API key from $OPENAI_API_KEY)")
-    teacher_timeout: float = opt(60.0, "HTTP teacher: overall deadline of one request in seconds (connect, "
-                                 "headers and body together)", gt=0.0, resume_safe=True)
-    max_reply_bytes: int = opt(8 << 20, "HTTP teacher: largest reply accepted, in bytes", ge=1, resume_safe=True)
-    teacher_max_items: int = opt(1, "extractive teacher: sentences or items per thinking category (shorter "
-                                 "thinking trains faster)", ge=1)
-    teacher_answer_sentences: int = opt(2, "extractive teacher: at most this many corpus sentences in the "
-                                        "chosen answer", ge=1)
-    sft_seq_len: int = opt(256, "stage 0 tokens per packed block", ge=2, stages="0")
+    sft_seq_len: int = opt(256, "stage 0 tokens per packed block", ge=2, cap=1 << 17, stages="0")
     iterations: int | None = opt(None, "stages 1/2: how many times the preference dataset is regenerated with the "
                                  "current policy (default: 6; 18 in stage 1 for a preset trained from scratch)",
-                                 ge=1, stages="12")
-    pairs_per_iteration: int = opt(64, "stages 1/2: preference pairs generated per iteration", ge=1, stages="12")
-    number_nodes_to_get: int = opt(3, "corpus nodes sampled per generated question", ge=1, stages="12")
-    k_samples: int = opt(2, "stage 2: policy samples per question; the lowest-scored becomes the rejected answer",
-                         ge=1, stages="2")
-    sample_max_new_tokens: int = opt(160, "stage 1: max new tokens when sampling rejected answers (no thinking) "
-                                     "from the policy", ge=1, stages="1")
-    thinking_max_new_tokens: int = opt(768, "stage 2: max new tokens when sampling rejected answers (thinking + "
-                                       "answer); thinking cut off by this cap is handled by --on-unclosed", ge=1,
-                                       stages="2")
-    gen_batch_size: int = opt(32, "questions per sampler call while generating pairs", ge=1, stages="12")
-    sample_temperature: float = opt(0.8, "temperature when sampling rejected answers", ge=0.0, stages="12")
-    sample_top_p: float = opt(0.9, "top-p when sampling rejected answers", gt=0.0, le=1.0, stages="12")
-    sample_weights: str = opt("fp", "weights the policy's own samples (stage 1/2 rejected answers, stage 3 groups) "
-                              "decode with: fp = the model's precision, int8 = weight-only int8 copies with "
-                              "per-channel scales (on CPU faster at 1-2 rows per sampler call, slower than fp at large "
-                              "batches; slightly different samples); training always uses the full-precision weights", choices=["fp", "int8"], stages="123")
-    max_length: int = opt(1024, "max prompt + completion tokens", ge=2, stages="12")
+                                 ge=1, cap=10**5, stages="12")
+    pairs_per_iteration: int = opt(64, "stages 1/2: preference pairs generated per iteration", ge=1, cap=10**6,
+                                   stages="12")
+    sample_weights: DecodeWeights = opt("fp", "weights the policy's own samples (stage 1/2 rejected answers, stage 3 "
+                                        "groups) decode with: fp = the model's precision, int8 = weight-only int8 "
+                                        "copies with per-channel scales (speed: docs/benchmarks.md; slightly "
+                                        "different samples); training always uses the full-precision weights",
+                                        stages="123")
+    max_length: int = opt(1024, "max prompt + completion tokens", ge=2, cap=1 << 17, stages="12")
     max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)",
-                                 ge=MIN_PROMPT_LENGTH, stages="12")
-    truncation_mode: str = opt("keep_start", "when a completion is too long: keep_start or keep_end", stages="12")
-    thinking_format: str = opt("categories", "thinking of the teacher's chosen answers and of the prompts: "
-                               "categories (the paper's) or graph (Brainstorm, Graph, Graph JSON, Patterns, "
-                               "Synthesis; extractive teacher; stage 3 always uses graph)",
-                               choices=["categories", "graph"], stages="12")
+                                 ge=MIN_PROMPT_LENGTH, cap=1 << 17, stages="12")
+    truncation_mode: Truncation = opt("keep_start", "when a completion is too long: keep its start or its end",
+                                      stages="12")
 
     def __post_init__(self):
-        _one_of("embedder", self.embedder, ("auto", "minilm", "hashing"))
-        _one_of("thinking_format", self.thinking_format, ("categories", "graph"))
-        _one_of("truncation_mode", self.truncation_mode, ("keep_start", "keep_end"))
-        _one_of("sample_weights", self.sample_weights, ("fp", "int8"))
-        _check_fields(self)
+        _check(self)
         if self.max_prompt_length >= self.max_length:
             raise TrainConfigError(f"max_prompt_length={self.max_prompt_length} must be < max_length="
                                    f"{self.max_length} (--max-prompt-length, --max-length): the completion "
@@ -216,30 +135,29 @@ class DataConfig:
 class OptimConfig:
     """Steps, batch sizes, learning rates and schedule, clipping, precision, LoRA."""
     sft_steps: int = opt(500, "stage 0 optimizer steps", ge=1, stages="0")
-    sft_batch_size: int = opt(16, "stage 0 blocks per micro-batch per rank", ge=1, stages="0")
+    sft_batch_size: int = opt(16, "stage 0 blocks per micro-batch per rank", ge=1, cap=N, stages="0")
     sft_lr: float = opt(3e-3, "stage 0 learning rate", gt=0.0, le=1.0, stages="0")
     n_steps: int = opt(48, "stages 1/2: optimizer steps on each generated dataset", ge=1, stages="12")
-    batch_size: int = opt(4, "stages 1/2: preference pairs per micro-batch per rank", ge=1, stages="12")
-    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1)
+    batch_size: int = opt(4, "stages 1/2: preference pairs per micro-batch per rank", ge=1, cap=N, stages="12")
+    grad_accum: int = opt(1, "micro-batches per optimizer step", ge=1, cap=N)
     orpo_lr: float | None = opt(None, "stage 1 learning rate (default: 5e-5 with LoRA, 5e-6 full, 2e-3 for a "
                                 "preset trained from scratch)", gt=0.0, le=1.0, stages="1")
     dpo_lr: float | None = opt(None, "stage 2 learning rate (default: 1e-6, or 2e-5 for a preset trained from "
                                "scratch)", gt=0.0, le=1.0, stages="2")
     warmup_steps: int = opt(5, "linear warmup steps", ge=0)
-    schedule: str = opt("constant", "learning-rate schedule after warmup: constant or cosine")
+    schedule: Schedule = opt("constant", "learning-rate schedule after warmup")
     weight_decay: float = opt(0.0, "AdamW weight decay", ge=0.0)
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory",
                                        resume_safe=True)
     bf16: bool = opt(True, "bf16 autocast over fp32 master weights, on CUDA and on CPUs with native bf16 "
                      "(AVX512-BF16 or AMX; PREFLEXOR_CPU_BF16=0/1 overrides the detection)")
-    lora_r: int = opt(0, "LoRA rank for stages 1/2 (0: full fine-tuning; paper: 64)", ge=0, stages="12")
+    lora_r: int = opt(0, "LoRA rank for stages 1/2 (0: full fine-tuning; paper: 64)", ge=0, cap=65536, stages="12")
     lora_alpha: float = opt(64.0, "LoRA alpha (paper: 64)", gt=0.0, stages="12")
     lora_dropout: float = opt(0.0, "LoRA dropout", ge=0.0, lt=1.0, stages="12")
 
     def __post_init__(self):
-        _one_of("schedule", self.schedule, ("constant", "cosine"))
-        _check_fields(self)
+        _check(self)
         for steps, bs in (("n_steps", "batch_size"), ("sft_steps", "sft_batch_size")):
             n = getattr(self, steps) * self.grad_accum * getattr(self, bs)
             if n > MAX_SAMPLES_PER_ITERATION:
@@ -249,29 +167,32 @@ class OptimConfig:
 
 
 @dataclass(kw_only=True)
-class PreferenceConfig:
+class DPOBetaOptions:
+    """The DPO beta (train's stage 2 loss; evaluation's implicit reward)."""
+    dpo_beta: float = opt(0.5, "DPO beta: stage 2 loss and the implicit reward of the reward accuracy "
+                          "(paper: 0.5)", gt=0.0, stages="2")
+
+
+@dataclass(kw_only=True)
+class PreferenceConfig(DPOBetaOptions):
     """Preference losses (ORPO, DPO family) and stage-2 thinking masks."""
     orpo_beta: float = opt(0.1, "ORPO odds-ratio weight (paper: 0.1)", ge=0.0, stages="1")
-    dpo_loss_type: str = opt("exo_pair", "stage 2 loss: sigmoid (DPO), exo_pair (EXO, paper), ipo or hinge",
-                             stages="2")
-    dpo_beta: float = opt(0.5, "stage 2 beta (paper: 0.5)", gt=0.0, stages="2")
+    dpo_loss_type: DpoLoss = opt("exo_pair", "stage 2 loss: sigmoid (DPO), exo_pair (EXO, paper), ipo or hinge",
+                                 stages="2")
     label_smoothing: float = opt(5e-3, "stage 2 label smoothing / EXO epsilon (paper: 5e-3; exo_pair needs > 0)",
                                  ge=0.0, lt=0.5, stages="2")
-    mask_mode: str = opt("answer_only", "stage 2 thinking masking: answer_only (paper), random_fraction or none",
-                         stages="2")
+    mask_mode: MaskMode = opt("answer_only", "stage 2 thinking masking: answer_only (paper), random_fraction or "
+                              "none", stages="2")
     mask_fraction: float = opt(0.5, "fraction of thinking tokens masked with random_fraction", ge=0.0, le=1.0,
                                stages="2")
     include_thinking_token_in_labels: bool = opt(False, "with answer_only, keep the closing <|/thinking|> token "
                                                  "in the loss", stages="2")
-    on_unclosed: str | None = opt(None, "stage 2 completions whose thinking never ends: drop the pair, or keep "
-                                  "all tokens (default: drop; keep for a preset trained from scratch)", stages="2")
+    on_unclosed: OnUnclosed | None = opt(None, "stage 2 completions whose thinking never ends: drop the pair, or "
+                                         "keep all tokens (default: drop; keep for a preset trained from scratch)",
+                                         stages="2")
 
     def __post_init__(self):
-        _one_of("dpo_loss_type", self.dpo_loss_type, DPO_LOSS_TYPES)
-        _one_of("mask_mode", self.mask_mode, MASK_MODES)
-        if self.on_unclosed is not None:
-            _one_of("on_unclosed", self.on_unclosed, ("drop", "keep"))
-        _check_fields(self)
+        _check(self)
         if self.dpo_loss_type == "exo_pair" and not self.label_smoothing > 0:
             raise TrainConfigError(f"label_smoothing={self.label_smoothing!r} must be > 0 with dpo_loss_type="
                                    f"exo_pair (--label-smoothing is the EXO epsilon; paper: 5e-3)")
@@ -284,31 +205,29 @@ class CheckpointConfig:
                              "stages are skipped; an error when there is nothing to resume, or when a flag that "
                              "changes the training differs from the checkpoint's); --resume=auto: resume when "
                              "there is something to resume, else start", resume_safe=True, const=True,
-                             parse=parse_resume)
+                             parse=parse_resume, metavar="{yes,no,auto}")
     save_every: int = opt(0, "optimizer steps between checkpoints (0: at the end of each iteration)", ge=0,
                           resume_safe=True)
     keep_previous: bool = opt(True, "keep the checkpoint before the latest in checkpoints/stageN.prev (hard links; "
                               "a fallback when the latest is damaged)", resume_safe=True)
-    export_gguf: str = opt("none", "also write each stage's export as stageN/model-TYPE.gguf for llama.cpp, Ollama "
-                           "and LM Studio (thinking tokens and chat template in its metadata): none, f16, bf16 or q8_0",
-                           choices=["none", "f16", "bf16", "q8_0"], resume_safe=True)
+    export_gguf: GgufType = opt("none", "also write each stage's export as stageN/model-TYPE.gguf for llama.cpp, "
+                                "Ollama and LM Studio (thinking tokens and chat template in its metadata)",
+                                resume_safe=True)
 
     def __post_init__(self):
         if self.resume not in (False, True, "auto"):
             raise TrainConfigError(f"resume={self.resume!r}: use True, False or 'auto' (--resume, --resume=auto)")
-        _one_of("export_gguf", self.export_gguf, ("none", "f16", "bf16", "q8_0"))
-        _check_fields(self)
+        _check(self)
 
 
 @dataclass(kw_only=True)
-class ParallelConfig:
+class ParallelConfig(DeviceOptions):
     """Device and torchrun parallelism (DDP, or FSDP2)."""
-    device: str = opt("auto", "auto (cuda if available), cpu or cuda", resume_safe=True)
     fsdp: bool = opt(False, "shard with FSDP2 (fully_shard per block) instead of DDP under torchrun; full "
                      "fine-tuning only (not with --lora-r); resume needs the same number of ranks")
 
     def __post_init__(self):
-        _check_fields(self)
+        _check(self)
 
 
 @dataclass(kw_only=True)
@@ -316,40 +235,37 @@ class GRPOConfig:
     """Stage 3: GRPO on graph-grounded rewards (rewards.GraphRewards; see train/grpo_stage.py)."""
     grpo_steps: int = opt(50, "stage 3: generation batches (each gives --grpo-updates optimizer steps)", ge=1,
                           stages="3")
-    grpo_prompts: int = opt(4, "stage 3: questions per generation batch", ge=1, stages="3")
+    grpo_prompts: int = opt(4, "stage 3: questions per generation batch", ge=1, cap=N, stages="3")
     num_generations: int = opt(4, "stage 3: samples per question (G, one shared prefill); advantages are taken "
-                               "within each group", ge=2, stages="3")
+                               "within each group", ge=2, cap=256, stages="3")
     grpo_updates: int = opt(1, "stage 3: policy updates per generation batch (old log-probs fixed per batch)",
                             ge=1, stages="3")
     grpo_micro_batch: int = opt(8, "stage 3: completions per forward/backward (gradients accumulated)", ge=1,
-                                resume_safe=True)
-    grpo_max_new_tokens: int = opt(384, "stage 3: max new tokens per sample", ge=1, stages="3")
+                                cap=N, resume_safe=True)
+    grpo_max_new_tokens: int = opt(384, "stage 3: max new tokens per sample", ge=1, cap=1 << 17, stages="3")
     grpo_temperature: float = opt(1.0, "stage 3: sampling temperature", gt=0.0, stages="3")
     grpo_lr: float | None = opt(None, "stage 3 learning rate (default: 1e-6 full, 1e-5 with LoRA, 1e-4 for a "
                                 "preset trained from scratch)", gt=0.0, le=1.0, stages="3")
-    loss_type: str = opt("grpo", "stage 3 loss: grpo (per-sequence mean), dr_grpo (sum / (B * max new tokens)) "
-                         "or dapo (token level)", choices=list(GRPO_LOSSES), stages="3")
+    loss_type: GrpoLoss = opt("grpo", "stage 3 loss: grpo (per-sequence mean), dr_grpo (sum / (B * max new "
+                              "tokens)) or dapo (token level)", stages="3")
     epsilon_low: float = opt(0.2, "stage 3: lower clip of the ratio (1 - epsilon_low)", ge=0.0, lt=1.0, stages="3")
     epsilon_high: float = opt(0.2, "stage 3: upper clip of the ratio (1 + epsilon_high; DAPO: 0.28)", ge=0.0,
                               stages="3")
     beta: float = opt(0.0, "stage 3: KL weight to the reference (the stage's start; the adapter-disabled base "
                       "under LoRA); 0: no reference", ge=0.0, stages="3")
-    scale_rewards: str = opt("group", "stage 3 advantage scale: group (std per group), batch (std of the batch) "
-                             "or none (Dr. GRPO)", choices=["group", "batch", "none"], stages="3")
+    scale_rewards: ScaleRewards = opt("group", "stage 3 advantage scale: group (std per group), batch (std of the "
+                                      "batch) or none (Dr. GRPO)", stages="3")
     reward_weights: str = opt("", "stage 3 reward weights as name=value,... (format, graph_validity, "
                               "groundedness, graph_utility, correctness); default: rewards.RewardWeights", stages="3")
     grpo_sft_steps: int = opt(0, "stage 3: causal-LM steps on the teacher's graph-format answers before GRPO "
                               "(a model that never saw the format gets rewards with spread)", ge=0, stages="3")
 
     def __post_init__(self):
-        _one_of("loss_type", self.loss_type, GRPO_LOSSES)
-        _one_of("scale_rewards", self.scale_rewards, ("group", "batch", "none"))
-        _check_fields(self)
+        _check(self)
         n = self.grpo_prompts * self.num_generations
         if n > MAX_GRPO_SAMPLES:
             raise TrainConfigError(f"--grpo-prompts x --num-generations = {n} samples per generation batch is over "
                                    f"the limit {MAX_GRPO_SAMPLES}; lower one of them")
-
 
 SECTIONS: dict[str, type] = {"run": RunConfig, "data": DataConfig, "optim": OptimConfig,
                              "preference": PreferenceConfig, "checkpoint": CheckpointConfig,
@@ -380,17 +296,11 @@ class TrainConfig:
             parts[owner[name]][name] = value
         return cls(**{sec: SECTIONS[sec](**kw) for sec, kw in parts.items()})
 
-    def replace(self, **options) -> "TrainConfig":
-        """A copy with some flat options changed (same names as ``from_flat``)."""
-        flat = {f.name: getattr(getattr(self, sec), f.name)
-                for sec, kls in SECTIONS.items() for f in dataclasses.fields(kls)}
-        return TrainConfig.from_flat(**{**flat, **options})
-
     # -- values derived from several sections ------------------------------------------------
     @property
     def from_scratch(self) -> bool:
         """True when ``run.model`` names a preset (random init) rather than a checkpoint."""
-        return self.run.model in PRESETS
+        return self.run.model in MODEL_PRESETS
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -428,9 +338,23 @@ class TrainConfig:
 
     def iterations_for(self, stage: str) -> int:
         """Dataset regenerations of a preference stage: explicit flag (both stages), else 6; a preset
-        trained from scratch gets 18 in stage 1, where it must learn the whole thinking format (on the
-        shipped demo, 6 ORPO rounds left the tiny model closing its thinking in about a third of its
-        answers, 12 in about two thirds, 18 in nine tenths)."""
+        trained from scratch gets 18 in stage 1, where it must learn the whole thinking format (how often
+        it closes its thinking after 6, 12 and 18 rounds: docs/benchmarks.md)."""
         if self.data.iterations is not None:
             return self.data.iterations
         return 18 if (self.from_scratch and stage == "1") else 6
+
+
+# The `make demo` recipes: field values on top of the defaults (the Makefile adds --out and --seed).
+# `make demo` trains the bundled SmolLM2-135M-Instruct in full on 2 CPU cores (the README's demo section
+# says why these values); demo-tiny trains the tiny preset from scratch; demo-graph runs stage 3.
+_DEMO = {"batch_size": 2, "warmup_steps": 2, "gen_batch_size": 16, "thinking_max_new_tokens": 640}
+PRESETS: dict[str, dict] = {
+    "demo-stage1": {**_DEMO, "stage": "1", "iterations": 4, "pairs_per_iteration": 32, "n_steps": 16,
+                    "orpo_lr": 1e-4},
+    "demo-stage2": {**_DEMO, "stage": "2", "iterations": 2, "pairs_per_iteration": 24, "n_steps": 12,
+                    "dpo_lr": 1e-5},
+    "demo-tiny": {"stage": "all", "model": "tiny", "seed": 42, "pairs_per_iteration": 64, "n_steps": 48},
+    "demo-graph": {"stage": "grpo", "grpo_sft_steps": 24, "orpo_lr": 1e-4, "grpo_steps": 12, "grpo_prompts": 2,
+                   "num_generations": 4, "grpo_max_new_tokens": 512, "grpo_lr": 1e-5, "warmup_steps": 0},
+}

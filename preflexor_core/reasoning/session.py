@@ -1,6 +1,7 @@
-"""What ``infer.py`` runs: its config (every default), input checks, critic choice, streaming, output.
+"""The recursive-reasoning session ``infer.py`` drives: its config, input checks, critic, streaming, output.
 
-``infer.py`` only parses flags into :class:`InferConfig` and calls :func:`main`. Bad input (checked
+``infer.py`` only parses flags into :class:`InferConfig` (every option, its default and help; the
+``--preset`` recipes in ``PRESETS``) and calls :func:`main`. Bad input (checked
 before any work: questions, --device, the --json path, a critic URL that does not answer) is reported
 with a specific message and exit code 2; a trace that cannot be written goes to a fallback file.
 ``--thinking-format graph`` asks for the graph sections; each answer is followed by one line with the
@@ -14,52 +15,74 @@ import json
 import os
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import Literal
 
+from ..datagen.options import ThinkingFormatOptions
+from ..infra.cli import DeviceOptions, GenerationOptions, SeedOptions, opt
 from ..infra.errors import DeviceError, check_device
 from ..infra.io import OutputPathError, check_output_dir, check_output_file, write_fallback
-from ..llm.registry import DtypeError, ModelSpecError, load_model_and_tokenizer, parse_dtype
-from ..llm.registry import resolve_model as resolve_model_spec
+from ..llm.registry import (NAMED_MODELS, DtypeError, DtypeOptions, ModelSpecError, load_model_and_tokenizer,
+                            parse_dtype, resolve_checkpoint, resolve_device)
+from ..retrieval import GraphRetriever
+from ..sampler import SamplingParams
 from ..sampler.params import MAX_NEW_TOKENS
+from ..teachers.net import redact_url
 from ..thinking.formats import THINKING_FORMATS
+from ..thinking.graph_io import completion_digraph, export_graphml
 from .critics import CriticUnreachableError, check_endpoint, make_critic
-from .loop import recursive_response
+from .loop import MODES, recursive_response
 from .policy import Policy
 
-__all__ = ["InferConfig", "InputError", "DEMO_MODEL_DIRS", "DEMO_COMMAND", "read_questions", "resolve_model",
-           "check_inputs", "build_critic", "main"]
+__all__ = ["InferConfig", "InputError", "PRESETS", "DEMO_MODEL_DIRS", "DEMO_RETRIEVER", "DEMO_COMMAND",
+           "read_questions", "resolve_model", "check_inputs", "build_critic", "main"]
 
 DEMO_MODEL_DIRS = ("runs/demo/stage2", "runs/demo/stage1", "runs/demo/stage0")
+DEMO_RETRIEVER = "runs/demo/retriever"
 DEMO_COMMAND = "`make demo` (or `python train.py --stage all`)"
 
 
 @dataclass(kw_only=True)
-class InferConfig:
-    """Every default of ``infer.py`` (the CLI only parses flags into this)."""
+class InferConfig(GenerationOptions, SeedOptions, DeviceOptions, DtypeOptions, ThinkingFormatOptions):
+    """Every option and default of ``infer.py`` (the CLI only parses flags into this)."""
 
-    questions: list[str] = field(default_factory=list)
-    questions_file: str | None = None     # .txt (one per line) or .jsonl ("question" field)
-    model: str | None = None              # None -> the embedded demo checkpoint (DEMO_MODEL_DIRS); a name, dir or .gguf
-    dtype: str = "auto"                   # weights dtype (models.parse_dtype): auto = bf16 on cuda, fp32 on cpu
-    decode_weights: str = "fp"            # policy generation: "fp" (the weights' dtype) or "int8" (weight-only)
-    retriever: str = "runs/demo/retriever"
-    critic: str | None = None             # None -> graph when the retriever exists, else same
-    critic_model: str | None = None
-    reflect_depth: int = 3
-    mode: str = "reflect"
-    thinking_format: str = "categories"   # "graph": the graph sections (Brainstorm, Graph, Graph JSON, ...)
-    graph_out: str | None = None          # thinking_format "graph": each final graph as DIR/q<N>.graphml
-    integrate: bool = True
-    max_new_tokens: int = 256
-    temperature: float = 0.1
-    top_p: float = 0.9
-    top_k: int = 50
-    seed: int = 0
-    stream: bool = False
-    json: str | None = None
-    device: str = "cpu"
-    critic_timeout: float = 60.0
+    questions: list[str] = opt(factory=list, help="a question (repeat the flag for several; all are answered in "
+                               "one batch)", flag="--question", action="append", metavar="TEXT")
+    questions_file: str | None = opt(None, "questions from a file: .txt (one per line, blank lines skipped) or "
+                                     ".jsonl (a 'question' field per line)", flag="--questions", metavar="FILE")
+    model: str | None = opt(None, "checkpoint folder (config.json, *.safetensors, tokenizer.json), a .gguf file "
+                            f"or a known model name ({', '.join(NAMED_MODELS)}); default: the embedded demo "
+                            f"checkpoint, the first of {', '.join(DEMO_MODEL_DIRS)} that exists",
+                            metavar="DIR|FILE.gguf|NAME")
+    decode_weights: Literal["fp", "int8"] = opt("fp", "policy generation: fp = in the weights' dtype, int8 = "
+                                                "weight-only int8 copies with per-channel scales, LM head included "
+                                                "(slightly different outputs; speed: docs/benchmarks.md)")
+    retriever: str | None = opt(None, f"GraphRetriever folder used by the graph critic (default: {DEMO_RETRIEVER})",
+                                metavar="DIR")
+    critic: str | None = opt(None, "same (the policy prompted as critic), graph (offline, retriever-based), a "
+                             "checkpoint DIR, or the URL of an OpenAI-compatible server; default: graph when "
+                             "the retriever exists, else same")
+    critic_model: str | None = opt(None, "model name sent to a critic URL (default: the first model the server "
+                                   "lists)", metavar="NAME")
+    reflect_depth: int = opt(3, "critic/answer iterations; 0 = a single pass without critic", metavar="N")
+    mode: Literal[MODES] = opt("reflect", "reflect: the policy writes its own <|reflect|> feedback; "
+                               "from-thinking: the critic writes the feedback from the thinking")
+    graph_out: str | None = opt(None, "with --thinking-format graph: write each question's final graph as GraphML "
+                                "to DIR/q1.graphml, DIR/q2.graphml, ...", metavar="DIR")
+    integrate: bool = opt(True, "merge the answers of all iterations into the final answer")
+    top_k: int = opt(50, "top-k sampling, 0 = off")
+    stream: bool = opt(False, "print policy tokens as they are generated")
+    json: str | None = opt(None, "write the whole trace (per question and iteration) and the options to OUT",
+                           metavar="OUT")
+    critic_timeout: float = 60.0          # not options: an HTTP critic's deadline, and its first check's
     check_timeout: float = 3.0
+
+
+# The `make demo` recipes (infer.py --preset NAME): field values on top of the defaults.
+PRESETS: dict[str, dict] = {
+    "demo": {"reflect_depth": 3, "max_new_tokens": 640, "temperature": 0.1, "device": "cpu"},
+    "demo-tiny": {"reflect_depth": 3, "max_new_tokens": 768, "temperature": 0.1, "device": "cpu"},
+}
 
 
 class InputError(ValueError):
@@ -103,8 +126,8 @@ def _nonempty(out: list[str], path: str) -> list[str]:
 
 
 def resolve_model(model: str | None) -> str:
-    """``model`` (a known name, checkpoint dir or .gguf file; see ``models.resolve_model``) as a checked
-    checkpoint path; None -> the first demo checkpoint that exists."""
+    """``model`` as a checked checkpoint path (``llm.registry.resolve_checkpoint``); None -> the first demo
+    checkpoint that exists. Errors are :class:`InputError` saying how to make or name a model."""
     hint = f"create the demo checkpoint with {DEMO_COMMAND}, or pass --model DIR|FILE.gguf|NAME"
     if model is None:
         for d in DEMO_MODEL_DIRS:
@@ -113,14 +136,9 @@ def resolve_model(model: str | None) -> str:
         raise InputError(f"no model: the embedded demo checkpoint ({' / '.join(DEMO_MODEL_DIRS)}) does not "
                          f"exist in {os.getcwd()}; {hint}")
     try:
-        path = resolve_model_spec(model)
+        return resolve_checkpoint(model)
     except ModelSpecError as e:
         raise InputError(f"--model: {e}; {hint}") from None
-    for need in ("config.json", "tokenizer.json") if os.path.isdir(path) else ():
-        if not os.path.isfile(os.path.join(path, need)):
-            raise InputError(f"model dir {model} has no {need}; expected a checkpoint dir written by "
-                             f"train.py (config.json, *.safetensors, tokenizer.json); {hint}")
-    return path
 
 
 def check_inputs(cfg: InferConfig) -> None:
@@ -151,6 +169,8 @@ def check_inputs(cfg: InferConfig) -> None:
     if cfg.graph_out and cfg.thinking_format != "graph":
         raise InputError(f"--graph-out needs --thinking-format graph (got {cfg.thinking_format}): only graph "
                          "thinking holds a graph to export")
+    if cfg.retriever is None:
+        cfg.retriever = DEMO_RETRIEVER
     if cfg.critic is None:
         cfg.critic = "graph" if os.path.isdir(cfg.retriever) else "same"
     if cfg.critic == "graph" and cfg.reflect_depth > 0 and not os.path.isdir(cfg.retriever):
@@ -160,6 +180,7 @@ def check_inputs(cfg: InferConfig) -> None:
     if c not in ("same", "graph") and not c.startswith(("http://", "https://")) and not os.path.isdir(c):
         raise InputError(f"--critic {c!r} is not same, graph, an http(s):// URL or an existing checkpoint dir")
     check_device(cfg.device)
+    cfg.device = resolve_device(cfg.device) if cfg.device in (None, "auto") else cfg.device
     try:
         parse_dtype(cfg.dtype, cfg.device)
     except DtypeError as e:
@@ -183,7 +204,6 @@ def build_critic(cfg: InferConfig, policy: Policy):
         return None
     retriever = None
     if cfg.critic == "graph":
-        from ..retrieval import GraphRetriever
         try:
             retriever = GraphRetriever.load(cfg.retriever)
         except (OSError, ValueError, KeyError) as e:
@@ -235,7 +255,6 @@ class _Streamer:
 
 def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
     """The trace to ``cfg.json``; when that write fails, to a fallback file, and an error that says where."""
-    from ..teachers.net import redact_url
     options = {k: redact_url(v) for k, v in vars(cfg).items() if k != "questions"}   # no password in a trace
     options["critic_name"] = getattr(critic, "name", None)
     doc = {"options": options, "elapsed_s": elapsed, "questions": [tr.to_dict() for tr in traces]}
@@ -255,7 +274,6 @@ def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
 
 def graph_line(tr) -> str:
     """``graph: N nodes, M edges, validity V`` of the final thinking of ``tr`` (a graph-format trace)."""
-    from ..thinking.graph_io import completion_digraph
     last = tr.iterations[-1]
     g = completion_digraph(last.completion())
     return (f"graph: {g.number_of_nodes()} nodes, {g.number_of_edges()} edges, "
@@ -264,7 +282,6 @@ def graph_line(tr) -> str:
 
 def _write_graphs(out_dir: str, traces) -> None:
     """Each question's final graph to ``out_dir/q<N>.graphml`` (``graph_eval.export_graphml``)."""
-    from ..thinking.graph_io import export_graphml
     try:
         for i, tr in enumerate(traces, start=1):
             export_graphml(tr.iterations[-1].completion(), os.path.join(out_dir, f"q{i}.graphml"))
@@ -275,7 +292,6 @@ def _write_graphs(out_dir: str, traces) -> None:
 
 def main(cfg: InferConfig) -> int:
     """Run inference for ``cfg``: print each answer, write the trace JSON; 2 on bad input."""
-    from ..sampler import SamplingParams
     try:
         check_inputs(cfg)
         policy = Policy(*load_model_and_tokenizer(cfg.model, cfg.device, cfg.dtype), decode_weights=cfg.decode_weights)
