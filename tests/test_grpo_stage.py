@@ -128,7 +128,7 @@ def test_sample_weights_int8_reaches_the_group_sampler_and_the_pairs_hash(tmp_pa
     import preflexor_core.sampler as sampler
     import preflexor_core.train.grpo_stage as grpo_stage
     from preflexor_core.sampler import SamplingParams
-    from preflexor_core.train.stage import settings_hash
+    from preflexor_core.train.provenance import settings_hash
     seen = []
     real = sampler.generate
     monkeypatch.setattr(grpo_stage, "generate", lambda *a, **k: seen.append(k.get("decode_weights")) or real(*a, **k))

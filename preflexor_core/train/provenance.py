@@ -11,6 +11,7 @@ Tests: ``python -m pytest -q tests/test_reliability_train.py -k provenance``
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -108,3 +109,28 @@ def reuse_artefact(folder: Path, complete: bool, record: dict, dependents, what:
             f"the new inputs")
     log.info("%s was built from other inputs (%s); rebuilding the %s", folder, diff, what)
     return False
+
+
+def datagen_seed(seed: int, stage: str, iteration: int) -> int:
+    """The pair generator's seed for (run seed, stage, iteration): an injective map (stage < 8,
+    0 <= iteration < 2**32), so no two stages or iterations of a run share a seed."""
+    if not 0 <= iteration < 2**32:
+        raise ValueError(f"iteration {iteration} out of range [0, 2**32)")
+    return ((int(seed) * 8 + int(stage)) << 32) + iteration
+
+
+def settings_hash(cfg, sampling, stage: str) -> str:
+    """10 hex digits of sha256 over the sampling and teacher settings that shape a stage's pairs."""
+    d = cfg.data
+    keys = ("teacher", "teacher_model", "teacher_max_items", "teacher_answer_sentences", "embedder",
+            "number_nodes_to_get", "k_samples", "corpus")
+    blob = {"stage": stage, "seed": cfg.run.seed, "sampling": dataclasses.asdict(sampling),
+            **{k: getattr(d, k) for k in keys}}
+    if d.sample_weights != "fp":            # only then: the hashes of fp runs stay what they were
+        blob["sample_weights"] = d.sample_weights
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
+
+
+def pair_id_prefix(meta: dict) -> str:
+    """Row ids ``s{stage}-i{iteration}-p{policy_step}-{settings_hash}-{index}``: unique per provenance."""
+    return f"s{meta['stage']}-i{meta['iteration']}-p{meta['policy_step']}-{meta['settings_hash']}"

@@ -12,9 +12,6 @@ Tests: ``python -m pytest -q tests/test_trainer.py``
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import hashlib
-import json
 import logging
 import math
 import time
@@ -35,6 +32,7 @@ from . import distributed as D
 from .batches import Batch, PairFormat, collate_pairs, collate_sequences, pack_lm_stream, tokenize_pair
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .objectives import ADDITIVE_METRICS, dpo_objective, lm_objective, orpo_objective
+from .provenance import datagen_seed, pair_id_prefix, settings_hash
 from .signals import TrainingInterrupted, current_stop
 
 log = logging.getLogger("preflexor.train")
@@ -60,31 +58,6 @@ def make_scheduler(opt, warmup: int, total: int, kind: str):
 
 
 PAIRS_FILE = "pairs.jsonl"
-
-
-def datagen_seed(seed: int, stage: str, iteration: int) -> int:
-    """The pair generator's seed for (run seed, stage, iteration): an injective map (stage < 8,
-    0 <= iteration < 2**32), so no two stages or iterations of a run share a seed."""
-    if not 0 <= iteration < 2**32:
-        raise ValueError(f"iteration {iteration} out of range [0, 2**32)")
-    return ((int(seed) * 8 + int(stage)) << 32) + iteration
-
-
-def settings_hash(cfg, sampling, stage: str) -> str:
-    """10 hex digits of sha256 over the sampling and teacher settings that shape a stage's pairs."""
-    d = cfg.data
-    keys = ("teacher", "teacher_model", "teacher_max_items", "teacher_answer_sentences", "embedder",
-            "number_nodes_to_get", "k_samples", "corpus")
-    blob = {"stage": stage, "seed": cfg.run.seed, "sampling": dataclasses.asdict(sampling),
-            **{k: getattr(d, k) for k in keys}}
-    if d.sample_weights != "fp":            # only then: the hashes of fp runs stay what they were
-        blob["sample_weights"] = d.sample_weights
-    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
-
-
-def pair_id_prefix(meta: dict) -> str:
-    """Row ids ``s{stage}-i{iteration}-p{policy_step}-{settings_hash}-{index}``: unique per provenance."""
-    return f"s{meta['stage']}-i{meta['iteration']}-p{meta['policy_step']}-{meta['settings_hash']}"
 
 
 def _bar(total: int, desc: str, enabled: bool, initial: int = 0):
