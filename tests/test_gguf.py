@@ -21,9 +21,10 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from preflexor_core import Llama, ModelConfig, Tokenizer  # noqa: E402
-from preflexor_core.llm.gguf import GGUFError, write_gguf  # noqa: E402
+from preflexor_core.llm.gguf import write_gguf  # noqa: E402
 from preflexor_core.llm.gguf.layout import from_gguf_rows, to_gguf_rows  # noqa: E402
 from preflexor_core.llm.gguf.writer import write_metadata  # noqa: E402
+from preflexor_core.tokenization.gguf_file import GGUFError  # noqa: E402
 
 DELTA = {"f32": 0.0, "f16": 2.0 ** -11, "bf16": 2.0 ** -8, "q8_0": 1 / 254, "q5_0": 1 / 32, "q5_1": 1 / 31,
          "q4_0": 1 / 16, "q4_1": 1 / 15}

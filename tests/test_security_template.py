@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from preflexor_core.tokenization import chat_template as ct
-from preflexor_core.tokenization.chat_template import ChatTemplateBudgetError, render_chat_template
+from preflexor_core.tokenization import jinja_sandbox
+from preflexor_core.tokenization.chat_template import render_chat_template
+from preflexor_core.tokenization.jinja_sandbox import ChatTemplateBudgetError
 
 MSGS = [{"role": "user", "content": "hi"}]
 TEMPLATES = Path(__file__).parent / "fixtures" / "chat_templates"
@@ -43,7 +44,7 @@ HOSTILE = {
 
 @pytest.fixture(autouse=True)
 def short_deadline(monkeypatch):
-    monkeypatch.setattr(ct, "RENDER_DEADLINE_S", 0.5)
+    monkeypatch.setattr(jinja_sandbox, "RENDER_DEADLINE_S", 0.5)
 
 
 @pytest.mark.parametrize("name", sorted(HOSTILE))
@@ -67,7 +68,7 @@ def test_real_templates_and_normal_loops_render():
 def test_budget_error_reaches_the_cli_as_a_tokenizer_error():
     from preflexor_core import Tokenizer
     from preflexor_core.infra.errors import is_project_error
-    from preflexor_core.tokenization.tokenizer import TokenizerError
+    from preflexor_core.tokenization.errors import TokenizerError
     tok = Tokenizer.train_bpe(["a b c d"] * 10, vocab_size=300)
     tok.chat_template = HOSTILE["string repetition"]
     with pytest.raises(TokenizerError) as e:

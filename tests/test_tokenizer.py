@@ -11,8 +11,9 @@ import os
 import pytest
 
 from preflexor_core import Tokenizer
-from preflexor_core.tokenization import chat_template as ct
-from preflexor_core.tokenization.tokenizer import CHAT_TEMPLATE, TokenizerError
+from preflexor_core.tokenization import jinja_sandbox
+from preflexor_core.tokenization.errors import TokenizerError
+from preflexor_core.tokenization.tokenizer import CHAT_TEMPLATE
 from preflexor_core.thinking.tokens import TRAINED_SPECIAL_TOKENS
 from preflexor_core.thinking.tokens import THINKING_TOKENS
 from preflexor_core.llm import config as C
@@ -154,7 +155,7 @@ def hf_utils(monkeypatch):
     pytest.importorskip("transformers", reason="transformers is the test-only reference")
     from transformers.utils import chat_template_utils
     monkeypatch.setattr(chat_template_utils, "datetime", _FrozenDatetime)
-    monkeypatch.setattr(ct, "datetime", _FrozenDatetime)
+    monkeypatch.setattr(jinja_sandbox, "datetime", _FrozenDatetime)
     return chat_template_utils
 
 

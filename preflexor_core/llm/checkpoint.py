@@ -21,8 +21,10 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+import safetensors.torch        # the module, not its functions: a test replaces save_file to fail a write
 
 from .config import ModelConfig
+from .limits import check_config_fits
 from ..infra.io import atomic_dir, fsync_write
 
 log = logging.getLogger("preflexor.checkpoint")
@@ -86,9 +88,8 @@ def _weight_files(path: str) -> list[str]:
 
 
 def _open_safetensors(fn: str):
-    from safetensors import safe_open
     try:
-        return safe_open(fn, framework="pt", device="cpu")
+        return safetensors.safe_open(fn, framework="pt", device="cpu")
     except Exception as e:  # safetensors raises its own SafetensorError / OSError
         raise CheckpointError(f"{fn}: cannot read safetensors file ({e}); it may be truncated or corrupt") from None
 
@@ -119,7 +120,6 @@ def load_pretrained(path: str, model_cls: Callable[..., nn.Module], dtype: Any =
     """
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{path}: checkpoint directory not found")
-    from .limits import check_config_fits
     check_config_fits(_raw_json(os.path.join(path, "config.json")), source=os.path.join(path, "config.json"),
                       dtype=dtype, device=device)                    # before the config or model is built
     cfg = ModelConfig.from_json_file(os.path.join(path, "config.json"))
@@ -174,8 +174,6 @@ def _shard(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, tor
 
 def save_pretrained(model, path: str, max_shard_size: int | str = "5GB", dtype: Any = None) -> None:
     """Write ``model`` as an HF directory of its family (atomic: temp dir, then rename)."""
-    from safetensors.torch import save_file
-
     cfg: ModelConfig = model.config
     dtype = _resolve_dtype(dtype)
     max_bytes = parse_size(max_shard_size)
@@ -191,13 +189,13 @@ def save_pretrained(model, path: str, max_shard_size: int | str = "5GB", dtype: 
     with atomic_dir(path, carry_over=True, keep=lambda name: not _WEIGHT_FILE.match(name)) as tmp:
         shards = _shard(state, max_bytes)
         if len(shards) == 1:
-            save_file(shards[0], os.path.join(tmp, SAFE_SINGLE), metadata={"format": "pt"})
+            safetensors.torch.save_file(shards[0], os.path.join(tmp, SAFE_SINGLE), metadata={"format": "pt"})
         else:
             weight_map = {}
             total = sum(t.numel() * t.element_size() for t in state.values())
             for i, shard in enumerate(shards, 1):
                 fn = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, os.path.join(tmp, fn), metadata={"format": "pt"})
+                safetensors.torch.save_file(shard, os.path.join(tmp, fn), metadata={"format": "pt"})
                 weight_map.update({k: fn for k in shard})
             fsync_write(os.path.join(tmp, SAFE_INDEX),
                         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2) + "\n")

@@ -18,7 +18,10 @@ import math
 import os
 from typing import Any, Mapping
 
+import torch
+
 from ..infra.errors import PreflexorError
+from ..tokenization.gguf_file import open_gguf, read_metadata
 
 __all__ = ["ModelSizeError", "LIMITS", "MAX_MODEL_BYTES", "available_memory_bytes", "check_config_fits",
            "gguf_sizes", "check_gguf_fits"]
@@ -53,7 +56,6 @@ def available_memory_bytes(device: Any = None) -> int:
             avail = MAX_MODEL_BYTES
     if device is not None and str(device).startswith("cuda"):
         try:
-            import torch
             dev = torch.device(device)
             free, _ = torch.cuda.mem_get_info(dev.index if dev.index is not None else 0)
             avail += int(free)
@@ -142,8 +144,7 @@ def gguf_sizes(meta: Mapping[str, Any], tensor_shapes: Mapping[str, tuple] | Non
 
 def check_gguf_fits(path: str, *, dtype: Any = None, device: Any = None, reader=None) -> int:
     """``check_config_fits`` on the header of the GGUF file ``path`` (no tensor is read); ``reader``: the
-    file already opened with ``gguf.open_gguf``."""
-    from .gguf.reader import open_gguf, read_metadata
+    file already opened with ``open_gguf``."""
     reader = reader if reader is not None else open_gguf(path)
     meta = read_metadata(reader)
     shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}

@@ -21,6 +21,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+from .chat_template import render_chat_template
+from .errors import TokenizerError
+
 ZERO_WIDTH_BREAK = "\u200b"
 
 
@@ -60,7 +63,6 @@ def neutralize(tok, text: str, allow: Sequence[str] = ()) -> tuple[str, list[int
             at = b
         out.append(text[at:])
         text = "".join(out)
-    from .tokenizer import TokenizerError
     raise TokenizerError(f"{tok.source}: untrusted text still encodes to control tokens after breaking them")
 
 
@@ -74,7 +76,6 @@ def template_tags(tok) -> tuple[str, ...]:
     cached = getattr(tok, "_template_tags_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]
-    from .chat_template import render_chat_template
     named = [t.content for t in tok._tk.get_added_tokens_decoder().values()
              if t.content.strip() and t.content in template]
     markup = ""

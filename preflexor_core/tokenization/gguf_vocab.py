@@ -8,15 +8,19 @@ one by one, then apply GPT-2's regex; ``gpt2`` is GPT-2's regex alone; ``qwen2``
 Llama-3's regex with single digits). CONTROL tokens become
 special tokens, USER_DEFINED ones added tokens. bos/eos/pad ids, ``add_bos_token`` and
 ``tokenizer.chat_template`` are carried over. ``pre_tokenizer_name`` is the reverse lookup the
-writer uses. Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
+writer (llm/gguf/writer.py) uses. The file itself is opened by gguf_file.py; this room never imports the
+model's GGUF package. Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
 """
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from ...tokenization.pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer
-from .reader import GGUFError, open_gguf, read_metadata
+from tokenizers import (AddedToken, Regex, Tokenizer as TK, decoders, models, normalizers, pre_tokenizers as pt,
+                        processors)
+
+from .gguf_file import GGUFError, open_gguf, read_metadata
+from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer
 
 TOKEN_NORMAL, TOKEN_UNKNOWN, TOKEN_CONTROL, TOKEN_USER_DEFINED, TOKEN_UNUSED, TOKEN_BYTE = 1, 2, 3, 4, 5, 6
 LLAMA3_PRES = ("llama-bpe", "llama3", "llama-v3", "smaug-bpe", "dbrx")
@@ -29,7 +33,6 @@ QWEN2_PATTERN = LLAMA3_PATTERN.replace(r"\p{N}{1,3}", r"\p{N}")
 
 
 def _pre_tokenizer(pre: str, path: str):
-    from tokenizers import Regex, pre_tokenizers as pt
     if pre in LLAMA3_PRES:
         return llama3_pre_tokenizer()
     if pre in QWEN2_PRES:
@@ -66,7 +69,6 @@ def pre_tokenizer_name(tk) -> str:
 
 def _bpe_model(meta: dict[str, Any], tokens, path: str):
     """Byte-level BPE from tokens + merges, with the pre-tokenizer ``tokenizer.ggml.pre`` names."""
-    from tokenizers import Tokenizer as TK, decoders, models
     merges = meta.get("tokenizer.ggml.merges")
     if not tokens or merges is None:
         raise GGUFError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.merges missing; a BPE vocabulary needs both")
@@ -93,7 +95,6 @@ def _spm_model(meta: dict[str, Any], tokens, types, path: str):
     concatenation is a vocabulary piece of the highest score, falling back to <0xXX> byte pieces. A BPE
     whose merges are every (left, right) split of each piece, ranked by the piece's score, merges in the
     same order. Spaces are written as U+2581 (a leading one when ``add_space_prefix``)."""
-    from tokenizers import Tokenizer as TK, decoders, models, normalizers
     scores = meta.get("tokenizer.ggml.scores")
     if not tokens or scores is None or len(scores) != len(tokens):
         raise GGUFError(f"{path}: tokenizer.ggml.tokens / tokenizer.ggml.scores missing or of different lengths; "
@@ -121,8 +122,7 @@ def _spm_model(meta: dict[str, Any], tokens, types, path: str):
 
 def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
     """Build ``tokenizer_cls`` (our ``Tokenizer``) from GGUF metadata (see the module docstring for what is
-    supported). ``Tokenizer.from_pretrained(path)`` passes its class: this package never imports it."""
-    from tokenizers import AddedToken
+    supported). ``Tokenizer.from_pretrained(path)`` passes its class: this module never imports it."""
     kind = meta.get("tokenizer.ggml.model")
     if kind is None:
         raise GGUFError(f"{path}: no tokenizer in the metadata (tokenizer.ggml.model is missing)")
@@ -157,7 +157,6 @@ def tokenizer_from_metadata(meta: dict[str, Any], path: str, tokenizer_cls):
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", False))
     if kind == "llama" and add_bos and kw["bos_token"] is not None:
         # as the families' own tokenizer.json: transformers adds the BOS through this post-processor
-        from tokenizers import processors
         bos = kw["bos_token"]
         tk.post_processor = processors.TemplateProcessing(single=f"{bos} $A", pair=f"{bos} $A {bos} $B",
                                                           special_tokens=[(bos, meta["tokenizer.ggml.bos_token_id"])])

@@ -28,12 +28,16 @@ from typing import Iterable, Sequence
 
 import jinja2
 import torch
+from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers, trainers
 
 from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
 from ..infra.io import file_mode
-from .chat_template import (SPECIAL_TOKEN_NAMES, ChatTemplateBudgetError, end_of_turn_token, render_chat_template,
-                            select_template)
+from .chat_template import SPECIAL_TOKEN_NAMES, end_of_turn_token, render_chat_template, select_template
+from . import control_text
 from .control_text import ZERO_WIDTH_BREAK  # noqa: F401  (re-exported)
+from .errors import TokenizerError
+from .gguf_vocab import load_gguf_tokenizer
+from .jinja_sandbox import ChatTemplateBudgetError
 from ..thinking.tokens import BOS, EOS, EOT, END_HEADER, START_HEADER, THINKING_TOKENS, TRAINED_SPECIAL_TOKENS
 
 log = logging.getLogger(__name__)
@@ -46,12 +50,6 @@ CHAT_TEMPLATE = (
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim + '<|eot_id|>' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
-
-
-class TokenizerError(ValueError):
-    pass
-
-
 
 
 def _token_text(v) -> str | None:
@@ -132,11 +130,9 @@ class Tokenizer:
     def from_pretrained(cls, path: str) -> "Tokenizer":
         """Load ``path``: tokenizer.json, plus tokenizer_config.json (special tokens, ``chat_template``),
         chat_template.jinja (takes priority over the config's template, as in transformers) and
-        generation_config.json (``eos_token_id``: int or list) when present. A ``.gguf`` file: see gguf/tokenizer.py."""
+        generation_config.json (``eos_token_id``: int or list) when present. A ``.gguf`` file: see gguf_vocab.py."""
         if str(path).endswith(".gguf"):
-            from ..llm.gguf import load_gguf_tokenizer
             return load_gguf_tokenizer(path, cls)
-        from tokenizers import Tokenizer as TK
         tj = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(tj):
             raise FileNotFoundError(f"{tj}: not found; a tokenizer directory needs tokenizer.json "
@@ -176,7 +172,6 @@ class Tokenizer:
     def train_bpe(cls, texts: Iterable[str], vocab_size: int = 4096, min_frequency: int = 2,
                   show_progress: bool = False) -> "Tokenizer":
         """Train a byte-level BPE (Llama-3 pre-tokenizer, Llama-3 + thinking special tokens at ids 0..8)."""
-        from tokenizers import Tokenizer as TK, decoders, models, pre_tokenizers, trainers
         if vocab_size < 256 + len(TRAINED_SPECIAL_TOKENS):
             raise ValueError(f"vocab_size={vocab_size} is too small: byte-level BPE needs at least "
                              f"{256 + len(TRAINED_SPECIAL_TOKENS)} (256 bytes + special tokens)")
@@ -284,7 +279,6 @@ class Tokenizer:
 
     def add_special_tokens(self, tokens: Sequence[str]) -> int:
         """Add special tokens (never split, encoded to one id each); returns how many were new."""
-        from tokenizers import AddedToken
         new = [t for t in tokens if self._tk.token_to_id(t) is None]
         self._tk.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in tokens])
         return len(new)
@@ -302,19 +296,16 @@ class Tokenizer:
 
     def control_ids(self, allow: Sequence[str] = ()) -> frozenset[int]:
         """Ids that untrusted text must never produce (``control_text.control_ids``)."""
-        from .control_text import control_ids
-        return control_ids(self, allow)
+        return control_text.control_ids(self, allow)
 
     def neutralize(self, text: str, allow: Sequence[str] = THINKING_TOKENS) -> str:
         """``text`` with every string that would encode to a control token broken by a zero-width space,
         so that it encodes as plain text; ``allow``'s tags stay special (``control_text.neutralize``)."""
-        from .control_text import neutralize
-        return neutralize(self, text, allow)[0]
+        return control_text.neutralize(self, text, allow)[0]
 
     def encode_text(self, text: str, allow: Sequence[str] = THINKING_TOKENS) -> list[int]:
         """Token ids of untrusted ``text``: no control token but ``allow``'s (the pipeline's own tags)."""
-        from .control_text import neutralize
-        return neutralize(self, text, allow)[1]
+        return control_text.neutralize(self, text, allow)[1]
 
     def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
         return [e.ids for e in self._tk.encode_batch(list(texts), add_special_tokens=False)]
@@ -335,8 +326,7 @@ class Tokenizer:
         the template itself handles (``control_text.template_tags``) encode as control tokens; ``allow=None``
         renders the contents as given (for text that is known to be the project's)."""
         if allow is not None:
-            from .control_text import neutralize_messages
-            messages = neutralize_messages(self, messages, allow)
+            messages = control_text.neutralize_messages(self, messages, allow)
         if self.chat_template is None:
             raise TokenizerError(
                 f"{self.source}: no chat template (tokenizer_config.json has no 'chat_template', there is no "

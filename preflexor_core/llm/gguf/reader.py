@@ -1,7 +1,7 @@
-"""Read a llama.cpp GGUF file into ``Llama``: header checks, ModelConfig from metadata, dequantization.
+"""Read a llama.cpp GGUF file into ``Llama``: ModelConfig from metadata, dequantization.
 
-Uses the ``gguf`` package (llama.cpp's own reader, pinned in requirements.txt) for parsing and
-its ``gguf.quants.dequantize`` for the block formats. Architectures: llama (Llama; Mistral when a
+The file is opened by ``tokenization/gguf_file.py`` (llama.cpp's ``gguf`` package); this module uses
+the package's ``gguf.quants.dequantize`` for the block formats. Architectures: llama (Llama; Mistral when a
 sliding window is set), qwen2, qwen3, gemma3 (the text model). Metadata keys follow llama.cpp's GGUF
 spec under the architecture's prefix (``qwen3.embedding_length``, ``gemma3.attention.sliding_window`` ...);
 what llama.cpp hard-codes for gemma3 is the default when its key is absent (every 6th layer global,
@@ -14,57 +14,16 @@ Tests: .venv/bin/python -m pytest -q tests/test_gguf.py
 """
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
 import torch
 
+from ...tokenization.gguf_file import SUPPORTED_TYPES, GGUFError, open_gguf, read_metadata
+from ..checkpoint import _resolve_dtype
 from ..config import ConfigError, ModelConfig
 from ..rope import rope_inv_freq
 from . import layout
-
-# Tensor types this loader dequantizes (all covered by tests/test_gguf.py).
-SUPPORTED_TYPES = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q4_K", "Q5_K", "Q6_K")
-
-
-class GGUFError(ValueError):
-    """A GGUF file that cannot be used; the message names the file and what is wrong."""
-
-
-def open_gguf(path: str):
-    """A ``gguf.GGUFReader`` over ``path`` after checking the magic and that no tensor runs past the end."""
-    import gguf
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: GGUF file not found")
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if magic != b"GGUF":
-        raise GGUFError(f"{path}: not a GGUF file (wrong magic: starts with {magic!r}, expected b'GGUF'); "
-                        f"pass a .gguf file written by llama.cpp or gguf's GGUFWriter")
-    try:
-        reader = gguf.GGUFReader(path)
-    except ValueError as e:
-        if "GGMLQuantizationType" in str(e):
-            raise GGUFError(f"{path}: a tensor has an unknown quant type ({e}); supported types: "
-                            f"{', '.join(SUPPORTED_TYPES)}") from None
-        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({size} bytes; the reader failed with: {e}); "
-                        f"re-download or re-convert it") from None
-    except Exception as e:  # memmap / struct errors on a cut-off header
-        raise GGUFError(f"{path}: truncated or corrupt GGUF file ({size} bytes; {type(e).__name__}: {e}); "
-                        f"re-download or re-convert it") from None
-    for t in reader.tensors:
-        if t.data_offset + t.n_bytes > size or t.data.nbytes != t.n_bytes:
-            raise GGUFError(f"{path}: truncated GGUF file: tensor {t.name!r} needs bytes up to "
-                            f"{t.data_offset + t.n_bytes}, the file has {size}; re-download or re-convert it")
-    return reader
-
-
-def read_metadata(reader) -> dict[str, Any]:
-    """All key/value metadata of the file as Python values (arrays as lists)."""
-    return {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
 
 
 def _llama3_rope(freqs: np.ndarray, theta: float, head_dim: int, path: str) -> dict:
@@ -176,7 +135,7 @@ def config_from_gguf(meta: dict[str, Any], reader, path: str, dtype: torch.dtype
 
 def dequantize(t, path: str) -> torch.Tensor:
     """One GGUF tensor -> fp32 torch tensor in row-major (PyTorch) shape."""
-    import gguf
+    import gguf  # gguf: optional, only .gguf files need it
     if t.tensor_type.name not in SUPPORTED_TYPES:
         raise GGUFError(f"{path}: tensor {t.name!r} has quant type {t.tensor_type.name}, which is not supported; "
                         f"supported: {', '.join(SUPPORTED_TYPES)} (re-quantize with llama-quantize)")
@@ -197,7 +156,6 @@ def _default_dtype(device: torch.device) -> torch.dtype:
 def load_gguf_model(path: str, model_cls, dtype: Any = None, device: Any = "cpu", reader=None):
     """Load a GGUF file of a supported architecture as ``model_cls`` (``Llama``); dtype None = bf16 on CUDA, fp32 otherwise.
     Users call ``Llama.from_pretrained(path)``, which passes its class (this package never imports the model)."""
-    from ..checkpoint import _resolve_dtype
     device = torch.device(device)
     dtype = _resolve_dtype(dtype) or _default_dtype(device)
     reader = reader if reader is not None else open_gguf(path)     # a caller may pass the one it opened

@@ -25,11 +25,12 @@ import os
 import numpy as np
 import torch
 
+from ...tokenization.gguf_file import GGUFError
+from ...tokenization.gguf_vocab import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED,
+                                        pre_tokenizer_name)
+from ..families import family
 from ..rope import rope_inv_freq
 from . import layout
-from .reader import GGUFError
-from .tokenizer import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED,
-                        pre_tokenizer_name)
 
 # dtype name -> (tensor type name, llama.cpp general.file_type name)
 DTYPES = {"f32": ("F32", "ALL_F32"), "f16": ("F16", "MOSTLY_F16"), "bf16": ("BF16", "MOSTLY_BF16"),
@@ -77,13 +78,12 @@ def _is_sentencepiece(tokenizer) -> tuple[bool, bool]:
 
 def gguf_arch(cfg) -> str:
     """llama.cpp's architecture name of ``cfg``'s family."""
-    from ..families import family
     return family(cfg.model_type).gguf_arch
 
 
 def _family_metadata(w, cfg) -> None:
     """The keys of a family's options (sliding windows, Gemma 3's rope base / scale / pattern, final softcap)."""
-    import gguf
+    import gguf  # gguf: optional, only writing a .gguf file needs it
     arch = gguf_arch(cfg)
     if cfg.has_sliding_layers:
         if arch not in ("llama", "gemma3"):
@@ -117,7 +117,7 @@ def _post_processor_adds(tokenizer, token_id) -> bool:
 
 def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "model") -> None:
     """All key/value metadata of the family's GGUF (model hyper-parameters + tokenizer) onto GGUFWriter ``w``."""
-    import gguf
+    import gguf  # gguf: optional, only writing a .gguf file needs it
     w.add_name(name)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
@@ -165,7 +165,7 @@ def write_metadata(w, cfg, tokenizer, chat_template: str | None, name: str = "mo
 
 def _encode(w32: np.ndarray, qname: str):
     """fp32 array -> (array to store, GGML type) with the fallbacks llama.cpp's converter uses."""
-    import gguf
+    import gguf  # gguf: optional, only writing a .gguf file needs it
     qtype = gguf.GGMLQuantizationType[qname]
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     if w32.ndim == 1 or qtype == gguf.GGMLQuantizationType.F32:
@@ -205,7 +205,7 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "f16", chat_template: s
 
     chat_template: None takes ``tokenizer.chat_template`` when the tokenizer has one.
     """
-    import gguf
+    import gguf  # gguf: optional, only writing a .gguf file needs it
     if dtype not in DTYPES:
         raise GGUFError(f"dtype={dtype!r} is not supported for GGUF output; choose one of {sorted(DTYPES)}")
     qname, ftype = DTYPES[dtype]
