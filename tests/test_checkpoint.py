@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 
 from preflexor_core import Llama, ModelConfig
 from preflexor_core.llm.checkpoint import CheckpointError, parse_size
-from preflexor_core.llm.config import ConfigError
+from preflexor_core.llm.config_fields import ConfigError
 
 transformers = pytest.importorskip("transformers", reason="transformers is the test-only reference")
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from preflexor_core import ModelConfig
-from preflexor_core.llm.config import ConfigError
+from preflexor_core.llm.config_fields import ConfigError
 from preflexor_core.infra.errors import (DEBUG_ENV, DeviceError, PreflexorError, check_device, is_project_error,
                                          register_error, run_cli)
 
@@ -52,7 +52,7 @@ def test_project_errors_print_one_line_and_exit_2(capsys, exc):
 
 def test_existing_error_classes_are_accepted():
     from preflexor_core.llm.checkpoint import CheckpointError
-    from preflexor_core.tokenization.tokenizer import TokenizerError
+    from preflexor_core.tokenization.errors import TokenizerError
     for cls in (CheckpointError, TokenizerError):
         assert is_project_error(cls("m")), cls
         assert run_cli(raising(cls("m"))) == 2, cls

@@ -9,8 +9,9 @@ import json
 
 import pytest
 
-from preflexor_core import ModelConfig
-from preflexor_core.llm.config import ConfigError, UnknownPresetError
+from preflexor_core import Llama, ModelConfig
+from preflexor_core.llm.config import PRESETS, UnknownPresetError
+from preflexor_core.llm.config_fields import ConfigError
 from preflexor_core.infra.errors import PreflexorError
 
 # config.json of HuggingFaceTB/SmolLM2-135M-Instruct (values as published).
@@ -58,10 +59,10 @@ def test_config_error_is_a_project_error_and_a_value_error():
         ModelConfig(hidden_size=64, num_attention_heads=0)
 
 
-@pytest.mark.parametrize("name", ModelConfig.preset_names())
+@pytest.mark.parametrize("name", sorted(PRESETS))
 def test_every_preset_validates_and_round_trips(name):
     cfg = ModelConfig.preset(name)
-    assert ModelConfig.from_hf_dict(json.loads(cfg.to_json_string())) == cfg
+    assert ModelConfig.from_hf_dict(json.loads(json.dumps(cfg.to_hf_dict()))) == cfg
     assert cfg.replace(vocab_size=cfg.vocab_size + 1).vocab_size == cfg.vocab_size + 1
 
 
@@ -69,11 +70,11 @@ def test_real_hf_llama_configs_validate(tmp_path):
     path = tmp_path / "config.json"
     path.write_text(json.dumps(SMOLLM2_135M))
     smol = ModelConfig.from_json_file(str(path))
-    assert (smol.head_dim, smol.num_kv_groups, smol.rope_scaling) == (64, 3, None)
+    assert (smol.head_dim, smol.num_attention_heads // smol.num_key_value_heads, smol.rope_scaling) == (64, 3, None)
     assert smol.rope_theta == 100000.0 and isinstance(smol.rope_theta, float)    # int in the JSON
-    assert smol.num_parameters() == 134_515_008
+    assert Llama(smol, device="meta").num_parameters() == 134_515_008
     llama = ModelConfig.from_hf_dict(LLAMA32_3B)
-    assert llama.num_parameters() == 3_212_749_824
+    assert Llama(llama, device="meta").num_parameters() == 3_212_749_824
     assert llama.rope_scaling["rope_type"] == "llama3" and llama.eos_token_ids == [128001, 128008, 128009]
     # transformers >= 5 writes theta and scaling together as rope_parameters, and may write null dtypes.
     new_style = {k: v for k, v in LLAMA32_3B.items() if k not in ("rope_scaling", "rope_theta", "torch_dtype")}

@@ -8,8 +8,8 @@ builds one with the family's fixed options set; ``ModelConfig.preset(name)`` ret
 types, ranges, head divisibility, rope scaling shape; a bad one raises ``ConfigError`` naming the
 file, the field, the value and what is allowed.
 
-    >>> cfg = ModelConfig.preset("llama-3.2-3b"); cfg.num_parameters()
-    3212749824
+    >>> cfg = ModelConfig.preset("llama-3.2-3b"); cfg.num_key_value_heads, cfg.head_dim
+    (8, 128)
 
 Tests: ``python -m pytest -q tests/test_config.py tests/test_model.py``.
 """
@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import os
-from dataclasses import dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any
 
-from ..infra.errors import PreflexorError
+from .config_fields import ConfigError, _bad, _int, _real, _validate_rope_scaling
+from .families import check_family, family_kwargs, hf_to_kwargs, to_hf
 
-SUPPORTED_ROPE_TYPES = ("default", "llama3", "linear")
 LAYER_TYPES = ("full_attention", "sliding_attention")
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")   # SwiGLU (Llama, Qwen, Mistral); tanh-GELU GeGLU (Gemma)
 
@@ -36,10 +34,6 @@ TRAINED_EOS_ID = 1   # <|end_of_text|>
 TRAINED_EOT_ID = 4   # <|eot_id|>
 
 
-class ConfigError(PreflexorError, ValueError):
-    """A config.json, a config field or a preset name that this package cannot honour."""
-
-
 class UnknownPresetError(ConfigError, KeyError):
     """``ModelConfig.preset`` got a name that is not a preset (a KeyError too, for older callers)."""
 
@@ -47,69 +41,6 @@ class UnknownPresetError(ConfigError, KeyError):
 
 
 TORCH_DTYPES = ("float32", "bfloat16", "float16", "float64")
-_LLAMA3_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-_ROPE_EXAMPLE = '{"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, ...}'
-
-
-def _show(value: Any) -> str:
-    """A value as it reads in config.json (null, [..], "text"), cut to 60 characters."""
-    try:
-        text = json.dumps(value, sort_keys=True)
-    except (TypeError, ValueError):
-        text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _bad(name: str, value: Any, expected: str) -> ConfigError:
-    return ConfigError(f"{name} is {_show(value)}, expected {expected}")
-
-
-def _int(name: str, value: Any, minimum: int | None, *, optional: bool = False) -> int | None:
-    what = "an integer" + (f" >= {minimum}" if minimum is not None else "") + (" or null" if optional else "")
-    if value is None and optional:
-        return None
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise _bad(name, value, what)
-    if minimum is not None and value < minimum:
-        raise _bad(name, value, what)
-    return int(value)
-
-
-def _real(name: str, value: Any, minimum: float, *, strict: bool) -> float:
-    what = f"a number {'>' if strict else '>='} {minimum:g}"
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
-        raise _bad(name, value, what)
-    if value < minimum or (strict and value == minimum):
-        raise _bad(name, value, what)
-    return float(value)
-
-
-def _validate_rope_scaling(rs: Any, *, name: str = "rope_scaling") -> dict | None:
-    """Check the dict's shape; return it normalised ("type" -> "rope_type"), or None for default RoPE."""
-    if rs is None:
-        return None
-    if not isinstance(rs, Mapping):
-        raise _bad(name, rs, f"an object like {_ROPE_EXAMPLE} or null")
-    rs = dict(rs)
-    rtype = rs.get("rope_type", rs.get("type", "default"))
-    if not isinstance(rtype, str) or rtype not in SUPPORTED_ROPE_TYPES:
-        raise ConfigError(f"{name} type {rtype!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}")
-    rs["rope_type"] = rtype
-    rs.pop("type", None)
-    if rtype == "default":
-        return None
-    if rtype == "linear":
-        return {"rope_type": "linear", "factor": _real(f"{name}.factor", rs.get("factor"), 0.0, strict=True)}
-    for key in _LLAMA3_KEYS:
-        if key not in rs:
-            raise ConfigError(f"{name} of type 'llama3' is missing key {key!r}; it needs {list(_LLAMA3_KEYS)}")
-    rs["factor"] = _real(f"{name}.factor", rs["factor"], 0.0, strict=True)
-    rs["low_freq_factor"] = _real(f"{name}.low_freq_factor", rs["low_freq_factor"], 0.0, strict=True)
-    rs["high_freq_factor"] = _real(f"{name}.high_freq_factor", rs["high_freq_factor"],
-                                   rs["low_freq_factor"], strict=True)
-    rs["original_max_position_embeddings"] = _int(f"{name}.original_max_position_embeddings",
-                                                  rs["original_max_position_embeddings"], 1)
-    return rs
 
 
 @dataclass(kw_only=True)
@@ -204,7 +135,6 @@ class ModelConfig:
 
     def _validate_family(self) -> None:
         """model_type is a known family whose fixed options this config has; layer_types fits."""
-        from .families import check_family
         check_family(self)
         n = self.num_hidden_layers
         if self.layer_types is not None:
@@ -219,10 +149,6 @@ class ModelConfig:
                               "set sliding_window (a number of positions)")
 
     # ----------------------------------------------------------------- derived
-    @property
-    def num_kv_groups(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
-
     @property
     def eos_token_ids(self) -> list[int]:
         if self.eos_token_id is None:
@@ -259,30 +185,7 @@ class ModelConfig:
             on.append("sliding_window")
         return on
 
-    @property
-    def is_plain_llama(self) -> bool:
-        """True when the model computes exactly as a Llama (any family name, no family option on)."""
-        return not self.family_options()
-
-    def num_parameters(self) -> int:
-        """Exact parameter count of ``Llama(self)`` (no allocation)."""
-        h, i, v = self.hidden_size, self.intermediate_size, self.vocab_size
-        q = self.num_attention_heads * self.head_dim
-        kv = self.num_key_value_heads * self.head_dim
-        attn = h * q + 2 * h * kv + q * h
-        if self.attention_bias or self.qkv_bias:
-            attn += q + 2 * kv + (h if self.attention_bias else 0)
-        if self.qk_norm:
-            attn += 2 * self.head_dim
-        mlp = 3 * h * i + (2 * i + h if self.mlp_bias else 0)
-        layer = attn + mlp + (4 if self.sandwich_norm else 2) * h
-        head = 0 if self.tie_word_embeddings else v * h
-        return v * h + self.num_hidden_layers * layer + h + head
-
     # ------------------------------------------------------------- HF round trip
-    _HF_ONLY_KEYS = ("architectures", "model_type", "transformers_version", "attention_dropout",
-                     "pretraining_tp", "use_cache", "_name_or_path", "dtype")
-
     @classmethod
     def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json") -> "ModelConfig":
         """Build from a transformers config dict of a supported family; ``source`` names the file in errors.
@@ -299,19 +202,16 @@ class ModelConfig:
 
     @classmethod
     def _hf_kwargs(cls, d: Any) -> dict[str, Any]:
-        from .families import hf_to_kwargs
         return hf_to_kwargs(cls, d)
 
     def to_hf_dict(self) -> dict[str, Any]:
         """The family's own config.json dict (model_type, architectures and its option names)."""
-        from .families import to_hf
         return to_hf(self)
 
     @classmethod
     def for_family(cls, model_type: str, **kwargs: Any) -> "ModelConfig":
         """A config of family ``model_type`` (llama, mistral, qwen2, qwen3, gemma3_text) with its fixed
         options set, e.g. ``ModelConfig.for_family("qwen3", hidden_size=64, ...)`` has ``qk_norm=True``."""
-        from .families import family_kwargs
         return cls(**{**family_kwargs(model_type), **kwargs})
 
     @classmethod
@@ -327,9 +227,6 @@ class ModelConfig:
             raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); a config.json is a JSON file") from None
         return cls.from_hf_dict(d, source=path)
 
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_hf_dict(), indent=2, sort_keys=True) + "\n"
-
     def replace(self, **changes: Any) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
 
@@ -340,10 +237,6 @@ class ModelConfig:
         if name not in PRESETS:
             raise UnknownPresetError(f"unknown preset {name!r}; available: {sorted(PRESETS)}")
         return cls(**PRESETS[name])
-
-    @staticmethod
-    def preset_names() -> list[str]:
-        return sorted(PRESETS)
 
 
 _LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,

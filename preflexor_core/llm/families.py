@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .config_fields import ConfigError, _bad, _show, _validate_rope_scaling
+
 
 @dataclass(frozen=True)
 class Family:
@@ -48,7 +50,6 @@ BY_ARCHITECTURE = {f.architecture: f for f in FAMILIES.values()}
 
 
 def family(model_type: str) -> Family:
-    from .config import ConfigError
     if model_type not in FAMILIES:
         raise ConfigError(f"model_type is {model_type!r}, expected one of {sorted(FAMILIES)}")
     return FAMILIES[model_type]
@@ -61,7 +62,6 @@ def family_kwargs(model_type: str) -> dict[str, Any]:
 
 def check_family(cfg) -> None:
     """Every option of ``cfg`` is one its family allows (fixed value, or free)."""
-    from .config import ConfigError
     fam = family(cfg.model_type)
     for name, llama_value in _LLAMA_OPTIONS.items():
         value = getattr(cfg, name)
@@ -77,7 +77,6 @@ def check_family(cfg) -> None:
 # ----------------------------------------------------------------------------- config.json -> kwargs
 def _rope(kwargs: dict, rp: Any, name: str) -> None:
     """theta + scaling of one rope_parameters dict into kwargs (rope_theta / rope_scaling)."""
-    from .config import _bad, _validate_rope_scaling
     if not isinstance(rp, Mapping):
         raise _bad(name, rp, 'an object like {"rope_theta": 500000.0, "rope_type": "default"}')
     rp = dict(rp)
@@ -88,7 +87,6 @@ def _rope(kwargs: dict, rp: Any, name: str) -> None:
 
 def hf_to_kwargs(cls, d: Any) -> dict[str, Any]:
     """ModelConfig kwargs from a transformers config dict of any supported family."""
-    from .config import ConfigError, _bad, _show
     if not isinstance(d, Mapping):
         raise ConfigError(f"the top level is {_show(d)}, expected an object of LlamaConfig fields "
                           '({"model_type": "llama", "hidden_size": ..., ...})')
@@ -141,7 +139,6 @@ def hf_to_kwargs(cls, d: Any) -> dict[str, Any]:
 
 
 def _gemma3_kwargs(d: Mapping, kwargs: dict, rp: Any) -> None:
-    from .config import ConfigError, _bad
     act = d.get("hidden_activation", d.get("hidden_act", "gelu_pytorch_tanh"))
     if act not in ("gelu_pytorch_tanh", "gelu_tanh"):
         raise _bad("hidden_activation", act, "'gelu_pytorch_tanh' (Gemma 3's tanh-approximated GeGLU)")
