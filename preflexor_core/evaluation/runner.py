@@ -106,7 +106,7 @@ class EvalConfig:
 # ============================================================================ models
 
 class _Models:
-    """Checkpoints loaded once (by real path) and shared between evaluations."""
+    """Checkpoints loaded once (by real path) and shared between evaluations; paths come resolved."""
 
     def __init__(self, cfg: EvalConfig):
         self.cfg, self.loaded = cfg, {}
@@ -114,7 +114,7 @@ class _Models:
     def get(self, path: str):
         key = os.path.realpath(path)
         if key not in self.loaded:
-            model, tok = load_model_and_tokenizer(check_model_dir(path), self.cfg.device, self.cfg.dtype)
+            model, tok = load_model_and_tokenizer(path, self.cfg.device, self.cfg.dtype)
             self.loaded[key] = (model.eval(), tok)
         return self.loaded[key]
 
@@ -263,12 +263,12 @@ def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | 
     """
     cfg = cfg if cfg is not None else EvalConfig()
     questions, pairs = _questions(questions, cfg), _pairs(pairs, cfg)
-    for d in (model_dir, ref_model_dir):
-        if d is not None:
-            check_model_dir(d)
+    name = name or os.path.basename(os.path.normpath(model_dir))
+    if _models is None:                 # a direct call: resolve the paths here (evaluate_models resolved them)
+        model_dir = check_model_dir(model_dir)
+        ref_model_dir = check_model_dir(ref_model_dir) if ref_model_dir is not None else None
     models = _models if _models is not None else _Models(cfg)
     model, tok = models.get(model_dir)
-    name = name or os.path.basename(os.path.normpath(model_dir))
     outs = _generate(model, tok, questions, cfg, f"eval {name}", instructed=instructed)
     rows = [_score(q, c, cfg) for q, c in zip(questions, outs)]
     metrics = _metrics(rows)
@@ -298,14 +298,14 @@ def evaluate_models(model_dirs: Sequence[str], questions: Sequence[dict] | str, 
     ``instructed[i]`` whether model i gets the format instruction (a base model)."""
     cfg = cfg if cfg is not None else EvalConfig()
     questions, pairs = _questions(questions, cfg), _pairs(pairs, cfg)
-    for d in model_dirs:
-        check_model_dir(d)
-    refs = list(ref_model_dirs) if ref_model_dirs is not None else [None] * len(model_dirs)
+    names = list(names) if names else [os.path.basename(os.path.normpath(d)) for d in model_dirs]
+    model_dirs = [check_model_dir(d) for d in model_dirs]          # once each, before any model loads
+    refs = [check_model_dir(r) if r else None for r in (ref_model_dirs or [None] * len(model_dirs))]
     models = _Models(cfg)
     results = []
     for i, d in enumerate(model_dirs):
         results.append(evaluate(d, questions, cfg, ref_model_dir=refs[i], pairs=pairs if refs[i] else None,
-                                name=names[i] if names else None,
+                                name=names[i],
                                 instructed=bool(instructed[i]) if instructed else False, _models=models))
         if pairs is not None and not refs[i]:
             is_ref = os.path.realpath(d) in {os.path.realpath(r) for r in refs if r}
