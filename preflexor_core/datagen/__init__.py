@@ -1,8 +1,9 @@
 """On-the-fly preference data: question -> retrieval -> thinking scratchpad + answer -> rejected.
 
-``format`` (the chosen layout, answer part, cleaning), ``pairs_io`` (resumable ``pairs.jsonl``),
-``scorers`` (rejected-sample scoring), ``pipeline`` (``generate_pairs`` + ``DatagenConfig``),
-``__main__`` (the CLI).
+``pipeline`` (``generate_pairs`` + ``DatagenConfig``: the chosen side, then the rows), ``rejected``
+(policy or teacher samples), ``scorers`` (rejected-sample scoring), ``pairs_io`` (resumable
+``pairs.jsonl``), ``options`` (the option sections its CLI shares with training), ``__main__`` (the
+CLI). The layout of a chosen response is the thinking room's (``thinking.layout``).
 
 References: PRefLexOR (Buehler, arXiv 2410.12375), Sec. 2.1-2.3.
 

@@ -6,9 +6,10 @@ a markdown report, a metrics bar chart and the training curves.
                    ref_model_dir="runs/x/stage1", pairs=rows)
     res["metrics"]     # {"format_compliance": ..., "answer_f1": ..., "reward_accuracy": ..., ...} in [0, 1]
 
-Rooms: ``metrics.py`` (SQuAD F1, ROUGE-L), ``format_check.py``, ``inputs.py`` (question / pair
-files), ``runner.py`` (EvalConfig, evaluate, reward accuracy), ``report.py`` (report, plots),
-``cli.py`` (``python -m preflexor_core.evaluation``). Tests: ``python -m pytest -q tests/test_evaluation.py``.
+Rooms: ``inputs.py`` (question / pair files), ``runner.py`` (EvalConfig, evaluate, reward accuracy),
+``graph_eval.py`` (graph-format rewards per model), ``report.py`` (report, metrics chart), ``cli.py``
+(``python -m preflexor_core.evaluation``). The metrics it reports come from earlier rooms: the format
+check (``thinking.check``), SQuAD F1 / ROUGE-L (``text.metrics``), the training curves (``train.plots``). Tests: ``python -m pytest -q tests/test_evaluation.py``.
 """
 from .cli import main
 from .inputs import DEFAULT_QUESTIONS, EvaluationInputError, load_pairs, load_questions

@@ -2,7 +2,7 @@
 
 ``HTTPJudge(base_url, model, cache_path=...)``: ``score_many(questions, completions, references)``
 asks the judge for a 0-10 grade of each answer (concurrent requests and retries are those of
-``teachers.http.OpenAITeacher``) and returns ``Reward(grade / 10)``. Replies are cached in one
+``teachers.chat_client.OpenAITeacher``) and returns ``Reward(grade / 10)``. Replies are cached in one
 JSON file keyed by sha256 of (model, prompt), written atomically after each batch, so a rerun
 sends no request; failed requests are not cached and raise :class:`JudgeError` once the
 successful ones are saved.
@@ -24,7 +24,7 @@ from ..infra.io import atomic_write
 from ..thinking.graph import ParsedGraphThinking
 from ..thinking.graph_io import as_parsed
 from ..teachers.base import TeacherError
-from ..teachers.http import OpenAITeacher
+from ..teachers.chat_client import OpenAITeacher
 from .structure import Reward
 
 __all__ = ["HTTPJudge", "JudgeError", "JUDGE_PROMPT", "parse_grade"]

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 
+from ..infra.errors import run_cli
 from ..retrieval import GraphRetriever
 from ..retrieval.embedding import HashingEmbedder
 from ..thinking.layout import DEFAULT_CATEGORIES
@@ -40,7 +42,4 @@ def main(argv=None) -> None:
 
 
 if __name__ == "__main__":
-    import sys
-
-    from ..infra.errors import run_cli
     sys.exit(run_cli(main))

@@ -15,7 +15,7 @@ import os
 
 from .base import Teacher, TeacherAuthError, TeacherUnavailableError
 from .extractive import ExtractiveTeacher
-from .http import OpenAITeacher
+from .chat_client import OpenAITeacher
 from .net import redact_url
 from .local import LocalTeacher
 

@@ -1,4 +1,5 @@
-"""OpenAI-compatible chat-completions client on the standard library only (``urllib`` + ``json``).
+"""OpenAI-compatible chat-completions client on the standard library only (``urllib`` + ``json``): the
+teacher's, the critic's (``reasoning.critics``) and the judge's (``rewards.judge``) one HTTP client.
 
 ``OpenAITeacher(base_url, model)``: several requests in flight (thread pool), an overall deadline
 per request (``timeout``: connect + headers + body), a reply-size cap (``max_reply_bytes``), a cap on
