@@ -474,7 +474,7 @@ def test_autocast_step_with_triton_kernels_in_the_interpreter(corpus, tmp_path, 
 
 
 def test_datagen_seeds_and_pair_ids_never_collide():
-    from preflexor_core.train.stage import datagen_seed, pair_id_prefix
+    from preflexor_core.train.provenance import datagen_seed, pair_id_prefix
     seeds = {datagen_seed(s, st, it) for s in (0, 1, 5) for st in "12" for it in range(300)}
     assert len(seeds) == 3 * 2 * 300                     # iteration 100 of stage 1 != iteration 0 of stage 2
     assert datagen_seed(5, "1", 100) != datagen_seed(5, "2", 0)

@@ -14,9 +14,9 @@ from .critics import (Critic, CriticUnreachableError, ModelCritic, TeacherCritic
                       make_critic)
 from .graph_critic import GraphCritic
 from .loop import MODES, IterationTrace, QuestionTrace, recursive_response, recursive_response_from_thinking
-from .policy import Policy, thinking_prompt
+from .policy import Policy
 
 __all__ = ["Policy", "Critic", "ModelCritic",
            "TeacherCritic", "GraphCritic", "IterationTrace", "QuestionTrace",
            "recursive_response", "recursive_response_from_thinking", "make_critic", "check_endpoint",
-           "CriticUnreachableError", "thinking_prompt", "MODES"]
+           "CriticUnreachableError", "MODES"]
