@@ -4,13 +4,8 @@ Public entry points: ``Llama``, ``ModelConfig``, ``Tokenizer``. See DESIGN/READM
 """
 from .llm.config import ModelConfig
 from .llm.model import Llama
+from .tokenization.tokenizer import Tokenizer
 
 __all__ = ["Llama", "ModelConfig", "Tokenizer"]
 __version__ = "0.1.0"
 
-
-def __getattr__(name):
-    if name == "Tokenizer":
-        from .tokenization.tokenizer import Tokenizer
-        return Tokenizer
-    raise AttributeError(f"module 'preflexor_core' has no attribute {name!r}")

@@ -301,7 +301,7 @@ def test_fused_decode_blocker_names_the_options():
 
 
 def test_family_options_are_checked():
-    from preflexor_core.llm.config import ConfigError
+    from preflexor_core.llm.config_fields import ConfigError
     with pytest.raises(ConfigError, match=r"qk_norm is False but the qwen3 family needs True.*for_family"):
         ModelConfig(model_type="qwen3", hidden_size=48, num_attention_heads=4)
     with pytest.raises(ConfigError, match=r"sliding_window=4 is not an option of the llama family"):

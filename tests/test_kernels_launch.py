@@ -12,7 +12,7 @@ Run: ``python -m pytest tests/test_kernels_launch.py -q``.
 import pytest
 import torch
 
-from preflexor_core.kernels import _launch, attention, logprobs
+from preflexor_core.kernels import _launch, attention, attention_jit, logprobs
 from preflexor_core.kernels._launch import DeviceLimits
 
 KB = 1024
@@ -67,8 +67,8 @@ class _Recorder:
         return lambda *args, **kw: self.calls.append((self.name, tuple(grid), args, kw))
 
 
-KERNELS = {attention: ["_flash_attention_fwd_kernel", "_flash_attention_bwd_preprocess_kernel",
-                       "_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel"],
+KERNELS = {attention_jit: ["_flash_attention_fwd_kernel", "_flash_attention_bwd_preprocess_kernel",
+                           "_flash_attention_bwd_dkdv_kernel", "_flash_attention_bwd_dq_kernel"],
            logprobs: ["_linear_logprobs_fwd_kernel", "_linear_logprobs_bwd_kernel"]}
 
 

@@ -24,6 +24,8 @@ import re
 import sys
 from typing import Callable, Iterator, Sequence
 
+import torch
+
 from . import env
 
 __all__ = ["PreflexorError", "DeviceError", "WriteFailedError", "register_error", "is_project_error", "run_cli",
@@ -167,8 +169,6 @@ def check_device(spec: str | None, *, flag: str = "--device") -> str | None:
     """
     if spec is None or spec == "auto":
         return spec
-    import torch
-
     allowed = "expected auto, cpu, cuda or cuda:N"
     if not isinstance(spec, str):
         raise DeviceError(f"{flag} {spec!r}: not a device string; {allowed}")

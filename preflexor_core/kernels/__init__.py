@@ -70,7 +70,7 @@ def flash_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     _checks.check_attention(q, k, v, triton=path == "triton")
     if path == "reference":
         return attention_reference(q, k, v, causal, sm_scale)
-    from .attention import flash_attention as _triton_flash
+    from .attention import flash_attention as _triton_flash  # triton: optional, only the Triton path loads it
     return _triton_flash(q, k, v, causal, sm_scale, None, None, block_m, block_n)
 
 
@@ -84,7 +84,7 @@ def flash_attention_varlen(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     _checks.check_attention_varlen(q, k, v, cu_seqlens, max_seqlen, triton=path == "triton")
     if path == "reference":
         return attention_varlen_reference(q, k, v, cu_seqlens, causal, sm_scale)
-    from .attention import flash_attention as _triton_flash
+    from .attention import flash_attention as _triton_flash  # triton: optional, only the Triton path loads it
     return _triton_flash(q, k, v, causal, sm_scale, cu_seqlens, int(max_seqlen), block_m, block_n)
 
 
@@ -103,5 +103,5 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Te
                          "(use PREFLEXOR_KERNELS=reference for float64)")
     if path == "reference":
         return linear_logprobs_chunked(hidden, weight, labels, ignore_index, chunk_rows)
-    from .logprobs import linear_logprobs as _triton_logprobs
+    from .logprobs import linear_logprobs as _triton_logprobs  # triton: optional, only the Triton path loads it
     return _triton_logprobs(hidden, weight, labels, ignore_index, chunk_rows)

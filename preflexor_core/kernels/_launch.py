@@ -46,7 +46,7 @@ _limits_cache: dict[tuple[int, int], DeviceLimits] = {}
 def device_limits(device: torch.device) -> DeviceLimits:
     """Limits of the device Triton launches on (the active driver's current device for non-CUDA
     tensors, e.g. the meta tensors of the compile check)."""
-    from triton.runtime.driver import driver
+    from triton.runtime.driver import driver  # triton: the driver is looked up only when a launch needs limits
     drv = driver.active
     index = device.index if device.type == "cuda" and device.index is not None else drv.get_current_device()
     key = (id(drv), int(index))

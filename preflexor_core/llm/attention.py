@@ -22,7 +22,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels
 from ..infra import env
+from . import ops
 
 
 class RMSNorm(nn.Module):
@@ -38,7 +40,6 @@ class RMSNorm(nn.Module):
             xf = x.float()
             xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
             return (xf * (self.offset + self.weight.float())).to(x.dtype)
-        from . import ops
         return ops.rms_norm(x, self.weight, self.eps)
 
 
@@ -80,20 +81,17 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     (then ``causal`` applies). On CUDA (or with PREFLEXOR_KERNELS=triton), None and Packed use the
     Triton flash-attention kernels. q, k, v share one dtype (under autocast too: rope keeps q/k's).
     """
-    kernels = q.is_cuda or env.kernels_mode() == "triton"
+    triton = q.is_cuda or env.kernels_mode() == "triton"
     if isinstance(mask, Packed):
-        if kernels:
-            from ..kernels import flash_attention_varlen
-            o = flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
-                                       mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
+        if triton:
+            o = kernels.flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
+                                               mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
             return o.transpose(0, 1)[None]
         mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
-    if mask is None and kernels:
-        from ..kernels import flash_attention
-        return flash_attention(q, k, v, causal=causal)
+    if mask is None and triton:
+        return kernels.flash_attention(q, k, v, causal=causal)
     if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
-        from .ops import decode_attention       # one new token per row: CPU SDPA is slow outside fp32
-        return decode_attention(q, k, v, mask)
+        return ops.decode_attention(q, k, v, mask)      # one new token per row: CPU SDPA is slow outside fp32
     gqa = q.shape[1] != k.shape[1]          # SDPA maps query head h to kv head h // (Hq / Hkv) itself
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
@@ -123,7 +121,6 @@ class Attention(nn.Module):
         self.q_scale = 1.0 if pre is None or pre == self.head_dim else math.sqrt(self.head_dim / pre)
 
     def forward(self, x, cos, sin, mask, causal, kv_cache=None):
-        from . import ops
         B, T, _ = x.shape
         q, k, v = self.project_qkv(x)
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)                  # (B, Hq, T, D)

@@ -17,6 +17,10 @@ import json
 import os
 
 from ..infra.errors import PreflexorError
+from ..infra.io import fsync_write
+from ..tokenization.tokenizer import Tokenizer
+from .gguf import write_gguf
+from .model import Llama
 
 GGUF_DTYPES = ("f16", "bf16", "q8_0", "f32")
 HF_DTYPES = ("f32", "f16", "bf16")
@@ -44,9 +48,6 @@ def folder_chat_template(folder: str) -> str | None:
 
 
 def hf_to_gguf(src: str, dst: str, dtype: str = "f16") -> None:
-    from .gguf import write_gguf
-    from .model import Llama
-    from ..tokenization.tokenizer import Tokenizer
     if not dst.endswith(".gguf"):
         raise ConvertError(f"{dst}: the output of an HF folder conversion must be a .gguf file name")
     if dtype not in GGUF_DTYPES:
@@ -59,8 +60,6 @@ def hf_to_gguf(src: str, dst: str, dtype: str = "f16") -> None:
 
 
 def gguf_to_hf(src: str, dst: str, dtype: str = "f32") -> None:
-    from .model import Llama
-    from ..tokenization.tokenizer import Tokenizer
     if dtype not in HF_DTYPES:
         raise ConvertError(f"--dtype {dtype} is a GGUF block type; an HF folder stores {', '.join(HF_DTYPES)}")
     if os.path.isfile(dst):
@@ -78,7 +77,6 @@ def gguf_to_hf(src: str, dst: str, dtype: str = "f32") -> None:
     if conf.get("add_bos_token") != tok.add_bos_token:
         conf["add_bos_token"], changed = tok.add_bos_token, True
     if changed:
-        from ..infra.io import fsync_write
         fsync_write(conf_path, json.dumps(conf, indent=2))
 
 

@@ -28,7 +28,10 @@ from torch.utils.checkpoint import checkpoint
 from .attention import Attention, Packed, RMSNorm, _attend, packed_causal_mask, sliding_window_mask  # noqa: F401
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
+from . import ops
+from .gguf import load_gguf_model
 from .rope import rope_inv_freq
+from .vocab import resize_token_embeddings as _resize_token_embeddings
 
 
 # ----------------------------------------------------------------------------- rope
@@ -62,7 +65,6 @@ class MLP(nn.Module):
         self.gelu = cfg.hidden_act == "gelu_pytorch_tanh"      # Gemma's GeGLU; else Llama's SwiGLU
 
     def forward(self, x):
-        from . import ops
         gate, up = self.project_gate_up(x)
         if self.gelu:
             return self.down_proj(F.gelu(gate, approximate="tanh") * up)
@@ -261,7 +263,6 @@ class Llama(nn.Module):
     @classmethod
     def from_pretrained(cls, path: str, dtype: torch.dtype | None = None, device: Any = "cpu") -> "Llama":
         if str(path).endswith(".gguf"):
-            from .gguf import load_gguf_model
             return load_gguf_model(path, cls, dtype=dtype, device=device)
         return load_pretrained(path, cls, dtype=dtype, device=device)
 
@@ -270,8 +271,7 @@ class Llama(nn.Module):
 
     def resize_token_embeddings(self, new_vocab_size: int) -> None:
         """Grow the embedding (and untied head); new rows = mean of the old rows."""
-        from .vocab import resize_token_embeddings
-        resize_token_embeddings(self, new_vocab_size)
+        _resize_token_embeddings(self, new_vocab_size)
 
 
 CausalLM = Llama     # family-neutral name: the same class

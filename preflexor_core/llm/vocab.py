@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+from tokenizers import Tokenizer as TK
 
 from ..thinking.tokens import THINKING_TOKENS
 from ..tokenization.tokenizer import Tokenizer
@@ -63,7 +64,6 @@ def unused_reserved_tokens(tok: Tokenizer) -> list[tuple[int, str]]:
 
 def rename_special_tokens(tok: Tokenizer, renames: dict[str, str]) -> None:
     """Give existing added tokens new texts in place (``{old: new}``); each keeps its id."""
-    from tokenizers import Tokenizer as TK
     if not renames:
         return
     old_ids = {old: tok.token_to_id(old) for old in renames}

@@ -19,6 +19,7 @@ Run: ``python -m preflexor_core.retrieval.chunking PATH [--max-tokens 200]`` pri
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -219,8 +220,6 @@ def chunk_documents(docs: Iterable[Document], **kwargs) -> list[Chunk]:
 
 
 def _main() -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description="Chunk a corpus file or folder and print a summary.")
     ap.add_argument("path", help="a .txt/.md/.jsonl file or a folder of them")
     ap.add_argument("--max-tokens", type=int, default=200, help="max whitespace tokens per chunk")

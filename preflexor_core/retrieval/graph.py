@@ -26,8 +26,8 @@ the concepts extracted from the text.
 """
 from __future__ import annotations
 
+import argparse
 import json
-import re
 from collections import Counter
 from itertools import combinations
 from pathlib import Path
@@ -281,8 +281,6 @@ class KnowledgeGraph:
 
 
 def _main(argv: Iterable[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description="Print the concepts extracted from a text.")
     ap.add_argument("text", help="text to analyse")
     ap.add_argument("--max", type=int, default=12, help="max concepts")

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -128,7 +129,7 @@ class HnswIndex:
     def __init__(self, dim: int, M: int = DEFAULT_M, ef_construction: int = DEFAULT_EF_CONSTRUCTION,
                  ef_search: int = DEFAULT_EF_SEARCH, capacity: int = 1024, num_threads: int = 1,
                  seed: int = 100):
-        import hnswlib
+        import hnswlib  # hnswlib: optional, only the HNSW index needs it
 
         self.dim, self.M, self.ef_construction = int(dim), int(M), int(ef_construction)
         self.ef_search, self.num_threads, self.seed = int(ef_search), int(num_threads), int(seed)
@@ -153,10 +154,6 @@ class HnswIndex:
             self._index.resize_index(max(need, 2 * self._index.get_max_elements()))
         self._index.add_items(v, ids, num_threads=self.num_threads)
 
-    def set_ef_search(self, ef: int) -> None:
-        self.ef_search = self._ef = int(ef)
-        self._index.set_ef(self.ef_search)
-
     def query(self, queries, k: int = 10, num_threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
         # hnswlib's cosine space normalises queries itself: only check the shape here
         q = np.asarray(queries, dtype=np.float32)
@@ -180,7 +177,7 @@ class HnswIndex:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "HnswIndex":
-        import hnswlib
+        import hnswlib  # hnswlib: optional, only the HNSW index needs it
 
         path = Path(path)
         p = json.loads(path.with_suffix(".json").read_text())
@@ -227,8 +224,6 @@ def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
 
 
 def _main() -> None:
-    import time
-
     rng = np.random.default_rng(0)
     x = rng.standard_normal((20_000, 384)).astype(np.float32)
     q = rng.standard_normal((200, 384)).astype(np.float32)

@@ -27,6 +27,7 @@ Run: ``python -m preflexor_core.retrieval.retriever CORPUS_PATH --query "..." [-
 """
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -39,9 +40,12 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..infra.errors import writing
+from ..infra.io import atomic_replace_dir
+from ..infra.rundir import NotOurFolderError
 from .chunking import (SUPPORTED_SUFFIXES, Chunk, CorpusError, Document, Tokenizer, chunk_documents,
                        read_path)
-from .embedding import Embedder, default_embedder, embedder_from_name
+from .embedding import Embedder, HashingEmbedder, default_embedder, embedder_from_name
 from .graph import KnowledgeGraph, chunk_node, concept_node, extract_concepts
 from ..text.words import normalize_term
 from .index import (DEFAULT_EF_CONSTRUCTION, DEFAULT_EF_SEARCH, DEFAULT_M, EXACT_THRESHOLD, load_index,
@@ -270,8 +274,6 @@ class GraphRetriever:
     def save(self, path: str | os.PathLike) -> Path:
         """Write the retriever to folder ``path`` atomically (temp folder + rename). Only a new or empty
         folder or an earlier retriever is replaced: any other non-empty folder is refused."""
-        from ..infra.errors import writing
-        from ..infra.rundir import NotOurFolderError
         path = Path(path)
         if path.is_dir() and any(path.iterdir()) and not (path / "meta.json").is_file():
             raise NotOurFolderError(f"{path} is a non-empty folder that is not a saved retriever (no meta.json); "
@@ -296,7 +298,6 @@ class GraphRetriever:
             if self.embeddings is not None:
                 np.save(tmp / "embeddings.npy", self.embeddings)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            from ..infra.io import atomic_replace_dir
             atomic_replace_dir(str(tmp), str(path), carry_over=False)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -335,8 +336,6 @@ class GraphRetriever:
 
 
 def _main(argv: Iterable[str] | None = None) -> None:
-    import argparse
-
     ap = argparse.ArgumentParser(description="Build a GraphRetriever over a corpus and query it.")
     ap.add_argument("corpus", nargs="+", help=".txt/.md/.jsonl files or folders")
     ap.add_argument("--query", default=None, help="a query to search for")
@@ -346,8 +345,6 @@ def _main(argv: Iterable[str] | None = None) -> None:
     ap.add_argument("--save", default=None, help="folder to save the retriever to")
     ap.add_argument("--graphml", default=None, help="write the knowledge graph as GraphML here")
     a = ap.parse_args(argv)
-    from .embedding import HashingEmbedder
-
     r = GraphRetriever.build([Path(p) for p in a.corpus], HashingEmbedder() if a.hashing else None,
                              chunk_tokens=a.chunk_tokens)
     print(json.dumps(r.stats(), indent=2, default=str))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from ..llm import ops
 from ..llm.cpu_features import onednn_bf16_packing
 from .cpu_pack import cached_derived
 from .int8 import DECODE_WEIGHTS, quantize_per_channel
@@ -43,7 +44,6 @@ def _mode() -> str:
 
 def cpu_supported() -> bool:
     """Whether the compiled step exists (every CPU runs it, on the ISA path cpu_features.cpu_isa() names)."""
-    from ..llm import ops
     return ops._HAVE_EXT and hasattr(torch.ops.preflexor, "decode_step")
 
 

@@ -14,6 +14,8 @@ from typing import Any, Sequence
 import torch
 import torch.nn as nn
 
+from ..llm import attention
+
 
 class KVCache(nn.Module):
     """Preallocated per-layer key/value buffers ``(num_layers, B, Hkv, max_len, D)`` and per-row lengths.
@@ -158,7 +160,6 @@ class KVCache(nn.Module):
         """Bool (B, 1, T, S) mask for T new queries per row (row b's at slots lengths[b] .. lengths[b] + T - 1,
         before ``advance``): key slot s visible when slot - window < s <= slot, and ``mask`` allows it
         (None: every earlier slot). S matches what ``update`` returns."""
-        from ..llm.attention import sliding_window_mask
         S = self.max_len if self.static else self._span()[1] + T
         slots = self.lengths[:, None] + torch.arange(T, device=self.lengths.device)      # (B, T)
-        return sliding_window_mask(mask, T, window, self.lengths.device, query_slots=slots, S=S)
+        return attention.sliding_window_mask(mask, T, window, self.lengths.device, query_slots=slots, S=S)

@@ -21,7 +21,8 @@ import torch
 
 from ...tokenization.gguf_file import SUPPORTED_TYPES, GGUFError, open_gguf, read_metadata
 from ..checkpoint import _resolve_dtype
-from ..config import ConfigError, ModelConfig
+from ..config import ModelConfig
+from ..config_fields import ConfigError
 from ..rope import rope_inv_freq
 from . import layout
 

@@ -22,7 +22,9 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+from safetensors.torch import load_file, save_file
 
+from ...infra.io import atomic_replace_dir
 from .adapters import (DEFAULT_TARGETS, PEFT_PREFIX, TOKEN_MODULES, LoRAConfig, tied_head, apply_lora, config_from_model,
                        lora_modules, lora_state_dict, token_row_targets)
 
@@ -79,8 +81,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoRAConfig | No
     there is replaced only once the new one is complete). ``cfg`` defaults to what the model holds.
     Adapters are saved unmerged-equivalent (the A/B tensors and token rows), merged or not.
     """
-    from safetensors.torch import save_file
-
     cfg = cfg or config_from_model(model)
     tensors = {k: v.contiguous().cpu() for k, v in lora_state_dict(model, peft_names=True).items()}
     if not tensors:
@@ -92,7 +92,6 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoRAConfig | No
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG_NAME).write_text(
             json.dumps(_peft_config_dict(model, cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
-        from ...infra.io import atomic_replace_dir
         atomic_replace_dir(str(tmp), str(path), carry_over=False)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -152,8 +151,6 @@ def load_adapter(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     Every adapter tensor in the file must match an adapter module of the model in name and shape,
     and every adapter module must be covered; otherwise ValueError names the offending keys.
     """
-    from safetensors.torch import load_file
-
     cfg = load_adapter_config(path)
     wfile = Path(path) / ADAPTER_WEIGHTS_NAME
     if not wfile.is_file():
