@@ -5,9 +5,9 @@ what it should hold. Tests: ``python -m pytest -q tests/test_evaluation.py -k "l
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
+from ..infra.io import JSONLError, read_jsonl
 from ..llm.registry import ModelSpecError, resolve_checkpoint
 
 __all__ = ["EvaluationInputError", "DEFAULT_QUESTIONS", "load_questions", "load_pairs", "check_model_dir"]
@@ -25,25 +25,9 @@ def _read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
         raise EvaluationInputError(f"{what} file {path} does not exist" if not p.exists()
                                    else f"{what} file {path} is not a file")
     try:
-        with open(p, encoding="utf-8") as f:
-            lines = f.readlines()
-    except UnicodeDecodeError:
-        lines = ["\x00"]
-    if any("\x00" in line for line in lines):
-        raise EvaluationInputError(f"{what} file {path} is not a text file (binary content); {what} files "
-                                   "hold one JSON object per line (UTF-8)")
-    rows = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise EvaluationInputError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno}); "
-                                       f"{what} files hold one JSON object per line") from None
-        if not isinstance(row, dict):
-            raise EvaluationInputError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
-        rows.append((n, row))
+        rows = list(read_jsonl(p, what=what))
+    except JSONLError as e:
+        raise EvaluationInputError(str(e)) from None
     if not rows:
         raise EvaluationInputError(f"{what} file {path} has no rows")
     return rows

@@ -249,27 +249,36 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = 
         raise
 
 
-def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, what: str = "JSONL file"
+def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, what: str = "JSONL"
                ) -> Iterator[tuple[int, dict]]:
-    """``(line number, row)`` for each non-blank line of ``path``, a JSON object per line.
+    """``(line number, row)`` for each non-blank line of ``path``, one JSON object per line (UTF-8).
 
-    A line that is not a JSON object raises :class:`JSONLError` naming ``what``, the file and the line;
-    with ``skip_bad`` it is skipped with a warning instead (a line torn by an interrupted append)."""
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                reason = "" if isinstance(row, dict) else f"a JSON {type(row).__name__}, not an object"
-            except json.JSONDecodeError as e:
-                row, reason = None, f"not valid JSON ({e.msg})"
-            if not reason:
-                yield n, row
-            elif skip_bad:
-                log.warning("%s:%d: skipping a line that is %s (an interrupted write?)", os.fspath(path), n, reason)
-            else:
-                raise JSONLError(f"{what} {os.fspath(path)}, line {n}: {reason}; each line must be one JSON object")
+    A file with binary content, or a line that is not a JSON object, raises :class:`JSONLError` naming
+    the file and the line (``{path}:{n}: ...``); with ``skip_bad`` such a line is skipped with a warning
+    instead (a line torn by an interrupted append). ``what`` names the kind of file in messages."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except UnicodeDecodeError:
+        lines = ["\x00"]
+    if any("\x00" in line for line in lines):
+        raise JSONLError(f"{what} file {path} is not a text file (binary content); {what} files hold one "
+                         "JSON object per line (UTF-8)")
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            reason = "" if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
+        except json.JSONDecodeError as e:
+            row, reason = None, f"not valid JSON ({e.msg} at column {e.colno})"
+        if not reason:
+            yield n, row
+        elif skip_bad:
+            log.warning("%s:%d: skipping a line: %s (an interrupted write?)", path, n, reason)
+        else:
+            raise JSONLError(f"{path}:{n}: {reason}; {what} files hold one JSON object per line")
 
 
 # -- output paths -----------------------------------------------------------------------------------

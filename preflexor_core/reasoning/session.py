@@ -21,14 +21,15 @@ from typing import Literal
 from ..datagen.options import ThinkingFormatOptions
 from ..infra.cli import DeviceOptions, GenerationOptions, SeedOptions, opt
 from ..infra.errors import DeviceError, check_device
-from ..infra.io import OutputPathError, check_output_dir, check_output_file, write_fallback
+from ..infra.io import (JSONLError, OutputPathError, atomic_write, check_output_dir, check_output_file, read_jsonl,
+                        write_fallback)
 from ..llm.registry import (NAMED_MODELS, DtypeError, DtypeOptions, ModelSpecError, load_model_and_tokenizer,
                             parse_dtype, resolve_checkpoint, resolve_device)
 from ..retrieval import GraphRetriever
 from ..sampler import SamplingParams
 from ..sampler.params import MAX_NEW_TOKENS
 from ..teachers.net import redact_url
-from ..thinking.formats import THINKING_FORMATS
+from ..thinking.formats import check_format_name
 from ..thinking.graph_io import completion_digraph, export_graphml
 from .critics import CriticUnreachableError, check_endpoint, make_critic
 from .loop import MODES, recursive_response
@@ -93,6 +94,18 @@ def read_questions(path: str) -> list[str]:
     """Questions from a .txt file (one per line, blank lines skipped) or .jsonl ("question" field)."""
     if not os.path.isfile(path):
         raise InputError(f"--questions file not found: {path}")
+    if path.endswith(".jsonl"):
+        try:
+            rows = list(read_jsonl(path, what="--questions"))
+        except JSONLError as e:
+            raise InputError(str(e)) from None
+        out = []
+        for n, row in rows:
+            q = row.get("question")
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"{path}:{n}: needs a non-empty string field 'question'")
+            out.append(q.strip())
+        return _nonempty(out, path)
     binary = (f"--questions {path}: not a text file (binary content); give a .txt file (one question per "
               "line) or a .jsonl file (a 'question' field per line)")
     try:
@@ -102,21 +115,7 @@ def read_questions(path: str) -> list[str]:
         raise InputError(binary) from None
     if any("\x00" in line for line in lines):
         raise InputError(binary)
-    if not path.endswith(".jsonl"):
-        return _nonempty([line.strip() for line in lines if line.strip()], path)
-    out = []
-    for n, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{n}: not valid JSON ({e.msg})") from None
-        q = row.get("question") if isinstance(row, dict) else None
-        if not isinstance(q, str) or not q.strip():
-            raise InputError(f"{path}:{n}: needs a non-empty string field 'question'")
-        out.append(q.strip())
-    return _nonempty(out, path)
+    return _nonempty([line.strip() for line in lines if line.strip()], path)
 
 
 def _nonempty(out: list[str], path: str) -> list[str]:
@@ -163,9 +162,10 @@ def check_inputs(cfg: InferConfig) -> None:
         raise InputError(f"--seed must be in 0..2**63-1, got {cfg.seed}")
     if cfg.top_k < 0:
         raise InputError(f"--top-k must be >= 0 (0 = off), got {cfg.top_k}")
-    if cfg.thinking_format not in THINKING_FORMATS:
-        raise InputError(f"--thinking-format must be one of {', '.join(THINKING_FORMATS)}, "
-                         f"got {cfg.thinking_format!r}")
+    try:
+        check_format_name(cfg.thinking_format, where="--thinking-format")
+    except ValueError as e:
+        raise InputError(str(e)) from None
     if cfg.graph_out and cfg.thinking_format != "graph":
         raise InputError(f"--graph-out needs --thinking-format graph (got {cfg.thinking_format}): only graph "
                          "thinking holds a graph to export")
@@ -259,12 +259,9 @@ def _write_json(cfg: InferConfig, critic, traces, elapsed: float) -> None:
     options["critic_name"] = getattr(critic, "name", None)
     doc = {"options": options, "elapsed_s": elapsed, "questions": [tr.to_dict() for tr in traces]}
     text = json.dumps(doc, indent=2, ensure_ascii=False, default=str)
-    tmp = cfg.json + ".tmp"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(cfg.json)), exist_ok=True)
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, cfg.json)
+        atomic_write(cfg.json, text)
     except OSError as e:
         saved = write_fallback(os.path.basename(cfg.json) or "trace.json", text)
         raise OutputPathError(f"--json {cfg.json}: could not write the trace ({e.strerror or e}); it was saved "

@@ -104,12 +104,12 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, fsdp: bool = False) -> to
     if not info.enabled:
         return model
     if fsdp:
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # torch.distributed: only multi-process runs need it
         for layer in model.model.layers:
             fully_shard(layer)
         fully_shard(model)
         return model
-    from torch.nn.parallel import DistributedDataParallel as DDP
+    from torch.nn.parallel import DistributedDataParallel as DDP  # torch.nn.parallel: as above
     ids = [info.device.index] if info.device.type == "cuda" else None
     return DDP(model, device_ids=ids)
 
