@@ -21,6 +21,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from ..infra.errors import writing
+from ..infra.io import parse_jsonl_line
 from ..infra.rundir import WriterLock, file_lock_path
 
 log = logging.getLogger(__name__)
@@ -151,12 +152,8 @@ def read_pairs(path: str | os.PathLike, repair: bool = False) -> list[dict]:
     for lineno, raw in enumerate(lines, start=1):
         if not raw.strip():
             continue
-        try:
-            row = json.loads(raw.decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            row, problem = None, f"not valid JSON ({e})"
-        else:
-            problem = row_problem(row)
+        row, problem = parse_jsonl_line(raw)
+        problem = problem or row_problem(row)
         if problem is None:
             rid = str(row["id"])
             if rid in first_line:

@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 
 from .errors import PreflexorError
 
-__all__ = ["atomic_dir", "atomic_replace_dir", "atomic_write", "read_jsonl", "JSONLError", "fsync_write", "recover_dir", "current_umask", "file_mode",
+__all__ = ["atomic_dir", "atomic_replace_dir", "atomic_write", "read_jsonl", "parse_jsonl_line", "JSONLError", "fsync_write", "recover_dir", "current_umask", "file_mode",
            "dir_mode", "apply_umask", "OutputPathError", "check_output_file", "check_output_dir",
            "write_fallback"]
 
@@ -249,6 +249,17 @@ def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = 
         raise
 
 
+def parse_jsonl_line(line: str | bytes) -> tuple[dict | None, str]:
+    """``(row, "")`` for a line that holds one JSON object, else ``(None, why not)``."""
+    try:
+        row = json.loads(line.decode("utf-8") if isinstance(line, bytes) else line)
+    except UnicodeDecodeError:
+        return None, "not UTF-8 text"
+    except json.JSONDecodeError as e:
+        return None, f"not valid JSON ({e.msg} at column {e.colno})"
+    return (row, "") if isinstance(row, dict) else (None, f"expected a JSON object, got {type(row).__name__}")
+
+
 def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, what: str = "JSONL"
                ) -> Iterator[tuple[int, dict]]:
     """``(line number, row)`` for each non-blank line of ``path``, one JSON object per line (UTF-8).
@@ -268,11 +279,7 @@ def read_jsonl(path: str | os.PathLike, skip_bad: bool = False, what: str = "JSO
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-            reason = "" if isinstance(row, dict) else f"expected a JSON object, got {type(row).__name__}"
-        except json.JSONDecodeError as e:
-            row, reason = None, f"not valid JSON ({e.msg} at column {e.colno})"
+        row, reason = parse_jsonl_line(line)
         if not reason:
             yield n, row
         elif skip_bad:

@@ -20,13 +20,13 @@ Run: ``python -m preflexor_core.retrieval.chunking PATH [--max-tokens 200]`` pri
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
+from ..infra.io import parse_jsonl_line
 from ..text.words import sentence_spans
 
 TEXT_SUFFIXES = (".txt", ".md", ".markdown")
@@ -74,12 +74,11 @@ def _read_jsonl(path: Path, source: str, field: str = "text") -> list[Document]:
     for lineno, line in enumerate(_read_text_file(path).splitlines(), start=1):
         if not line.strip():
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise CorpusError(f"{path}:{lineno}: invalid JSON ({e.msg}); each line of a .jsonl "
-                              f"corpus file must be one JSON object with a {field!r} field") from e
-        if not isinstance(row, dict) or field not in row:
+        row, problem = parse_jsonl_line(line)
+        if problem and not problem.startswith("expected"):
+            raise CorpusError(f"{path}:{lineno}: invalid JSON: {problem}; each line of a .jsonl "
+                              f"corpus file must be one JSON object with a {field!r} field")
+        if row is None or field not in row:
             raise CorpusError(f"{path}:{lineno}: no {field!r} field in this JSON line; each line "
                               f"must be an object like {{\"{field}\": \"...\"}}")
         if not isinstance(row[field], str):

@@ -41,7 +41,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..infra.errors import writing
-from ..infra.io import atomic_replace_dir
+from ..infra.io import atomic_replace_dir, read_jsonl
 from ..infra.rundir import NotOurFolderError
 from .chunking import (SUPPORTED_SUFFIXES, Chunk, CorpusError, Document, Tokenizer, chunk_documents,
                        read_path)
@@ -324,10 +324,7 @@ class GraphRetriever:
                 f"retriever at {path} was built with embedder {want['name']!r} (dim {want['dim']}), "
                 f"but {embedder.name!r} (dim {embedder.dim}) was given; pass embedder=None to "
                 "re-create the original one, or rebuild the retriever with the new embedder")
-        chunks = []
-        with open(path / "chunks.jsonl", encoding="utf-8") as f:
-            for line in f:
-                chunks.append(Chunk(**json.loads(line)))
+        chunks = [Chunk(**row) for _, row in read_jsonl(path / "chunks.jsonl", what="retriever chunks")]
         graph = KnowledgeGraph.from_json(path / "graph.json", {c.chunk_id: c.text for c in chunks})
         index = load_index(path / "index")
         emb_path = path / "embeddings.npy"
