@@ -32,7 +32,7 @@ from collections.abc import Callable, Iterator
 
 from .errors import PreflexorError
 
-__all__ = ["atomic_dir", "atomic_replace_dir", "atomic_write", "read_jsonl", "parse_jsonl_line", "JSONLError", "fsync_write", "recover_dir", "current_umask", "file_mode",
+__all__ = ["atomic_dir", "atomic_replace_dir", "atomic_file", "atomic_write", "read_jsonl", "parse_jsonl_line", "JSONLError", "fsync_write", "recover_dir", "current_umask", "file_mode",
            "dir_mode", "apply_umask", "OutputPathError", "check_output_file", "check_output_dir",
            "write_fallback"]
 
@@ -228,25 +228,36 @@ def fsync_write(path: str, data: str | bytes) -> None:
         os.fsync(f.fileno())
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = None) -> None:
-    """Replace the file ``path`` with ``data`` (text as UTF-8) through a temporary sibling, fsync and one
-    rename: a reader sees the old file or the new one, never a torn one. The file gets the umask's mode
-    (``mode`` overrides it; ``mkstemp`` alone would give 0600)."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: int | None = None) -> Iterator[str]:
+    """A temporary sibling of the file ``path`` to write into; when the block ends without an error it is
+    fsynced, given the umask's mode (or ``mode``) and renamed over ``path`` in one step, so a reader sees
+    the old file or the new one, never a torn one; when the block raises, it is removed."""
     path = os.fspath(path)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)),
                                prefix=f".{os.path.basename(path)}.tmp-{os.getpid()}-")
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb" if isinstance(data, bytes) else "w",
-                       **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-            f.write(data)
-            f.flush()
+        yield tmp
+        with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.chmod(tmp, file_mode() if mode is None else mode)
+        os.chmod(tmp, file_mode() if mode is None else mode)      # mkstemp alone gives 0600
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write(path: str | os.PathLike, data: str | bytes, mode: int | None = None) -> None:
+    """Replace the file ``path`` with ``data`` (text as UTF-8, newlines as given) through ``atomic_file``."""
+    with atomic_file(path, mode) as tmp:
+        if isinstance(data, bytes):
+            with open(tmp, "wb") as f:
+                f.write(data)
+        else:
+            with open(tmp, "w", encoding="utf-8", newline="") as f:
+                f.write(data)
 
 
 def parse_jsonl_line(line: str | bytes) -> tuple[dict | None, str]:

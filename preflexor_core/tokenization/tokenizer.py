@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 from typing import Iterable, Sequence
 
 import jinja2
@@ -31,7 +30,7 @@ import torch
 from tokenizers import AddedToken, Tokenizer as TK, decoders, models, pre_tokenizers, trainers
 
 from .pretokenize import LLAMA3_PATTERN, llama3_pre_tokenizer  # noqa: F401  (LLAMA3_PATTERN re-exported)
-from ..infra.io import file_mode
+from ..infra.io import atomic_write
 from .chat_template import SPECIAL_TOKEN_NAMES, end_of_turn_token, render_chat_template, select_template
 from . import control_text
 from .control_text import ZERO_WIDTH_BREAK  # noqa: F401  (re-exported)
@@ -69,16 +68,6 @@ def _read_json(path: str) -> dict:
     if not isinstance(data, dict):
         raise TokenizerError(f"{path}: expected a JSON object, got {type(data).__name__}")
     return data
-
-
-def _atomic_write(path: str, data: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=os.path.basename(path) + ".tmp-")
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.chmod(tmp, file_mode())          # mkstemp makes 0600; a saved tokenizer follows the umask
-    os.replace(tmp, path)
 
 
 class Tokenizer:
@@ -202,14 +191,14 @@ class Tokenizer:
             conf["chat_template"] = self.chat_template
         if self.model_max_length:
             conf["model_max_length"] = self.model_max_length
-        _atomic_write(os.path.join(path, "tokenizer.json"), self._tk.to_str())
-        _atomic_write(os.path.join(path, "tokenizer_config.json"), json.dumps(conf, indent=2, ensure_ascii=False))
+        atomic_write(os.path.join(path, "tokenizer.json"), self._tk.to_str())
+        atomic_write(os.path.join(path, "tokenizer_config.json"), json.dumps(conf, indent=2, ensure_ascii=False))
         jinja_file = os.path.join(path, CHAT_TEMPLATE_FILE)
         if os.path.isfile(jinja_file):
             if self.chat_template is None:
                 os.remove(jinja_file)
             else:
-                _atomic_write(jinja_file, self.chat_template)
+                atomic_write(jinja_file, self.chat_template)
 
     # -- vocabulary ---------------------------------------------------------
     @property

@@ -25,6 +25,7 @@ import os
 import numpy as np
 import torch
 
+from ...infra.io import atomic_file
 from ...tokenization.gguf_file import GGUFError
 from ...tokenization.gguf_vocab import (TOKEN_BYTE, TOKEN_CONTROL, TOKEN_NORMAL, TOKEN_UNUSED, TOKEN_USER_DEFINED,
                                         pre_tokenizer_name)
@@ -212,22 +213,17 @@ def write_gguf(model, tokenizer, path: str, dtype: str = "f16", chat_template: s
     if chat_template is None:
         chat_template = getattr(tokenizer, "chat_template", None)
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    w = gguf.GGUFWriter(tmp, gguf_arch(model.config))
-    try:
-        write_metadata(w, model.config, tokenizer, chat_template, name=name)
-        w.add_file_type(int(gguf.LlamaFileType[ftype]))
-        for gname, arr in llama_tensors(model):
-            data, qtype = _encode(arr, qname)
-            w.add_tensor(gname, data, raw_dtype=qtype)
-        w.write_header_to_file()
-        w.write_kv_data_to_file()
-        w.write_tensors_to_file()
-        w.close()
-        os.replace(tmp, path)
-    except BaseException:
-        w.close()
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        w = gguf.GGUFWriter(tmp, gguf_arch(model.config))
+        try:
+            write_metadata(w, model.config, tokenizer, chat_template, name=name)
+            w.add_file_type(int(gguf.LlamaFileType[ftype]))
+            for gname, arr in llama_tensors(model):
+                data, qtype = _encode(arr, qname)
+                w.add_tensor(gname, data, raw_dtype=qtype)
+            w.write_header_to_file()
+            w.write_kv_data_to_file()
+            w.write_tensors_to_file()
+        finally:
+            w.close()
 
