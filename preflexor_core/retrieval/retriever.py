@@ -32,8 +32,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -41,7 +39,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from ..infra.errors import writing
-from ..infra.io import atomic_replace_dir, read_jsonl
+from ..infra.io import atomic_dir, read_jsonl
 from ..infra.rundir import NotOurFolderError
 from .chunking import (SUPPORTED_SUFFIXES, Chunk, CorpusError, Document, Tokenizer, chunk_documents,
                        read_path)
@@ -282,14 +280,13 @@ class GraphRetriever:
             return self._save(path)
 
     def _save(self, path: Path) -> Path:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            meta = {"format_version": FORMAT_VERSION, "embedder": {
-                        "name": self.embedder.name, "dim": int(self.embedder.dim),
-                        "model_dir": str(getattr(self.embedder, "model_dir", "") or "")},
-                    "n_chunks": len(self._chunks), "params": self.params,
-                    "stats": self.graph.stats()}
+        meta = {"format_version": FORMAT_VERSION, "embedder": {
+                    "name": self.embedder.name, "dim": int(self.embedder.dim),
+                    "model_dir": str(getattr(self.embedder, "model_dir", "") or "")},
+                "n_chunks": len(self._chunks), "params": self.params,
+                "stats": self.graph.stats()}
+        with atomic_dir(path) as d:
+            tmp = Path(d)
             with open(tmp / "chunks.jsonl", "w", encoding="utf-8") as f:
                 for c in self._chunks:
                     f.write(json.dumps(asdict(c), ensure_ascii=False) + "\n")
@@ -298,10 +295,6 @@ class GraphRetriever:
             if self.embeddings is not None:
                 np.save(tmp / "embeddings.npy", self.embeddings)
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2, ensure_ascii=False))
-            atomic_replace_dir(str(tmp), str(path), carry_over=False)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
         return path
 
     @classmethod

@@ -16,15 +16,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
-from ...infra.io import atomic_replace_dir
+from ...infra.io import atomic_dir
 from .adapters import (DEFAULT_TARGETS, PEFT_PREFIX, TOKEN_MODULES, LoRAConfig, tied_head, apply_lora, config_from_model,
                        lora_modules, lora_state_dict, token_row_targets)
 
@@ -86,16 +84,10 @@ def save_adapter(model: nn.Module, path: str | os.PathLike, cfg: LoRAConfig | No
     if not tensors:
         raise ValueError("save_adapter: the model has no LoRA adapters to save")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
-        (tmp / ADAPTER_CONFIG_NAME).write_text(
+    with atomic_dir(path) as d:
+        save_file(tensors, str(Path(d) / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+        (Path(d) / ADAPTER_CONFIG_NAME).write_text(
             json.dumps(_peft_config_dict(model, cfg, base_model_name_or_path), indent=2, sort_keys=True) + "\n")
-        atomic_replace_dir(str(tmp), str(path), carry_over=False)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
