@@ -124,7 +124,7 @@ def test_resume_is_bit_identical(tmp_path, monkeypatch):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_sample_weights_int8_reaches_the_group_sampler_and_the_pairs_hash(tmp_path, monkeypatch):
+def test_decode_weights_int8_reaches_the_group_sampler_and_the_pairs_hash(tmp_path, monkeypatch):
     import preflexor_core.sampler as sampler
     import preflexor_core.train.grpo_stage as grpo_stage
     from preflexor_core.sampler import SamplingParams
@@ -132,14 +132,14 @@ def test_sample_weights_int8_reaches_the_group_sampler_and_the_pairs_hash(tmp_pa
     seen = []
     real = sampler.generate
     monkeypatch.setattr(grpo_stage, "generate", lambda *a, **k: seen.append(k.get("decode_weights")) or real(*a, **k))
-    Trainer(cfg(tmp_path, grpo_sft_steps=1, grpo_steps=1, grpo_max_new_tokens=8, sample_weights="int8")).run()
+    Trainer(cfg(tmp_path, grpo_sft_steps=1, grpo_steps=1, grpo_max_new_tokens=8, decode_weights="int8")).run()
     assert seen == ["int8"]                     # the one generation batch of the one GRPO step
     sp = SamplingParams(max_new_tokens=8)
-    fp, q8 = TrainConfig.from_flat(model="tiny"), TrainConfig.from_flat(model="tiny", sample_weights="int8")
-    assert settings_hash(fp, sp, "1") == settings_hash(TrainConfig.from_flat(model="tiny", sample_weights="fp"), sp, "1")
+    fp, q8 = TrainConfig.from_flat(model="tiny"), TrainConfig.from_flat(model="tiny", decode_weights="int8")
+    assert settings_hash(fp, sp, "1") == settings_hash(TrainConfig.from_flat(model="tiny", decode_weights="fp"), sp, "1")
     assert settings_hash(q8, sp, "1") != settings_hash(fp, sp, "1")
-    with pytest.raises(ValueError, match="sample_weights"):
-        TrainConfig.from_flat(sample_weights="int4")
+    with pytest.raises(ValueError, match="decode_weights"):
+        TrainConfig.from_flat(decode_weights="int4")
 
 
 def test_config_flags():

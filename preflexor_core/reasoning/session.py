@@ -27,7 +27,7 @@ from ..llm.registry import (NAMED_MODELS, DtypeError, DtypeOptions, ModelSpecErr
                             parse_dtype, resolve_checkpoint, resolve_device)
 from ..retrieval import GraphRetriever
 from ..sampler import SamplingParams
-from ..sampler.params import MAX_NEW_TOKENS
+from ..sampler.params import MAX_NEW_TOKENS, DecodeWeightsOptions
 from ..teachers.net import redact_url
 from ..thinking.formats import check_format_name
 from ..thinking.graph_io import completion_digraph, export_graphml
@@ -44,7 +44,8 @@ DEMO_COMMAND = "`make demo` (or `python train.py --stage all`)"
 
 
 @dataclass(kw_only=True)
-class InferConfig(GenerationOptions, SeedOptions, DeviceOptions, DtypeOptions, ThinkingFormatOptions):
+class InferConfig(GenerationOptions, SeedOptions, DeviceOptions, DtypeOptions, ThinkingFormatOptions,
+                  DecodeWeightsOptions):
     """Every option and default of ``infer.py`` (the CLI only parses flags into this)."""
 
     questions: list[str] = opt(factory=list, help="a question (repeat the flag for several; all are answered in "
@@ -55,9 +56,6 @@ class InferConfig(GenerationOptions, SeedOptions, DeviceOptions, DtypeOptions, T
                             f"or a known model name ({', '.join(NAMED_MODELS)}); default: the embedded demo "
                             f"checkpoint, the first of {', '.join(DEMO_MODEL_DIRS)} that exists",
                             metavar="DIR|FILE.gguf|NAME")
-    decode_weights: Literal["fp", "int8"] = opt("fp", "policy generation: fp = in the weights' dtype, int8 = "
-                                                "weight-only int8 copies with per-channel scales, LM head included "
-                                                "(slightly different outputs; speed: docs/benchmarks.md)")
     retriever: str | None = opt(None, f"GraphRetriever folder used by the graph critic (default: {DEMO_RETRIEVER})",
                                 metavar="DIR")
     critic: str | None = opt(None, "same (the policy prompted as critic), graph (offline, retriever-based), a "

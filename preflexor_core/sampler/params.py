@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import Literal
 
+from ..infra.cli import opt
 from ..infra.errors import PreflexorError
 
 MAX_NEW_TOKENS = 1 << 20        # far above any context window; a typo (1e9) is refused before any work
@@ -86,3 +88,16 @@ class Completion:
     prompt_index: int = 0
     sample_index: int = 0
     num_forced_tokens: int = 0           # leading ids of token_ids that came from prepend_response
+
+
+DecodeWeights = Literal["fp", "int8"]
+
+
+@dataclass(kw_only=True)
+class DecodeWeightsOptions:
+    """The weights the policy generates with; one option for training's own samples and for inference."""
+    decode_weights: DecodeWeights = opt("fp", "weights the policy generates with (training's rejected answers and "
+                                        "GRPO groups, inference): fp = the model's precision, int8 = weight-only "
+                                        "int8 copies with per-channel scales, LM head included (slightly different "
+                                        "outputs; speed: docs/benchmarks.md); training always updates the "
+                                        "full-precision weights", stages="123")

@@ -27,6 +27,7 @@ from ..llm.config import PRESETS as MODEL_PRESETS
 from ..llm.registry import DEFAULT_MODEL
 from ..losses.masks import MASK_MODES
 from ..losses.preference import DPO_LOSS_TYPES
+from ..sampler.params import DecodeWeightsOptions
 from ..thinking.tokens import TRAINED_SPECIAL_TOKENS
 
 STAGES = ("0", "1", "2")            # --stage all runs these; stage 3 (GRPO) runs on its own
@@ -34,7 +35,6 @@ STAGE_ALIASES = {"grpo": "3"}
 Stage = Literal["0", "1", "2", "all", "3", "grpo"]
 Schedule = Literal["constant", "cosine"]
 Truncation = Literal["keep_start", "keep_end"]
-DecodeWeights = Literal["fp", "int8"]
 DpoLoss = Literal[DPO_LOSS_TYPES]
 MaskMode = Literal[MASK_MODES]
 OnUnclosed = Literal["drop", "keep"]
@@ -102,7 +102,7 @@ class RunConfig(SeedOptions, ProgressOptions):
 
 
 @dataclass(kw_only=True)
-class DataConfig(TeacherOptions, PairOptions, GenBatchOptions, ThinkingFormatOptions):
+class DataConfig(TeacherOptions, PairOptions, GenBatchOptions, ThinkingFormatOptions, DecodeWeightsOptions):
     """Corpus, retriever, teacher, on-the-fly pair generation and sequence lengths."""
     corpus: str | None = opt(None, "corpus file or folder (.txt, .md, .jsonl with a 'text' field); default: the "
                              "shipped corpus")
@@ -112,11 +112,6 @@ class DataConfig(TeacherOptions, PairOptions, GenBatchOptions, ThinkingFormatOpt
                                  ge=1, cap=10**5, stages="12")
     pairs_per_iteration: int = opt(64, "stages 1/2: preference pairs generated per iteration", ge=1, cap=10**6,
                                    stages="12")
-    sample_weights: DecodeWeights = opt("fp", "weights the policy's own samples (stage 1/2 rejected answers, stage 3 "
-                                        "groups) decode with: fp = the model's precision, int8 = weight-only int8 "
-                                        "copies with per-channel scales (speed: docs/benchmarks.md; slightly "
-                                        "different samples); training always uses the full-precision weights",
-                                        stages="123")
     max_length: int = opt(1024, "max prompt + completion tokens", ge=2, cap=1 << 17, stages="12")
     max_prompt_length: int = opt(128, "max prompt tokens (prompts are truncated from the left)",
                                  ge=MIN_PROMPT_LENGTH, cap=1 << 17, stages="12")

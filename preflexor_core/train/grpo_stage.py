@@ -156,7 +156,7 @@ class GRPOStage(StageRun):
                                 seed=hash_seed(self.cfg.run.seed, "grpo-sample", k, self.rank) % 2**31)
         chats = [[{"role": "user", "content": p.prompt}] for p in prompts]
         t0 = time.perf_counter()
-        outs = generate(self.plain_model(), self.tok, chats, params, decode_weights=self.cfg.data.sample_weights)
+        outs = generate(self.plain_model(), self.tok, chats, params, decode_weights=self.cfg.data.decode_weights)
         return outs, time.perf_counter() - t0
 
     def generation_step(self, k: int) -> None:

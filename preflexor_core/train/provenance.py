@@ -126,8 +126,8 @@ def settings_hash(cfg, sampling, stage: str) -> str:
             "number_nodes_to_get", "k_samples", "corpus")
     blob = {"stage": stage, "seed": cfg.run.seed, "sampling": dataclasses.asdict(sampling),
             **{k: getattr(d, k) for k in keys}}
-    if d.sample_weights != "fp":            # only then: the hashes of fp runs stay what they were
-        blob["sample_weights"] = d.sample_weights
+    if d.decode_weights != "fp":            # only then (and under its first name): older hashes stay valid
+        blob["sample_weights"] = d.decode_weights
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 

@@ -278,7 +278,7 @@ class StageRun:
                 seed=datagen_seed(self.cfg.run.seed, self.stage, iteration), id_prefix=prefix, row_meta=meta,
                 out_path=str(self.t.out / PAIRS_FILE), sampling=self._sampling_params(),
                 progress=self.cfg.run.progress, batch_size=d.gen_batch_size, thinking_format=d.thinking_format,
-                decode_weights=d.sample_weights)
+                decode_weights=d.decode_weights)
             policy.train(was_training)
             del policy
             if hasattr(rows, "stats"):
