@@ -75,6 +75,11 @@ bench-deps: install
 gpu-check:
 	bash tests/gpu/gpu_check.sh
 
+# docs/benchmarks.md's tables, rendered from the results JSON under tests/benchmarks/results/
+.PHONY: docs
+docs:
+	$(PY) docs/build_docs.py
+
 clean:
 	rm -rf build *.egg-info preflexor_core/_C*.so
 
