@@ -41,6 +41,17 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("trl") is None,
                                        "pip install -r requirements-bench.txt)")
 
 
+def _native_bf16() -> bool:
+    """``native_cpu_bf16`` of the hardware: the CPU suite's conftest pins PREFLEXOR_CPU_BF16=0 for its own
+    numbers, which must not decide whether this benchmark's bf16 runs happen."""
+    saved = os.environ.pop("PREFLEXOR_CPU_BF16", None)
+    try:
+        return native_cpu_bf16()
+    finally:
+        if saved is not None:
+            os.environ["PREFLEXOR_CPU_BF16"] = saved
+
+
 def _threads() -> int:
     return int(os.environ.get("PREFLEXOR_BENCH_THREADS", torch.get_num_threads()))
 
@@ -115,7 +126,7 @@ def prepared():
 def _write(prepared: dict) -> Path:
     s = settings(QUICK)
     res = {"date": DATE, "cpu_model": cpu_model(), "cpu_slug": _cpu_slug(), "isa_path": cpu_isa(),
-           "native_cpu_bf16": native_cpu_bf16(), "torch": torch.__version__, "torch_threads": _threads(),
+           "native_cpu_bf16": _native_bf16(), "torch": torch.__version__, "torch_threads": _threads(),
            "trl": importlib.metadata.version("trl"), "transformers": importlib.metadata.version("transformers"),
            "mode": s.name, "prepare": prepared, "runs": _results,
            "speed_ratio": "TRL median step time / ours (> 1: ours faster)",
@@ -123,6 +134,10 @@ def _write(prepared: dict) -> Path:
     path = (default_run_dir(s) / f"trl-step-{DATE}-{_cpu_slug()}.json" if QUICK
             else HERE / "results" / f"trl-step-{DATE}-{_cpu_slug()}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():          # a run of some of the cases (-k) keeps the others' results
+        old = json.loads(path.read_text())
+        if old.get("mode") == s.name:
+            res["runs"] = {**old.get("runs", {}), **_results}
     path.write_text(json.dumps(res, indent=1) + "\n")
     return path
 
@@ -130,7 +145,7 @@ def _write(prepared: dict) -> Path:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("objective", ["orpo", "exo"])
 def test_bench_trl_step(benchmark, prepared, objective, dtype):
-    if dtype == "bf16" and not native_cpu_bf16():
+    if dtype == "bf16" and not _native_bf16():
         pytest.skip("bf16 autocast runs only where the CPU multiplies bf16 natively (AVX512-BF16 or AMX)")
     assert prepared["logits_max_abs_diff"] < 1e-3, prepared
     res = {}
