@@ -10,7 +10,10 @@ windows); Gemma Team 2025 (Gemma 3 report).
 
 ``_attend`` dispatches: the Triton flash-attention kernels on CUDA for plain causal or packed causal
 attention; any explicit mask (padding, sliding windows) takes torch SDPA, the stated fallback for
-sliding-window layers (the kernels have no window option).
+sliding-window layers (the kernels have no window option). A packed row attends piece by piece
+(``Packed.pieces``): each piece's queries see its key ranges causally, aligned to the end, so a
+sequence never sees its neighbours and no (T, T) mask is built; prefix sharing is a piece whose keys
+are the shared prompt followed by its own tokens.
 Tests: ``python -m pytest -q tests/test_model.py tests/test_families.py``
 """
 from __future__ import annotations
@@ -43,11 +46,45 @@ class RMSNorm(nn.Module):
         return ops.rms_norm(x, self.weight, self.eps)
 
 
+Piece = tuple[int, int, tuple[tuple[int, int], ...]]      # (query start, query end, key ranges)
+
+
 @dataclass(frozen=True)
 class Packed:
-    """Sequences packed into one row at ``cu_seqlens`` boundaries (varlen attention on CUDA)."""
+    """Sequences packed into one row at ``cu_seqlens`` boundaries. ``pieces``: the attention pieces,
+    in order and covering the row: queries [qs, qe) see the concatenated key ranges causally, aligned
+    to the end (query i sees keys up to i + S - T); None = one piece per sequence (plain packing)."""
     cu_seqlens: torch.Tensor
     max_seqlen: int
+    pieces: tuple[Piece, ...] | None = None
+
+    @property
+    def shared(self) -> bool:
+        """Some piece sees keys outside its own queries (a shared prefix)."""
+        return self.pieces is not None and any(kv != ((qs, qe),) for qs, qe, kv in self.pieces)
+
+    def attention_pieces(self) -> tuple[Piece, ...]:
+        if self.pieces is not None:
+            return self.pieces
+        cu = self.cu_seqlens.tolist()
+        return tuple((a, b, ((a, b),)) for a, b in zip(cu[:-1], cu[1:]) if b > a)
+
+
+def check_pieces(pieces, T: int) -> tuple[Piece, ...]:
+    """``pieces`` as tuples, checked: queries in order, covering 0..T; each key range inside the row and
+    at least as many keys as queries (the last keys are the queries' own)."""
+    out, at = [], 0
+    for qs, qe, kv in pieces:
+        kv = tuple((int(a), int(b)) for a, b in kv)
+        if qs != at or qe <= qs or not kv or any(not 0 <= a < b <= T for a, b in kv) or \
+                sum(b - a for a, b in kv) < qe - qs or kv[-1][1] != qe:
+            raise ValueError(f"attention pieces must cover the row in order, each ending with its own queries; "
+                             f"got ({qs}, {qe}, {kv}) after position {at} (row of {T} tokens)")
+        out.append((int(qs), int(qe), kv))
+        at = qe
+    if at != T:
+        raise ValueError(f"attention pieces cover {at} of the row's {T} tokens")
+    return tuple(out)
 
 
 def packed_causal_mask(cu_seqlens: torch.Tensor, T: int, device=None) -> torch.Tensor:
@@ -83,11 +120,11 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     """
     triton = q.is_cuda or env.kernels_mode() == "triton"
     if isinstance(mask, Packed):
-        if triton:
+        if triton and not mask.shared:
             o = kernels.flash_attention_varlen(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1),
                                                mask.cu_seqlens, mask.max_seqlen, causal=causal)   # (T, Hq, D)
             return o.transpose(0, 1)[None]
-        mask = packed_causal_mask(mask.cu_seqlens, q.shape[2], q.device)
+        return torch.cat([_attend_piece(q, k, v, piece, triton) for piece in mask.attention_pieces()], dim=2)
     if mask is None and triton:
         return kernels.flash_attention(q, k, v, causal=causal)
     if q.shape[2] == 1 and q.device.type == "cpu" and q.dtype != torch.float32:
@@ -96,6 +133,22 @@ def _attend(q, k, v, mask, causal: bool) -> torch.Tensor:
     if mask is None:
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal and q.shape[2] > 1, enable_gqa=gqa)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def _attend_piece(q, k, v, piece: Piece, triton: bool) -> torch.Tensor:
+    """One piece of a packed row: q[..., qs:qe, :] over the concatenated key ranges, causal, end-aligned."""
+    qs, qe, kv = piece
+    qp = q[:, :, qs:qe]                                                          # (1, Hq, T, D)
+    kp = k[:, :, kv[0][0]:kv[0][1]] if len(kv) == 1 else torch.cat([k[:, :, a:b] for a, b in kv], dim=2)
+    vp = v[:, :, kv[0][0]:kv[0][1]] if len(kv) == 1 else torch.cat([v[:, :, a:b] for a, b in kv], dim=2)
+    T, S = qe - qs, kp.shape[2]                                                  # kp, vp: (1, Hkv, S, D)
+    if triton:
+        return kernels.flash_attention(qp, kp, vp, causal=True)                 # end-aligned when S > T
+    gqa = qp.shape[1] != kp.shape[1]
+    if T == S:
+        return F.scaled_dot_product_attention(qp, kp, vp, is_causal=T > 1, enable_gqa=gqa)
+    see = torch.arange(S, device=q.device)[None, :] <= torch.arange(S - T, S, device=q.device)[:, None]  # (T, S)
+    return F.scaled_dot_product_attention(qp, kp, vp, attn_mask=see, enable_gqa=gqa)
 
 
 class Attention(nn.Module):

@@ -25,7 +25,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from .attention import Attention, Packed, RMSNorm, _attend, packed_causal_mask, sliding_window_mask  # noqa: F401
+from .attention import (Attention, Packed, RMSNorm, _attend, check_pieces, packed_causal_mask,  # noqa: F401
+                        sliding_window_mask)
 from .checkpoint import load_pretrained, save_pretrained
 from .config import ModelConfig
 from . import ops
@@ -189,7 +190,7 @@ class Llama(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, return_hidden: bool = False,
                 kv_cache=None, attn_mask: torch.Tensor | None = None,
-                cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+                cu_seqlens: torch.Tensor | None = None, pieces=None) -> torch.Tensor:
         """input_ids (B, T) -> logits (B, T, V), or final hidden (B, T, H) with ``return_hidden``.
 
         attention_mask: (B, T) 1 for real tokens, 0 for padding (right or left).
@@ -197,6 +198,8 @@ class Llama(nn.Module):
         kv_cache / attn_mask: used by the sampler; attn_mask is an explicit (B, 1, T, S) bool mask.
         cu_seqlens:     (S + 1,) boundaries of sequences packed into one row (B = 1): each attends
                         causally within its own segment only (pass position_ids restarting per segment).
+        pieces:         with ``cu_seqlens``, the row's attention pieces (``attention.Packed``): a piece's
+                        queries may also see another range, e.g. a prompt shared by two answers.
         """
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq); got shape {tuple(input_ids.shape)}")
@@ -210,12 +213,14 @@ class Llama(nn.Module):
         if cu_seqlens is not None:
             if B != 1:
                 raise ValueError(f"cu_seqlens needs all sequences packed into one row (batch 1); got batch {B}")
-            if input_ids.is_cuda:
-                cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
-                mask = Packed(cu, int((cu[1:] - cu[:-1]).max()))
-            else:
-                mask = packed_causal_mask(cu_seqlens, T, input_ids.device)
+            cu = cu_seqlens.to(device=input_ids.device, dtype=torch.int32)
+            mask = Packed(cu, int((cu[1:] - cu[:-1]).max()), None if pieces is None else check_pieces(pieces, T))
+            if mask.shared and self.config.has_sliding_layers:
+                raise ValueError("a shared-prefix packed row needs a model without sliding-window layers; "
+                                 "pack its sequences without sharing")
         else:
+            if pieces is not None:
+                raise ValueError("pieces describe a packed row: pass cu_seqlens with them")
             if attn_mask is None and attention_mask is not None and _right_padded(attention_mask):
                 # Padding only after each row's tokens: plain causal attention is exact for every real
                 # position (pads come later), lets SDPA / flash attention skip the explicit mask, and

@@ -28,7 +28,7 @@ ORPO_MAX_LOGP = -1e-12
 
 __all__ = [
     "IGNORE_INDEX", "DPO_LOSS_TYPES", "ORPO_MAX_LOGP", "log1mexp", "logps_from_hidden",
-    "sequence_logps", "forward_logps", "orpo_loss", "dpo_loss",
+    "sequence_logps", "sequence_sums", "forward_logps", "orpo_loss", "dpo_loss",
 ]
 
 
@@ -85,15 +85,16 @@ def _softcap(model) -> float | None:
 
 def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
                    attention_mask: torch.Tensor | None = None, average: bool = False, *,
-                   position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
+                   position_ids: torch.Tensor | None = None, cu_seqlens: torch.Tensor | None = None,
+                   pieces=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-sequence log-probs of the labelled tokens.
 
     input_ids, labels: (R, T), labels aligned to input_ids (IGNORE_INDEX on prompt, padding and
     masked thinking); attention_mask (R, T) 1 = real token (positions where it is 0 are never
     scored). Padded: one sequence per row. Packed: R = 1 with ``cu_seqlens`` (S + 1,) boundaries
     and ``position_ids`` restarting per sequence; a segment's first label is its prompt's first
-    token (IGNORE_INDEX), so no sequence is scored from its predecessor. Returns ``(logps, counts)``,
+    token (IGNORE_INDEX), so no sequence is scored from its predecessor; ``pieces`` (a prefix-shared row)
+    let a segment attend to another's prompt (``llm.attention.Packed``). Returns ``(logps, counts)``,
     (S,) fp32 sums over scored tokens of log p (the mean when ``average``; 0 when nothing is
     scored) and (S,) int64 numbers of scored tokens; S = R when not packed.
     """
@@ -102,10 +103,18 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
                          f"{tuple(labels.shape)} must have the same shape (labels aligned to input_ids)")
     if attention_mask is not None:
         labels = labels.masked_fill(attention_mask.to(labels.device) == 0, IGNORE_INDEX)
+    shared = {} if pieces is None else {"pieces": pieces}
     hidden = model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   return_hidden=True, cu_seqlens=cu_seqlens)                         # (R, T, H)
+                   return_hidden=True, cu_seqlens=cu_seqlens, **shared)               # (R, T, H)
     bare = _unwrap(model)
     tok = logps_from_hidden(hidden, bare.output_weight, labels, _softcap(bare))       # (R, T-1)
+    return sequence_sums(tok, labels, cu_seqlens, average)
+
+
+def sequence_sums(tok: torch.Tensor, labels: torch.Tensor, cu_seqlens: torch.Tensor | None = None,
+                  average: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token log-probs (R, T-1) from ``logps_from_hidden`` -> per-sequence ``(sums, counts)``: one
+    sequence per row, or per ``cu_seqlens`` segment of a packed row (see ``sequence_logps``)."""
     valid = (labels[:, 1:] != IGNORE_INDEX).to(tok.device)                           # (R, T-1)
     if cu_seqlens is None:
         total, counts = tok.sum(-1), valid.sum(-1)
@@ -125,7 +134,8 @@ def sequence_logps(model, input_ids: torch.Tensor, labels: torch.Tensor,
 def forward_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     """``sequence_logps`` of a padded or packed ``data.Batch``: (summed logps, counts) per sequence."""
     return sequence_logps(model, batch.input_ids, batch.labels, batch.attention_mask,
-                          position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens)
+                          position_ids=batch.position_ids, cu_seqlens=batch.cu_seqlens,
+                          pieces=getattr(batch, "pieces", None))
 
 
 # ----------------------------------------------------------------------------- ORPO

@@ -115,8 +115,9 @@ def tokenize_pair(tok, row: dict, fmt: PairFormat, generator: torch.Generator | 
 @dataclass
 class Batch:
     """input_ids/labels/attention_mask (R, T); rows [0, n) chosen, [n, 2n) rejected (pairs) .
-    Packed: R = 1, position_ids restart per sequence, cu_seqlens (S + 1,) int32 boundaries,
-    seq_slices gives each original row's [start, end) in the packed row."""
+    Packed: R = 1, position_ids restart per sequence, cu_seqlens (S + 1,) int32 boundaries. Prefix-shared
+    (``collate_pairs(..., share_prompt=True)``): a rejected sequence holds only the prompt's last token and
+    its answer, and ``pieces`` let it attend to its chosen twin's prompt (``llm.attention.Packed``)."""
     input_ids: torch.Tensor
     labels: torch.Tensor
     attention_mask: torch.Tensor | None
@@ -124,11 +125,13 @@ class Batch:
     cu_seqlens: torch.Tensor | None = None
     max_seqlen: int = 0
     n_pairs: int = 0
+    pieces: tuple | None = None
+    origin: torch.Tensor | None = None
 
     def to(self, device) -> "Batch":
         mv = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
         return Batch(mv(self.input_ids), mv(self.labels), mv(self.attention_mask), mv(self.position_ids),
-                     mv(self.cu_seqlens), self.max_seqlen, self.n_pairs)
+                     mv(self.cu_seqlens), self.max_seqlen, self.n_pairs, self.pieces, self.origin)
 
     @property
     def num_tokens(self) -> int:
@@ -168,11 +171,70 @@ def collate_sequences(seqs: Sequence[tuple[list[int], list[int]]], pad_id: int, 
     return Batch(input_ids, labels, mask)
 
 
-def collate_pairs(examples: Sequence[PairExample], pad_id: int, packed: bool = False) -> Batch:
+def collate_pairs(examples: Sequence[PairExample], pad_id: int, packed: bool = False,
+                  share_prompt: bool = False) -> Batch:
+    """Chosen rows first, then rejected: padded, packed, or packed with each prompt encoded once
+    (``share_prompt``; see ``shared_prompt_length``)."""
+    if share_prompt:
+        return _collate_shared(examples)
     seqs = [(e.chosen_ids, e.chosen_labels) for e in examples] + \
            [(e.rejected_ids, e.rejected_labels) for e in examples]
     b = collate_sequences(seqs, pad_id, packed)
     b.n_pairs = len(examples)
+    return b
+
+
+def shared_prefix_length(a: tuple[list[int], list[int]], b: tuple[list[int], list[int]]) -> int:
+    """L: the tokens two (ids, labels) sequences share at their start, none of them scored in either
+    (labels[1:L] ignored), i.e. their common prompt. Shared in a packed row, the second keeps only token
+    L - 1 (whose hidden state predicts its first own token) and what follows; each keeps a token of its own."""
+    (x, lx), (y, ly) = a, b
+    n = min(len(x), len(y)) - 1
+    L = 0
+    while L < n and x[L] == y[L] and (L == 0 or (lx[L] == IGNORE_INDEX and ly[L] == IGNORE_INDEX)):
+        L += 1
+    return L
+
+
+def shared_prompt_length(e: PairExample) -> int:
+    """``shared_prefix_length`` of a pair's chosen and rejected sequences (their prompt)."""
+    return shared_prefix_length((e.chosen_ids, e.chosen_labels), (e.rejected_ids, e.rejected_labels))
+
+
+def pack_sharing(seqs: Sequence[tuple[list[int], list[int]]], leader: Sequence[int | None]) -> Batch:
+    """One packed row of ``seqs`` (in order) where sequence j shares the prompt of the earlier sequence
+    ``leader[j]`` (None: shares nothing): it keeps only the shared prompt's last token (label ignored)
+    and its own tokens, positions continuing the prompt's, and its attention piece is keyed by the
+    leader's prompt, then itself (``llm.attention.Packed``). ``origin`` maps every packed token back to
+    (sequence, position in the unshared sequence), for per-token results in the padded layout."""
+    ids, lab, pos, lens, pieces, starts, origin = [], [], [], [], [], [], []
+    for j, (x, lx) in enumerate(seqs):
+        lead = leader[j]
+        if lead is not None and not 0 <= lead < j:
+            raise ValueError(f"pack_sharing: sequence {j} may share only an earlier sequence's prompt, got {lead}")
+        keep = max(shared_prefix_length(seqs[lead], (x, lx)) - 1, 0) if lead is not None else 0
+        q0 = len(ids)
+        starts.append(q0)
+        ids += x[keep:]
+        lab += ([IGNORE_INDEX] + lx[keep + 1:]) if keep else lx
+        pos += range(keep, len(x))
+        origin += [(j, p) for p in range(keep, len(x))]
+        lens.append(len(x) - keep)
+        kv = ((starts[lead], starts[lead] + keep), (q0, len(ids))) if keep else ((q0, len(ids)),)
+        pieces.append((q0, len(ids), kv))
+    cu = torch.tensor([0] + lens, dtype=torch.int64).cumsum(0).to(torch.int32)
+    return Batch(torch.tensor([ids]), torch.tensor([lab]), None, torch.tensor([pos]), cu, max(lens),
+                 pieces=tuple(pieces), origin=torch.tensor(origin, dtype=torch.long))
+
+
+def _collate_shared(examples: Sequence[PairExample]) -> Batch:
+    """[chosen_1 .. chosen_n | rejected_1 .. rejected_n], each rejected sharing its chosen twin's prompt:
+    the padded layout's sums and counts per sequence (up to float rounding) from fewer tokens."""
+    n = len(examples)
+    seqs = [(e.chosen_ids, e.chosen_labels) for e in examples] + \
+           [(e.rejected_ids, e.rejected_labels) for e in examples]
+    b = pack_sharing(seqs, [None] * n + list(range(n)))
+    b.n_pairs = n
     return b
 
 

@@ -145,6 +145,10 @@ class OptimConfig:
     max_grad_norm: float = opt(1.0, "gradient clipping norm", gt=0.0)
     gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass to save memory",
                                        resume_safe=True)
+    pack: bool = opt(True, "stages 1/2: pack a micro-batch into one row (no padding) and encode each prompt once "
+                     "for its two answers (prefix sharing; plain packing for models with sliding-window layers); "
+                     "--no-pack pads every sequence to the longest. Same loss, other float rounding",
+                     resume_safe=True, stages="12")
     bf16: bool = opt(True, "bf16 autocast over fp32 master weights, on CUDA and on CPUs with native bf16 "
                      "(AVX512-BF16 or AMX; PREFLEXOR_CPU_BF16=0/1 overrides the detection)")
     lora_r: int = opt(0, "LoRA rank for stages 1/2 (0: full fine-tuning; paper: 64)", ge=0, cap=65536, stages="12")

@@ -30,7 +30,7 @@ from ..sampler import SamplingParams, generate
 from ..teachers.base import hash_seed
 from ..rewards import REWARD_NAMES, GraphRewards, RewardWeights
 from . import distributed as D
-from .batches import prompt_ids
+from .batches import pack_sharing, prompt_ids
 from .checkpointing import load_checkpoint, save_checkpoint, save_final, seed_everything
 from .stage import StageRun, _bar, make_scheduler
 
@@ -209,19 +209,34 @@ class GRPOStage(StageRun):
         att = torch.zeros((len(rows), T), dtype=torch.long)
         for j, (x, lab) in enumerate(rows):
             ids[j, :len(x)], labels[j, :len(x)], att[j, :len(x)] = torch.tensor(x), torch.tensor(lab), 1
-        return {"input_ids": ids, "labels": labels, "attention_mask": att}
+        return {"input_ids": ids, "labels": labels, "attention_mask": att, "rows": rows,
+                "prompt_of": [i // G for i in idx]}
 
     def _chunks(self, n: int):
         mb = self.g.grpo_micro_batch
         return [slice(i, min(n, i + mb)) for i in range(0, n, mb)]
 
     def token_logps(self, model, batch: dict, sl: slice) -> torch.Tensor:
-        """Per-token log-probs (rows of ``sl``, T - 1): entry t scores token t + 1."""
+        """Per-token log-probs (rows of ``sl``, T - 1): entry t scores token t + 1. With prefix sharing the
+        rows of one prompt are packed into one row that encodes their prompt once, then put back in place."""
+        bare = _unwrap(model)
+        cap = bare.config.final_logit_softcapping
+        if self.share_prompt:
+            rows, first = batch["rows"][sl], {}
+            leader = [first.setdefault(p, j) for j, p in enumerate(batch["prompt_of"][sl])]
+            b = pack_sharing(rows, [None if lead == j else lead for j, lead in enumerate(leader)]).to(self.device)
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
+                hidden = model(b.input_ids, position_ids=b.position_ids, return_hidden=True,
+                               cu_seqlens=b.cu_seqlens, pieces=b.pieces)
+                tok = logps_from_hidden(hidden, bare.output_weight, b.labels, cap)[0]    # (Ttot - 1,)
+            out = tok.new_zeros(len(rows), batch["labels"].shape[1] - 1)
+            row, col = b.origin[1:, 0], b.origin[1:, 1] - 1     # packed token t + 1 -> (row, position - 1)
+            keep = col >= 0
+            return out.index_put((row[keep], col[keep]), tok[keep])
         ids, lab, att = (batch[k][sl].to(self.device) for k in ("input_ids", "labels", "attention_mask"))
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.t.autocast):
             hidden = model(ids, attention_mask=att, return_hidden=True)
-            bare = _unwrap(model)
-            return logps_from_hidden(hidden, bare.output_weight, lab, bare.config.final_logit_softcapping)
+            return logps_from_hidden(hidden, bare.output_weight, lab, cap)
 
     @torch.no_grad()
     def batch_logps(self, batch: dict, model) -> torch.Tensor:
@@ -288,7 +303,8 @@ class GRPOStage(StageRun):
             att = torch.zeros((len(rows), T), dtype=torch.long)
             for j, (x, y) in enumerate(rows):
                 ids[j, :len(x)], lab[j, :len(x)], att[j, :len(x)] = torch.tensor(x), torch.tensor(y), 1
-            batch = {"input_ids": ids, "labels": lab, "attention_mask": att}
+            batch = {"input_ids": ids, "labels": lab, "attention_mask": att, "rows": rows,
+                     "prompt_of": list(range(len(rows)))}          # packed without padding, nothing shared
             self.model.train()
             n_tok = float((lab[:, 1:] != IGNORE_INDEX).sum())
             nll = 0.0

@@ -73,6 +73,8 @@ class StageRun:
         self.tok, self.ref, self.lora_cfg = tok, ref, lora_cfg
         self.device = trainer.device
         self.base = model
+        # prefix sharing needs attention pieces, which sliding-window layers do not take
+        self.share_prompt = trainer.packed and not model.config.has_sliding_layers
         self.fsdp = self.cfg.parallel.fsdp and trainer.dist.enabled
         self.model = D.wrap_model(model, trainer.dist, fsdp=self.cfg.parallel.fsdp)
         self.ckpt_dir = trainer.out / "checkpoints" / f"stage{stage}"
@@ -312,7 +314,8 @@ class StageRun:
             model.eval()
             stack.callback(model.train, was)
             for i in range(0, len(examples), bs):
-                b = collate_pairs(examples[i:i + bs], self.tok.pad_token_id, packed=self.t.packed).to(self.device)
+                b = collate_pairs(examples[i:i + bs], self.tok.pad_token_id, packed=self.t.packed,
+                                  share_prompt=self.share_prompt).to(self.device)
                 with torch.autocast(self.device.type, dtype=self.t.autocast_dtype, enabled=self.t.autocast):
                     sums, _ = forward_logps(model, b)
                 out_c.append(sums[:b.n_pairs].float().cpu())
@@ -372,7 +375,7 @@ class StageRun:
         save_checkpoint(self)
 
     def _pair_micro_batch(self, chunk, refs) -> "MicroBatch":
-        b = collate_pairs(chunk, self.tok.pad_token_id, packed=self.t.packed)
+        b = collate_pairs(chunk, self.tok.pad_token_id, packed=self.t.packed, share_prompt=self.share_prompt)
         return MicroBatch(b, int(b.label_counts()[:b.n_pairs].sum()), b.n_pairs, refs)
 
 

@@ -124,7 +124,7 @@ class Trainer:
             (self.out / "plots").mkdir(parents=True, exist_ok=True)
         D.barrier()
         self.log = JsonlLog(self.out / "log.jsonl", self.dist.is_main)
-        self.packed = self.device.type == "cuda"      # varlen packing on CUDA, padding on CPU
+        self.packed = cfg.optim.pack                  # one row per micro-batch, prompts shared (--no-pack: padded)
         # Precision: fp32 master weights (and fp32 AdamW state; LoRA adapters fp32 over any base dtype)
         # with the forward under bf16 autocast on CUDA and on CPUs that multiply bf16 natively
         # (cpu_features.native_cpu_bf16). Tests also run it on CPU (and fp16 there).
