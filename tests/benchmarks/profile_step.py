@@ -97,7 +97,7 @@ def main(argv=None) -> None:
     model, _ = load_model_and_tokenizer("smollm2-135m-instruct", "cpu", torch.float32)
     model.train()
     batch = _batch(real_length_pairs(model.config.vocab_size), args.layout)
-    opt = torch.optim.AdamW(model.parameters(), lr=5e-6)
+    opt = torch.optim.AdamW(model.parameters(), lr=5e-6, fused=True)          # as the trainer
     ref = None
     if args.objective == "exo":
         with torch.no_grad():

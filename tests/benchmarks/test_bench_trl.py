@@ -76,7 +76,8 @@ def _worker(*args: str) -> dict:
 def _side_summary(r: dict) -> dict:
     return {"median_step_s": round(r["median_step_s"], 3), "step_times_s": [round(t, 3) for t in r["step_times"]],
             "losses": r["losses"], "peak_rss_mib": round(r["peak_rss_kib"] / 1024, 1),
-            "loadavg_1min": r["loadavg_1min"], "wall_s": round(r["wall_s"], 1)}
+            "loadavg_1min": r["loadavg_1min"], "wall_s": round(r["wall_s"], 1), "layout": r.get("layout"),
+            "tokens_per_step": r.get("tokens")}
 
 
 def _max_diff(a: list[float], b: list[float]) -> float:
@@ -86,9 +87,12 @@ def _max_diff(a: list[float], b: list[float]) -> float:
 def _compare(objective: str, dtype: str) -> dict:
     ours = _worker("--side", "ours", "--objective", objective, "--dtype", dtype)
     trl = _worker("--side", "trl", "--objective", objective, "--dtype", dtype)
-    assert ours["digests"] == trl["digests"], "the two sides trained on different batches"
+    padded = _worker("--side", "ours", "--objective", objective, "--dtype", dtype, "--layout", "padded")
+    assert ours["digests"] == trl["digests"] == padded["digests"], "the sides trained on different batches"
     out = {"objective": objective, "dtype": dtype, "ours": _side_summary(ours), "trl": _side_summary(trl),
+           "ours_padded": _side_summary(padded),
            "speed_ratio_trl_over_ours": round(trl["median_step_s"] / ours["median_step_s"], 3),
+           "speed_ratio_trl_over_ours_padded": round(trl["median_step_s"] / padded["median_step_s"], 3),
            "peak_rss_ratio_ours_over_trl": round(ours["peak_rss_kib"] / trl["peak_rss_kib"], 3),
            "tokens_per_step": ours["tokens"][:len(ours["losses"])],
            "trl_native_tokenisation": trl["trl_native_tokenisation"]}

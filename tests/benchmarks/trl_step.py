@@ -80,7 +80,7 @@ class Settings:
         return self.warmup + self.steps
 
 
-FULL = Settings("full", warmup=1, steps=3, pairs=16, max_length=1024, rejected_from="teacher", reject_tokens=320,
+FULL = Settings("full", warmup=2, steps=5, pairs=16, max_length=1024, rejected_from="policy", reject_tokens=320,
                 answer_sentences=3, context_words=80)
 QUICK = Settings("quick", warmup=1, steps=2, pairs=6, max_length=256, rejected_from="teacher", reject_tokens=0,
                  answer_sentences=2, context_words=40)
@@ -238,7 +238,7 @@ def _orpo_full_nll(model, batch, beta: float):
     return nll + losses.mean()
 
 
-def run_ours(run_dir: Path, s: Settings, objective: str, dtype: str, orpo_nll: str) -> dict:
+def run_ours(run_dir: Path, s: Settings, objective: str, dtype: str, orpo_nll: str, layout: str = "shared") -> dict:
     from preflexor_core.llm.model import Llama
     from preflexor_core.losses.preference import forward_logps
     from preflexor_core.tokenization.tokenizer import Tokenizer
@@ -252,8 +252,11 @@ def run_ours(run_dir: Path, s: Settings, objective: str, dtype: str, orpo_nll: s
     model = Llama.from_pretrained(model_dir, dtype=torch.float32).train()
     examples = our_examples(tok, load_rows(run_dir), s)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-    batches = [collate_pairs(examples[i:i + PAIRS_PER_BATCH], pad)
-               for i in range(0, PAIRS_PER_BATCH * s.total_steps, PAIRS_PER_BATCH)]
+    chunks = [examples[i:i + PAIRS_PER_BATCH] for i in range(0, PAIRS_PER_BATCH * s.total_steps, PAIRS_PER_BATCH)]
+    padded = [collate_pairs(c, pad) for c in chunks]           # the digests: same sequences as TRL's rows
+    # the trainer's layout: packed, each prompt encoded once for its two answers (TRL's NLL needs padded rows)
+    shared = layout == "shared" and orpo_nll != "full"
+    batches = [collate_pairs(c, pad, packed=True, share_prompt=True) for c in chunks] if shared else padded
     bf16 = dtype == "bf16"
     amp = lambda: torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)  # noqa: E731
     refs = []
@@ -265,10 +268,12 @@ def run_ours(run_dir: Path, s: Settings, objective: str, dtype: str, orpo_nll: s
                 refs.append((sums[:b.n_pairs].float(), sums[b.n_pairs:].float()))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=ORPO_LR if objective == "orpo" else EXO_LR, betas=(0.9, 0.999), eps=1e-8,
+                            fused=True,                          # as the trainer (train/stage.py)
                             weight_decay=0.0)
     losses, times, digests = [], [], []
     for i, b in enumerate(batches):
-        digests.append(batch_digest(b.input_ids, b.attention_mask, b.labels != IGNORE_INDEX))
+        p = padded[i]
+        digests.append(batch_digest(p.input_ids, p.attention_mask, p.labels != IGNORE_INDEX))
         t0 = time.perf_counter()
         with amp():
             if objective == "exo":
@@ -283,7 +288,8 @@ def run_ours(run_dir: Path, s: Settings, objective: str, dtype: str, orpo_nll: s
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t0)
         losses.append(float(loss.detach()))
-    return {"tokens": [b.num_tokens for b in batches], "losses": losses, "step_times": times, "digests": digests}
+    return {"tokens": [b.num_tokens for b in batches], "losses": losses, "step_times": times, "digests": digests,
+            "layout": "shared" if shared else "padded"}
 
 
 # ----------------------------------------------------------------------------- TRL side
@@ -318,7 +324,7 @@ def run_trl(run_dir: Path, s: Settings, objective: str, dtype: str) -> dict:
     common = dict(output_dir=str(run_dir / "trl-out"), per_device_train_batch_size=PAIRS_PER_BATCH,
                   gradient_accumulation_steps=1, max_steps=s.total_steps, lr_scheduler_type="constant",
                   warmup_steps=0, weight_decay=0.0, adam_beta1=0.9, adam_beta2=0.999, adam_epsilon=1e-8,
-                  optim="adamw_torch", max_grad_norm=MAX_GRAD_NORM,
+                  optim="adamw_torch_fused", max_grad_norm=MAX_GRAD_NORM,   # transformers' default
                   bf16=dtype == "bf16", use_cpu=True, train_sampling_strategy="sequential",
                   dataloader_num_workers=0, logging_strategy="no", save_strategy="no", report_to=[],
                   disable_tqdm=True, seed=SEED, data_seed=SEED)
@@ -399,11 +405,11 @@ def _pad_to(a: torch.Tensor, b: torch.Tensor, value: int) -> list[torch.Tensor]:
 
 # ----------------------------------------------------------------------------- CLI
 def run_side(side: str, run_dir: Path, s: Settings, objective: str, dtype: str, threads: int,
-             orpo_nll: str = "completion") -> dict:
+             orpo_nll: str = "completion", layout: str = "shared") -> dict:
     torch.set_num_threads(threads)
     t0, load0 = time.perf_counter(), os.getloadavg()[0]
     if side == "ours":
-        out = run_ours(run_dir, s, objective, dtype, orpo_nll)
+        out = run_ours(run_dir, s, objective, dtype, orpo_nll, layout)
     else:
         out = run_trl(run_dir, s, objective, dtype)
     timed = out["step_times"][s.warmup:]
@@ -423,6 +429,8 @@ def main(argv=None) -> None:
     ap.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32")
     ap.add_argument("--orpo-nll", choices=("completion", "full"), default="completion",
                     help="ours only: the ORPO NLL over the completion (ours) or over prompt + completion (TRL's)")
+    ap.add_argument("--layout", choices=("shared", "padded"), default="shared",
+                    help="ours only: the trainer's packed row with each prompt shared (default) or padded rows")
     ap.add_argument("--quick", action="store_true", help="small settings for development")
     ap.add_argument("--run-dir", type=Path, help="default runs/bench-trl-step/{full,quick}")
     ap.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch CPU threads")
@@ -436,7 +444,8 @@ def main(argv=None) -> None:
         ap.error("--side is required unless --prepare")
     if args.orpo_nll == "full" and (args.side != "ours" or args.objective != "orpo"):
         ap.error("--orpo-nll full is our ORPO step with TRL's NLL definition: use it with --side ours --objective orpo")
-    print(json.dumps(run_side(args.side, run_dir, s, args.objective, args.dtype, args.threads, args.orpo_nll)))
+    print(json.dumps(run_side(args.side, run_dir, s, args.objective, args.dtype, args.threads, args.orpo_nll,
+                              args.layout)))
 
 
 if __name__ == "__main__":
