@@ -233,7 +233,8 @@ def test_stages_1_and_2_on_the_fly_learn_with_grad_accum(corpus, tmp_path):
     datasets = [r for r in rows if r.get("event") == "dataset"]
     assert len(datasets) == 4 and all(d["kept"] > 0 for d in datasets)
     pairs = [json.loads(l) for l in open(out / "pairs.jsonl")]
-    assert len(pairs) == 16 and len({p["id"] for p in pairs}) == 16
+    # every row a dataset reported is in the file, once (datagen may skip a row: an empty policy sample)
+    assert len(pairs) == sum(d["pairs"] for d in datasets) >= 12 and len({p["id"] for p in pairs}) == len(pairs)
     assert all(p["prompt"].endswith("Use <|thinking|>.") and p["chosen"].startswith("<|thinking|>") for p in pairs)
     for s in ("stage1", "stage2"):
         assert (out / s / "DONE").exists() and (out / s / "model.safetensors").exists()
@@ -247,7 +248,7 @@ def test_stages_1_and_2_on_the_fly_learn_with_grad_accum(corpus, tmp_path):
     assert sorted({(p["stage"], p["iteration"], p["policy_step"]) for p in pairs}) == \
         [(1, 0, 0), (1, 1, 2), (2, 0, 0), (2, 1, 2)]
     assert len({p["settings_hash"] for p in s1_rows}) == 1 and len(s1_rows[0]["settings_hash"]) == 10
-    assert len(s1_rows) == len(s2_rows) == 8
+    assert {len(s1_rows), len(s2_rows)} <= {6, 7, 8}     # 2 iterations x 4 rows, less a skipped row or two
     fmt1 = PairFormat(max_length=256, max_prompt_length=96)
     (loss0, margin0), (loss1, margin1) = (pair_scores(out / d, tok, s1_rows, fmt1) for d in ("stage0", "stage1"))
     assert loss1 < loss0 and margin1 > margin0, (loss0, loss1, margin0, margin1)

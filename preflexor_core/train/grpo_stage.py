@@ -291,8 +291,7 @@ class GRPOStage(StageRun):
     def warmup(self) -> None:
         """``--grpo-sft-steps`` causal-LM steps (stage 1's learning rate) on the teacher's graph-format
         answers, with their own AdamW; a checkpoint is written when they are done."""
-        opt = torch.optim.AdamW([p for p in self.base.parameters() if p.requires_grad], lr=self.cfg.lr_for("1"),
-                                fused=self.device.type in ("cuda", "cpu"))
+        opt = torch.optim.AdamW([p for p in self.base.parameters() if p.requires_grad], lr=self.cfg.lr_for("1"))
         bar = _bar(self.g.grpo_sft_steps, "stage 3 (graph-format warm-up)", self.cfg.run.progress and self.is_main,
                    initial=self.pos["sft_step"])
         while self.pos["sft_step"] < self.g.grpo_sft_steps:

@@ -82,8 +82,10 @@ class StageRun:
         o, d = self.cfg.optim, self.cfg.data
         self.total_steps = o.sft_steps if stage == "0" else self.cfg.iterations_for(stage) * o.n_steps
         params = [p for p in model.parameters() if p.requires_grad]
-        # one fused kernel per step on CUDA and CPU (same update as the foreach loop, up to float rounding)
-        kw = {"fused": True} if trainer.device.type in ("cuda", "cpu") else {}
+        # one fused kernel per step on CUDA and CPU (same update as the foreach loop, up to float rounding);
+        # stage 3 keeps the foreach loop on CPU: with the fused one its resume was not bit-identical
+        fused = trainer.device.type == "cuda" or (trainer.device.type == "cpu" and stage != "3")
+        kw = {"fused": True} if fused else {}
         self.opt = torch.optim.AdamW(params, lr=self.cfg.lr_for(stage), betas=(0.9, 0.999), eps=1e-8,
                                      weight_decay=o.weight_decay, **kw)
         self.sched = make_scheduler(self.opt, o.warmup_steps, self.total_steps, o.schedule)

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from ..infra.errors import writing
-from ..infra.io import atomic_dir, atomic_write, recover_dir
+from ..infra.io import atomic_dir, atomic_write, parse_jsonl_line, recover_dir
 from ..infra.rundir import WriterLock, claim_dir, run_lock_path
 from ..tokenization.tokenizer import Tokenizer
 from ..llm.config import ModelConfig
@@ -72,18 +72,17 @@ class JsonlLog:
 
     def rewind(self, stage: str, pos: dict) -> None:
         """Drop the rows of ``stage`` after position ``pos`` (written before a crash or by an earlier run
-        into this directory) and torn lines, so a resumed or restarted stage logs each step once."""
+        into this directory) and torn lines (or any line that is not a JSON object), so a resumed or
+        restarted stage logs each step once."""
         if not self.enabled or not self.path.exists():
             return
         lines = self.path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = []
         for line in lines:
-            try:
-                row = json.loads(line)
-            except ValueError:
+            row, bad = parse_jsonl_line(line)
+            if bad or not line.endswith("\n"):
                 continue                          # a line torn by a crash
-            if line.endswith("\n") and not (isinstance(row, dict) and str(row.get("stage")) == stage
-                                             and _after(row, pos)):
+            if not (str(row.get("stage")) == stage and _after(row, pos)):
                 kept.append(line)
         if len(kept) != len(lines):
             atomic_write(self.path, "".join(kept))
