@@ -18,6 +18,25 @@ namespace preflexor {
 
 enum class WKind { F32, BF16, I8 };
 
+template <WKind KD>
+constexpr int64_t weight_bytes() {
+  return KD == WKind::F32 ? 4 : (KD == WKind::BF16 ? 2 : 1);
+}
+
+// Software prefetch of the weight stream (dot_rows): a cache line, and how far ahead of the reads it is
+// fetched (4 KiB measured at 94% of a one-thread `sum`'s bandwidth for bf16 and int8 on an AVX-512 Xeon,
+// against about 55% without; 2-4 KiB were alike).
+constexpr int64_t kCacheLine = 64;
+constexpr int64_t kPrefetchBytes = 4096;
+
+PREFLEXOR_ALWAYS_INLINE void prefetch_read(const void* p) {
+#if defined(__GNUC__) || defined(__clang__)
+  __builtin_prefetch(p, 0, 3);
+#else
+  (void)p;
+#endif
+}
+
 // One element of a weight row as fp32 (the scalar form of every path's widening).
 template <WKind KD>
 PREFLEXOR_ALWAYS_INLINE float widen(const void* base, int64_t i) {
