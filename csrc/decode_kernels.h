@@ -48,11 +48,88 @@ PREFLEXOR_DK_TARGET void dot_rows(const float* x, int64_t ldx, const Weight& w, 
   }
 }
 
+// out[m][j] = sum_k x[m, k] * w[n + j, k] for MR rows of x and NR weight rows: a register tile of MR x NR
+// accumulators, each weight vector widened once and used MR times (the compute-bound case of many rows).
+template <WKind KD, int MR, int NR>
+PREFLEXOR_DK_TARGET void dot_tile(const float* x, int64_t ldx, const Weight& w, int64_t n, float out[4][4]) {
+  constexpr int W = VT::W;
+  Vec acc[MR][NR];
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) acc[m][j] = VT::zero();
+  const int64_t K = w.k;
+  int64_t k = 0;
+  for (; k + W <= K; k += W) {
+    Vec wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = VT::template load_w<KD>(w.data, (n + j) * K + k);
+    for (int m = 0; m < MR; ++m) {
+      const Vec xv = VT::load(x + m * ldx + k);
+      for (int j = 0; j < NR; ++j) acc[m][j] = VT::fmadd(wv[j], xv, acc[m][j]);
+    }
+  }
+  if (k < K) {
+    Vec wv[NR];
+    for (int j = 0; j < NR; ++j) wv[j] = VT::template load_w_n<KD>(w.data, (n + j) * K + k, K - k);
+    for (int m = 0; m < MR; ++m) {
+      const Vec xv = VT::load_n(x + m * ldx + k, K - k);
+      for (int j = 0; j < NR; ++j) acc[m][j] = VT::fmadd(wv[j], xv, acc[m][j]);
+    }
+  }
+  for (int m = 0; m < MR; ++m)
+    for (int j = 0; j < NR; ++j) out[m][j] = VT::reduce(acc[m][j]);
+}
+
+// Weight rows [n0, n1) in groups of kTileN against x rows in groups of 4 (steps of more than 4 rows).
+template <WKind KD, int NR>
+PREFLEXOR_DK_TARGET void matmul_tiles(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                                      bool accumulate, int64_t n0, int64_t n1) {
+  float out[4][4];
+  int64_t n = n0;
+  const auto emit = [&](int64_t m0, int mr, int nr) {
+    for (int m = 0; m < mr; ++m)
+      for (int j = 0; j < nr; ++j) {
+        const float s = w.scale != nullptr ? w.scale[n + j] : 1.0f;
+        float* yv = y + (m0 + m) * ldy + n + j;
+        *yv = accumulate ? *yv + out[m][j] * s : out[m][j] * s;
+      }
+  };
+  for (; n + NR <= n1; n += NR) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = x + m0 * ldx;
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+      switch (mr) {
+        case 4: dot_tile<KD, 4, NR>(xm, ldx, w, n, out); break;
+        case 3: dot_tile<KD, 3, NR>(xm, ldx, w, n, out); break;
+        case 2: dot_tile<KD, 2, NR>(xm, ldx, w, n, out); break;
+        default: dot_tile<KD, 1, NR>(xm, ldx, w, n, out); break;
+      }
+      emit(m0, mr, NR);
+    }
+  }
+  for (; n < n1; ++n) {
+    for (int64_t m0 = 0; m0 < M; m0 += 4) {
+      const float* xm = x + m0 * ldx;
+      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+      switch (mr) {
+        case 4: dot_tile<KD, 4, 1>(xm, ldx, w, n, out); break;
+        case 3: dot_tile<KD, 3, 1>(xm, ldx, w, n, out); break;
+        case 2: dot_tile<KD, 2, 1>(xm, ldx, w, n, out); break;
+        default: dot_tile<KD, 1, 1>(xm, ldx, w, n, out); break;
+      }
+      emit(m0, mr, 1);
+    }
+  }
+}
+
 // y[m, n] (+)= x[m, :] . w[n, :] * scale[n] for weight rows [n0, n1) and all M rows; `accumulate` adds to y
-// (the residual). x rows go in groups of 4 per weight row (a row is re-read from L1 for the next group).
+// (the residual). Up to kTileFrom - 1 rows: x rows in groups of 4 per weight row (a row is re-read from L1
+// for the next group), the weight read as one prefetched stream; from kTileFrom rows on (compute-bound)
+// register tiles of 4 x rows by VT::kTileN weight rows.
 template <WKind KD>
 PREFLEXOR_DK_TARGET void matmul_rows(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
                                      bool accumulate, int64_t n0, int64_t n1) {
+  if constexpr (VT::kTileN > 0) {
+    if (M >= kTileFrom) return matmul_tiles<KD, VT::kTileN>(x, M, ldx, w, y, ldy, accumulate, n0, n1);
+  }
   float out[4];
   for (int64_t n = n0; n < n1; ++n) {
     const float s = w.scale != nullptr ? w.scale[n] : 1.0f;

@@ -45,7 +45,7 @@ def odd():
     return m
 
 
-@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9])
+@pytest.mark.parametrize("M", [1, 2, 3, 4, 5, 9, 16])
 @pytest.mark.parametrize("N,K", [(1, 1), (7, 5), (33, 37), (64, 576), (19, 130)])
 def test_decode_matmul_matches_torch_for_fp32_bf16_int8(M, N, K):
     torch.manual_seed(M * 1000 + N + K)
