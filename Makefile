@@ -68,9 +68,13 @@ demo-tiny: install
 bench: install
 	$(PY) -m pytest -q tests/benchmarks --benchmark-only $(PYTEST_ARGS)
 
-# optional: llama.cpp for the decode benchmark (skipped with a message when absent)
+# optional: llama.cpp for the decode benchmark (skipped with a message when absent). llama.cpp is built
+# for AVX2 + FMA (the decode targets' reference machine) rather than -march=native: a native build on a
+# virtual AVX-512 machine died of an illegal instruction in its prompt kernels. LLAMA_CMAKE_ARGS= (empty)
+# builds it native.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
 bench-deps: install
-	$(PIP) install -q -r requirements-bench.txt
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) install -q --no-cache-dir -r requirements-bench.txt
 
 gpu-check:
 	bash tests/gpu/gpu_check.sh

@@ -11,7 +11,9 @@ KV cache at its length, so bound tokens/s = B * bandwidth / (weight bytes + KV b
 length); the bandwidth is a ``sum`` over a buffer far larger than the cache, measured before and
 after each case (the higher is used) at one thread and at the thread count in use
 (``PREFLEXOR_BENCH_THREADS``, default 1). ``tiny`` (2 MB of weights) fits in the last-level cache, so
-its DRAM bound does not apply (fractions above 1). N per model: ``NEW_TOKENS``.
+its DRAM bound does not apply (fractions above 1). N per model: ``NEW_TOKENS``. Beside it, the
+bandwidth of our own weight stream (one row against a matrix far larger than the cache, prefetching
+ahead as the step's products do), which can exceed ``sum``'s; the JSON gives the step's share of both.
 transformers (test-only) runs a LlamaForCausalLM saved from the same weights; llama-cpp-python
 (optional) runs the GGUF itself (batch 1). Numbers land in ``extra_info`` (with the CPU model and the ISA
 path of our kernels) and are printed. Each ISA path: ``PREFLEXOR_CPU_ISA=avx2`` (or ``generic``) before
@@ -32,6 +34,7 @@ NEW_TOKENS = {"tiny": 129, "small": 33, "smollm2": 33}   # t(N) - t(1) covers N 
 ROUNDS = 5
 BANDWIDTH_BYTES = 512 << 20
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BF16_TIE = 0.25     # logits near 20 are 0.125 apart in bf16: a flip within two steps is a rounding tie
 
 
 def _gguf_path() -> str | None:
@@ -66,6 +69,25 @@ def _bandwidth(threads: int) -> float:
         buf = torch.ones(BANDWIDTH_BYTES // 4)
         buf.sum()
         return BANDWIDTH_BYTES / _best(buf.sum, 10)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _stream_bandwidth(threads: int) -> float | None:
+    """Read bandwidth in bytes/s of our own weight stream: ``decode_matmul`` of one row against a
+    BANDWIDTH_BYTES fp32 matrix (it prefetches ahead, which ``sum`` does not, so it can read faster);
+    None without the compiled extension. Reported beside the ``sum`` bound, which stays the bound."""
+    if not hasattr(torch.ops.preflexor, "decode_matmul"):
+        return None
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        w = torch.ones(BANDWIDTH_BYTES // 4 // 1024, 1024)
+        x, empty = torch.ones(1, 1024), torch.empty(0)
+        torch.ops.preflexor.decode_matmul(x, w, empty)
+        return BANDWIDTH_BYTES / _best(lambda: torch.ops.preflexor.decode_matmul(x, w, empty), 10)
+    except (RuntimeError, AttributeError):
+        return None
     finally:
         torch.set_num_threads(before)
 
@@ -161,6 +183,7 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
     if after > bandwidth["in_use"]:
         bandwidth = {"one_thread": max(bandwidth["one_thread"], after) if threads == 1 else bandwidth["one_thread"],
                      "in_use": after}
+    stream = _stream_bandwidth(threads)
     steps = new_tokens - 1
     tok_s = {k: batch * steps / max(tN - t1, 1e-9) for k, (t1, tN) in t.items()}
     length = PROMPT_LEN + new_tokens / 2
@@ -175,6 +198,10 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
                 vs_hf=round(tok_s["ours"] / tok_s["hf"], 3), int8_vs_ours=round(tok_s["int8"] / tok_s["ours"], 3),
                 first_call_s={k: round(v, 3) for k, v in cold.items()},
                 first_call_vs_hf=round(cold["hf"] / cold["ours"], 3))
+    if stream is not None:       # the bandwidth our prefetching stream reaches, and the step's share of it
+        info["bandwidth_stream_gb_s"] = round(stream / 1e9, 2)
+        info["ours_stream_fraction"] = round(tok_s["ours"] * _step_bytes(ours, batch, length, int8=False) / batch / stream, 3)
+        info["int8_stream_fraction"] = round(tok_s["int8"] * _step_bytes(ours, batch, length, int8=True) / batch / stream, 3)
     if "llama.cpp" in tok_s:
         info["int8_vs_llama_cpp"] = round(tok_s["int8"] / tok_s["llama.cpp"], 3)
     benchmark.extra_info.update(info)
@@ -183,14 +210,25 @@ def test_bench_decode_vs_bandwidth(benchmark, checkpoint, dtype_name, batch, thr
           + f"; bound {bound['ours']:.0f} (fp) / {bound['int8']:.0f} (int8) tok/s -> {info['ours_bound_fraction']:.0%} / "
           f"{info['int8_bound_fraction']:.0%}; ours/transformers {info['vs_hf']:.2f}x, int8/ours {info['int8_vs_ours']:.2f}x"
           + (f", int8/llama.cpp {info['int8_vs_llama_cpp']:.2f}x" if "int8_vs_llama_cpp" in info else "")
+          + (f"; our weight stream reads {info['bandwidth_stream_gb_s']:.1f} GB/s: ours {info['ours_stream_fraction']:.0%} / "
+             f"int8 {info['int8_stream_fraction']:.0%} of it" if "bandwidth_stream_gb_s" in info else "")
           + f"; first call (generate {new_tokens} tokens, cold): " + ", ".join(f"{k} {v:.2f} s" for k, v in cold.items())
           + f" -> ours/transformers {info['first_call_vs_hf']:.2f}x")
     result = benchmark.pedantic(run_ours, args=(new_tokens,), rounds=1, iterations=1)
-    # Same weights, same ids: the first greedy token agrees with transformers on every row in fp32;
-    # bf16 sums in another order, so near-ties may flip on a few rows.
+    # Same weights, same ids: the first greedy token agrees with transformers on every row in fp32.
+    # bf16 sums in another order, so near-ties may flip: a row where the two bf16 sides differ must be a
+    # near-tie of the fp32 model (our token's fp32 logit within BF16_TIE of the best), and half the rows agree.
     ref = run_hf(new_tokens)
-    first = sum(a[0] == b[0] for a, b in zip(result, ref)) / batch
-    assert first == 1.0 if dtype_name == "float32" else first >= 0.5, (first, result, ref)
+    same = [a[0] == b[0] for a, b in zip(result, ref)]
+    if dtype_name == "float32":
+        assert all(same), (result, ref)
+    else:
+        with torch.inference_mode():
+            fp32_last = base(ids)[:, -1].float()
+        for r, ok in enumerate(same):
+            gap = float(fp32_last[r].max() - fp32_last[r, result[r][0]])
+            assert ok or gap <= BF16_TIE, (r, gap, result[r][:4], ref[r][:4])
+        assert sum(same) >= batch / 2 or batch == 1, (same, result, ref)
 
 
 def _llama_cpp(gguf: str, threads: int, new_tokens: int):
