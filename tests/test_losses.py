@@ -417,3 +417,52 @@ def test_ipo_objective_uses_per_token_mean_logps_like_trl():
         sums, _ = forward_logps(policy, batch)
     h = (sums[:2] - sums[2:]) - (ref_sums[:2] - ref_sums[2:])
     assert abs(float(((h - 1 / (2 * beta)) ** 2).mean()) - float(want)) > 1e-2
+
+
+@pytest.mark.parametrize("loss_type", ["exo_pair", "sigmoid"])
+def test_rpo_anchor_adds_alpha_times_chosen_nll_to_value_and_gradients(loss_type):
+    """rpo_alpha: loss(alpha) = loss(0) + alpha * NLL(chosen labelled tokens), with the NLL computed here
+    independently from full log_softmax logits; the gradients are those of that sum (TRL's rpo_alpha)."""
+    from preflexor_core import Llama, ModelConfig
+    from preflexor_core.train.batches import PairExample, collate_pairs
+    from preflexor_core.losses.preference import forward_logps
+    from preflexor_core.train import PreferenceConfig, dpo_objective
+    torch.manual_seed(0)
+    cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_hidden_layers=1)
+    policy, ref = Llama(cfg).eval(), Llama(cfg).eval()
+    ex = []
+    for n_c, n_r in ((5, 9), (7, 3)):
+        p = torch.randint(0, 64, (4,)).tolist()
+        c, r = torch.randint(0, 64, (n_c,)).tolist(), torch.randint(0, 64, (n_r,)).tolist()
+        ex.append(PairExample(p + c, [-100] * 4 + c, p + r, [-100] * 4 + r))
+    batch = collate_pairs(ex, pad_id=0)
+    with torch.no_grad():
+        ref_sums, _ = forward_logps(ref, batch)
+        lp_sum, n_tok = 0.0, 0
+        for e in ex:
+            lp = torch.log_softmax(policy(torch.tensor([e.chosen_ids]))[0, :-1].double(), -1)
+            tgt = torch.tensor(e.chosen_labels[1:])
+            keep = tgt != -100
+            lp_sum += float(lp[keep].gather(1, tgt[keep][:, None]).sum())
+            n_tok += int(keep.sum())
+    nll = -lp_sum / n_tok
+    alpha = 0.7
+
+    def run(a):
+        policy.zero_grad()
+        pref = PreferenceConfig(dpo_loss_type=loss_type, dpo_beta=0.5, rpo_alpha=a)
+        loss, m = dpo_objective(policy, batch, ref_sums[:2], ref_sums[2:], pref)
+        loss.backward()
+        return loss.item(), m, [p.grad.clone() for p in policy.parameters()]
+
+    base, m0, g0 = run(0.0)
+    anchored, m1, g1 = run(alpha)
+    assert m0["nll"] == pytest.approx(nll, rel=1e-4)
+    assert anchored == pytest.approx(base + alpha * nll, rel=1e-5)
+    assert abs(anchored - base) > 0.1                 # the anchor is not a no-op at this alpha
+    policy.zero_grad()
+    sums, counts = forward_logps(policy, batch)
+    (-alpha * sums[:2].sum() / counts[:2].sum()).backward()
+    g_nll = [p.grad.clone() for p in policy.parameters()]
+    for a, b, c in zip(g1, g0, g_nll):
+        torch.testing.assert_close(a, b + c, rtol=1e-4, atol=1e-6)

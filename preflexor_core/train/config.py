@@ -184,6 +184,10 @@ class PreferenceConfig(DPOBetaOptions):
                               "none", stages="2")
     mask_fraction: float = opt(0.5, "fraction of thinking tokens masked with random_fraction", ge=0.0, le=1.0,
                                stages="2")
+    rpo_alpha: float = opt(0.0, "stage 2: weight of an NLL anchor on the chosen completion's labelled tokens "
+                           "added to the DPO-family loss (iterative RPO, Pang et al. 2024; TRL's rpo_alpha); "
+                           "keeps the answer format that the preference loss alone may erode (0: off, the "
+                           "paper's loss)", ge=0.0, stages="2")
     include_thinking_token_in_labels: bool = opt(False, "with answer_only, keep the closing <|/thinking|> token "
                                                  "in the loss", stages="2")
     on_unclosed: OnUnclosed | None = opt(None, "stage 2 completions whose thinking never ends: drop the pair, or "
@@ -352,7 +356,7 @@ PRESETS: dict[str, dict] = {
     "demo-stage1": {**_DEMO, "stage": "1", "iterations": 4, "pairs_per_iteration": 32, "n_steps": 16,
                     "orpo_lr": 1e-4},
     "demo-stage2": {**_DEMO, "stage": "2", "iterations": 2, "pairs_per_iteration": 24, "n_steps": 12,
-                    "dpo_lr": 1e-5},
+                    "dpo_lr": 1e-5, "rpo_alpha": 1.0},
     "demo-tiny": {"stage": "all", "model": "tiny", "seed": 42, "pairs_per_iteration": 64, "n_steps": 48},
     "demo-graph": {"stage": "grpo", "grpo_sft_steps": 24, "orpo_lr": 1e-4, "grpo_steps": 12, "grpo_prompts": 2,
                    "num_generations": 4, "grpo_max_new_tokens": 512, "grpo_lr": 1e-5, "warmup_steps": 0},

@@ -61,7 +61,9 @@ def dpo_objective(model, batch: Batch, ref_chosen: torch.Tensor, ref_rejected: t
                   num_pairs: float | None = None) -> tuple[torch.Tensor, dict]:
     """DPO / EXO / hinge on summed completion log-probs, IPO on per-token mean log-probs (as TRL and
     the IPO paper), ``pref.dpo_loss_type``; summed over pairs / ``num_pairs``. ``ref_*`` are the
-    reference's SUMMED log-probs of the same completions (divided by the same counts for IPO)."""
+    reference's SUMMED log-probs of the same completions (divided by the same counts for IPO).
+    With ``pref.rpo_alpha`` > 0 the loss adds ``rpo_alpha * NLL(chosen)``, the NLL summed over the chosen
+    rows' labelled tokens / ``num_tokens`` (the RPO anchor; TRL adds the same term as ``rpo_alpha``)."""
     sums, counts = forward_logps(model, batch)
     n = batch.n_pairs
     pc, pr, rc, rr = sums[:n], sums[n:], ref_chosen, ref_rejected
@@ -71,4 +73,6 @@ def dpo_objective(model, batch: Batch, ref_chosen: torch.Tensor, ref_rejected: t
     losses, cr, rr_ = dpo_loss(pc, pr, rc, rr, pref.dpo_beta, pref.dpo_loss_type, pref.label_smoothing)
     loss = losses.sum() / _norm(num_pairs, torch.tensor(n))
     nll = -sums[:n].sum() / _norm(num_tokens, counts[:n].sum())
+    if pref.rpo_alpha > 0:
+        loss = loss + pref.rpo_alpha * nll
     return loss, _reward_metrics(loss, nll, cr, rr_)
