@@ -105,7 +105,7 @@ OLD_DEMO_TRAIN = "--out runs/demo --seed 0 --batch-size 2 --warmup-steps 2 --gen
 @pytest.mark.parametrize("old,new", [
     ("--stage 1 --iterations 4 --pairs-per-iteration 32 --n-steps 16 --orpo-lr 1e-4 " + OLD_DEMO_TRAIN,
      "--preset demo-stage1 --out runs/demo --seed 0"),
-    ("--stage 2 --iterations 2 --pairs-per-iteration 24 --n-steps 12 --dpo-lr 1e-5 " + OLD_DEMO_TRAIN,
+    ("--stage 2 --iterations 2 --pairs-per-iteration 24 --n-steps 12 --dpo-lr 1e-5 --rpo-alpha 1.0 " + OLD_DEMO_TRAIN,
      "--preset demo-stage2 --out runs/demo --seed 0"),
     ("--stage all --model tiny --out runs/demo-tiny --pairs-per-iteration 64 --n-steps 48 --seed 42",
      "--preset demo-tiny --out runs/demo-tiny"),
