@@ -78,46 +78,36 @@ PREFLEXOR_DK_TARGET void dot_tile(const float* x, int64_t ldx, const Weight& w, 
     for (int j = 0; j < NR; ++j) out[m][j] = VT::reduce(acc[m][j]);
 }
 
-// Weight rows [n0, n1) in groups of kTileN against x rows in groups of 4 (steps of more than 4 rows).
+// NR weight rows from n against all M rows, x rows in groups of 4: y[m, n + j] (+)= out * scale[n + j].
 template <WKind KD, int NR>
-PREFLEXOR_DK_TARGET void matmul_tiles(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
-                                      bool accumulate, int64_t n0, int64_t n1) {
+PREFLEXOR_DK_TARGET void tile_columns(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                                      bool accumulate, int64_t n) {
   float out[4][4];
-  int64_t n = n0;
-  const auto emit = [&](int64_t m0, int mr, int nr) {
+  for (int64_t m0 = 0; m0 < M; m0 += 4) {
+    const float* xm = x + m0 * ldx;
+    const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+    switch (mr) {
+      case 4: dot_tile<KD, 4, NR>(xm, ldx, w, n, out); break;
+      case 3: dot_tile<KD, 3, NR>(xm, ldx, w, n, out); break;
+      case 2: dot_tile<KD, 2, NR>(xm, ldx, w, n, out); break;
+      default: dot_tile<KD, 1, NR>(xm, ldx, w, n, out); break;
+    }
     for (int m = 0; m < mr; ++m)
-      for (int j = 0; j < nr; ++j) {
+      for (int j = 0; j < NR; ++j) {
         const float s = w.scale != nullptr ? w.scale[n + j] : 1.0f;
         float* yv = y + (m0 + m) * ldy + n + j;
         *yv = accumulate ? *yv + out[m][j] * s : out[m][j] * s;
       }
-  };
-  for (; n + NR <= n1; n += NR) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const float* xm = x + m0 * ldx;
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
-      switch (mr) {
-        case 4: dot_tile<KD, 4, NR>(xm, ldx, w, n, out); break;
-        case 3: dot_tile<KD, 3, NR>(xm, ldx, w, n, out); break;
-        case 2: dot_tile<KD, 2, NR>(xm, ldx, w, n, out); break;
-        default: dot_tile<KD, 1, NR>(xm, ldx, w, n, out); break;
-      }
-      emit(m0, mr, NR);
-    }
   }
-  for (; n < n1; ++n) {
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const float* xm = x + m0 * ldx;
-      const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
-      switch (mr) {
-        case 4: dot_tile<KD, 4, 1>(xm, ldx, w, n, out); break;
-        case 3: dot_tile<KD, 3, 1>(xm, ldx, w, n, out); break;
-        case 2: dot_tile<KD, 2, 1>(xm, ldx, w, n, out); break;
-        default: dot_tile<KD, 1, 1>(xm, ldx, w, n, out); break;
-      }
-      emit(m0, mr, 1);
-    }
-  }
+}
+
+// Weight rows [n0, n1) in groups of NR (the last few one at a time) against x rows in groups of 4.
+template <WKind KD, int NR>
+PREFLEXOR_DK_TARGET void matmul_tiles(const float* x, int64_t M, int64_t ldx, const Weight& w, float* y, int64_t ldy,
+                                      bool accumulate, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile_columns<KD, NR>(x, M, ldx, w, y, ldy, accumulate, n);
+  for (; n < n1; ++n) tile_columns<KD, 1>(x, M, ldx, w, y, ldy, accumulate, n);
 }
 
 // y[m, n] (+)= x[m, :] . w[n, :] * scale[n] for weight rows [n0, n1) and all M rows; `accumulate` adds to y

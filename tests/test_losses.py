@@ -376,32 +376,41 @@ def test_logps_from_hidden_fallback_when_kernel_missing(monkeypatch):
     torch.testing.assert_close(logps_from_hidden(hidden, w, lab), with_kernel, rtol=1e-5, atol=1e-5)
 
 
-def test_ipo_objective_uses_per_token_mean_logps_like_trl():
-    """dpo_objective(loss_type="ipo") vs an independent formula: TRL's IPO loss (logits - 1/(2 beta))^2
-    with logits from length-normalised log-probs, computed here from full log_softmax logits."""
+def _two_pairs_tiny():
+    """A 1-layer tiny policy and reference and two pairs of unequal lengths (mean != sum / constant):
+    (policy, ref, examples, padded batch)."""
     from preflexor_core import Llama, ModelConfig
     from preflexor_core.train.batches import PairExample, collate_pairs
-    from preflexor_core.losses.preference import forward_logps
-    from preflexor_core.train import PreferenceConfig, dpo_objective
     torch.manual_seed(0)
     cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_hidden_layers=1)
     policy, ref = Llama(cfg).eval(), Llama(cfg).eval()
     ex = []
-    for n_c, n_r in ((5, 9), (7, 3)):               # unequal lengths: mean != sum / constant
+    for n_c, n_r in ((5, 9), (7, 3)):
         p = torch.randint(0, 64, (4,)).tolist()
         c, r = torch.randint(0, 64, (n_c,)).tolist(), torch.randint(0, 64, (n_r,)).tolist()
         ex.append(PairExample(p + c, [-100] * 4 + c, p + r, [-100] * 4 + r))
-    batch = collate_pairs(ex, pad_id=0)
+    return policy, ref, ex, collate_pairs(ex, pad_id=0)
+
+
+def _label_logps(model, ids, labels) -> torch.Tensor:
+    """The log-probs of one row's labelled tokens from a full log_softmax (float64), independent of
+    forward_logps."""
+    lp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].double(), -1)
+    tgt = torch.tensor(labels[1:])
+    keep = tgt != -100
+    return lp[keep].gather(1, tgt[keep][:, None])[:, 0]
+
+
+def test_ipo_objective_uses_per_token_mean_logps_like_trl():
+    """dpo_objective(loss_type="ipo") vs an independent formula: TRL's IPO loss (logits - 1/(2 beta))^2
+    with logits from length-normalised log-probs, computed here from full log_softmax logits."""
+    from preflexor_core.losses.preference import forward_logps
+    from preflexor_core.train import PreferenceConfig, dpo_objective
+    policy, ref, ex, batch = _two_pairs_tiny()
 
     def mean_logps(model):
-        out = []
         rows = [(e.chosen_ids, e.chosen_labels) for e in ex] + [(e.rejected_ids, e.rejected_labels) for e in ex]
-        for ids, lab in rows:
-            lp = torch.log_softmax(model(torch.tensor([ids]))[0, :-1].double(), -1)
-            tgt = torch.tensor(lab[1:])
-            keep = tgt != -100
-            out.append(lp[keep].gather(1, tgt[keep][:, None]).mean())
-        return torch.stack(out)
+        return torch.stack([_label_logps(model, ids, lab).mean() for ids, lab in rows])
 
     beta = 0.3
     with torch.no_grad():
@@ -423,29 +432,13 @@ def test_ipo_objective_uses_per_token_mean_logps_like_trl():
 def test_rpo_anchor_adds_alpha_times_chosen_nll_to_value_and_gradients(loss_type):
     """rpo_alpha: loss(alpha) = loss(0) + alpha * NLL(chosen labelled tokens), with the NLL computed here
     independently from full log_softmax logits; the gradients are those of that sum (TRL's rpo_alpha)."""
-    from preflexor_core import Llama, ModelConfig
-    from preflexor_core.train.batches import PairExample, collate_pairs
     from preflexor_core.losses.preference import forward_logps
     from preflexor_core.train import PreferenceConfig, dpo_objective
-    torch.manual_seed(0)
-    cfg = ModelConfig.preset("tiny").replace(vocab_size=64, num_hidden_layers=1)
-    policy, ref = Llama(cfg).eval(), Llama(cfg).eval()
-    ex = []
-    for n_c, n_r in ((5, 9), (7, 3)):
-        p = torch.randint(0, 64, (4,)).tolist()
-        c, r = torch.randint(0, 64, (n_c,)).tolist(), torch.randint(0, 64, (n_r,)).tolist()
-        ex.append(PairExample(p + c, [-100] * 4 + c, p + r, [-100] * 4 + r))
-    batch = collate_pairs(ex, pad_id=0)
+    policy, ref, ex, batch = _two_pairs_tiny()
     with torch.no_grad():
         ref_sums, _ = forward_logps(ref, batch)
-        lp_sum, n_tok = 0.0, 0
-        for e in ex:
-            lp = torch.log_softmax(policy(torch.tensor([e.chosen_ids]))[0, :-1].double(), -1)
-            tgt = torch.tensor(e.chosen_labels[1:])
-            keep = tgt != -100
-            lp_sum += float(lp[keep].gather(1, tgt[keep][:, None]).sum())
-            n_tok += int(keep.sum())
-    nll = -lp_sum / n_tok
+        chosen = torch.cat([_label_logps(policy, e.chosen_ids, e.chosen_labels) for e in ex])
+    nll = -float(chosen.mean())
     alpha = 0.7
 
     def run(a):
