@@ -103,12 +103,14 @@ demo-graph: install
 		--out $(DEMO_GRAPH)/graph_eval --graphml --png
 
 # The SmolLM2 decode benchmark on every CPU ISA path this machine runs (avx512 / avx2 / generic), one JSON each
-# under $(BENCH_OUT) (default runs/bench-isa/).
+# under $(BENCH_OUT) (default runs/bench-isa/). Below the native path, torch's libraries are capped at the same
+# ISA (cpu_features.library_caps), so that transformers, oneDNN and MKL see the CPU the path stands for.
 BENCH_OUT ?= runs/bench-isa
 .PHONY: bench-isa
 bench-isa: install
 	mkdir -p $(BENCH_OUT)
 	for isa in $$($(PY) -c "from preflexor_core.llm.cpu_features import available_isas as a; print(' '.join(reversed(a())))"); do \
+		env $$($(PY) -c "from preflexor_core.llm.cpu_features import library_caps as c; print(' '.join(f'{k}={v}' for k, v in c('$$isa').items()))") \
 		PREFLEXOR_CPU_ISA=$$isa $(PY) -m pytest -q -s tests/benchmarks/test_bench_decode.py -k "smollm2 and vs_bandwidth" \
 			--benchmark-only --benchmark-json=$(BENCH_OUT)/decode-$$isa.json $(PYTEST_ARGS) || exit 1; \
 	done

@@ -50,15 +50,25 @@ PREFLEXOR_DK_TARGET void dot_rows(const float* x, int64_t ldx, const Weight& w, 
 
 // out[m][j] = sum_k x[m, k] * w[n + j, k] for MR rows of x and NR weight rows: a register tile of MR x NR
 // accumulators, each weight vector widened once and used MR times (the compute-bound case of many rows).
+// With `prefetch`, each cache line of the next NR weight rows is prefetched as the loop passes the same
+// offset in the current ones: the first group of x rows pulls the next rows in while it computes, so the
+// other groups find them in cache (without it the loads of each new weight row stalled on memory, about a
+// third of the time of a 16-row step).
 template <WKind KD, int MR, int NR>
-PREFLEXOR_DK_TARGET void dot_tile(const float* x, int64_t ldx, const Weight& w, int64_t n, float out[4][4]) {
+PREFLEXOR_DK_TARGET void dot_tile(const float* x, int64_t ldx, const Weight& w, int64_t n, float out[4][4],
+                                  bool prefetch) {
   constexpr int W = VT::W;
+  constexpr int64_t kStepBytes = int64_t(W) * weight_bytes<KD>();
   Vec acc[MR][NR];
   for (int m = 0; m < MR; ++m)
     for (int j = 0; j < NR; ++j) acc[m][j] = VT::zero();
   const int64_t K = w.k;
+  const int64_t row_bytes = K * weight_bytes<KD>();
+  const char* next = static_cast<const char*>(w.data) + (n + NR) * row_bytes;
   int64_t k = 0;
   for (; k + W <= K; k += W) {
+    if (prefetch && ((k * weight_bytes<KD>()) % kCacheLine) < kStepBytes)
+      for (int j = 0; j < NR; ++j) prefetch_read(next + j * row_bytes + k * weight_bytes<KD>());
     Vec wv[NR];
     for (int j = 0; j < NR; ++j) wv[j] = VT::template load_w<KD>(w.data, (n + j) * K + k);
     for (int m = 0; m < MR; ++m) {
@@ -86,11 +96,12 @@ PREFLEXOR_DK_TARGET void tile_columns(const float* x, int64_t M, int64_t ldx, co
   for (int64_t m0 = 0; m0 < M; m0 += 4) {
     const float* xm = x + m0 * ldx;
     const int mr = static_cast<int>(std::min<int64_t>(4, M - m0));
+    const bool pf = m0 == 0;
     switch (mr) {
-      case 4: dot_tile<KD, 4, NR>(xm, ldx, w, n, out); break;
-      case 3: dot_tile<KD, 3, NR>(xm, ldx, w, n, out); break;
-      case 2: dot_tile<KD, 2, NR>(xm, ldx, w, n, out); break;
-      default: dot_tile<KD, 1, NR>(xm, ldx, w, n, out); break;
+      case 4: dot_tile<KD, 4, NR>(xm, ldx, w, n, out, pf); break;
+      case 3: dot_tile<KD, 3, NR>(xm, ldx, w, n, out, pf); break;
+      case 2: dot_tile<KD, 2, NR>(xm, ldx, w, n, out, pf); break;
+      default: dot_tile<KD, 1, NR>(xm, ldx, w, n, out, pf); break;
     }
     for (int m = 0; m < mr; ++m)
       for (int j = 0; j < NR; ++j) {

@@ -110,3 +110,26 @@ def test_bf16_model_generates_on_every_path(every_isa, id_tokenizer):
     assert all(len(g) == 8 for g in got)
     same = sum(a == b for g, w in zip(got, want) for a, b in zip(g, w))
     assert same / 32 >= 0.75, (got, want)     # bf16 activations / cache round differently; near-ties may flip
+
+
+def test_library_caps_cap_torch_below_the_native_path_only(monkeypatch):
+    monkeypatch.setattr(cpu_features, "native_isa", lambda: "avx512")
+    assert cpu_features.library_caps("avx512") == {}
+    assert cpu_features.library_caps("avx2") == {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2",
+                                                 "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert cpu_features.library_caps("generic")["ATEN_CPU_CAPABILITY"] == "default"
+    monkeypatch.setattr(cpu_features, "native_isa", lambda: "avx2")
+    assert cpu_features.library_caps("avx2") == {}
+    with pytest.raises(CpuIsaError, match="use one of"):
+        cpu_features.library_caps("sse")
+
+
+def test_library_caps_are_accepted_by_torch_in_a_new_process():
+    """torch reads the variables when it loads: with them, its own kernels report the capped level."""
+    caps = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+    assert caps == cpu_features._LIBRARY_CAPS["avx2"]
+    if not torch.backends.cpu.get_cpu_capability().upper().startswith("AVX"):
+        pytest.skip("torch's kernels run without AVX here: nothing to cap at avx2")
+    out = subprocess.run([sys.executable, "-c", "import torch; print(torch.backends.cpu.get_cpu_capability())"],
+                         env={**os.environ, **caps}, capture_output=True, text=True, check=True).stdout.strip()
+    assert out == "AVX2"

@@ -148,6 +148,22 @@ def available_isas() -> tuple[str, ...]:
     return ISA_LEVELS[:ISA_LEVELS.index(top) + 1]
 
 
+# What a process sets so that torch's own libraries (ATen's kernels, oneDNN, MKL) see no more than a path's
+# ISA either: with these and PREFLEXOR_CPU_ISA, a faster CPU stands in for a slower one in the benchmarks
+# (the variables are read when torch loads, so they go in the environment of a new process).
+_LIBRARY_CAPS = {
+    "avx2": {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"},
+    "generic": {"ATEN_CPU_CAPABILITY": "default", "ONEDNN_MAX_CPU_ISA": "SSE41", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"},
+}
+
+
+def library_caps(level: str) -> dict[str, str]:
+    """The environment that caps torch's libraries at ``level`` (none for the native path: nothing to cap)."""
+    if level not in ISA_LEVELS:
+        raise CpuIsaError(f"library_caps({level!r}): use one of {', '.join(ISA_LEVELS)}")
+    return {} if level == native_isa() else dict(_LIBRARY_CAPS.get(level, {}))
+
+
 def native_cpu_bf16() -> bool:
     """Whether bf16 matrix products are native here (AVX512-BF16 or AMX, on the avx512 path), which makes
     bf16 autocast training faster than fp32 (measured in docs/benchmarks.md). ``PREFLEXOR_CPU_BF16=0`` /

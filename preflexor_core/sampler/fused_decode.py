@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from ..llm import ops
-from ..llm.cpu_features import onednn_bf16_packing
+from ..llm.cpu_features import cpu_isa, onednn_bf16_packing
 from .cpu_pack import cached_derived
 from .int8 import DECODE_WEIGHTS, quantize_per_channel
 from .kv_cache import KVCache
@@ -92,6 +92,10 @@ class FusedDecoder:
         # bf16 weights that oneDNN cannot pack here: the step's own products at every batch size (read once,
         # not per step: takes() runs every decode step)
         self.unpackable_bf16 = model.dtype == torch.bfloat16 and not onednn_bf16_packing()
+        # the avx2 path's register tiles beat oneDNN's AVX2 products from 5 rows on (SmolLM2 fp32, 16 rows,
+        # 1 thread, every library capped at AVX2: 140 vs 128 tok/s); on avx512 oneDNN's win, and the
+        # generic path has no tiles
+        self.own_tiles = cpu_isa() == "avx2"
         self._packed_mats: list[torch.Tensor] | None = None
         self.n_heads, self.n_kv, self.eps = cfg.num_attention_heads, cfg.num_key_value_heads, float(cfg.rms_norm_eps)
         norms: list[torch.Tensor] = []
@@ -127,13 +131,13 @@ class FusedDecoder:
 
     def takes(self, batch_size: int) -> bool:
         """Whether to run a step of ``batch_size`` rows here (else the torch path): always for int8,
-        with packed weights, with PREFLEXOR_FUSED_DECODE=1, or for bf16 weights that oneDNN cannot pack
-        here; up to FUSED_MAX_ROWS rows otherwise."""
+        with packed weights, with PREFLEXOR_FUSED_DECODE=1, on the avx2 path (its own register tiles), or for
+        bf16 weights that oneDNN cannot pack here; up to FUSED_MAX_ROWS rows otherwise."""
         return (self.decode_weights == "int8" or self.packed or batch_size <= FUSED_MAX_ROWS or self.required
-                or self.unpackable_bf16)
+                or self.unpackable_bf16 or self.own_tiles)
 
     def _use_packed(self, batch_size: int) -> bool:
-        return self.packed and self.decode_weights == "fp" and batch_size > FUSED_MAX_ROWS
+        return self.packed and self.decode_weights == "fp" and batch_size > FUSED_MAX_ROWS and not self.own_tiles
 
     def _packed(self) -> list[torch.Tensor]:
         """Per layer q/k/v, o, gate/up, down, then the head, reordered for oneDNN: the same cached

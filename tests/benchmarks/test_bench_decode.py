@@ -48,8 +48,10 @@ def _gguf_path() -> str | None:
 def _cpu_info() -> dict:
     """The CPU and the ISA path the kernels ran on (PREFLEXOR_CPU_ISA=avx2|generic lowers it for a run)."""
     from preflexor_core.llm import cpu_features
+    caps = {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
+            if k in os.environ}
     return {"cpu_model": cpu_features.cpu_model(), "isa": cpu_features.cpu_isa(),
-            "native_isa": cpu_features.native_isa()}
+            "native_isa": cpu_features.native_isa(), "library_caps": " ".join(f"{k}={v}" for k, v in caps.items())}
 
 
 def _best(fn, n):
