@@ -272,6 +272,17 @@ def test_load_questions_errors_name_file_and_line(tmp_path):
         load_pairs(str(bad))
 
 
+
+def test_load_questions_limit_takes_the_first_or_an_even_spread():
+    rows = load_questions(DEFAULT_QUESTIONS)
+    assert load_questions(DEFAULT_QUESTIONS, 5) == rows[:5]
+    spread = load_questions(DEFAULT_QUESTIONS, 48, spread=True)
+    assert [r["id"] for r in spread] == [rows[i * 75 // 48]["id"] for i in range(48)]
+    assert {r["source"] for r in spread} == {r["source"] for r in rows}          # every topic, not the first ten
+    assert len({r["source"] for r in load_questions(DEFAULT_QUESTIONS, 48)}) < 16
+    assert load_questions(DEFAULT_QUESTIONS, 100, spread=True) == rows          # fewer rows than asked: all
+
+
 def test_main_reports_bad_questions_file(run_dir, tmp_path, capsys):
     bad = tmp_path / "q.jsonl"
     bad.write_text("[1, 2]\n")

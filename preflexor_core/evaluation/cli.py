@@ -51,6 +51,8 @@ class EvalOptions(GenerationOptions, GenBatchOptions, SeedOptions, DeviceOptions
     questions_file: str | None = opt(None, "JSONL with 'question' and 'reference' per line (default: the shipped "
                                      "75 held-out questions)", flag="--questions", metavar="FILE")
     limit: int | None = opt(None, "only the first N questions", metavar="N")
+    spread: bool = opt(False, "with --limit: N questions evenly spaced over the file (every topic of the shipped "
+                       "set) instead of the first N")
     pairs: str | None = opt(None, "held-out preference pairs JSONL ('prompt', 'chosen', 'rejected') for the reward "
                             "accuracy", metavar="FILE")
     pairs_limit: int | None = opt(None, "only the first N pairs", metavar="N")
@@ -111,7 +113,7 @@ def _config(ap: argparse.ArgumentParser, args) -> EvalConfig:
 
 def _run(args, cfg: EvalConfig) -> tuple[list[dict], str | None]:
     """Evaluate what the flags name; returns (results, training log to plot or None)."""
-    questions = load_questions(args.questions_file or DEFAULT_QUESTIONS, args.limit)
+    questions = load_questions(args.questions_file or DEFAULT_QUESTIONS, args.limit, args.spread)
     pairs = load_pairs(args.pairs, args.pairs_limit) if args.pairs else None
     if args.run:
         if not os.path.isdir(args.run):

@@ -33,8 +33,9 @@ def _read_jsonl(path: str, what: str) -> list[tuple[int, dict]]:
     return rows
 
 
-def load_questions(path: str, limit: int | None = None) -> list[dict]:
-    """Rows ``{"id", "question", "reference", ...}`` (reference: a string or a list of strings)."""
+def load_questions(path: str, limit: int | None = None, spread: bool = False) -> list[dict]:
+    """Rows ``{"id", "question", "reference", ...}`` (reference: a string or a list of strings): the first
+    ``limit``, or with ``spread`` ``limit`` rows evenly spaced over the whole file (each of its topics)."""
     out = []
     for n, row in _read_jsonl(path, "questions"):
         q, ref = row.get("question"), row.get("reference")
@@ -45,8 +46,10 @@ def load_questions(path: str, limit: int | None = None) -> list[dict]:
             raise EvaluationInputError(f"{path}:{n}: field 'reference' missing or not a string / list of strings "
                                        f"(rows need 'question' and 'reference')")
         out.append({**row, "id": str(row.get("id", f"line{n}"))})
-        if limit is not None and len(out) >= limit:
+        if limit is not None and len(out) >= limit and not spread:
             break
+    if spread and limit is not None and len(out) > limit:
+        out = [out[i * len(out) // limit] for i in range(limit)]
     return out
 
 
