@@ -218,6 +218,36 @@ def test_reward_accuracy_is_antisymmetric(run_dir):
     assert ab["reward_margin"] == pytest.approx(-ba["reward_margin"], abs=1e-4)
 
 
+
+def test_reward_accuracy_scores_packed_like_padded_rows_and_caches_each_model_once(run_dir, monkeypatch):
+    """The packed, prompt-shared scoring gives the padded rows' sums; with a cache, the middle model of a
+    chain (policy of one comparison, reference of the next) runs once per batch."""
+    from preflexor_core.evaluation import runner
+    from preflexor_core.losses.preference import forward_logps
+    from preflexor_core.train.batches import PairFormat, collate_pairs, tokenize_pair
+    from preflexor_core.llm.registry import load_model_and_tokenizer
+    (m0, tok), (m1, _) = [load_model_and_tokenizer(str(run_dir / d), "cpu", "float32") for d in ("stage0", "stage1")]
+    m0.eval(), m1.eval()
+    fmt = PairFormat(max_length=1024, max_prompt_length=512, mask_mode="answer_only", on_unclosed="keep")
+    examples = [tokenize_pair(tok, row, fmt, index=i)[0] for i, row in enumerate(PAIRS)]
+    with torch.inference_mode():
+        padded = [forward_logps(m, collate_pairs(examples, tok.pad_token_id or 0))[0] for m in (m0, m1)]
+    h = 0.5 * ((padded[1][:3] - padded[0][:3]) - (padded[1][3:] - padded[0][3:]))
+    calls = []
+    real = runner.forward_logps
+    monkeypatch.setattr(runner, "forward_logps", lambda m, b: calls.append(m) or real(m, b))
+    cache: dict = {}
+    got = runner.reward_accuracy(m1, m0, tok, PAIRS, beta=0.5, batch_size=3, cache=cache, keys=("m1", "m0"))
+    assert got["n_pairs"] == 3 and len(calls) == 2
+    assert got["reward_margin"] == pytest.approx(h.mean().item(), abs=1e-4)
+    assert got["reward_accuracy"] == pytest.approx((h > 0).float().mean().item())
+    again = runner.reward_accuracy(m0, m1, tok, PAIRS, beta=0.5, batch_size=3, cache=cache, keys=("m0", "m1"))
+    assert len(calls) == 2                                       # both models' sums came from the cache
+    assert again["reward_margin"] == pytest.approx(-got["reward_margin"], abs=1e-6)
+    runner.reward_accuracy(m0, m1, tok, PAIRS, beta=0.5, batch_size=2, cache=cache, keys=("m0", "m1"))
+    assert len(calls) == 6                                       # other batches: scored afresh (2 batches x 2)
+
+
 def test_evaluate_stages_writes_report(run_dir, tmp_path):
     out = tmp_path / "report"
     results = evaluate_stages(str(run_dir), str(run_dir / "questions.jsonl"),

@@ -110,6 +110,7 @@ class _Models:
 
     def __init__(self, cfg: EvalConfig):
         self.cfg, self.loaded = cfg, {}
+        self.logps: dict = {}           # reward_accuracy's per-model sums: a model scored as policy, then as reference
 
     def get(self, path: str):
         key = os.path.realpath(path)
@@ -169,11 +170,16 @@ def _metrics(rows: list[dict]) -> dict:
 
 
 def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 0.5, batch_size: int = 8,
-                    max_length: int | None = None) -> dict:
+                    max_length: int | None = None, cache: dict | None = None,
+                    keys: tuple[str | None, str | None] = (None, None)) -> dict:
     """Implicit-DPO reward accuracy of ``model`` against ``ref_model`` on preference rows.
 
     Pairs are tokenized as stage 2 does (``data.tokenize_pair``, answer-only mask, unclosed thinking
-    kept); those it drops are counted. Returns ``{"reward_accuracy", "reward_margin" (mean beta * h),
+    kept); those it drops are counted. Sequences are scored as the trainer scores them: packed, each
+    prompt encoded once for its two answers (padded rows for models with sliding-window layers). With
+    ``cache`` (a dict kept across calls on the same ``pairs``), a model's sums are stored under its key in
+    ``keys`` (model's, ref_model's; None = not cached) and reused: the middle stage of a chain is scored
+    once, as policy and then as reference. Returns ``{"reward_accuracy", "reward_margin" (mean beta * h),
     "n_pairs", "n_pairs_dropped", "dropped": {reason: count}}``; ``reward_accuracy`` is None when no
     pair could be scored. Ties (equal rewards) count as not correct.
     """
@@ -191,12 +197,24 @@ def reward_accuracy(model, ref_model, tok, pairs: Sequence[dict], beta: float = 
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     correct, margins = 0, []
     device = next(model.parameters()).device
+    share = not (model.config.has_sliding_layers or ref_model.config.has_sliding_layers)
+    fingerprint = (batch_size, share, tuple((tuple(e.chosen_ids), tuple(e.rejected_ids)) for e in examples))
+
+    def scored(m, key, i, batch):
+        slot = (key, i, fingerprint)
+        if cache is not None and key is not None and slot in cache:
+            return cache[slot]
+        sums = forward_logps(m, batch)[0].float()
+        if cache is not None and key is not None:
+            cache[slot] = sums
+        return sums
+
     with torch.inference_mode():
         for i in range(0, len(examples), batch_size):
-            batch = collate_pairs(examples[i:i + batch_size], pad).to(device)
+            batch = collate_pairs(examples[i:i + batch_size], pad, packed=share, share_prompt=share).to(device)
             n = batch.n_pairs
-            sums = forward_logps(model, batch)[0].float()
-            ref_sums = sums if ref_model is model else forward_logps(ref_model, batch)[0].float()
+            sums = scored(model, keys[0], i, batch)
+            ref_sums = sums if ref_model is model else scored(ref_model, keys[1], i, batch)
             rc, rr = beta * (sums[:n] - ref_sums[:n]), beta * (sums[n:] - ref_sums[n:])
             correct += int((rc > rr).sum())
             margins += (rc - rr).tolist()
@@ -279,7 +297,10 @@ def evaluate(model_dir: str, questions: Sequence[dict] | str, cfg: EvalConfig | 
     if pairs is not None and ref_model_dir is not None:
         same = os.path.realpath(ref_model_dir) == os.path.realpath(model_dir)
         ref = model if same else _as_reference(*models.get(ref_model_dir), ref_model_dir, tok)
-        ra = reward_accuracy(model, ref, tok, pairs, beta=cfg.beta, batch_size=max(1, cfg.batch_size // 2))
+        ra = reward_accuracy(model, ref, tok, pairs, beta=cfg.beta, batch_size=max(1, cfg.batch_size // 2),
+                             cache=models.logps, keys=(os.path.realpath(model_dir),
+                                                       None if ref is not models.get(ref_model_dir)[0]
+                                                       else os.path.realpath(ref_model_dir)))
         result.update(ref_model=str(ref_model_dir), n_pairs=ra["n_pairs"], n_pairs_dropped=ra["n_pairs_dropped"],
                       reward_margin=ra["reward_margin"])
         if ra["reward_accuracy"] is not None:
