@@ -43,6 +43,17 @@ def test_answer_only_masks_thinking(tok):
     assert sum(l != IGNORE_INDEX for l in ex.rejected_labels) == len(tok.encode(ROW["rejected"])) + 1
 
 
+
+def test_answer_only_pairs_score_everything_after_the_first_close(tok):
+    """Stage 2's default: a rejected sample that closes its thinking twice has its second close scored."""
+    row = dict(ROW, rejected="<|thinking|>\nsome thought\n<|/thinking|>\nAn answer.\n<|/thinking|>\nMore.")
+    end = tok.token_to_id("<|/thinking|>")
+    for after, scored_ends in (("first", 1), ("last", 0)):
+        ex, _ = tokenize_pair(tok, row, PairFormat(max_length=256, max_prompt_length=64, mask_mode="answer_only",
+                                                   answer_after=after))
+        assert sum(l == end for l in ex.rejected_labels) == scored_ends, after
+    assert PairFormat().answer_after == "first"
+
 def test_unclosed_thinking_dropped_or_kept(tok):
     row = dict(ROW, rejected="<|thinking|>\nI never close my thinking")
     ex, why = tokenize_pair(tok, row, PairFormat(mask_mode="answer_only", max_length=256, max_prompt_length=64))

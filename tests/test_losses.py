@@ -157,6 +157,21 @@ def test_answer_only_several_spans_masks_through_last_end():
     assert out.tolist() == [I] * 9 + [E, 21, 22, 2]
 
 
+
+def test_answer_only_after_the_first_end_scores_a_second_close_as_answer():
+    # thinking, close, answer, a second close, more answer: "first" keeps the malformed tail in the loss
+    ids = [1, 2, S, 10, 11, E, 20, 21, E, 22, 2]
+    lab = [I, I, S, 10, 11, E, 20, 21, E, 22, 2]
+    assert thinking_mask(ids, lab, S, E, "answer_only", answer_after="first").tolist() == [I] * 6 + [20, 21, E, 22, 2]
+    assert thinking_mask(ids, lab, S, E, "answer_only", answer_after="last").tolist() == [I] * 9 + [22, 2]
+    assert thinking_mask(ids, lab, S, E, "answer_only", answer_after="first",
+                         include_thinking_token_in_labels=True).tolist() == [I] * 5 + [E, 20, 21, E, 22, 2]
+    single = [1, 2, S, 10, E, 20, 2]                              # one block: both give the same labels
+    assert (thinking_mask(single, single, S, E, "answer_only", answer_after="first").tolist()
+            == thinking_mask(single, single, S, E, "answer_only", answer_after="last").tolist())
+    with pytest.raises(ValueError, match="answer_after"):
+        thinking_mask(ids, lab, S, E, "answer_only", answer_after="middle")
+
 def test_answer_only_without_thinking_is_unchanged_and_input_not_modified():
     lab = torch.tensor([I, I, 30, 31, 2])
     out = thinking_mask([1, 2, 30, 31, 2], lab, S, E, "answer_only")

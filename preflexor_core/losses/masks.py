@@ -75,15 +75,18 @@ def _as_list(x) -> list[int]:
 
 def thinking_mask(token_ids, labels, start_id: int, end_id: int, mode: str = "answer_only", *,
                   include_thinking_token_in_labels: bool = False, fraction: float = 0.5,
-                  generator: torch.Generator | None = None, on_unclosed: str = "drop") -> torch.Tensor:
+                  generator: torch.Generator | None = None, on_unclosed: str = "drop",
+                  answer_after: str = "last") -> torch.Tensor:
     """Mask thinking from one sequence's labels; returns a new 1-D int64 labels tensor.
 
     token_ids, labels: 1-D (list or tensor) of equal length, labels aligned to token_ids.
 
-    mode="answer_only": every labelled position up to and including the LAST end token is set to
-        IGNORE_INDEX (with ``include_thinking_token_in_labels`` the end token keeps its label, so the
-        model is still taught to close its thinking). A completion with no thinking tokens at all is
-        unchanged (it is all answer).
+    mode="answer_only": every labelled position up to and including the LAST end token (with
+        ``answer_after="first"``: the FIRST) is set to IGNORE_INDEX (with ``include_thinking_token_in_labels``
+        the end token keeps its label, so the model is still taught to close its thinking). A completion
+        with no thinking tokens at all is unchanged (it is all answer). "first" scores everything after
+        the first close as answer, a second ``<|/thinking|>`` included: a sampled completion that closes
+        its thinking twice is then penalised for it, where "last" hides the malformed part.
     mode="random_fraction": in each span, round(fraction * n) of the n labelled positions strictly
         inside it (never the start/end tokens, never answer tokens) are masked, chosen with
         ``torch.randperm(n, generator=generator)`` -- deterministic for a seeded generator.
@@ -114,8 +117,10 @@ def thinking_mask(token_ids, labels, start_id: int, end_id: int, mode: str = "an
     if not spans:
         return out
     if mode == "answer_only":
-        last_end = spans[-1][1]
-        stop = last_end if include_thinking_token_in_labels else last_end + 1
+        if answer_after not in ("first", "last"):
+            raise ValueError(f"thinking_mask: answer_after must be 'first' or 'last', got {answer_after!r}")
+        end = spans[0][1] if answer_after == "first" else spans[-1][1]
+        stop = end if include_thinking_token_in_labels else end + 1
         out[:stop] = IGNORE_INDEX
         return out
     # random_fraction

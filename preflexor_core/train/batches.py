@@ -40,6 +40,7 @@ class PairFormat:
     mask_fraction: float = 0.5             # for random_fraction
     include_thinking_token_in_labels: bool = False
     on_unclosed: str = "drop"              # a completion whose thinking never ends: drop | keep
+    answer_after: str = "first"            # answer_only: the answer follows the first (or last) <|/thinking|>
 
     def __post_init__(self):
         if self.truncation_mode not in ("keep_start", "keep_end"):
@@ -102,7 +103,8 @@ def tokenize_pair(tok, row: dict, fmt: PairFormat, generator: torch.Generator | 
             try:
                 lab = thinking_mask(ids, labels, start_id, end_id, fmt.mask_mode,
                                     include_thinking_token_in_labels=fmt.include_thinking_token_in_labels,
-                                    fraction=fmt.mask_fraction, generator=generator, on_unclosed=fmt.on_unclosed)
+                                    fraction=fmt.mask_fraction, generator=generator, on_unclosed=fmt.on_unclosed,
+                                    answer_after=fmt.answer_after)
             except UnclosedThinking:
                 return None, f"unclosed_thinking_{key}"
             labels = lab.tolist()

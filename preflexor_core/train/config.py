@@ -35,6 +35,7 @@ STAGE_ALIASES = {"grpo": "3"}
 Stage = Literal["0", "1", "2", "all", "3", "grpo"]
 Schedule = Literal["constant", "cosine"]
 Truncation = Literal["keep_start", "keep_end"]
+AnswerAfter = Literal["first", "last"]
 DpoLoss = Literal[DPO_LOSS_TYPES]
 MaskMode = Literal[MASK_MODES]
 OnUnclosed = Literal["drop", "keep"]
@@ -190,6 +191,9 @@ class PreferenceConfig(DPOBetaOptions):
                            "paper's loss)", ge=0.0, stages="2")
     include_thinking_token_in_labels: bool = opt(False, "with answer_only, keep the closing <|/thinking|> token "
                                                  "in the loss", stages="2")
+    answer_after: AnswerAfter = opt("first", "with answer_only, the scored answer starts after the first "
+                                    "<|/thinking|> (a sample that closes its thinking twice is penalised for "
+                                    "the second) or after the last (the malformed part is hidden)", stages="2")
     on_unclosed: OnUnclosed | None = opt(None, "stage 2 completions whose thinking never ends: drop the pair, or "
                                          "keep all tokens (default: drop; keep for a preset trained from scratch)",
                                          stages="2")

@@ -95,7 +95,7 @@ class StageRun:
                               truncation_mode=d.truncation_mode, mask_mode=p.mask_mode if stage == "2" else "none",
                               mask_fraction=p.mask_fraction,
                               include_thinking_token_in_labels=p.include_thinking_token_in_labels,
-                              on_unclosed=self.cfg.unclosed_policy)
+                              on_unclosed=self.cfg.unclosed_policy, answer_after=p.answer_after)
 
     @property
     def rank(self) -> int:
