@@ -200,7 +200,8 @@ def isa_paths(results: Path) -> list[str]:
     found.sort(key=lambda nx: (nx[1]["dtype"] != "float32", ISA_ORDER.index(nx[1]["isa"])))
     rows = []
     for _, x in found:
-        forced = "" if x["isa"] == x["native_isa"] else " (forced)"
+        forced = ("" if x["isa"] == x["native_isa"]
+                  else " (forced, torch's libraries capped too)" if x.get("library_caps") else " (forced)")
         short = {"float32": "fp32", "bfloat16": "bf16"}[x["dtype"]]
         stream = (f"{x['bandwidth_stream_gb_s']:.1f} GB/s: {pct(x['ours_stream_fraction'])} / "
                   f"{pct(x['int8_stream_fraction'])}" if "bandwidth_stream_gb_s" in x else "")
